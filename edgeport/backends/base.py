@@ -1,0 +1,156 @@
+"""The one seam between the shared pipeline and the device backends."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from edgeport.errors import BackendUnavailableError, EdgeportError
+
+if TYPE_CHECKING:
+    from edgeport.calibration import CalibrationSet
+    from edgeport.preprocess import InputSpec
+    from edgeport.target import Target
+
+
+@dataclass
+class Availability:
+    """Whether a backend can be used here, its versions, and how to install it."""
+
+    name: str
+    installed: bool
+    versions: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    install: str = ""
+    can_run: bool = True  # False: artifacts are built here but only run on the device (TensorRT)
+
+    def require(self) -> None:
+        """BackendUnavailableError with the install command unless installed."""
+        if not self.installed:
+            raise BackendUnavailableError(f"backend {self.name} is not available ({self.reason}); {self.install}")
+
+
+def probe(name: str, extra: str, modules: dict[str, str]) -> Availability:
+    """Availability from distribution versions, without importing the heavy modules.
+
+    ``modules`` maps import name to distribution name (e.g. {"openvino": "openvino"}).
+    """
+    versions, missing = {}, []
+    for mod, dist in modules.items():
+        try:
+            if importlib.util.find_spec(mod) is None:
+                missing.append(dist)
+                continue
+        except (ImportError, ValueError):
+            missing.append(dist)
+            continue
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    install = f"pip install 'edgeport[{extra}]'"
+    if missing:
+        return Availability(name, False, versions, f"{', '.join(missing)} not installed", install)
+    return Availability(name, True, versions, "", install)
+
+
+@dataclass
+class TensorInfo:
+    """One model input or output as the artifact sees it."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    layout: str | None = None
+    quant: dict[str, Any] | None = None  # {"scale": s, "zero_point": z} for integer tensors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest form."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class Artifacts:
+    """What a backend's compile produced: files by role, plus what the runner needs."""
+
+    backend: str
+    target: str
+    precision: str
+    files: dict[str, Path]  # role -> path, e.g. {"model": model.xml, "weights": model.bin}
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    spec: InputSpec  # the spec as the artifact takes it (layout may differ from the ONNX)
+    runtime: dict[str, Any] = field(default_factory=dict)  # runner settings (device, hints, threads)
+    info: dict[str, Any] = field(default_factory=dict)  # provenance for the manifest
+    host_runnable: bool = True
+
+
+class Runtime:
+    """Host-side inference on an artifact: a context manager with ``infer(dict) -> dict``.
+
+    ``infer`` checks names, shapes and dtypes, then calls the backend's ``_infer``.
+    Inputs are always float32 in the artifact's layout; integer quantisation of inputs and
+    outputs is the runtime's job, as it is the runner's on the device.
+    """
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; returns float32 outputs by name."""
+        for info in self.inputs:
+            if info.name not in feeds:
+                raise EdgeportError(f"input '{info.name}' missing; the model takes {[i.name for i in self.inputs]}")
+            arr = feeds[info.name]
+            if list(arr.shape[1:]) != list(info.shape[1:]):
+                raise EdgeportError(f"input '{info.name}' has shape {list(arr.shape)}, the model takes {info.shape}")
+        return self._infer({k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def run_batches(self, data: np.ndarray) -> dict[str, np.ndarray]:
+        """Infer over (N, ...) one sample at a time (static batch 1) and stack per output."""
+        name = self.inputs[0].name
+        outs: dict[str, list[np.ndarray]] = {}
+        for i in range(len(data)):
+            for k, v in self.infer({name: data[i:i + 1]}).items():
+                outs.setdefault(k, []).append(v)
+        return {k: np.concatenate(v, 0) for k, v in outs.items()}
+
+
+class Backend(Protocol):
+    """What every backend implements (see DESIGN.md)."""
+
+    name: str
+
+    def available(self) -> Availability: ...
+
+    def calibration_needed(self, precision: str) -> bool: ...
+
+    def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
+                out: Path, spec: InputSpec) -> Artifacts: ...
+
+    def open(self, artifacts: Artifacts) -> Runtime: ...
+
+    def runner_part(self) -> Path: ...
+
+    def versions_key(self) -> str: ...
+
+
+def runner_part_of(module_file: str) -> Path:
+    """The runner.py beside a backend's backend.py."""
+    return Path(module_file).with_name("runner.py")

@@ -1,0 +1,186 @@
+"""The edgeport command line. Each command calls the api function of the same name.
+
+Errors print one line and exit non-zero; -v shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from edgeport import __version__
+from edgeport.errors import EdgeportError
+
+EXAMPLES = {
+    "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:mobilenet_v3_small --input 1x3x224x224 "
+             "--task classification --calib images/ --target intel-cpu --precision int8\n"
+             "  edgeport build --model net.py:make_model --weights ckpt.pth --target intel-cpu:fp16",
+    "export": "examples:\n  edgeport export --model torchvision:resnet18?num_classes=10 --input 1x3x224x224 "
+              "--out resnet18.onnx\n  edgeport export --target jetson-nano   (opset 13 for TensorRT 8.2)",
+    "targets": "examples:\n  edgeport targets\n  edgeport targets --json",
+    "doctor": "examples:\n  edgeport doctor\n  edgeport doctor --json",
+    "inspect": "examples:\n  edgeport inspect dist/intel-cpu-int8\n  edgeport inspect model.onnx --json",
+}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and input")
+    g.add_argument("--model", help="edgeport:roadseg (default) | torchvision:NAME[?k=v] | file.py:factory | "
+                                   "package.module:factory | model.pt | model.pt2")
+    g.add_argument("--weights", help="state_dict or training checkpoint to load")
+    g.add_argument("--name", help="model name used in bundles")
+    g.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224")
+    g.add_argument("--task", choices=["classification", "segmentation"])
+    g.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])
+    g.add_argument("--color", choices=["RGB", "BGR"], help="channel order the model was trained on")
+    g.add_argument("--mean", type=float, nargs=3)
+    g.add_argument("--std", type=float, nargs=3)
+    g.add_argument("--calib", help="calibration/sample images: folder, video, .npy or synthetic://")
+    g = p.add_argument_group("optimise and export")
+    g.add_argument("--prune", type=float, help="structured channel pruning ratio, e.g. 0.3")
+    g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning")
+    g.add_argument("--opset", type=int, help="ONNX opset (default: the strictest target's ceiling)")
+    g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
+    g.add_argument("--config", help="project config (default: ./edgeport.toml if present)")
+    g.add_argument("--build-dir", help="cache folder (default: build)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the CLI)."""
+    p = argparse.ArgumentParser(
+        prog="edgeport", description="One PyTorch vision model to Jetson (TensorRT), Intel (OpenVINO) and ARM "
+                                     "(TFLite) bundles, validated against PyTorch.",
+        epilog="examples:\n  edgeport build                 # the embedded default, every installed backend\n"
+               "  edgeport targets\n  edgeport doctor\n  edgeport build --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgeport {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug log and tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug log and tracebacks")
+        return sp
+
+    b = cmd("build", "build, validate and bundle the model for device targets")
+    _model_flags(b)
+    b.add_argument("--target", action="append", help="target profile, repeatable; NAME or NAME:PRECISION "
+                                                     "(default: every target whose backend is installed)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"])
+    b.add_argument("--out", help="bundle folder (default: dist)")
+    e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
+    _model_flags(e)
+    e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")
+    e.add_argument("--out", help="ONNX file to write (default: <model>.onnx)")
+    t = cmd("targets", "list the device profiles")
+    t.add_argument("--json", action="store_true")
+    d = cmd("doctor", "show which backends are installed, their versions, and how to install the rest")
+    d.add_argument("--json", action="store_true")
+    i = cmd("inspect", "describe a bundle folder or an ONNX file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+_MODEL_KEYS = ("model", "weights", "name", "input", "task", "labels", "resize", "color", "mean", "std", "calib",
+               "prune", "finetune", "opset", "dynamic_batch", "config", "build_dir", "out", "target")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edgeport import api
+
+    if args.command == "build":
+        from edgeport.pipeline import parity_table, raise_on_failure
+
+        kw = {k: getattr(args, k) for k in _MODEL_KEYS}
+        report = api.build(precision=args.precision, **kw)
+        print(parity_table(report))
+        fresh = [r for r in report.targets if r.status == "built"]
+        if report.export_cached and not fresh:
+            print(f"nothing changed: every stage came from the cache ({report.seconds:.1f}s)")
+        else:
+            print(f"built {len(fresh)} bundle(s) in {report.seconds:.1f}s; bundles in "
+                  f"{', '.join(sorted({str(r.bundle.rsplit('/', 1)[0]) for r in report.targets if r.bundle})) or '-'}")
+        raise_on_failure(report)
+        return 0
+    if args.command == "export":
+        kw = {k: getattr(args, k) for k in _MODEL_KEYS}
+        res = api.export(**kw)
+        p = next(iter(res["parity"].values()))
+        print(f"wrote {res['onnx']} (opset {res['opset']}; vs PyTorch max error {p['max_abs']:.2e} = "
+              f"{p['max_rel']:.1e} of range, cosine {p['cosine']:.7f}){' [cached]' if res['cached'] else ''}")
+        return 0
+    if args.command == "targets":
+        rows = api.targets()
+        if args.json:
+            print(api.to_json(rows))
+            return 0
+        print(f"{'target':18} {'backend':9} {'precisions':28} {'opset':5}  runtime")
+        for r in rows:
+            rt = ", ".join(f"{k} {v}" for k, v in r["runtime"].items())
+            prec = ",".join(f"{p}*" if p == r["default_precision"] else p for p in r["precisions"])
+            print(f"{r['name']:18} {r['backend']:9} {prec:28} {r['opset_max']:<5}  {rt}")
+        print("* default precision. Add a device: a TOML file in ./targets/ (see edgeport/targets/*.toml).")
+        return 0
+    if args.command == "doctor":
+        rows = api.doctor()
+        if args.json:
+            print(api.to_json(rows))
+            return 0
+        for r in rows:
+            vers = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+            state = "ok " if r["installed"] else "-- "
+            line = f"{state} {r['name']:12} {vers}"
+            if r["reason"]:
+                line += f"  ({r['reason']})"
+            if not r["installed"] and r["install"]:
+                line += f"  -> {r['install']}"
+            print(line)
+        return 0
+    if args.command == "inspect":
+        res = api.inspect(args.path)
+        if args.json:
+            print(api.to_json(res))
+        else:
+            for k, v in res.items():
+                print(f"{k:11} {v}")
+        return 0 if not res.get("problems") else 1
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `edgeport` console script."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 0
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s"
+                        if verbose else "%(message)s", stream=sys.stderr)
+    for noisy in ("nncf", "openvino", "onnxslim", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    except EdgeportError as e:
+        if verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if verbose:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (a bug in edgeport; rerun with -v and report the "
+              "traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

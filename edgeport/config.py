@@ -1,0 +1,220 @@
+"""Typed project configuration: edgeport.toml, overridden by CLI flags.
+
+Unknown keys and bad values are ConfigErrors naming the key, the file and a close match.
+
+    [model]        source, weights, name
+    [input]        name, shape, dtype, layout
+    [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
+    [task]         type, labels, labels_file, palette, ignore_index
+    [optimize]     fold_bn, prune, finetune
+    [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
+    [calibration]  source, max_images
+    [build]        targets, precision, out, build_dir
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edgeport.errors import ConfigError, close_match
+from edgeport.preprocess import InputSpec, default_spec
+
+CONFIG_NAME = "edgeport.toml"
+DEFAULT_MODEL = "edgeport:roadseg"
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from (see edgeport.model.load_model for the forms)."""
+
+    source: str = DEFAULT_MODEL
+    weights: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class OptimizeConfig:
+    """Graph-level optimisation before export."""
+
+    fold_bn: bool = True
+    prune: float = 0.0
+    finetune: str | None = None
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export settings; opset None means the strictest selected target's ceiling."""
+
+    opset: int | None = None
+    dynamic_batch: bool = False
+    simplify: bool = True
+    tolerance: float = 1e-4
+    parity_samples: int = 8
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration source: image folder, video file, .npy, or synthetic:// (the default)."""
+
+    source: str | None = None
+    max_images: int = 300
+
+
+@dataclass
+class BuildSettings:
+    """What to build and where. A target may carry its precision: 'intel-cpu:fp16'."""
+
+    targets: list[str] = field(default_factory=list)
+    precision: str | None = None
+    out: str = "dist"
+    build_dir: str = "build"
+
+
+@dataclass
+class ProjectConfig:
+    """Everything one build needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputSpec = field(default_factory=default_spec)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    build: BuildSettings = field(default_factory=BuildSettings)
+    root: Path = field(default_factory=Path.cwd)
+
+    def resolve(self, p: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+
+_INPUT_KEYS = ("name", "shape", "dtype", "layout")
+_PRE_KEYS = ("resize", "interpolation", "pad_value", "resize_size", "color", "scale", "mean", "std")
+_TASK_KEYS = ("type", "labels", "labels_file", "palette", "ignore_index")
+_SECTIONS = {
+    "model": ModelConfig, "optimize": OptimizeConfig, "export": ExportConfig,
+    "calibration": CalibrationConfig, "build": BuildSettings,
+}
+_ALL_SECTIONS = list(_SECTIONS) + ["input", "preprocess", "task"]
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether a TOML value fits a dataclass field's annotation (as a string)."""
+    hint = eval(annotation, {**typing.__dict__, "Path": Path}) if isinstance(annotation, str) else annotation
+    return _fits(value, hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if hint is Any:
+        return True
+    return isinstance(value, hint)
+
+
+def _section(cls: type, data: dict[str, Any], where: str, section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{close_match(key, fields)}")
+        if not _type_ok(value, fields[key].type):
+            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} should be {fields[key].type}")
+    return cls(**data)
+
+
+def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str, section: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{close_match(key, allowed)}")
+
+
+def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
+    """Read edgeport.toml (``path``, or ./edgeport.toml when ``search``); defaults when absent."""
+    if path is None:
+        candidate = Path.cwd() / CONFIG_NAME
+        if not (search and candidate.is_file()):
+            return ProjectConfig()
+        path = candidate
+    path = Path(path)
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    for key, value in data.items():
+        if key not in _ALL_SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{key}'{close_match(key, _ALL_SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a [section] table")
+    cfg = ProjectConfig(root=path.resolve().parent)
+    for name, cls in _SECTIONS.items():
+        if name in data:
+            setattr(cfg, name, _section(cls, data[name], where, name))
+    spec_args: dict[str, Any] = {}
+    _check_keys(data.get("input", {}), _INPUT_KEYS, where, "input")
+    _check_keys(data.get("preprocess", {}), _PRE_KEYS, where, "preprocess")
+    task = dict(data.get("task", {}))
+    _check_keys(task, _TASK_KEYS, where, "task")
+    spec_args.update(data.get("input", {}))
+    spec_args.update(data.get("preprocess", {}))
+    if "type" in task:
+        spec_args["task"] = task.pop("type")
+    if "labels_file" in task:
+        labels_path = cfg.resolve(task.pop("labels_file"))
+        spec_args["labels"] = read_labels(labels_path)
+    spec_args.update(task)
+    if spec_args:
+        cfg.input = make_spec(spec_args, base=None if cfg.model.source != DEFAULT_MODEL else cfg.input,
+                              where=where)
+    return cfg
+
+
+def make_spec(overrides: dict[str, Any], base: InputSpec | None = None, where: str = "input") -> InputSpec:
+    """An InputSpec from ``base`` (or the generic defaults) with ``overrides`` applied."""
+    d = (base or InputSpec()).to_dict()
+    for key, value in overrides.items():
+        if key not in d:
+            raise ConfigError(f"{where}: unknown input setting '{key}'{close_match(key, d)}")
+        d[key] = value
+    try:
+        return InputSpec.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad input setting: {e}") from None
+
+
+def read_labels(path: Path) -> list[str]:
+    """Labels from a text file, one per line."""
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ConfigError(f"cannot read labels file {path}: {e.strerror}") from None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise ConfigError(f"--input {text!r}: expected a shape like 1x3x224x224") from None
+    if len(shape) != 4 or min(shape) <= 0:
+        raise ConfigError(f"--input {text!r}: expected 4 positive sizes like 1x3x224x224")
+    return shape

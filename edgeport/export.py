@@ -1,0 +1,178 @@
+"""ONNX export: opset from the strictest target, simplified, checked, parity-tested."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeport.errors import ConversionError, ParityError
+
+log = logging.getLogger("edgeport")
+
+# torch.onnx's TorchScript exporter covers opsets 7..20; the dynamo exporter starts at 18.
+MIN_OPSET, MAX_OPSET = 11, 20
+METADATA_KEY = "edgeport.manifest"
+
+
+def choose_opset(ceilings: list[int], requested: int | None = None) -> int:
+    """The opset to export at: the strictest ceiling, or ``requested`` if none is exceeded."""
+    ceiling = min(ceilings) if ceilings else 17
+    if requested is None:
+        return min(ceiling, MAX_OPSET)
+    if requested > ceiling:
+        raise ConversionError(f"--opset {requested} exceeds the selected targets' ceiling {ceiling} "
+                              "(TensorRT 8.2 parses up to 13, 8.5/8.6 up to 17)")
+    if requested < MIN_OPSET:
+        raise ConversionError(f"--opset {requested} is below {MIN_OPSET}, the lowest edgeport exports")
+    return requested
+
+
+def _unsupported_op(text: str) -> str | None:
+    m = re.search(r"operator '?([\w:.]+)'? to ONNX opset version (\d+)", text)
+    if m:
+        return f"{m.group(1)} (opset {m.group(2)})"
+    m = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?)", text)
+    return m.group(1) if m else None
+
+
+def export_onnx(model: Any, example: Any, path: Path, *, opset: int, input_name: str,
+                dynamic_batch: bool = False, simplify: bool = True,
+                metadata: dict[str, Any] | None = None) -> list[str]:
+    """Export ``model`` to ``path``; returns the output names. ConversionError names a failing op."""
+    import onnx
+    import torch
+
+    with torch.inference_mode():
+        out = model(example)
+    n_out = len(out) if isinstance(out, (list, tuple)) else 1
+    output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    dynamic_axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic_batch else None
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), redirect_stdout(buf), redirect_stderr(buf), quiet_fds() as native:
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=output_names,
+                              opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+    except Exception as e:
+        text = f"{e}\n{buf.getvalue()}\n{native.read()}"
+        op = _unsupported_op(text)
+        what = f"op {op} is not supported by the ONNX exporter" if op else str(e).splitlines()[0]
+        raise ConversionError(f"ONNX export at opset {opset} failed: {what}; replace it in the model, "
+                              "or raise the opset if every target allows it") from e
+    proto = onnx.load(str(path))
+    if simplify:
+        proto = _simplify(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as e:
+        raise ConversionError(f"exported ONNX fails the checker: {str(e).splitlines()[0]}") from e
+    if metadata:
+        set_metadata(proto, metadata)
+    onnx.save(proto, str(path))
+    return output_names
+
+
+@contextlib.contextmanager
+def quiet_fds() -> Iterator[Any]:
+    """Send what native code writes to fds 1 and 2 into a temporary file (torch dumps IR graphs there)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    captured = io.StringIO()
+    with tempfile.TemporaryFile("w+") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            captured.write(tmp.read())
+            captured.seek(0)
+
+
+def _simplify(proto: Any) -> Any:
+    try:
+        import onnxslim
+    except ImportError:
+        log.warning("onnxslim is not installed; the ONNX is left unsimplified")
+        return proto
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(buf):
+        try:
+            return onnxslim.slim(proto)
+        except Exception as e:  # keep the unsimplified graph rather than fail the build
+            log.warning("onnxslim failed (%s); keeping the unsimplified graph", str(e).splitlines()[0])
+            return proto
+
+
+def set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    """Store the manifest (JSON) in the ONNX metadata props."""
+    for prop in list(proto.metadata_props):
+        if prop.key == METADATA_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
+
+
+def get_metadata(path: Path) -> dict[str, Any] | None:
+    """The manifest stored by set_metadata, or None."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return None
+
+
+def torch_outputs(model: Any, batch: np.ndarray, output_names: list[str]) -> dict[str, np.ndarray]:
+    """Run the PyTorch model one sample at a time (static batch 1) and stack the outputs."""
+    import torch
+
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
+    with torch.inference_mode():
+        for i in range(len(batch)):
+            out = model(torch.from_numpy(batch[i:i + 1]))
+            out = list(out) if isinstance(out, (list, tuple)) else [out]
+            for name, o in zip(output_names, out):
+                outs[name].append(o.float().numpy())
+    return {n: np.concatenate(v, 0) for n, v in outs.items()}
+
+
+def check_parity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tolerance: float,
+                 what: str) -> dict[str, dict[str, float]]:
+    """Max abs error (absolute and over the output range) and cosine per output.
+
+    Every output is checked before raising; the error names each failing output.
+    """
+    results, failures = {}, []
+    for name, ref in reference.items():
+        got = candidate[name].astype(np.float64)
+        ref = ref.astype(np.float64)
+        err = float(np.abs(ref - got).max())
+        span = float(ref.max() - ref.min()) or 1.0
+        cos = float((ref.ravel() @ got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
+        results[name] = {"max_abs": err, "max_rel": err / span, "cosine": cos}
+        if err / span > tolerance:
+            failures.append(f"{name}: max error {err:.3g} = {err / span:.2e} of range > {tolerance:g}")
+    if failures:
+        raise ParityError(f"{what} parity failed: " + "; ".join(failures))
+    return results

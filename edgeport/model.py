@@ -1,0 +1,262 @@
+"""Model intake: every form of --model, plus --weights, into an nn.Module in eval mode.
+
+Forms:
+    edgeport:roadseg                      the embedded default
+    torchvision:resnet18?num_classes=10   torchvision builder with keyword arguments
+    path/to/file.py:factory               a callable in a Python file returning an nn.Module
+    package.module:factory                the same, importable by name
+    model.pt                              TorchScript
+    model.pt2                             torch.export program
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from edgeport.errors import ModelError
+
+_MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w.]*$")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parse_kwargs(query: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def source_fingerprint(source: str, root: Path | None = None) -> str:
+    """A hash that changes when the model source changes, computed without importing torch."""
+    h = hashlib.sha256(source.encode())
+    root = root or Path.cwd()
+    kind, target = classify(source)
+    if kind in ("file", "torchscript", "export"):
+        path = Path(target.split(":")[0]) if kind == "file" else Path(target)
+        path = path if path.is_absolute() else root / path
+        if path.is_file():
+            h.update(file_sha256(path).encode())
+    elif kind == "module":
+        spec = importlib.util.find_spec(target.split(":")[0]) if _module_importable(target) else None
+        if spec and spec.origin and Path(spec.origin).is_file():
+            h.update(file_sha256(Path(spec.origin)).encode())
+    elif kind == "default":
+        from edgeport.zoo import net
+
+        h.update(file_sha256(Path(net.__file__)).encode())
+        if net.WEIGHTS.is_file():
+            h.update(file_sha256(net.WEIGHTS).encode())
+    return h.hexdigest()[:16]
+
+
+def _module_importable(target: str) -> bool:
+    try:
+        return importlib.util.find_spec(target.split(":")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def classify(source: str) -> tuple[str, str]:
+    """(kind, rest) for a --model string; ModelError when it fits no form."""
+    if source.startswith("edgeport:"):
+        return "default", source.split(":", 1)[1]
+    if source.startswith("torchvision:"):
+        return "torchvision", source.split(":", 1)[1]
+    if source.endswith(".pt2"):
+        return "export", source
+    if source.endswith((".pt", ".pth", ".torchscript")) and ":" not in source:
+        return "torchscript", source
+    if ".py:" in source:
+        return "file", source
+    if _MODULE_RE.match(source):
+        return "module", source
+    raise ModelError(f"--model {source!r}: expected torchvision:<name>[?k=v], path/file.py:factory, "
+                     "package.module:factory, a TorchScript .pt or a torch.export .pt2")
+
+
+def default_name(source: str) -> str:
+    """A short model name for bundles and reports."""
+    kind, rest = classify(source)
+    if kind in ("default", "torchvision"):
+        return rest.split("?")[0]
+    if kind in ("file", "module"):
+        return rest.split(":")[-1].split(".")[-1]
+    return Path(rest).stem
+
+
+def load_model(source: str, weights: str | None = None, root: Path | None = None) -> Any:
+    """Build the nn.Module named by ``source``, load ``weights``, and put it in eval mode."""
+    import torch
+
+    root = root or Path.cwd()
+    kind, rest = classify(source)
+    if kind == "default":
+        if rest != "roadseg":
+            raise ModelError(f"--model {source!r}: the embedded model is edgeport:roadseg")
+        from edgeport.zoo.net import roadseg
+
+        model = roadseg(pretrained=weights is None)
+    elif kind == "torchvision":
+        model = _torchvision(rest)
+    elif kind in ("file", "module"):
+        model = _factory(kind, rest, root)
+    else:
+        path = Path(rest) if Path(rest).is_absolute() else root / rest
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        try:
+            if kind == "torchscript":
+                model = torch.jit.load(str(path), map_location="cpu")
+            else:
+                model = torch.export.load(str(path)).module()
+        except Exception as e:  # torch raises many types for bad archives
+            raise ModelError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"--model {source!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        load_weights(model, Path(weights) if Path(weights).is_absolute() else root / weights)
+    # torch.export modules refuse .eval(); their graph is already in inference form.
+    try:
+        model.eval()
+    except (NotImplementedError, RuntimeError):
+        pass
+    return model
+
+
+def _torchvision(rest: str) -> Any:
+    name, _, query = rest.partition("?")
+    kwargs = _parse_kwargs(query)
+    if kwargs.get("weights") not in (None, "None"):
+        raise ModelError(f"torchvision:{rest}: edgeport never downloads weights; drop 'weights=' and pass "
+                         "a local file with --weights")
+    kwargs["weights"] = None
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ModelError(f"torchvision cannot be imported ({e}); pip install 'edgeport[torch]'") from None
+    available = torchvision.models.list_models()
+    if name not in available:
+        from edgeport.errors import close_match
+
+        raise ModelError(f"torchvision has no model '{name}'{close_match(name, available)}")
+    try:
+        return torchvision.models.get_model(name, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"torchvision:{rest}: {e}") from None
+
+
+def _factory(kind: str, rest: str, root: Path) -> Any:
+    where, _, attr = rest.rpartition(":")
+    if kind == "file":
+        path = Path(where) if Path(where).is_absolute() else root / where
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        mod_name = "edgeport_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:
+            raise ModelError(f"{path} fails to import: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.remove(str(path.parent))
+    else:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ModelError(f"cannot import module '{where}' for --model {rest!r}: {e}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            from edgeport.errors import close_match
+
+            raise ModelError(f"{where} has no '{attr}'{close_match(part, names)}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"{where}:{attr} is not callable")
+    try:
+        return obj()
+    except Exception as e:
+        raise ModelError(f"{where}:{attr}() raised {type(e).__name__}: {e}") from e
+
+
+_CKPT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "ema")
+
+
+def extract_state_dict(obj: Any) -> dict[str, Any]:
+    """The state_dict inside a checkpoint (plain, or under a usual key), 'module.' stripped."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _CKPT_KEYS:
+            if key in obj:
+                return extract_state_dict(obj[key])
+        raise ModelError(f"checkpoint holds no state_dict (keys: {', '.join(map(str, list(obj)[:8]))}); "
+                         f"expected tensors or one of {', '.join(_CKPT_KEYS)}")
+    if not isinstance(obj, dict):
+        raise ModelError(f"checkpoint is a {type(obj).__name__}, not a state_dict")
+    prefixes = ("module.", "_orig_mod.")
+    out = {}
+    for k, v in obj.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load a state_dict or training checkpoint; a mismatch names keys and shapes."""
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from e
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape differs {len(shapes)}: {_few(shapes)}")
+        raise ModelError(f"weights {path.name} do not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

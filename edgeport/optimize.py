@@ -1,0 +1,183 @@
+"""Optimisation before export: Conv/BN folding, structured channel pruning, fine-tuning hook."""
+from __future__ import annotations
+
+import importlib
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgeport.errors import ConfigError, ConversionError, ModelError
+
+log = logging.getLogger("edgeport")
+
+
+@dataclass
+class ModelStats:
+    """Size and cost of a model on one input."""
+
+    params: int
+    macs: int
+    latency_ms: float
+
+    def __str__(self) -> str:
+        return f"{self.params / 1e6:.3f} M params, {self.macs / 1e6:.1f} M MACs, {self.latency_ms:.2f} ms"
+
+
+@dataclass
+class OptimizeReport:
+    """What optimisation did, for the build log and the manifest."""
+
+    folded_bn: int = 0
+    fold_max_error: float = 0.0
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    prune_ratio: float = 0.0
+    finetuned: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest form."""
+        return {
+            "folded_bn": self.folded_bn, "fold_max_error": self.fold_max_error,
+            "prune_ratio": self.prune_ratio, "finetuned": self.finetuned,
+            "before": vars(self.before) if self.before else None,
+            "after": vars(self.after) if self.after else None,
+        }
+
+
+def measure(model: Any, example: Any, runs: int = 20) -> ModelStats:
+    """Parameters, MACs (torch-pruning's counter when present) and median CPU latency."""
+    import torch
+
+    params = sum(p.numel() for p in model.parameters())
+    macs = 0
+    try:
+        import torch_pruning as tp
+
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+    except ImportError:
+        pass
+    times = []
+    with torch.inference_mode():
+        model(example)
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - t) * 1e3)
+    return ModelStats(int(params), int(macs), statistics.median(times))
+
+
+def fold_bn(model: Any, example: Any, tolerance: float = 1e-4) -> tuple[Any, int, float]:
+    """Fold every BatchNorm that follows a Conv into it; returns (model, count, rel error).
+
+    Uses torch.fx's fuse (eval mode). A model fx cannot trace is returned unchanged
+    (the ONNX exporter's constant folding still folds BN then). The folded model is
+    checked against the original on ``example``; a difference past ``tolerance`` of the
+    output range is an internal error, never silently accepted.
+    """
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if n_bn == 0:
+        return model, 0, 0.0
+    try:
+        fused = fuse(model)
+    except Exception as e:  # fx tracing fails on data-dependent control flow
+        log.info("BN folding skipped: torch.fx cannot trace the model (%s)", str(e).splitlines()[0])
+        return model, 0, 0.0
+    left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    with torch.inference_mode():
+        ref, out = _first(model(example)), _first(fused(example))
+    span = float(ref.max() - ref.min()) or 1.0
+    err = float((ref - out).abs().max()) / span
+    if err > tolerance:
+        raise ConversionError(f"BN folding changed the output by {err:.2e} of its range (tolerance "
+                              f"{tolerance:g}); rerun with fold_bn = false and report this model")
+    return fused, n_bn - left, err
+
+
+def _first(out: Any) -> Any:
+    if isinstance(out, (list, tuple)):
+        return out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+def _head_layers(model: Any, example: Any) -> list[Any]:
+    """Layers whose output channels are the model's outputs: never pruned."""
+    import torch
+
+    with torch.inference_mode():
+        out = _first(model(example))
+    n_out = out.shape[1]
+    heads = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.out_features == n_out:
+            heads.append(m)
+        elif isinstance(m, torch.nn.Conv2d) and m.out_channels == n_out:
+            heads.append(m)
+    return heads[-1:] if heads else []
+
+
+def prune(model: Any, example: Any, ratio: float) -> Any:
+    """Structured channel pruning (torch-pruning, group L2 magnitude), head kept whole."""
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"--prune {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ConfigError("--prune needs torch-pruning: pip install 'edgeport[prune]'") from None
+    try:
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio, ignored_layers=_head_layers(model, example), round_to=8,
+        )
+        pruner.step()
+    except Exception as e:
+        raise ConversionError(f"pruning failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def finetune(model: Any, hook: str, spec: Any) -> Any:
+    """Call the user's ``module:function(model, spec)``; it returns the model (or None to keep it)."""
+    mod_name, _, fn_name = hook.partition(":")
+    if not mod_name or not fn_name:
+        raise ConfigError(f"--finetune {hook!r}: expected module:function")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--finetune {hook!r}: {e}") from None
+    try:
+        out = fn(model, spec)
+    except Exception as e:
+        raise ModelError(f"fine-tuning hook {hook} raised {type(e).__name__}: {e}") from e
+    result = out if out is not None else model
+    result.eval()
+    return result
+
+
+def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float = 0.0,
+             finetune_hook: str | None = None, spec: Any = None) -> tuple[Any, OptimizeReport]:
+    """Run the selected optimisations; stats before/after are measured when pruning."""
+    import torch
+
+    report = OptimizeReport(prune_ratio=prune_ratio, finetuned=finetune_hook)
+    scripted = isinstance(model, torch.jit.ScriptModule) or type(model).__name__ == "GraphModule" and \
+        hasattr(model, "_in_spec")
+    if prune_ratio:
+        if scripted:
+            raise ConfigError("--prune needs an nn.Module; TorchScript and torch.export models cannot be pruned")
+        report.before = measure(model, example)
+        model = prune(model, example, prune_ratio)
+        if finetune_hook:
+            model = finetune(model, finetune_hook, spec)
+        report.after = measure(model, example)
+        log.info("pruned %.0f%%: %s -> %s", prune_ratio * 100, report.before, report.after)
+    elif finetune_hook:
+        model = finetune(model, finetune_hook, spec)
+    if fold and not scripted:
+        model, report.folded_bn, report.fold_max_error = fold_bn(model, example)
+    return model, report

@@ -1,0 +1,387 @@
+"""The shared build pipeline: calibration -> export -> per-target compile, validate, bundle.
+
+Every stage is cached in the build folder (edgeport.cache); a second identical build does
+no work, and a change to one target rebuilds only that target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeport import __version__
+from edgeport.backends import get_backend
+from edgeport.backends.base import Artifacts, TensorInfo
+from edgeport.cache import Stage, source_hash
+from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
+from edgeport.config import DEFAULT_MODEL, ProjectConfig
+from edgeport.errors import ConfigError, ParityError
+from edgeport.model import classify, default_name, file_sha256, source_fingerprint
+from edgeport.preprocess import InputSpec
+from edgeport.runner.metrics import compare
+from edgeport.target import Target, get_target
+
+log = logging.getLogger("edgeport")
+GOLDEN_CASES = 4
+DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "road-synth"
+
+
+@dataclass
+class TargetResult:
+    """One target's outcome, for the parity table and the API."""
+
+    target: str
+    backend: str
+    precision: str
+    status: str  # built | cached | failed | skipped
+    bundle: str | None = None
+    parity: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class BuildReport:
+    """What a build did."""
+
+    model: str
+    onnx: str
+    export_cached: bool
+    export_parity: dict[str, Any]
+    targets: list[TargetResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when every target built and passed parity."""
+        return all(t.status in ("built", "cached") for t in self.targets)
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def resolve_targets(names: list[str], precision: str | None, root: Path) -> list[tuple[Target, str]]:
+    """[(target, precision)] from 'name' or 'name:precision' strings; all installed when empty."""
+    from edgeport.backends import availability
+    from edgeport.target import all_targets
+
+    if not names:
+        chosen = []
+        for t in all_targets(root).values():
+            av = availability(t.backend)
+            if av.installed:
+                chosen.append(t.name)
+        if not chosen:
+            raise ConfigError("no backend is installed, so there is nothing to build for; "
+                              "pip install 'edgeport[openvino]' (see `edgeport doctor`)")
+        names = chosen
+    out = []
+    for spec in names:
+        name, _, prec = spec.partition(":")
+        t = get_target(name, root)
+        p = prec or precision or t.default_precision
+        if not prec and precision and precision not in t.precisions and len(names) > 1:
+            p = t.default_precision  # a global --precision applies where the target allows it
+        t.check_precision(p)
+        out.append((t, p))
+    return out
+
+
+def _calibration_stage(cfg: ProjectConfig, source: str, spec: InputSpec, build_dir: Path,
+                       minimum: int | None) -> tuple[CalibrationSet, bool]:
+    from edgeport.calibration import MINIMUM, fingerprint
+
+    fp = fingerprint(source, cfg.root)
+    stage = Stage(build_dir, "calibration", {"source": fp, "spec": spec.to_dict(),
+                                             "max": cfg.calibration.max_images, "v": __version__})
+
+    def run(tmp: Path) -> dict[str, Any]:
+        cs = load_calibration(source, spec, max_images=cfg.calibration.max_images,
+                              minimum=MINIMUM if minimum is None else minimum, root=cfg.root)
+        np.save(tmp / "data.npy", cs.data)
+        np.savez(tmp / "frames.npz", *cs.frames)
+        return {"source": cs.source, "sha256": cs.sha256, "skipped": cs.skipped, "names": cs.names}
+
+    info, cached = stage.run(run)
+    with np.load(stage.dir / "frames.npz") as z:
+        frames = [z[f"arr_{i}"] for i in range(len(z.files))]
+    cs = CalibrationSet(info["source"], np.load(stage.dir / "data.npy"), info["sha256"], info["skipped"],
+                        frames, info["names"])
+    return cs, cached
+
+
+def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
+                  build_dir: Path) -> tuple[Stage, dict[str, Any], bool]:
+    weights = cfg.model.weights
+    settings = {
+        "model": source_fingerprint(cfg.model.source, cfg.root),
+        "weights": file_sha256(cfg.resolve(weights)) if weights and cfg.resolve(weights).is_file() else weights,
+        "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
+        "export": dataclasses.asdict(cfg.export), "opset": opset, "samples": samples.sha256,
+        "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
+        "edgeport": __version__,
+    }
+    stage = Stage(build_dir, "export", settings)
+
+    def run(tmp: Path) -> dict[str, Any]:
+        import torch
+
+        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+        from edgeport.export import check_parity, export_onnx, torch_outputs
+        from edgeport.model import load_model
+        from edgeport.optimize import optimize
+
+        log.info("loading model %s", cfg.model.source)
+        model = load_model(cfg.model.source, cfg.model.weights, cfg.root)
+        example = torch.from_numpy(samples.data[:1].copy())
+        model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
+                              finetune_hook=cfg.optimize.finetune, spec=spec)
+        name = cfg.model.name or default_name(cfg.model.source)
+        meta = {"model": name, "source": cfg.model.source, "preprocess": spec.to_dict(), "edgeport": __version__}
+        log.info("exporting ONNX at opset %d", opset)
+        onnx_path = tmp / "model.onnx"
+        output_names = export_onnx(model, example, onnx_path, opset=opset, input_name=spec.name,
+                                   dynamic_batch=cfg.export.dynamic_batch, simplify=cfg.export.simplify,
+                                   metadata=meta)
+        x = samples.data[: max(cfg.export.parity_samples, GOLDEN_CASES)]
+        ref = torch_outputs(model, x, output_names)
+        with ORT.open_onnx(onnx_path) as rt:
+            got = rt.run_batches(x)
+        parity = check_parity(ref, got, cfg.export.tolerance, "ONNX Runtime vs PyTorch")
+        np.savez(tmp / "reference.npz", inputs=x, **{f"out:{k}": v for k, v in ref.items()})
+        return {"model": name, "outputs": output_names, "parity": parity, "optimize": opt.to_dict(),
+                "onnx_sha256": file_sha256(onnx_path), "opset": opset}
+
+    info, cached = stage.run(run)
+    return stage, info, cached
+
+
+def _artifacts_to_dict(a: Artifacts, base: Path) -> dict[str, Any]:
+    d = {"backend": a.backend, "target": a.target, "precision": a.precision,
+         "files": {k: str(v.relative_to(base)) for k, v in a.files.items()},
+         "inputs": [vars(i) for i in a.inputs], "outputs": [vars(o) for o in a.outputs],
+         "spec": a.spec.to_dict(), "runtime": a.runtime, "info": a.info, "host_runnable": a.host_runnable}
+    return d
+
+
+def _artifacts_from_dict(d: dict[str, Any], base: Path) -> Artifacts:
+    return Artifacts(d["backend"], d["target"], d["precision"], {k: base / v for k, v in d["files"].items()},
+                     [TensorInfo(**i) for i in d["inputs"]], [TensorInfo(**o) for o in d["outputs"]],
+                     InputSpec.from_dict(d["spec"]), d["runtime"], d["info"], d["host_runnable"])
+
+
+def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    if src == dst or arr.ndim != 4:
+        return arr
+    return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)
+
+
+def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_stage: Stage,
+                  export_info: dict[str, Any], calib: CalibrationSet | None, spec: InputSpec,
+                  build_dir: Path) -> tuple[Stage, dict[str, Any], bool]:
+    backend = get_backend(target.backend)
+    code = source_hash(*Path(backend.runner_part()).parent.glob("*.py"))
+    settings = {"onnx": export_info["onnx_sha256"], "target": target.fingerprint(), "precision": precision,
+                "calib": calib.sha256 if calib is not None else None, "backend": backend.versions_key(),
+                "code": code, "edgeport": __version__}
+    stage = Stage(build_dir, f"target/{target.name}-{precision}", settings)
+
+    def run(tmp: Path) -> dict[str, Any]:
+        t0 = time.time()
+        art = backend.compile(export_stage.dir / "model.onnx", target, precision, calib, tmp, spec)
+        with np.load(export_stage.dir / "reference.npz") as z:
+            inputs = z["inputs"]
+            ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
+        parity: dict[str, Any] = {}
+        if art.host_runnable:
+            x = _to_layout(inputs, spec.layout, art.spec.layout)
+            with backend.open(art) as rt:
+                got = rt.run_batches(x)
+            tol = target.tolerances(precision)
+            for name, r in ref.items():
+                g = _to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
+                    got[name].shape != r.shape else got[name]
+                parity[name] = compare(r, g, spec.task, tol)
+            np.savez(tmp / "golden.npz", **{k: v[:GOLDEN_CASES] for k, v in got.items()})
+        return {"artifacts": _artifacts_to_dict(art, tmp), "parity": parity, "compile_seconds": time.time() - t0,
+                "tolerance": target.tolerances(precision)}
+
+    info, cached = stage.run(run)
+    return stage, info, cached
+
+
+def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
+            export_stage: Stage, export_info: dict[str, Any], calib: CalibrationSet | None,
+            samples: CalibrationSet, spec: InputSpec, out_dir: Path) -> tuple[Path, bool]:
+    """Write dist/<target>-<precision> unless it already holds this stage's result."""
+    from edgeport.bundle import assemble_runner, verify_bundle, write_bundle
+
+    dest = out_dir / f"{target.name}-{precision}"
+    mf = dest / "manifest.json"
+    if mf.is_file():
+        try:
+            if json.loads(mf.read_text()).get("build_key") == stage.key and not verify_bundle(dest):
+                return dest, True
+        except Exception:  # an unreadable old bundle is simply rewritten
+            pass
+    backend = get_backend(target.backend)
+    art = _artifacts_from_dict(info["artifacts"], stage.dir)
+    with np.load(export_stage.dir / "reference.npz") as z:
+        inputs = _to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, art.spec.layout)
+    with np.load(stage.dir / "golden.npz") as z:
+        golden_out = {k: z[k] for k in z.files}
+    manifest = {
+        "build_key": stage.key,
+        "model": {"name": export_info["model"], "source": cfg.model.source, "onnx_sha256": export_info["onnx_sha256"],
+                  "task": spec.task, "labels": spec.labels, "palette": [list(p) for p in spec.palette]},
+        "target": target.name, "backend": target.backend, "precision": precision,
+        "target_profile": target.to_dict(),
+        "inputs": [i.to_dict() for i in art.inputs], "outputs": [o.to_dict() for o in art.outputs],
+        "preprocess": art.spec.to_dict(), "runtime": art.runtime, "requires": target.runtime,
+        "camera": target.camera,
+        "provenance": {"edgeport": __version__, "torch": _dist_version("torch"), "onnx": _dist_version("onnx"),
+                       "opset": export_info["opset"], "optimize": export_info["optimize"], **art.info,
+                       "calibration": calib.summary() if calib is not None else None,
+                       "samples": samples.summary()},
+        "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
+                   "tolerance": info["tolerance"]},
+    }
+    runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
+    reqs = list(target.requirements.get("pip", []))
+    readme = _device_readme(target, precision, export_info["model"], runner is not None)
+    write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
+                 golden=(samples.frames[:GOLDEN_CASES], inputs, golden_out, info["tolerance"]),
+                 readme=readme, requirements=reqs)
+    return dest, False
+
+
+def _device_readme(target: Target, precision: str, model: str, runner: bool) -> str:
+    reqs = target.requirements
+    lines = [f"# {model} for {target.name} ({precision})", "", target.description, "",
+             "Built by edgeport. `manifest.json` describes the model, its inputs and outputs, the",
+             "preprocessing, the runtime settings and the sha256 of every file.", ""]
+    if reqs.get("system"):
+        lines += ["## On the device", "", "System packages: " + ", ".join(reqs["system"]), ""]
+    if runner:
+        lines += ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
+                  "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --json -", "```", "",
+                  "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
+                  "synthetic://) and outputs (--save, --json, --headless).", ""]
+    else:
+        lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app;",
+                  "apply the preprocessing in manifest.json exactly.", ""]
+    for note in target.notes:
+        lines += [f"Note: {note}", ""]
+    return "\n".join(lines)
+
+
+def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> BuildReport:
+    """Build every selected target; per-target failures are recorded, not raised."""
+    from edgeport.export import choose_opset
+
+    t_start = time.time()
+    root = cfg.root
+    build_dir = cfg.resolve(cfg.build.build_dir)
+    out_dir = cfg.resolve(cfg.build.out)
+    chosen = resolve_targets(targets, precision, root)
+    spec = cfg.input
+    opset = choose_opset([t.opset_max for t, _ in chosen], cfg.export.opset)
+    needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
+    source = cfg.calibration.source
+    if source is None and cfg.model.source == DEFAULT_MODEL:
+        source = str(DEFAULT_CALIB) if DEFAULT_CALIB.is_dir() else SYNTHETIC
+    if needs_calib and source is None:
+        raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
+                          "a video, a .npy or synthetic://")
+    calib = None
+    if source is not None:
+        calib, cached = _calibration_stage(cfg, source, spec, build_dir, None if needs_calib else 1)
+        log.info("calibration set: %d images from %s%s", len(calib), source, " (cached)" if cached else "")
+        samples = calib
+    else:
+        n = max(cfg.export.parity_samples, GOLDEN_CASES)
+        samples, _ = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
+    export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir)
+    par = export_info["parity"]
+    worst = max(v["max_rel"] for v in par.values())
+    log.info("ONNX export%s: opset %d, max error %.2e of output range vs PyTorch",
+             " (cached)" if export_cached else "", opset, worst)
+    results = []
+    for target, prec in chosen:
+        t0 = time.time()
+        backend = get_backend(target.backend)
+        if not backend.available().installed:
+            av = backend.available()
+            results.append(TargetResult(target.name, target.backend, prec, "skipped",
+                                        message=f"{av.reason}; {av.install}"))
+            continue
+        try:
+            stage, info, cached = _target_stage(cfg, target, prec, export_stage, export_info,
+                                                calib if backend.calibration_needed(prec) else None, spec,
+                                                build_dir)
+            dest, bundle_cached = _bundle(cfg, target, prec, stage, info, export_stage, export_info,
+                                          calib, samples, spec, out_dir)
+        except Exception as e:
+            from edgeport.errors import EdgeportError
+
+            if not isinstance(e, EdgeportError):
+                raise
+            results.append(TargetResult(target.name, target.backend, prec, "failed", seconds=time.time() - t0,
+                                        message=str(e)))
+            continue
+        parity = info["parity"]
+        failed = [f"{n}: {', '.join(m['failed'])}" for n, m in parity.items() if not m["ok"]]
+        status = "failed" if failed else ("cached" if cached and bundle_cached else "built")
+        results.append(TargetResult(target.name, target.backend, prec, status, str(dest), parity,
+                                    time.time() - t0, "; ".join(failed)))
+    return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
+                       time.time() - t_start)
+
+
+def parity_table(report: BuildReport) -> str:
+    """The terminal table printed at the end of a build."""
+    rows = [("target", "backend", "precision", "max_rel", "cosine", "agreement", "status", "time")]
+    ex = next(iter(report.export_parity.values()))
+    rows.append(("onnx (export)", "onnxruntime", "fp32", f"{ex['max_rel']:.1e}", f"{ex['cosine']:.6f}", "-",
+                 "cached" if report.export_cached else "built", ""))
+    for r in report.targets:
+        m = next(iter(r.parity.values()), None)
+        rows.append((r.target, r.backend, r.precision,
+                     f"{m['max_rel']:.1e}" if m else "-", f"{m['cosine']:.6f}" if m else "-",
+                     f"{100 * m['agreement']:.2f}%" if m else "-", r.status, f"{r.seconds:.1f}s"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in report.targets:
+        if r.message:
+            lines.append(f"{r.target}-{r.precision}: {r.message}")
+    return "\n".join(lines)
+
+
+def raise_on_failure(report: BuildReport) -> None:
+    """ParityError naming every failed target (after the table has been printed)."""
+    bad = [f"{r.target}-{r.precision}" for r in report.targets if r.status == "failed"]
+    if bad:
+        raise ParityError(f"{len(bad)} target(s) failed: {', '.join(bad)} (see the table above)")
+
+
+def default_calibration_source() -> str:
+    """Where the default model's calibration comes from."""
+    return str(DEFAULT_CALIB) if DEFAULT_CALIB.is_dir() else SYNTHETIC
+
+
+def is_default(source: str) -> bool:
+    """Whether ``source`` names the embedded default model."""
+    return classify(source)[0] == "default"

@@ -1,0 +1,57 @@
+"""Output comparison metrics and tolerances: one implementation for host parity and --selftest.
+
+Python 3.6 syntax, numpy only (embedded into runner.py).
+"""
+import numpy as np
+
+
+def task_agreement(ref, got, task):
+    """Top-1 (classification) or pixel (segmentation) agreement between two logit arrays.
+
+    Class scores are on axis 1 for NCHW-like outputs and on the last axis for NHWC ones;
+    the caller passes both in the same layout.
+    """
+    if ref.ndim < 2:
+        return 1.0
+    axis = 1 if task == "classification" or ref.ndim == 2 else class_axis(ref)
+    return float(np.mean(np.argmax(ref, axis) == np.argmax(got, axis)))
+
+
+def class_axis(arr):
+    """The class axis of a segmentation output: 1 for NCHW, -1 for NHWC (fewer classes than pixels)."""
+    if arr.ndim == 4 and arr.shape[-1] < arr.shape[1] and arr.shape[-1] < arr.shape[2]:
+        return -1
+    return 1
+
+
+def compare(ref, got, task, tol):
+    """Compare one output; returns a dict of metrics with 'ok' and 'failed' (the checks that failed).
+
+    tol keys: max_rel (max |ref-got| over ref's range), min_cosine, min_agreement; None skips one.
+    """
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return {"ok": False, "failed": ["shape %s != %s" % (list(got.shape), list(ref.shape))]}
+    diff = np.abs(ref - got)
+    span = float(ref.max() - ref.min()) or 1.0
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    noise = float(np.sum((ref - got) ** 2))
+    m = {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel": float(diff.max()) / span,
+        "cosine": float(np.sum(ref * got) / denom) if denom else (1.0 if noise == 0 else 0.0),
+        "sqnr_db": float(10 * np.log10(np.sum(ref ** 2) / noise)) if noise > 0 else float("inf"),
+        "agreement": task_agreement(ref, got, task),
+    }
+    failed = []
+    if tol.get("max_rel") is not None and m["max_rel"] > tol["max_rel"]:
+        failed.append("max_rel %.3g > %.3g" % (m["max_rel"], tol["max_rel"]))
+    if tol.get("min_cosine") is not None and m["cosine"] < tol["min_cosine"]:
+        failed.append("cosine %.6f < %.6f" % (m["cosine"], tol["min_cosine"]))
+    if tol.get("min_agreement") is not None and m["agreement"] < tol["min_agreement"]:
+        failed.append("agreement %.4f < %.4f" % (m["agreement"], tol["min_agreement"]))
+    m["ok"] = not failed
+    m["failed"] = failed
+    return m

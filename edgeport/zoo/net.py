@@ -1,0 +1,60 @@
+"""The embedded default network: a small U-Net for road-scene segmentation.
+
+Conv + BatchNorm + ReLU blocks with depthwise-separable convolutions, three stride-2
+stages and bilinear upsampling: ops every backend (TensorRT, OpenVINO, TFLite) handles.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeport.zoo.scene import SCENE_CLASSES
+
+WEIGHTS = Path(__file__).with_name("roadseg.pt")
+INPUT_HW = (120, 160)
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, groups: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _ds(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """Depthwise-separable block."""
+    return nn.Sequential(_cbr(cin, cin, stride, groups=cin), _cbr(cin, cout, k=1))
+
+
+class RoadSegNet(nn.Module):
+    """Tiny U-Net: 1x3xHxW normalised RGB in, 1xCxHxW class logits out (H, W divisible by 8)."""
+
+    def __init__(self, num_classes: int = len(SCENE_CLASSES), width: int = 24) -> None:
+        super().__init__()
+        c1, c2, c3 = width, width * 2, width * 4
+        self.stem = nn.Sequential(_cbr(3, c1, 2), _ds(c1, c1))  # 1/2
+        self.enc2 = nn.Sequential(_ds(c1, c2, 2), _ds(c2, c2))  # 1/4
+        self.enc3 = nn.Sequential(_ds(c2, c3, 2), _ds(c3, c3), _ds(c3, c3))  # 1/8
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.dec2 = _ds(c3 + c2, c2)
+        self.dec1 = _ds(c2 + c1, c1)
+        self.head = nn.Conv2d(c1, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s1 = self.stem(x)
+        s2 = self.enc2(s1)
+        s3 = self.enc3(s2)
+        d2 = self.dec2(torch.cat([self.up(s3), s2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), s1], 1))
+        return self.up(self.head(d1))
+
+
+def roadseg(pretrained: bool = True) -> RoadSegNet:
+    """The default model, with its shipped weights when ``pretrained``."""
+    model = RoadSegNet()
+    if pretrained:
+        model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,102 @@
+"""Every --model form, --weights checkpoints, and the errors for each bad input."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from edgeport.errors import ModelError  # noqa: E402
+from edgeport.model import load_model  # noqa: E402
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def make(num_classes=3):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture()
+def factory_file(tmp_path):
+    p = tmp_path / "mynet.py"
+    p.write_text(FACTORY)
+    return p
+
+
+def test_torchvision_with_kwargs():
+    m = load_model("torchvision:resnet18?num_classes=10")
+    assert m.fc.out_features == 10 and not m.training
+
+
+def test_torchvision_refuses_downloads_and_unknown_names():
+    with pytest.raises(ModelError, match="never downloads"):
+        load_model("torchvision:resnet18?weights='DEFAULT'")
+    with pytest.raises(ModelError, match="did you mean 'resnet18'"):
+        load_model("torchvision:resnet81")
+
+
+def test_file_and_module_factories(factory_file, tmp_path, monkeypatch):
+    m = load_model(f"{factory_file}:make")
+    assert isinstance(m, nn.Sequential) and not m.training
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m2 = load_model("mynet:make", root=tmp_path)
+    assert m2[-1].out_features == 3
+
+
+def test_torchscript_and_export(factory_file, tmp_path):
+    m = load_model(f"{factory_file}:make")
+    x = torch.randn(1, 3, 16, 16)
+    ts = tmp_path / "m.pt"
+    torch.jit.trace(m, x).save(str(ts))
+    assert torch.allclose(load_model(str(ts))(x), m(x), atol=1e-6)
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(m, (x,)), str(pt2))
+    assert torch.allclose(load_model(str(pt2))(x), m(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model_state_dict", "model", "dataparallel"])
+def test_weights_from_checkpoints(factory_file, tmp_path, wrap):
+    src = load_model(f"{factory_file}:make")
+    sd = src.state_dict()
+    if wrap == "dataparallel":
+        obj = {f"module.{k}": v for k, v in sd.items()}
+    elif wrap == "plain":
+        obj = sd
+    else:
+        obj = {wrap: sd, "epoch": 3, "optimizer": {}}
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    m = load_model(f"{factory_file}:make", weights=str(path))
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(m(x), src.eval()(x))
+
+
+def test_weights_mismatch_names_keys_and_shapes(factory_file, tmp_path):
+    sd = load_model(f"{factory_file}:make").state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["0.bias"]
+    sd["5.weight"] = torch.zeros(7, 8)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ModelError) as e:
+        load_model(f"{factory_file}:make", weights=str(tmp_path / "bad.pth"))
+    msg = str(e.value)
+    assert "missing 1: 0.bias" in msg and "unexpected 1: extra.weight" in msg
+    assert "5.weight (7, 8) vs model (3, 8)" in msg
+
+
+@pytest.mark.parametrize("source,match", [
+    ("nope/missing.py:make", "does not exist"),
+    ("missing.pt", "does not exist"),
+    ("{f}:mkae", "has no 'mkae'.*did you mean 'make'"),
+    ("{f}:NOT_CALLABLE", "not callable"),
+    ("no_such_pkg_xyz.mod:make", "cannot import module"),
+    ("not a model", "expected torchvision"),
+])
+def test_bad_model_sources(source, match, factory_file):
+    with pytest.raises(ModelError, match=match):
+        load_model(source.format(f=factory_file))

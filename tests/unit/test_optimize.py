@@ -1,0 +1,54 @@
+"""BN folding is checked numerically; pruning reports parameters, MACs and latency before/after."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgeport.optimize import fold_bn, optimize  # noqa: E402
+from edgeport.zoo.net import RoadSegNet  # noqa: E402
+
+
+def _trained_bn(model):
+    # Non-trivial running statistics, so folding has something to get wrong.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 120, 160) * 2 + 0.5)
+    return model.eval()
+
+
+def test_bn_folding_is_exact_enough():
+    model = _trained_bn(RoadSegNet())
+    x = torch.randn(1, 3, 120, 160)
+    ref = model(x)
+    fused, n, err = fold_bn(model, x)
+    assert n == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert err < 1e-5
+    assert torch.allclose(fused(x), ref, atol=1e-4)
+
+
+def test_pruning_shrinks_the_model_and_keeps_the_head():
+    pytest.importorskip("torch_pruning")
+    model = _trained_bn(RoadSegNet())
+    x = torch.randn(1, 3, 120, 160)
+    pruned, report = optimize(model, x, prune_ratio=0.3)
+    assert report.after.params < 0.8 * report.before.params
+    assert report.after.macs < report.before.macs
+    assert report.before.latency_ms > 0 and report.after.latency_ms > 0
+    assert pruned(x).shape == (1, 7, 120, 160)
+
+
+def test_finetune_hook_is_called(tmp_path, monkeypatch):
+    (tmp_path / "tune_hook.py").write_text("CALLS = []\ndef tune(model, spec):\n    CALLS.append(spec)\n"
+                                           "    model.head.bias.data += 1.0\n    return model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tune_hook
+
+    model = RoadSegNet().eval()
+    x = torch.randn(1, 3, 120, 160)
+    before = model(x)
+    out, report = optimize(model, x, finetune_hook="tune_hook:tune", spec="S")
+    assert tune_hook.CALLS == ["S"] and report.finetuned == "tune_hook:tune"
+    assert torch.allclose(out(x), before + 1.0, atol=1e-4)
