@@ -22,10 +22,10 @@ log = logging.getLogger("edgeport")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 RECOMMENDED = 300
-# Fewer than 50 frames gives activation ranges that follow a handful of scenes: on the
-# default model, ranges from 8 frames moved INT8 pixel agreement measurably below those
-# from 300 (see README, "Calibration size"). NNCF's default subset is 300, NVIDIA
-# recommends ~500; Ultralytics' 4-image INT8 lost half its mAP.
+# The floor: below ~50 frames, per-tensor activation ranges follow a handful of scenes (one
+# bright frame sets a max range). NNCF's default subset is 300 and NVIDIA recommends ~500;
+# Ultralytics' Jetson table shows INT8 losing half its mAP with 4 calibration images.
+# 50 still admits small labelled sets such as CamVid val (101). Not yet measured on our model.
 MINIMUM = 50
 SYNTHETIC = "synthetic://"
 
