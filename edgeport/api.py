@@ -35,8 +35,6 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
         overrides["labels"] = read_labels(Path(labels))
     if overrides:
         cfg.input = make_spec(overrides, base=cfg.input, where="flags")
-    if cfg.model.source != DEFAULT_MODEL and cfg.input.task == "segmentation" and not cfg.input.labels:
-        pass  # class ids are shown as numbers
     if calib is not None:
         cfg.calibration.source = calib
     if prune is not None:

@@ -23,7 +23,7 @@ from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import ConfigError, ParityError
-from edgeport.model import classify, default_name, file_sha256, source_fingerprint
+from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.runner.metrics import compare
 from edgeport.target import Target, get_target
@@ -381,7 +381,3 @@ def default_calibration_source() -> str:
     """Where the default model's calibration comes from."""
     return str(DEFAULT_CALIB) if DEFAULT_CALIB.is_dir() else SYNTHETIC
 
-
-def is_default(source: str) -> bool:
-    """Whether ``source`` names the embedded default model."""
-    return classify(source)[0] == "default"
