@@ -163,16 +163,14 @@ def check_parity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
 
     Every output is checked before raising; the error names each failing output.
     """
+    from edgeport.runner.metrics import compare
+
     results, failures = {}, []
     for name, ref in reference.items():
-        got = candidate[name].astype(np.float64)
-        ref = ref.astype(np.float64)
-        err = float(np.abs(ref - got).max())
-        span = float(ref.max() - ref.min()) or 1.0
-        cos = float((ref.ravel() @ got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
-        results[name] = {"max_abs": err, "max_rel": err / span, "cosine": cos}
-        if err / span > tolerance:
-            failures.append(f"{name}: max error {err:.3g} = {err / span:.2e} of range > {tolerance:g}")
+        m = compare(ref, candidate[name], "none", {"max_rel": tolerance})
+        results[name] = {k: m[k] for k in ("max_abs", "max_rel", "cosine")}
+        if not m["ok"]:
+            failures.append(f"{name}: max error {m['max_abs']:.3g} = {m['max_rel']:.2e} of range > {tolerance:g}")
     if failures:
         raise ParityError(f"{what} parity failed: " + "; ".join(failures))
     return results

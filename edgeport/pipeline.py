@@ -301,7 +301,7 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
     needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
     source = cfg.calibration.source
     if source is None and cfg.model.source == DEFAULT_MODEL:
-        source = str(DEFAULT_CALIB) if DEFAULT_CALIB.is_dir() else SYNTHETIC
+        source = default_calibration_source()
     if needs_calib and source is None:
         raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
