@@ -52,15 +52,44 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
     return cfg
 
 
+def _configure_quant(cfg: ProjectConfig, int8_preset: str | None, int8_subset: int | None,
+                     int8_ignore: list[str] | None, accuracy_control: bool | None, max_drop: float | None,
+                     calib_method: str | None, val_images: str | None, val_labels: str | None) -> None:
+    """Apply the INT8 and validation flags to ``cfg`` (flags win over edgeport.toml)."""
+    q = cfg.quantize
+    if int8_preset is not None:
+        q.preset = int8_preset
+    if int8_subset is not None:
+        q.subset_size = int8_subset
+    if int8_ignore:
+        q.ignored_patterns = [*q.ignored_patterns, *int8_ignore]
+    if accuracy_control is not None:
+        q.accuracy_control = accuracy_control
+    if max_drop is not None:
+        q.max_drop = max_drop
+    if calib_method is not None:
+        q.method = calib_method
+    q.validate("flags")
+    if val_images is not None:
+        cfg.validation.images = val_images
+    if val_labels is not None:
+        cfg.validation.labels = val_labels
+
+
 def build(model: str | None = None, *, weights: str | None = None, input: str | None = None,
           task: str | None = None, labels: str | None = None, calib: str | None = None,
           target: list[str] | None = None, precision: str | None = None, prune: float | None = None,
           finetune: str | None = None, opset: int | None = None, dynamic_batch: bool | None = None,
           out: str | None = None, build_dir: str | None = None, config: str | None = None,
           resize: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-          color: str | None = None, name: str | None = None) -> Any:
+          color: str | None = None, name: str | None = None, int8_preset: str | None = None,
+          int8_subset: int | None = None, int8_ignore: list[str] | None = None,
+          accuracy_control: bool | None = None, max_drop: float | None = None, calib_method: str | None = None,
+          val_images: str | None = None, val_labels: str | None = None) -> Any:
     """Build bundles for targets (all installed ones when none is given); returns a BuildReport.
 
+    With labelled validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric
+    (mIoU or top-1) is measured beside the reference's, and INT8 uses accuracy control.
     Example: build("torchvision:mobilenet_v3_small", input="1x3x224x224", task="classification",
     calib="images/", target=["intel-cpu"], precision="int8")
     """
@@ -68,6 +97,8 @@ def build(model: str | None = None, *, weights: str | None = None, input: str | 
 
     cfg = _configure(config, model, weights, input, task, labels, calib, prune, finetune, opset, dynamic_batch,
                      out, build_dir, resize, mean, std, color, name)
+    _configure_quant(cfg, int8_preset, int8_subset, int8_ignore, accuracy_control, max_drop, calib_method,
+                     val_images, val_labels)
     return run_build(cfg, list(target or cfg.build.targets), precision or cfg.build.precision)
 
 

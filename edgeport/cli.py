@@ -72,6 +72,22 @@ def parser() -> argparse.ArgumentParser:
                                                      "(default: every target whose backend is installed)")
     b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"])
     b.add_argument("--out", help="bundle folder (default: dist)")
+    q = b.add_argument_group("INT8 and validation")
+    q.add_argument("--val-images", metavar="DIR", help="labelled validation images (or synthetic://): each "
+                   "artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses accuracy control")
+    q.add_argument("--val-labels", metavar="DIR", help="segmentation label maps matched to --val-images by file "
+                                                       "stem (classification: class sub-folders instead)")
+    q.add_argument("--accuracy-control", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the most harmful layers in float until the INT8 drop is within --max-drop "
+                        "(default: on when --val-images is given)")
+    q.add_argument("--max-drop", type=float, help="largest INT8 metric drop in points (default 1.0)")
+    q.add_argument("--int8-preset", choices=["mixed", "performance"],
+                   help="NNCF preset: performance (default, symmetric) or mixed (asymmetric activations)")
+    q.add_argument("--int8-subset", type=int, metavar="N", help="calibration images used (default 300)")
+    q.add_argument("--int8-ignore", action="append", metavar="REGEX",
+                   help="keep layers whose name matches in float; repeatable")
+    q.add_argument("--calib-method", choices=["max", "percentile", "entropy"],
+                   help="activation-range method for TensorRT INT8 (default max)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
     _model_flags(e)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")
@@ -88,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
 
 _MODEL_KEYS = ("model", "weights", "name", "input", "task", "labels", "resize", "color", "mean", "std", "calib",
                "prune", "finetune", "opset", "dynamic_batch", "config", "build_dir", "out", "target")
+_QUANT_KEYS = ("int8_preset", "int8_subset", "int8_ignore", "accuracy_control", "max_drop", "calib_method",
+               "val_images", "val_labels")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from edgeport.pipeline import parity_table, raise_on_failure
 
-        kw = {k: getattr(args, k) for k in _MODEL_KEYS}
+        kw = {k: getattr(args, k) for k in _MODEL_KEYS + _QUANT_KEYS}
         report = api.build(precision=args.precision, **kw)
         print(parity_table(report))
         fresh = [r for r in report.targets if r.status == "built"]

@@ -18,11 +18,12 @@ import numpy as np
 
 from edgeport import __version__
 from edgeport.backends import get_backend
-from edgeport.backends.base import Artifacts, TensorInfo
+from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import ConfigError, ParityError
+from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.runner.metrics import compare
@@ -45,6 +46,7 @@ class TargetResult:
     parity: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    accuracy: dict[str, Any] | None = None  # task metric on labelled data, drop and agreement vs FP32
 
 
 @dataclass
@@ -57,6 +59,8 @@ class BuildReport:
     export_parity: dict[str, Any]
     targets: list[TargetResult]
     seconds: float
+    reference_metrics: dict[str, float] | None = None
+    validation_source: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,8 +107,10 @@ def _calibration_stage(cfg: ProjectConfig, source: str, spec: InputSpec, build_d
     from edgeport.calibration import MINIMUM, fingerprint
 
     fp = fingerprint(source, cfg.root)
-    stage = Stage(build_dir, "calibration", {"source": fp, "spec": spec.to_dict(),
-                                             "max": cfg.calibration.max_images, "v": __version__})
+    from edgeport.runner import preprocess as pre_code
+
+    stage = Stage(build_dir, "calibration", {"source": fp, "spec": spec.to_dict(), "code": source_hash(
+        Path(pre_code.__file__)), "max": cfg.calibration.max_images, "v": __version__})
 
     def run(tmp: Path) -> dict[str, Any]:
         cs = load_calibration(source, spec, max_images=cfg.calibration.max_images,
@@ -189,17 +195,22 @@ def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_stage: Stage,
                   export_info: dict[str, Any], calib: CalibrationSet | None, spec: InputSpec,
-                  build_dir: Path) -> tuple[Stage, dict[str, Any], bool]:
+                  build_dir: Path, val: ValidationRef | None) -> tuple[Stage, dict[str, Any], bool]:
     backend = get_backend(target.backend)
-    code = source_hash(*Path(backend.runner_part()).parent.glob("*.py"))
+    from edgeport.bundle import RUNNER_PARTS
+
+    code = source_hash(*Path(backend.runner_part()).parent.glob("*.py"), *RUNNER_PARTS)
+    quant = Quantization(cfg.quantize, val.data if val is not None else None) if calib is not None else None
     settings = {"onnx": export_info["onnx_sha256"], "target": target.fingerprint(), "precision": precision,
                 "calib": calib.sha256 if calib is not None else None, "backend": backend.versions_key(),
+                "quant": quant.key() if quant is not None else None,
+                "val": val.data.sha256 if val is not None else None,
                 "code": code, "edgeport": __version__}
     stage = Stage(build_dir, f"target/{target.name}-{precision}", settings)
 
     def run(tmp: Path) -> dict[str, Any]:
         t0 = time.time()
-        art = backend.compile(export_stage.dir / "model.onnx", target, precision, calib, tmp, spec)
+        art = backend.compile(export_stage.dir / "model.onnx", target, precision, calib, tmp, spec, quant)
         with np.load(export_stage.dir / "reference.npz") as z:
             inputs = z["inputs"]
             ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
@@ -214,11 +225,69 @@ def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_sta
                     got[name].shape != r.shape else got[name]
                 parity[name] = compare(r, g, spec.task, tol)
             np.savez(tmp / "golden.npz", **{k: v[:GOLDEN_CASES] for k, v in got.items()})
+            accuracy = _val_accuracy(backend, art, spec, val) if val is not None else None
+        else:
+            accuracy = None
         return {"artifacts": _artifacts_to_dict(art, tmp), "parity": parity, "compile_seconds": time.time() - t0,
-                "tolerance": target.tolerances(precision)}
+                "tolerance": target.tolerances(precision), "accuracy": accuracy}
 
     info, cached = stage.run(run)
     return stage, info, cached
+
+
+@dataclass
+class ValidationRef:
+    """The labelled validation set with the FP32 reference's outputs and metrics on it."""
+
+    data: LabelledSet
+    outputs: np.ndarray  # first output of the exported ONNX (= PyTorch within export parity), (N, ...)
+    metrics: dict[str, float]
+
+
+def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: Stage,
+                      export_info: dict[str, Any], build_dir: Path) -> ValidationRef | None:
+    """Score the FP32 reference on the labelled set (cached by content)."""
+    from edgeport.evaluate import task_metrics
+
+    if data is None:
+        return None
+    stage = Stage(build_dir, "validation", {"val": data.sha256, "onnx": export_info["onnx_sha256"],
+                                            "v": __version__})
+
+    def run(tmp: Path) -> dict[str, Any]:
+        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
+        with ORT.open_onnx(export_stage.dir / "model.onnx") as rt:
+            out = rt.run_batches(data.inputs)[export_info["outputs"][0]]
+        np.save(tmp / "reference.npy", out)
+        return {"metrics": task_metrics(out, data, spec.layout)}
+
+    info, _ = stage.run(run)
+    ref = ValidationRef(data, np.load(stage.dir / "reference.npy"), info["metrics"])
+    log.info("validation set: %d images from %s; %s", len(data), data.source,
+             f"FP32 reference {_fmt_metrics(ref.metrics)}" if data.labelled else "no labels: agreement only")
+    return ref
+
+
+def _fmt_metrics(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "count")
+
+
+def _val_accuracy(backend: Any, art: Artifacts, spec: InputSpec, val: ValidationRef) -> dict[str, Any]:
+    """The artifact's task metric on the labelled set, its drop from FP32, and its agreement with FP32."""
+    from edgeport.evaluate import primary, task_metrics
+    from edgeport.runner.metrics import task_agreement
+
+    x = _to_layout(val.data.inputs, spec.layout, art.spec.layout)
+    with backend.open(art) as rt:
+        got = rt.run_batches(x)[art.outputs[0].name]
+    got = _to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
+    metrics = task_metrics(got, val.data, spec.layout)
+    key, value = primary(metrics)
+    drop = val.metrics[key] - value if value is not None else None
+    return {"metrics": metrics, "reference": val.metrics, "metric": key, "drop": drop,
+            "agreement": task_agreement(val.outputs, got, spec.task), "source": val.data.source,
+            "count": len(val.data)}
 
 
 def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
@@ -255,7 +324,7 @@ def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, in
                        "calibration": calib.summary() if calib is not None else None,
                        "samples": samples.summary()},
         "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
-                   "tolerance": info["tolerance"]},
+                   "tolerance": info["tolerance"], "accuracy": info.get("accuracy")},
     }
     runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
     reqs = list(target.requirements.get("pip", []))
@@ -305,6 +374,12 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
     if needs_calib and source is None:
         raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
+    val_data = None
+    if cfg.validation.images:  # read before the expensive stages, so a bad path fails at once
+        from edgeport.evaluate import load_labelled
+
+        val_data = load_labelled(cfg.validation.images, cfg.validation.labels, spec,
+                                 max_images=cfg.validation.max_images, root=cfg.root)
     calib = None
     if source is not None:
         calib, cached = _calibration_stage(cfg, source, spec, build_dir, None if needs_calib else 1)
@@ -314,6 +389,7 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
         n = max(cfg.export.parity_samples, GOLDEN_CASES)
         samples, _ = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir)
+    val = _validation_stage(val_data, spec, export_stage, export_info, build_dir)
     par = export_info["parity"]
     worst = max(v["max_rel"] for v in par.values())
     log.info("ONNX export%s: opset %d, max error %.2e of output range vs PyTorch",
@@ -330,7 +406,7 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
         try:
             stage, info, cached = _target_stage(cfg, target, prec, export_stage, export_info,
                                                 calib if backend.calibration_needed(prec) else None, spec,
-                                                build_dir)
+                                                build_dir, val)
             dest, bundle_cached = _bundle(cfg, target, prec, stage, info, export_stage, export_info,
                                           calib, samples, spec, out_dir)
         except Exception as e:
@@ -343,31 +419,57 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
             continue
         parity = info["parity"]
         failed = [f"{n}: {', '.join(m['failed'])}" for n, m in parity.items() if not m["ok"]]
+        acc = info.get("accuracy")
+        if acc and prec == "int8" and acc["drop"] is not None and acc["drop"] > cfg.quantize.max_drop:
+            failed.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
+                          f"max_drop {cfg.quantize.max_drop:g}")
         status = "failed" if failed else ("cached" if cached and bundle_cached else "built")
         results.append(TargetResult(target.name, target.backend, prec, status, str(dest), parity,
-                                    time.time() - t0, "; ".join(failed)))
+                                    time.time() - t0, "; ".join(failed), info.get("accuracy")))
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
-                       time.time() - t_start)
+                       time.time() - t_start, val.metrics if val is not None else None,
+                       val.data.source if val is not None else None)
 
 
 def parity_table(report: BuildReport) -> str:
-    """The terminal table printed at the end of a build."""
-    rows = [("target", "backend", "precision", "max_rel", "cosine", "agreement", "status", "time")]
+    """The terminal table printed at the end of a build.
+
+    max_rel, cosine and agreement compare each artifact with PyTorch on the sample frames;
+    with labelled validation data, the task metric (mIoU or top-1) and its drop from FP32 follow.
+    """
+    has_acc = report.reference_metrics is not None
+    head = ["target", "backend", "precision", "max_rel", "cosine", "agreement"]
+    if has_acc:
+        head += ["val agree", "metric (drop)"]
+    rows = [tuple(head + ["status", "time"])]
     ex = next(iter(report.export_parity.values()))
+    extra = ["-", _metric_cell(report.reference_metrics)] if has_acc else []
     rows.append(("onnx (export)", "onnxruntime", "fp32", f"{ex['max_rel']:.1e}", f"{ex['cosine']:.6f}", "-",
-                 "cached" if report.export_cached else "built", ""))
+                 *extra, "cached" if report.export_cached else "built", ""))
     for r in report.targets:
         m = next(iter(r.parity.values()), None)
-        rows.append((r.target, r.backend, r.precision,
-                     f"{m['max_rel']:.1e}" if m else "-", f"{m['cosine']:.6f}" if m else "-",
-                     f"{100 * m['agreement']:.2f}%" if m else "-", r.status, f"{r.seconds:.1f}s"))
+        cells = [r.target, r.backend, r.precision, f"{m['max_rel']:.1e}" if m else "-",
+                 f"{m['cosine']:.6f}" if m else "-", f"{100 * m['agreement']:.2f}%" if m else "-"]
+        if has_acc:
+            a = r.accuracy
+            cells += [f"{100 * a['agreement']:.2f}%" if a else "-",
+                      f"{_metric_cell(a['metrics'])} ({-a['drop']:+.2f})" if a and a["drop"] is not None else "-"]
+        rows.append(tuple(cells + [r.status, f"{r.seconds:.1f}s"]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if has_acc:
+        lines.append(f"metric on {report.validation_source}; onnx row = FP32 reference")
     for r in report.targets:
         if r.message:
             lines.append(f"{r.target}-{r.precision}: {r.message}")
     return "\n".join(lines)
+
+
+def _metric_cell(m: dict[str, float] | None) -> str:
+    if not m:
+        return "-"
+    return f"mIoU {m['miou']:.2f}" if "miou" in m else f"top1 {m['top1']:.2f}"
 
 
 def raise_on_failure(report: BuildReport) -> None:

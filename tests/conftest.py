@@ -36,3 +36,92 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgeport.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _closure(dists: list[str]) -> list[str]:
+    """The distributions plus everything they require (markers evaluated here)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    seen: list[str] = []
+    todo = list(dists)
+    while todo:
+        name = todo.pop()
+        if name.lower() in (s.lower() for s in seen):
+            continue
+        seen.append(name)
+        for req in md.requires(name) or []:
+            r = Requirement(req)
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+    return seen
+
+
+def make_device_venv(dest: Path, dists: list[str]) -> Path:
+    """A fresh venv whose site-packages holds only ``dists`` and their requirements.
+
+    Offline: the packages are the ones installed here, linked in by their top-level names,
+    so a device-side test proves runner.py needs nothing else (no edgeport, no torch).
+    Returns the venv's python.
+    """
+    import importlib.metadata as md
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
+    rel = Path(sysconfig.get_path("purelib")).relative_to(sysconfig.get_paths()["data"])
+    site = dest / rel
+    for name in _closure(dists):
+        dist = md.distribution(name)
+        tops = {Path(str(f)).parts[0] for f in dist.files or []} - {"..", "__pycache__"}
+        for top in tops:
+            src = Path(dist.locate_file(top))
+            if src.exists() and not (site / top).exists():
+                (site / top).symlink_to(src)
+    return dest / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def openvino_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """python of a venv holding only numpy, opencv-python-headless and openvino."""
+    if not has("openvino"):
+        pytest.skip("openvino not installed")
+    py = make_device_venv(tmp_path_factory.mktemp("venv-openvino"), ["numpy", "opencv-python-headless",
+                                                                       "openvino"])
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('edgeport', 'torch', "
+                            "'onnx', 'nncf') if u.find_spec(m)])"], capture_output=True, text=True,
+                           env=device_env(), cwd=py.parent)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    return py
+
+
+def device_env() -> dict[str, str]:
+    """A minimal environment for device-side processes (no PYTHONPATH leaking the package)."""
+    return {"PATH": os.environ.get("PATH", ""), "PYTHONNOUSERSITE": "1", "HOME": os.environ.get("HOME", "/tmp")}
+
+
+@pytest.fixture(scope="session")
+def camvid_video(camvid: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MJPG .avi made from the CamVid val frames in name order (101 frames, 480x360, 10 fps)."""
+    import cv2
+
+    path = tmp_path_factory.mktemp("video") / "camvid-val.avi"
+    frames = sorted((camvid / "val").glob("*.png"))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (480, 360))
+    for f in frames:
+        img = cv2.imread(str(f))
+        writer.write(cv2.resize(img, (480, 360)) if img.shape[:2] != (360, 480) else img)
+    writer.release()
+    assert path.stat().st_size > 100_000
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A project folder where `edgeport build` made the default model's intel-cpu and intel-igpu bundles."""
+    if not (has("torch") and has("openvino")):
+        pytest.skip("torch and openvino are needed to build")
+    proj = tmp_path_factory.mktemp("proj")
+    res = run_cli("build", "--target", "intel-cpu", "--target", "intel-igpu", cwd=proj)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return proj, res

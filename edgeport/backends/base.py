@@ -13,8 +13,31 @@ from edgeport.errors import BackendUnavailableError, EdgeportError
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
+    from edgeport.config import QuantizeConfig
+    from edgeport.evaluate import LabelledSet
     from edgeport.preprocess import InputSpec
     from edgeport.target import Target
+
+
+@dataclass
+class Quantization:
+    """What INT8 compiles get beyond the calibration set: settings and labelled validation data."""
+
+    settings: QuantizeConfig
+    val: LabelledSet | None = None
+
+    @property
+    def accuracy_control(self) -> bool:
+        """Accuracy control is on when asked for, or by default when labelled data is given."""
+        on = self.settings.accuracy_control
+        return self.val is not None and self.val.labelled if on is None else bool(on)
+
+    def key(self) -> dict[str, Any]:
+        """Cache-key form."""
+        import dataclasses
+
+        return {**dataclasses.asdict(self.settings), "val": self.val.sha256 if self.val is not None else None,
+                "accuracy_control": self.accuracy_control}
 
 
 @dataclass
@@ -142,7 +165,7 @@ class Backend(Protocol):
     def calibration_needed(self, precision: str) -> bool: ...
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
-                out: Path, spec: InputSpec) -> Artifacts: ...
+                out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts: ...
 
     def open(self, artifacts: Artifacts) -> Runtime: ...
 

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -100,10 +101,10 @@ def mask_to_frame(mask, geometry, frame_hw):
 
 
 def class_areas(mask, labels):
-    counts = np.bincount(mask.ravel(), minlength=len(labels))
-    total = float(mask.size)
-    return dict((labels[i] if i < len(labels) else str(i), round(100.0 * c / total, 2))
-                for i, c in enumerate(counts) if c)
+    """{label: percent of pixels} for the classes present in a class map."""
+    counts = np.bincount(mask.ravel(), minlength=len(labels)).tolist()
+    per_pct = mask.size / 100.0
+    return dict((labels[i] if i < len(labels) else str(i), round(c / per_pct, 2)) for i, c in enumerate(counts) if c)
 
 
 def draw_segmentation(frame, mask, palette, labels, areas, alpha=0.45):
@@ -127,18 +128,30 @@ def draw_classes(frame, top):
 
 
 # ---------------------------------------------------------------- sources
+class SourceLost(RunnerError):
+    """A live source stopped delivering and could not be reopened."""
+
+
 class SyntheticSource(object):
-    """The embedded road-scene generator as a camera: synthetic://[seed][?width=&height=&fps=]."""
+    """The embedded road-scene generator as a camera: synthetic://[seed][?width=&height=&fps=&frames=]."""
+
+    live = False
 
     def __init__(self, uri, width, height, fps):
         rest = uri[len("synthetic://"):]
-        seed = rest.split("?")[0]
+        seed, _, query = rest.partition("?")
+        opts = dict(kv.split("=", 1) for kv in query.split("&") if "=" in kv)
         self.seed = int(seed) if seed.isdigit() else 7
-        self.w, self.h = width or 640, height or 480
-        self.fps = fps or 30.0
+        self.w = width or int(opts.get("width", 640))
+        self.h = height or int(opts.get("height", 480))
+        self.fps = fps or float(opts.get("fps", 30))
+        self.limit = int(opts.get("frames", 0))
         self.i = 0
+        self.corrupt = self.reconnects = 0
 
     def read(self):
+        if self.limit and self.i >= self.limit:
+            return None
         frame, _ = render_scene(self.seed, self.h, self.w, t=self.i / float(self.fps))
         self.i += 1
         return frame
@@ -147,23 +160,28 @@ class SyntheticSource(object):
         pass
 
 
+def _valid(frame):
+    return frame is not None and getattr(frame, "ndim", 0) == 3 and frame.shape[2] == 3 and frame.size > 0
+
+
 class FolderSource(object):
-    """A folder of images, in name order."""
+    """A folder of images, in name order; undecodable files are skipped and counted."""
 
     EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    live = False
 
     def __init__(self, path):
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(self.EXTS))
         if not self.files:
-            raise RunnerError("image folder %s holds no images" % path)
+            raise RunnerError("image folder %s holds no images (%s)" % (path, ", ".join(self.EXTS)))
         self.i = 0
-        self.corrupt = 0
+        self.corrupt = self.reconnects = 0
 
     def read(self):
         while self.i < len(self.files):
             img = cv2.imread(self.files[self.i])
             self.i += 1
-            if img is not None:
+            if _valid(img):
                 return img
             self.corrupt += 1
         return None
@@ -172,28 +190,117 @@ class FolderSource(object):
         pass
 
 
-class CaptureSource(object):
-    """cv2.VideoCapture on a camera, a file, a stream or a GStreamer pipeline."""
+def _open_capture(spec, api, timeout_ms):
+    """cv2.VideoCapture with open/read timeouts where this OpenCV has them (4.6+; JetPack 4.6 has 4.1)."""
+    if api is not None and timeout_ms and hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC"):
+        try:
+            return cv2.VideoCapture(spec, api, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms,
+                                                cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
+        except (TypeError, cv2.error):
+            pass
+    return cv2.VideoCapture(spec, api) if api is not None else cv2.VideoCapture(spec)
 
-    def __init__(self, spec, api, live, width, height, fps):
-        self.live = live
-        self.cap = cv2.VideoCapture(spec, api) if api is not None else cv2.VideoCapture(spec)
-        if not self.cap.isOpened():
-            raise RunnerError("cannot open source %s" % (spec,))
-        if live:
-            self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+
+class CaptureSource(object):
+    """cv2.VideoCapture on a camera, a video file, a stream or a GStreamer pipeline.
+
+    Live sources (cameras, streams) that stop delivering are reopened with exponential backoff
+    (0.5 s doubling to 8 s) up to ``reconnect`` times, then SourceLost ends the run. Video files
+    skip undecodable frames (counted as corrupt); a file that ends before the frame count its
+    container declares is reported as truncated.
+    """
+
+    MAX_BAD_READS = 25
+
+    def __init__(self, spec, api, live, width, height, fps, label=None, reconnect=5, timeout_ms=5000):
+        self.spec, self.api, self.live = spec, api, live
+        self.label = label or str(spec)
+        self.size = (width, height, fps)
+        self.reconnect, self.timeout_ms = reconnect, timeout_ms
+        self.corrupt = self.reconnects = self.read_frames = 0
+        self.truncated = None
+        self.stopping = False
+        self.cap = self._open()
+        if self.cap is None:
+            raise RunnerError(self._why_not())
+        self.declared = 0 if live else int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+
+    def _why_not(self):
+        spec = self.spec
+        if isinstance(spec, int) or str(spec).startswith("/dev/video"):
+            dev = spec if not isinstance(spec, int) else "/dev/video%d" % spec
+            if isinstance(dev, str) and not os.path.exists(dev):
+                found = sorted(d for d in os.listdir("/dev") if d.startswith("video")) if os.path.isdir("/dev") else []
+                return "camera %s does not exist (found: %s)" % (dev, ", ".join("/dev/" + d for d in found) or "none")
+            return "cannot open camera %s (busy, or no permission: is the user in the 'video' group?)" % dev
+        if self.label.startswith(("rtsp://", "http://", "https://")):
+            return ("cannot open stream %s within %.0f s (unreachable, refused, or wrong path; check the address "
+                    "with ffprobe or VLC)" % (self.label, self.timeout_ms / 1000.0))
+        if not self.live:
+            return "cannot open video %s (truncated or corrupt file, or no codec for it in this OpenCV)" % self.label
+        return "cannot open source %s" % self.label
+
+    def _open(self):
+        cap = _open_capture(self.spec, self.api, self.timeout_ms if self.live else 0)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        width, height, fps = self.size
+        if self.live:
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
             if width:
-                self.cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
             if height:
-                self.cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
             if fps:
-                self.cap.set(cv2.CAP_PROP_FPS, fps)
+                cap.set(cv2.CAP_PROP_FPS, fps)
+        return cap
 
     def read(self):
-        ok, frame = self.cap.read()
-        return frame if ok else None
+        bad = 0
+        while not self.stopping:
+            ok, frame = self.cap.read()
+            if ok and _valid(frame):
+                self.read_frames += 1
+                return frame
+            if self.live:
+                if ok:  # delivered something that is not an image
+                    self.corrupt += 1
+                    continue
+                self._reopen()
+                continue
+            # A file: a failed read is the end, a corrupt frame, or a truncation.
+            pos = int(self.cap.get(cv2.CAP_PROP_POS_FRAMES) or 0)
+            if self.declared and pos < self.declared and bad < self.MAX_BAD_READS:
+                bad += 1
+                self.corrupt += 1
+                self.cap.grab()
+                continue
+            if self.declared and self.read_frames + self.corrupt < self.declared:
+                self.truncated = "video %s ended after %d of the %d frames its header declares: the file is " \
+                                 "truncated or corrupt" % (self.label, self.read_frames, self.declared)
+            return None
+        return None
+
+    def _reopen(self):
+        self.cap.release()
+        delay = 0.5
+        for attempt in range(1, self.reconnect + 1):
+            if self.stopping:
+                return
+            sys.stderr.write("warning: %s stopped delivering frames; reopening (attempt %d/%d in %.1f s)\n"
+                             % (self.label, attempt, self.reconnect, delay))
+            time.sleep(delay)
+            cap = self._open()
+            if cap is not None:
+                self.cap = cap
+                self.reconnects += 1
+                return
+            delay = min(delay * 2, 8.0)
+        raise SourceLost("%s was lost and could not be reopened after %d attempts" % (self.label, self.reconnect))
 
     def release(self):
+        self.stopping = True
         self.cap.release()
 
 
@@ -213,52 +320,64 @@ def has_gstreamer():
     return False
 
 
-def open_source(uri, width=0, height=0, fps=0):
+def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0):
     """Open a frame source from its URI (see --help)."""
+    ms = int(timeout * 1000)
     if uri.startswith("synthetic://"):
         return SyntheticSource(uri, width, height, fps)
     if uri.startswith("csi://"):
         if not has_gstreamer():
             raise RunnerError("csi:// needs OpenCV built with GStreamer (JetPack's python3-opencv); this OpenCV "
                               "has none. Do not pip-install opencv on a Jetson")
-        sensor = int(uri[len("csi://"):] or 0)
-        return CaptureSource(csi_pipeline(sensor, width, height, fps), cv2.CAP_GSTREAMER, True, 0, 0, 0)
+        rest = uri[len("csi://"):]
+        if rest and not rest.isdigit():
+            raise RunnerError("csi:// takes a sensor number, e.g. csi://0")
+        return CaptureSource(csi_pipeline(int(rest or 0), width, height, fps), cv2.CAP_GSTREAMER, True, 0, 0, 0,
+                             label=uri, reconnect=reconnect, timeout_ms=ms)
+    linux = sys.platform.startswith("linux")
     if uri.isdigit():
-        return CaptureSource(int(uri), cv2.CAP_V4L2 if sys.platform.startswith("linux") else None, True,
-                             width, height, fps)
+        return CaptureSource(int(uri), cv2.CAP_V4L2 if linux else None, True, width, height, fps,
+                             label="camera %s" % uri, reconnect=reconnect, timeout_ms=ms)
     if uri.startswith("v4l2://") or uri.startswith("/dev/video"):
         dev = uri[len("v4l2://"):] if uri.startswith("v4l2://") else uri
-        return CaptureSource(dev, cv2.CAP_V4L2, True, width, height, fps)
-    if uri.startswith(("rtsp://", "http://", "https://")):
-        # Low latency: TCP transport and no buffering in FFmpeg, one-frame buffer in OpenCV.
+        if dev.isdigit():
+            dev = "/dev/video" + dev
+        return CaptureSource(dev, cv2.CAP_V4L2 if linux else None, True, width, height, fps, label=dev,
+                             reconnect=reconnect, timeout_ms=ms)
+    if uri.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        # Low latency: TCP transport, no input buffering in FFmpeg, a one-frame buffer in OpenCV.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay")
-        return CaptureSource(uri, cv2.CAP_FFMPEG, True, 0, 0, 0)
+        return CaptureSource(uri, cv2.CAP_FFMPEG, True, 0, 0, 0, label=uri, reconnect=reconnect, timeout_ms=ms)
     if os.path.isdir(uri):
         return FolderSource(uri)
     if os.path.isfile(uri):
-        return CaptureSource(uri, None, False, 0, 0, 0)
-    raise RunnerError("source %s does not exist (camera index, /dev/videoN, csi://N, rtsp://, a video file, "
-                      "an image folder or synthetic://)" % uri)
+        return CaptureSource(uri, cv2.CAP_FFMPEG, False, 0, 0, 0, label=uri)
+    raise RunnerError("source %s does not exist (camera index, /dev/videoN, v4l2://N, csi://N, rtsp://, http(s)://, "
+                      "a video file, an image folder or synthetic://)" % uri)
 
 
 class LatestFrame(object):
     """Capture thread that always hands over the newest frame; older ones are dropped and counted.
 
-    For files and folders (not live) nothing is dropped: the reader waits for the consumer.
+    For files, folders and synthetic:// nothing is dropped: the reader waits for the consumer.
+    An error in the reader (a lost camera) is re-raised by get().
     """
 
-    def __init__(self, source, live):
-        self.source, self.live = source, live
+    def __init__(self, source):
+        self.source = source
+        self.live = bool(getattr(source, "live", False))
         self.cond = threading.Condition()
-        self.frame, self.seq, self.ended = None, 0, False
+        self.frame, self.seq, self.ended, self.error = None, 0, False, None
         self.dropped = 0
-        self.taken = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while True:
-            frame = self.source.read()
+            try:
+                frame = self.source.read()
+            except Exception as e:  # handed to the consumer
+                frame, self.error = None, e
             with self.cond:
                 if frame is None:
                     self.ended = True
@@ -272,25 +391,82 @@ class LatestFrame(object):
                 self.frame = frame
                 self.seq += 1
                 self.cond.notify_all()
-            if self.ended:
-                return
+                if self.ended:
+                    return
 
-    def get(self, timeout=5.0):
+    def get(self, timeout=10.0):
+        """The newest frame; None at the end of the source. Raises what the reader raised."""
         with self.cond:
             deadline = time.time() + timeout
             while self.frame is None and not self.ended:
-                if not self.cond.wait(max(0.0, deadline - time.time())) and time.time() >= deadline:
-                    return None
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise RunnerError("no frame from the source for %.0f s" % timeout)
+                self.cond.wait(remaining)
             frame, self.frame = self.frame, None
             self.cond.notify_all()
+            if frame is None and self.error is not None:
+                raise self.error
             return frame
 
     def stop(self):
         with self.cond:
             self.ended = True
             self.cond.notify_all()
+        if hasattr(self.source, "stopping"):
+            self.source.stopping = True
         self.thread.join(timeout=2)
         self.source.release()
+
+
+# ---------------------------------------------------------------- asynchronous inference
+class ThreadedAsync(object):
+    """submit()/wait_all() over a synchronous runtime: one worker thread, a bounded queue.
+
+    The default for runtimes without their own asynchronous API; OpenVINO's part returns an
+    AsyncInferQueue-based engine from make_async instead.
+    """
+
+    def __init__(self, rt, callback, jobs=2):
+        self.rt, self.callback = rt, callback
+        self.q = queue.Queue(maxsize=max(1, jobs))
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                self.q.task_done()
+                return
+            feeds, userdata = item
+            try:
+                self.callback(userdata, self.rt.infer(feeds))
+            except Exception as e:
+                self.error = e
+            self.q.task_done()
+
+    def submit(self, feeds, userdata):
+        if self.error is not None:
+            raise self.error
+        self.q.put((feeds, userdata))
+
+    def wait_all(self):
+        self.q.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join(timeout=2)
+
+
+def make_async(rt, callback, jobs):
+    """The runtime's own asynchronous engine when it has one, else a worker thread."""
+    if hasattr(rt, "make_async"):
+        return rt.make_async(callback, jobs)
+    return ThreadedAsync(rt, callback, jobs)
 
 
 # ---------------------------------------------------------------- running
@@ -340,84 +516,225 @@ def _print_table(rows, out):
     out.flush()
 
 
-def run_loop(args, manifest, rt):
-    """Capture -> preprocess -> infer -> draw/save/json, until the source ends or a bound is hit."""
+class Post(object):
+    """Turns one output into a JSON record and, when needed, an annotated frame."""
+
+    def __init__(self, manifest, args, draw):
+        spec = manifest["preprocess"]
+        self.spec = spec
+        self.labels = spec.get("labels") or []
+        self.palette = spec.get("palette") or []
+        self.task = spec["task"]
+        self.out_name = manifest["outputs"][0]["name"]
+        self.nhwc = manifest["outputs"][0].get("layout") == "NHWC" or spec["layout"] == "NHWC"
+        self.topk = args.topk
+        self.draw = draw
+
+    def __call__(self, outs, frame, geom, record):
+        if self.task == "classification":
+            top = classify(outs[self.out_name], self.labels, self.topk)
+            record["top"] = [[n, round(p, 4)] for n, p in top]
+            return draw_classes(frame, top) if self.draw else None
+        mask = segment(outs[self.out_name], self.nhwc)
+        # Areas from the model-space map inside the frame's box: the frame-sized map's areas up to
+        # resize rounding, for a tenth of the cost. The full-size map is made only to draw.
+        left, top, right, bottom = [int(round(v)) for v in geom["box"]]
+        if geom["mode"] == "letterbox":
+            record["areas"] = class_areas(mask[max(top, 0):bottom, max(left, 0):right], self.labels)
+        else:
+            record["areas"] = class_areas(mask, self.labels)
+        if not self.draw:
+            return None
+        full = mask_to_frame(mask, geom, frame.shape[:2])
+        return draw_segmentation(frame, full, self.palette, self.labels, class_areas(full, self.labels))
+
+
+class Outputs(object):
+    """Window, video file and JSON lines; all optional."""
+
+    def __init__(self, args):
+        self.args = args
+        self.show = not args.headless and bool(os.environ.get("DISPLAY") or sys.platform in ("win32", "darwin"))
+        self.writer = None
+        self.jsonf = sys.stdout if args.json == "-" else (open(args.json, "w") if args.json else None)
+        self.quit = False
+
+    @property
+    def draw(self):
+        return self.show or bool(self.args.save)
+
+    def emit(self, vis, record, fps_now):
+        if vis is not None:
+            cv2.putText(vis, "%.1f FPS  %.1f ms" % (fps_now, record["latency_ms"]), (8, vis.shape[0] - 8),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 255), 1)
+            if self.args.save:
+                if self.writer is None:
+                    ext = os.path.splitext(self.args.save)[1].lower()
+                    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if ext in (".mp4", ".m4v", ".mov") else "MJPG"))
+                    self.writer = cv2.VideoWriter(self.args.save, fourcc, self.args.fps or 30.0,
+                                                  (vis.shape[1], vis.shape[0]))
+                    if not self.writer.isOpened():
+                        raise RunnerError("cannot write video %s (no encoder for it in this OpenCV; try .avi)"
+                                          % self.args.save)
+                self.writer.write(vis)
+            if self.show:
+                cv2.imshow("edgeport", vis)
+                if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                    self.quit = True
+        if self.jsonf:
+            self.jsonf.write(json.dumps(record) + "\n")
+            self.jsonf.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.release()
+        if self.jsonf and self.jsonf is not sys.stdout:
+            self.jsonf.close()
+        if self.show:
+            cv2.destroyAllWindows()
+
+
+def run_loop(args, manifest, rt, quiet=False):
+    """Capture (thread) -> preprocess -> infer (async) -> postprocess/draw/save/json, overlapped.
+
+    Ends at the end of the source, at --max-frames or --duration, on SIGINT/SIGTERM, or when a
+    live source is lost (SourceLost, after the summary is printed). Returns the summary dict.
+    """
     spec = manifest["preprocess"]
-    labels = spec.get("labels") or []
-    task = spec["task"]
     in_name = manifest["inputs"][0]["name"]
-    out_name = manifest["outputs"][0]["name"]
-    nhwc = manifest["outputs"][0].get("layout") == "NHWC" or spec["layout"] == "NHWC"
-    source = open_source(args.source, args.width, args.height, args.fps)
-    live = isinstance(source, CaptureSource) and source.live or isinstance(source, SyntheticSource)
-    grabber = LatestFrame(source, live and not isinstance(source, SyntheticSource))
+    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout)
+    grabber = LatestFrame(source)
     stop = {"flag": False}
 
     def on_signal(signum, _frame):
         stop["flag"] = True
 
+    previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    writer = None
-    show = not args.headless and bool(os.environ.get("DISPLAY") or sys.platform in ("win32", "darwin"))
-    lat, frames, t0 = [], 0, time.time()
-    jsonf = sys.stdout if args.json == "-" else (open(args.json, "w") if args.json else None)
+        previous[sig] = signal.signal(sig, on_signal)
+    out = Outputs(args)
+    post = Post(manifest, args, out.draw)
+    done = queue.Queue()
+    engine = make_async(rt, lambda userdata, outs: done.put((userdata, outs, time.time())), args.jobs)
+    meta, ready = {}, {}
+    lat, e2e = [], []
+    state = {"next": 1, "emitted": 0}
+    t0 = time.time()
+
+    def drain(block):
+        while True:
+            try:
+                seq, outs, t_done = done.get(block and len(meta) > len(ready), 1.0)
+            except queue.Empty:
+                if block and len(meta) > len(ready):
+                    continue
+                break
+            ready[seq] = (outs, t_done)
+        while state["next"] in ready:  # emit in capture order
+            seq = state["next"]
+            outs, t_done = ready.pop(seq)
+            frame, geom, t_cap, t_sub = meta.pop(seq)
+            ms = (t_done - t_sub) * 1000.0
+            lat.append(ms)
+            record = {"frame": seq, "timestamp": round(t_cap, 3), "latency_ms": round(ms, 2)}
+            vis = post(outs, frame, geom, record)
+            e2e.append((time.time() - t_cap) * 1000.0)
+            record["e2e_ms"] = round(e2e[-1], 2)
+            fps_now = state["emitted"] / max(time.time() - t0, 1e-6)
+            out.emit(vis, record, fps_now)
+            state["emitted"] += 1
+            state["next"] += 1
+
+    error = None
+    seq = 0
     try:
-        while not stop["flag"]:
-            if args.max_frames and frames >= args.max_frames:
+        while not stop["flag"] and not out.quit:
+            if args.max_frames and seq >= args.max_frames:
                 break
             if args.duration and time.time() - t0 >= args.duration:
                 break
-            frame = grabber.get()
+            frame = grabber.get(max(args.timeout * (args.reconnect + 2) * 4, 10.0))
             if frame is None:
                 break
+            t_cap = time.time()
             if args.flip:
                 frame = cv2.flip(frame, 1)
-            t = time.time()
             x, geom = preprocess(frame, spec)
-            outs = rt.infer({in_name: x})
-            ms = (time.time() - t) * 1000.0
-            lat.append(ms)
-            frames += 1
-            record = {"frame": frames, "timestamp": round(time.time(), 3), "latency_ms": round(ms, 2)}
-            if task == "classification":
-                top = classify(outs[out_name], labels, args.topk)
-                record["top"] = [[n, round(p, 4)] for n, p in top]
-                vis = draw_classes(frame, top) if (writer is not None or show or args.save) else None
-            else:
-                mask = mask_to_frame(segment(outs[out_name], nhwc), geom, frame.shape[:2])
-                areas = class_areas(mask, labels)
-                record["areas"] = areas
-                vis = draw_segmentation(frame, mask, spec.get("palette") or [], labels, areas) \
-                    if (show or args.save) else None
-            if vis is not None:
-                fps_now = 1000.0 / max(np.mean(lat[-30:]), 1e-3)
-                cv2.putText(vis, "%.1f FPS  %.1f ms" % (fps_now, ms), (8, vis.shape[0] - 8),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 255), 1)
-                if args.save:
-                    if writer is None:
-                        fourcc = cv2.VideoWriter_fourcc(*("mp4v" if args.save.endswith(".mp4") else "MJPG"))
-                        writer = cv2.VideoWriter(args.save, fourcc, args.fps or 30, (vis.shape[1], vis.shape[0]))
-                    writer.write(vis)
-                if show:
-                    cv2.imshow("edgeport", vis)
-                    if cv2.waitKey(1) & 0xFF in (27, ord("q")):
-                        break
-            if jsonf:
-                jsonf.write(json.dumps(record) + "\n")
-                jsonf.flush()
+            seq += 1
+            meta[seq] = (frame, geom, t_cap, time.time())
+            engine.submit({in_name: x}, seq)
+            drain(False)
+        engine.wait_all()
+        drain(True)
+    except SourceLost as e:
+        error = e
+        engine.wait_all()
+        drain(True)
     finally:
         grabber.stop()
-        if writer is not None:
-            writer.release()
-        if jsonf and jsonf is not sys.stdout:
-            jsonf.close()
+        if hasattr(engine, "close"):
+            engine.close()
+        out.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     elapsed = max(time.time() - t0, 1e-6)
-    summary = {"frames": frames, "fps": round(frames / elapsed, 2), "latency_p50_ms": round(percentile(lat, 50), 2),
-               "latency_p99_ms": round(percentile(lat, 99), 2), "dropped": grabber.dropped,
-               "corrupt": getattr(source, "corrupt", 0)}
-    sys.stderr.write("summary: %s\n" % json.dumps(summary))
+    summary = {"source": args.source, "frames": state["emitted"], "seconds": round(elapsed, 3),
+               "fps": round(state["emitted"] / elapsed, 2),
+               "latency_p50_ms": round(percentile(lat, 50), 2), "latency_p99_ms": round(percentile(lat, 99), 2),
+               "e2e_p50_ms": round(percentile(e2e, 50), 2), "e2e_p99_ms": round(percentile(e2e, 99), 2),
+               "dropped": grabber.dropped, "corrupt": getattr(source, "corrupt", 0),
+               "reconnects": getattr(source, "reconnects", 0), "stopped_by_signal": stop["flag"]}
+    if not quiet:
+        sys.stderr.write("summary: %s\n" % json.dumps(summary))
+    if error is not None:
+        raise error
+    truncated = getattr(source, "truncated", None)
+    if truncated:
+        raise RunnerError(truncated)
     return summary
+
+
+def bench(args, manifest, rt, out=sys.stdout):
+    """--bench: end-to-end FPS on the source next to inference-only FPS on the same frames."""
+    spec = manifest["preprocess"]
+    in_name = manifest["inputs"][0]["name"]
+    n = args.max_frames or 300
+    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout)
+    inputs = []
+    try:
+        while len(inputs) < n:
+            frame = source.read()
+            if frame is None:
+                break
+            inputs.append(preprocess(frame, spec)[0])
+    finally:
+        source.release()
+    if not inputs:
+        raise RunnerError("source %s gave no frames to benchmark" % args.source)
+    done = []
+    engine = make_async(rt, lambda userdata, outs: done.append(userdata), args.jobs)
+    for x in inputs[:10]:  # warm-up
+        engine.submit({in_name: x}, -1)
+    engine.wait_all()
+    t = time.time()
+    for i, x in enumerate(inputs):
+        engine.submit({in_name: x}, i)
+    engine.wait_all()
+    infer_fps = len(inputs) / max(time.time() - t, 1e-6)
+    if hasattr(engine, "close"):
+        engine.close()
+    args.max_frames = len(inputs)
+    summary = run_loop(args, manifest, rt, quiet=True)
+    ratio = summary["fps"] / infer_fps
+    result = {"frames": len(inputs), "inference_only_fps": round(infer_fps, 1), "end_to_end_fps": summary["fps"],
+              "ratio": round(ratio, 3), "e2e_p50_ms": summary["e2e_p50_ms"], "jobs": args.jobs}
+    out.write("bench on %s, %d frames, %d async jobs:\n" % (args.source, len(inputs), args.jobs))
+    out.write("  inference only  %8.1f FPS\n" % infer_fps)
+    out.write("  end to end      %8.1f FPS  (%.0f%% of inference only; capture, preprocessing, "
+              "postprocessing%s)\n" % (summary["fps"], 100 * ratio, " and drawing" if args.save else ""))
+    out.write("bench: %s\n" % json.dumps(result))
+    out.flush()
+    return result
 
 
 def build_parser(manifest):
@@ -432,6 +749,8 @@ def build_parser(manifest):
                    help="0 | /dev/videoN | v4l2://N | csi://N | rtsp://... | http(s)://... | video file | "
                         "image folder | synthetic:// (default: %(default)s)")
     p.add_argument("--selftest", action="store_true", help="verify hashes and golden outputs, then exit")
+    p.add_argument("--bench", action="store_true", help="end-to-end FPS on the source next to inference-only FPS "
+                                                        "on the same frames (--max-frames, default 300)")
     p.add_argument("--headless", action="store_true", help="no window")
     p.add_argument("--save", help="write the annotated video here (.mp4 or .avi)")
     p.add_argument("--json", help="write one JSON line per frame to this file ('-' for stdout)")
@@ -442,6 +761,10 @@ def build_parser(manifest):
     p.add_argument("--fps", type=float, default=cam.get("fps", 0))
     p.add_argument("--flip", action="store_true", help="mirror frames horizontally")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=int((manifest.get("runtime") or {}).get("async_requests", 2)),
+                   help="inference requests in flight (default %(default)s)")
+    p.add_argument("--reconnect", type=int, default=5, help="reopen attempts for a lost live source (default 5)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to open a stream or camera (default 5)")
     p.add_argument("--device", help="override the runtime device from the manifest (e.g. CPU)")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     return p
@@ -461,7 +784,10 @@ def main(argv=None, bundle_dir=None):
             raise RunnerError("bundle files fail their sha256 check (%s); rebuild or re-copy the bundle"
                               % "; ".join("%s: %s" % b for b in bad))
         rt = open_runtime(manifest, bundle_dir, args.device)
-        run_loop(args, manifest, rt)
+        if args.bench:
+            bench(args, manifest, rt)
+        else:
+            run_loop(args, manifest, rt)
         return EXIT_OK
     except RunnerError as e:
         sys.stderr.write("error: %s\n" % e)

@@ -57,20 +57,29 @@ def preprocess(frame_bgr, spec):
     Returns (tensor, geometry): tensor has the spec's full shape (batch 1) and dtype
     float32 (quantised inputs are quantised by the runtime, from the model's own
     scale and zero point); geometry maps model pixels back to the frame.
+
+    The frame is resized first and its channels reordered after: a pure channel permutation
+    commutes with per-channel resizing, and the small image is cheaper to touch. The
+    arithmetic ``(pixel * scale - mean) / std`` runs as ``pixel * a - b`` per channel plane
+    (a = scale / std, b = mean / std), which numpy does several times faster than on an
+    interleaved (H, W, 3) array.
     """
     if frame_bgr is None or frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
         raise ValueError("expected an HxWx3 BGR image, got %r" % (getattr(frame_bgr, "shape", None),))
     out_h, out_w = input_hw(spec)
-    img = frame_bgr
+    img, geometry = _resize(frame_bgr, spec, out_h, out_w)
+    planes = cv2.split(img)
     if spec["color"] == "RGB":
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    img, geometry = _resize(img, spec, out_h, out_w)
-    x = img.astype(np.float32)
-    x *= np.float32(spec["scale"])
-    x -= np.asarray(spec["mean"], np.float32)
-    x /= np.asarray(spec["std"], np.float32)
-    if spec["layout"] == "NCHW":
-        x = x.transpose(2, 0, 1)
+        planes = planes[::-1]
+    scale = float(spec["scale"])
+    x = np.empty((3, out_h, out_w), np.float32)
+    for c in range(3):
+        std = float(spec["std"][c])
+        x[c] = planes[c]
+        x[c] *= np.float32(scale / std)
+        x[c] -= np.float32(float(spec["mean"][c]) / std)
+    if spec["layout"] == "NHWC":
+        x = x.transpose(1, 2, 0)
     return np.ascontiguousarray(x[None]), geometry
 
 

@@ -14,11 +14,8 @@ pytestmark = [needs_torch, needs_openvino]
 
 
 @pytest.fixture(scope="module")
-def default_build(tmp_path_factory):
-    proj = tmp_path_factory.mktemp("proj")
-    first = run_cli("build", "--target", "intel-cpu", "--target", "intel-igpu", cwd=proj)
-    assert first.returncode == 0, first.stderr[-3000:]
-    return proj, first
+def default_build(default_project):
+    return default_project
 
 
 def test_default_build_writes_bundles_and_table(default_build):

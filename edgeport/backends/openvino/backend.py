@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeport.backends.base import Artifacts, Availability, Runtime, TensorInfo, probe, runner_part_of
+from edgeport.backends.base import (
+    Artifacts,
+    Availability,
+    Quantization,
+    Runtime,
+    TensorInfo,
+    probe,
+    runner_part_of,
+)
+from edgeport.config import QuantizeConfig
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -28,6 +38,24 @@ def inference_precision(precision: str, device: str) -> str:
     if precision == "fp16" and device in ("GPU", "NPU"):
         return "f16"
     return "f32"
+
+
+def convert(onnx: Path) -> Any:
+    """ov.convert_model, with a failure turned into one line naming the operations it could not take."""
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(onnx))
+    except Exception as e:
+        text = str(e)
+        m = re.search(r"No conversion rule found for operations: ([^\n]+)", text)
+        if m:
+            ops = m.group(1).strip().rstrip(".")
+            raise ConversionError(f"OpenVINO {ov.__version__.split('-')[0]} cannot convert {onnx.name}: no "
+                                  f"conversion rule for {ops}; replace those ops in the model or keep this "
+                                  "model off the intel-* targets") from None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Check '" not in ln), text)
+        raise ConversionError(f"OpenVINO cannot convert {onnx.name}: {first[:300]}") from None
 
 
 class OpenVINORuntime(Runtime):
@@ -81,29 +109,26 @@ class OpenVINOBackend:
         return runner_part_of(__file__)
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
-                out: Path, spec: InputSpec) -> Artifacts:
+                out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
         """Convert and, for INT8, quantize with NNCF from the shared calibration set."""
         self.available().require()
         import openvino as ov
 
         target.check_precision(precision)
-        try:
-            model = ov.convert_model(str(onnx))
-        except Exception as e:
-            raise ConversionError(f"OpenVINO cannot convert {onnx.name}: {str(e).splitlines()[0]}") from e
+        model = convert(onnx)
         info: dict[str, Any] = {"openvino": ov.__version__.split("-")[0]}
+        device = str(target.options.get("device", "CPU"))
         if precision == "int8":
-            model = self._quantize(model, calib, spec, target)
+            model, info["quantization"] = self._quantize(model, calib, spec, target, device,
+                                                         quant or Quantization(QuantizeConfig()))
             info["nncf"] = self.available().versions.get("nncf", "")
-            info["calibration"] = {"subset_size": min(len(calib), 300) if calib else 0,
-                                   "preset": target.options.get("nncf_preset", "performance")}
         xml = out / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
-        device = str(target.options.get("device", "CPU"))
         runtime = {
             "device": device,
             "performance_hint": str(target.options.get("performance_hint", "LATENCY")),
             "inference_precision": inference_precision(precision, device),
+            "async_requests": int(target.options.get("async_requests", 2)),
         }
         inputs = [TensorInfo(p.get_any_name(), [int(d) for d in p.get_shape()], "float32", spec.layout)
                   for p in model.inputs]
@@ -112,24 +137,75 @@ class OpenVINOBackend:
         return Artifacts(self.name, target.name, precision, {"model": xml, "weights": out / "model.bin"},
                          inputs, outputs, spec, runtime, info)
 
-    def _quantize(self, model: Any, calib: CalibrationSet | None, spec: InputSpec, target: Target) -> Any:
+    def _quantize(self, model: Any, calib: CalibrationSet | None, spec: InputSpec, target: Target, device: str,
+                  quant: Quantization) -> tuple[Any, dict[str, Any]]:
         if calib is None:
             raise ConversionError("INT8 needs a calibration set (--calib)")
         try:
             import nncf
         except ImportError:
             raise ConversionError("INT8 for OpenVINO needs nncf: pip install 'edgeport[openvino]'") from None
+        if not log.isEnabledFor(logging.DEBUG):
+            nncf.set_log_level(logging.WARNING)
+        q = quant.settings
         name = model.inputs[0].get_any_name()
-        samples = [{name: calib.data[i:i + 1]} for i in range(len(calib))]
-        preset = str(target.options.get("nncf_preset", "performance")).upper()
+        calib_ds = nncf.Dataset([calib.data[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
+        preset = str(target.options.get("nncf_preset", q.preset)).upper()
+        kwargs: dict[str, Any] = {
+            "subset_size": min(len(calib), q.subset_size),
+            "preset": getattr(nncf.QuantizationPreset, preset),
+            "target_device": getattr(nncf.TargetDevice, device, nncf.TargetDevice.ANY),
+            "fast_bias_correction": q.fast_bias_correction,
+        }
+        if q.has_ignored:
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(q.ignored_names), patterns=list(q.ignored_patterns),
+                                                        types=list(q.ignored_types), validate=False)
+        report: dict[str, Any] = {"preset": preset.lower(), "subset_size": kwargs["subset_size"],
+                                  "fast_bias_correction": q.fast_bias_correction,
+                                  "target_device": kwargs["target_device"].value,
+                                  "ignored": {"names": q.ignored_names, "patterns": q.ignored_patterns,
+                                              "types": q.ignored_types}}
         try:
-            return nncf.quantize(
-                model, nncf.Dataset(samples), subset_size=min(len(samples), 300),
-                preset=getattr(nncf.QuantizationPreset, preset),
-                target_device=nncf.TargetDevice.ANY,
-            )
+            if quant.accuracy_control:
+                if quant.val is None or not quant.val.labelled:
+                    raise ConversionError("accuracy-controlled INT8 needs labelled validation data "
+                                          "(--val-images, with --val-labels for segmentation)")
+                qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs)
+                report["accuracy_control"] = {"max_drop": q.max_drop, "validation": quant.val.summary()}
+            else:
+                qmodel = nncf.quantize(model, calib_ds, **kwargs)
+        except ConversionError:
+            raise
         except Exception as e:
             raise ConversionError(f"NNCF quantization failed: {str(e).splitlines()[0]}") from e
+        ops = [op.get_type_name() for op in qmodel.get_ops()]
+        report["fake_quantize_nodes"] = ops.count("FakeQuantize")
+        if report["fake_quantize_nodes"] == 0:
+            raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
+                                  "(check --int8-ignore)")
+        return qmodel, report
+
+    def _accuracy_controlled(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
+                             kwargs: dict[str, Any]) -> Any:
+        """nncf.quantize_with_accuracy_control scored by the task metric on the labelled set."""
+        from edgeport.evaluate import primary, task_metrics
+
+        val = quant.val
+        assert val is not None
+        name = model.inputs[0].get_any_name()
+        val_ds = nncf.Dataset(list(range(len(val))), lambda i: {name: val.inputs[i:i + 1]})
+
+        def validate(compiled: Any, items: Any) -> float:
+            idx = list(items)
+            outs = [np.asarray(compiled({name: val.inputs[i:i + 1]})[0], np.float32) for i in idx]
+            metric = primary(task_metrics(np.concatenate(outs, 0), val.subset(idx), spec.layout))[1]
+            return metric / 100.0
+
+        log.info("accuracy-controlled INT8: max drop %.2f points on %d labelled images", quant.settings.max_drop,
+                 len(val))
+        return nncf.quantize_with_accuracy_control(
+            model, calib_ds, val_ds, validate, max_drop=quant.settings.max_drop / 100.0,
+            drop_type=nncf.DropType.ABSOLUTE, **kwargs)
 
     def open(self, artifacts: Artifacts) -> OpenVINORuntime:
         """Host runtime on the IR with the bundle's own inference precision."""

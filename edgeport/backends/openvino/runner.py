@@ -10,7 +10,8 @@ import numpy as np
 class OpenVINODeviceRuntime(object):
     """Compiled model with the manifest's device, hint and inference precision.
 
-    infer() is synchronous; the runner core overlaps capture with it in a thread.
+    infer() is synchronous (self-test, --bench); make_async() gives the camera loop an
+    AsyncInferQueue, so capture, inference and drawing overlap.
     """
 
     def __init__(self, manifest, bundle_dir, device=None):
@@ -34,7 +35,42 @@ class OpenVINODeviceRuntime(object):
 
     def infer(self, feeds):
         res = self.request.infer(feeds)
-        return dict((p.get_any_name(), np.asarray(res[p], np.float32)) for p in self.compiled.outputs)
+        return dict((n, np.asarray(res[i], np.float32)) for i, n in enumerate(self.output_names))
+
+    def make_async(self, callback, jobs):
+        """An engine with submit(feeds, userdata)/wait_all() calling callback(userdata, outputs)."""
+        return OpenVINOAsync(self, callback, jobs)
+
+
+class OpenVINOAsync(object):
+    """openvino.AsyncInferQueue with ``jobs`` requests; results are copied out in the callback."""
+
+    def __init__(self, rt, callback, jobs):
+        import openvino as ov
+
+        self.names = rt.output_names
+        self.error = None
+        self.queue = ov.AsyncInferQueue(rt.compiled, max(1, int(jobs)))
+        self.callback = callback
+        self.queue.set_callback(self._done)
+
+    def _done(self, request, userdata):
+        try:
+            outs = dict((n, np.array(request.get_output_tensor(i).data, np.float32))
+                        for i, n in enumerate(self.names))
+            self.callback(userdata, outs)
+        except Exception as e:  # raised in the caller's thread by the next submit or wait_all
+            self.error = e
+
+    def submit(self, feeds, userdata):
+        if self.error is not None:
+            raise self.error
+        self.queue.start_async(feeds, userdata)
+
+    def wait_all(self):
+        self.queue.wait_all()
+        if self.error is not None:
+            raise self.error
 
 
 def open_runtime(manifest, bundle_dir, device=None):
