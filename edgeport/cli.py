@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s"
                         if verbose else "%(message)s", stream=sys.stderr)
+    # Our own level, so a library that changes the root logger's level cannot mute us.
+    logging.getLogger("edgeport").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("nncf", "openvino", "onnxslim", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -276,6 +276,7 @@ class CaptureSource(object):
                 self.corrupt += 1
                 self.cap.grab()
                 continue
+            self.corrupt -= bad  # failed reads that led to the end were not frames
             if self.declared and self.read_frames + self.corrupt < self.declared:
                 self.truncated = "video %s ended after %d of the %d frames its header declares: the file is " \
                                  "truncated or corrupt" % (self.label, self.read_frames, self.declared)
@@ -773,6 +774,8 @@ def build_parser(manifest):
 def main(argv=None, bundle_dir=None):
     bundle_dir = bundle_dir or os.path.dirname(os.path.abspath(__file__))
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    if not verbose and hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our own message says it once
     try:
         manifest = load_manifest(bundle_dir)
         args = build_parser(manifest).parse_args(argv)

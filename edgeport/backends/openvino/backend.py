@@ -44,6 +44,7 @@ def convert(onnx: Path) -> Any:
     """ov.convert_model, with a failure turned into one line naming the operations it could not take."""
     import openvino as ov
 
+    root_level = logging.getLogger().level
     try:
         return ov.convert_model(str(onnx))
     except Exception as e:
@@ -56,6 +57,8 @@ def convert(onnx: Path) -> Any:
                                   "model off the intel-* targets") from None
         first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Check '" not in ln), text)
         raise ConversionError(f"OpenVINO cannot convert {onnx.name}: {first[:300]}") from None
+    finally:
+        logging.getLogger().setLevel(root_level)  # the ONNX frontend sets the root logger to ERROR
 
 
 class OpenVINORuntime(Runtime):

@@ -1,0 +1,217 @@
+"""The bundle's runner.py as a user runs it on a device: a venv with only numpy, OpenCV and OpenVINO.
+
+Real sources: a video made from CamVid val frames, synthetic://, an image folder, an HTTP
+stream served from 127.0.0.1; and the failures a user meets (missing camera, truncated video,
+unreachable RTSP address, tampered bundle, a stream that dies).
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import device_env, needs_openvino, needs_torch
+
+pytestmark = [needs_torch, needs_openvino]
+
+
+@pytest.fixture(scope="module")
+def bundle(default_project, tmp_path_factory) -> Path:
+    """A copy of the default model's intel-cpu int8 bundle, away from the project."""
+    proj, _ = default_project
+    dest = tmp_path_factory.mktemp("device") / "roadseg-intel-cpu-int8"
+    shutil.copytree(proj / "dist" / "intel-cpu-int8", dest)
+    return dest
+
+
+def runner(python: Path, bundle: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), "runner.py", *args], cwd=bundle, capture_output=True, text=True,
+                          env=device_env(), timeout=timeout)
+
+
+def summary_of(stderr: str) -> dict:
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("summary: "))
+    return json.loads(line[len("summary: "):])
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+def test_video_headless_json_save_and_summary(openvino_venv, bundle, camvid_video, tmp_path):
+    out, js = tmp_path / "out.avi", tmp_path / "frames.jsonl"
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--json", str(js), "--save", str(out))
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(ln) for ln in js.read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(1, 102))  # every frame, in order
+    for r in records:
+        assert r["latency_ms"] > 0 and r["e2e_ms"] >= r["latency_ms"] * 0.5
+        assert abs(sum(r["areas"].values()) - 100.0) < 0.2
+    summary = summary_of(res.stderr)
+    assert summary["frames"] == 101 and summary["fps"] > 0 and summary["corrupt"] == 0
+    assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] > 0
+    import cv2
+
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 101
+    ok, frame = cap.read()
+    assert ok and frame.shape == (360, 480, 3)
+
+
+def test_synthetic_source_and_max_frames(openvino_venv, bundle):
+    res = runner(openvino_venv, bundle, "synthetic://3?width=320&height=240", "--headless", "--max-frames", "12",
+                 "--json", "-")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert len(lines) == 12 and "road" in lines[0]["areas"]
+    assert summary_of(res.stderr)["frames"] == 12
+
+
+def test_image_folder_counts_corrupt_files(openvino_venv, bundle, camvid, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for p in sorted((camvid / "val").glob("*.png"))[:5]:
+        shutil.copy(p, folder / p.name)
+    (folder / "0000_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    res = runner(openvino_venv, bundle, str(folder), "--headless")
+    assert res.returncode == 0, res.stderr
+    s = summary_of(res.stderr)
+    assert s["frames"] == 5 and s["corrupt"] == 1
+
+
+def test_truncated_video_is_a_clear_error(openvino_venv, bundle, camvid_video, tmp_path):
+    cut = tmp_path / "cut.avi"
+    data = camvid_video.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    res = runner(openvino_venv, bundle, str(cut), "--headless")
+    assert res.returncode != 0
+    errors = error_lines(res.stderr)
+    assert len(errors) == 1 and "truncated" in errors[0] and "of the 101 frames" in errors[0], res.stderr
+    assert 0 < summary_of(res.stderr)["frames"] < 101 and "Traceback" not in res.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_rtsp_and_missing_camera(openvino_venv, bundle):
+    t = time.time()
+    res = runner(openvino_venv, bundle, f"rtsp://127.0.0.1:{_closed_port()}/live", "--headless", "--timeout", "3")
+    assert res.returncode != 0 and time.time() - t < 60
+    errors = error_lines(res.stderr)
+    assert len(errors) == 1 and "cannot open stream rtsp://127.0.0.1" in errors[0], res.stderr
+    res = runner(openvino_venv, bundle, "/dev/video97", "--headless")
+    errors = error_lines(res.stderr)
+    assert res.returncode != 0 and len(errors) == 1 and "/dev/video97 does not exist" in errors[0], res.stderr
+    res = runner(openvino_venv, bundle, "no-such-clip.mp4", "--headless")
+    assert res.returncode != 0 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tampered_bundle_refused_in_device_venv(openvino_venv, bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    golden = next(n for n in m["files"] if n.startswith("golden/") and n.endswith(".npy"))
+    with open(copy / golden, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x80\x7f")
+    res = runner(openvino_venv, copy, "synthetic://", "--headless", "--max-frames", "3")
+    assert res.returncode != 0 and golden in res.stderr and "sha256" in res.stderr
+    res = runner(openvino_venv, copy, "--selftest")
+    assert res.returncode != 0 and "selftest: FAIL" in res.stdout
+
+
+def test_sigterm_stops_cleanly_with_summary(openvino_venv, bundle):
+    proc = subprocess.Popen([str(openvino_venv), "runner.py", "synthetic://?width=320&height=240", "--headless"],
+                            cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=device_env())
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    s = summary_of(err)
+    assert s["stopped_by_signal"] and s["frames"] > 0
+
+
+def test_bench_prints_end_to_end_and_inference_only_fps(openvino_venv, bundle, camvid_video):
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--bench", "--max-frames", "80")
+    assert res.returncode == 0, res.stderr
+    assert "inference only" in res.stdout and "end to end" in res.stdout
+    b = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("bench: "))[len("bench: "):])
+    assert b["frames"] == 80 and b["inference_only_fps"] > 0 and b["end_to_end_fps"] > 0
+    assert b["ratio"] == pytest.approx(b["end_to_end_fps"] / b["inference_only_fps"], rel=0.01)
+
+
+class _Stream:
+    """An HTTP server on 127.0.0.1 that serves a video slowly, as a live stream does, and can die."""
+
+    def __init__(self, payload: bytes, port: int = 0) -> None:
+        payload_ = payload
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "video/x-msvideo")
+                self.send_header("Content-Length", str(len(payload_)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(payload_), 64 * 1024):
+                        self.wfile.write(payload_[i:i + 64 * 1024])
+                        time.sleep(0.05)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cam.avi"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kill(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_lost_stream_is_reopened_with_backoff_then_given_up(openvino_venv, bundle, camvid_video):
+    stream = _Stream(camvid_video.read_bytes())
+    proc = subprocess.Popen([str(openvino_venv), "runner.py", stream.url, "--headless", "--reconnect", "2",
+                             "--timeout", "2"], cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=device_env())
+    time.sleep(3)
+    stream.kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "reopening (attempt 1/2" in err and "reopening (attempt 2/2" in err, err
+    errors = error_lines(err)
+    assert len(errors) == 1 and "could not be reopened after 2 attempts" in errors[0], err
+    assert summary_of(err)["frames"] > 0  # what ran before the loss is summarised
+
+
+def test_stream_that_comes_back_is_reconnected(openvino_venv, bundle, camvid_video):
+    payload = camvid_video.read_bytes()
+    stream = _Stream(payload)
+    port = stream.server.server_address[1]
+    proc = subprocess.Popen([str(openvino_venv), "runner.py", stream.url, "--headless", "--reconnect", "5",
+                             "--timeout", "2", "--max-frames", "150"], cwd=bundle, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=device_env())
+    time.sleep(1.5)
+    stream.kill()
+    back = _Stream(payload, port)  # the camera comes back at the same address
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        back.kill()
+    assert proc.returncode == 0, err
+    s = summary_of(err)
+    assert s["reconnects"] >= 1 and s["frames"] == 150, s
