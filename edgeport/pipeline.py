@@ -329,9 +329,10 @@ def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, in
     runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
     reqs = list(target.requirements.get("pip", []))
     readme = _device_readme(target, precision, export_info["model"], runner is not None)
+    extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
     write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
                  golden=(samples.frames[:GOLDEN_CASES], inputs, golden_out, info["tolerance"]),
-                 readme=readme, requirements=reqs)
+                 readme=readme, requirements=reqs, extra=extra)
     return dest, False
 
 
@@ -349,8 +350,12 @@ def _device_readme(target: Target, precision: str, model: str, runner: bool) -> 
                   "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
                   "synthetic://) and outputs (--save, --json, --headless).", ""]
     else:
-        lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app;",
-                  "apply the preprocessing in manifest.json exactly.", ""]
+        lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app and",
+                  "apply the preprocessing in manifest.json exactly (`preprocess`: resize mode, colour order,",
+                  "scale, mean, std, layout). Class names are in labels.txt. Where an input or output has",
+                  "`quant` in the manifest it is integer: feed q = clip(round(x / scale) + zero_point) and read",
+                  "f = scale * (q - zero_point). golden/ holds inputs and the outputs this model gave for them.",
+                  ""]
     for note in target.notes:
         lines += [f"Note: {note}", ""]
     return "\n".join(lines)

@@ -125,3 +125,32 @@ def default_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
     res = run_cli("build", "--target", "intel-cpu", "--target", "intel-igpu", cwd=proj)
     assert res.returncode == 0, res.stderr[-3000:]
     return proj, res
+
+
+@pytest.fixture(scope="session")
+def tflite_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """python of a venv holding only numpy, opencv-python-headless and ai-edge-litert."""
+    if not has("ai_edge_litert"):
+        pytest.skip("ai-edge-litert not installed")
+    py = make_device_venv(tmp_path_factory.mktemp("venv-tflite"), ["numpy", "opencv-python-headless",
+                                                                     "ai-edge-litert"])
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('edgeport', 'torch', "
+                            "'tensorflow', 'onnx2tf', 'openvino') if u.find_spec(m)])"], capture_output=True,
+                           text=True, env=device_env(), cwd=py.parent)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    return py
+
+
+def offline_prefix() -> list[str]:
+    """A command prefix that runs a process in a network namespace of its own (no network at all)."""
+    import shutil as sh
+
+    if sh.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-rn"]
+    pytest.skip("cannot make a network namespace here (unshare -rn)")
+
+
+def run_cli_offline(*args: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess[str]:
+    """`edgeport ARGS` with networking disabled: a network namespace holding only a downed loopback."""
+    return subprocess.run([*offline_prefix(), sys.executable, "-m", "edgeport.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)

@@ -90,6 +90,7 @@ class TensorInfo:
     dtype: str
     layout: str | None = None
     quant: dict[str, Any] | None = None  # {"scale": s, "zero_point": z} for integer tensors
+    index: int | None = None  # the runtime's tensor index, where it addresses tensors by index (TFLite)
 
     def to_dict(self) -> dict[str, Any]:
         """Manifest form."""

@@ -1,0 +1,1 @@
+"""The ONNX Runtime host reference (not a device target)."""

@@ -1,0 +1,1 @@
+"""The tflite backend (see backend.py; runner.py is its part of the on-device runner)."""

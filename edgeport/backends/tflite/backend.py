@@ -1,0 +1,240 @@
+"""ARM: ONNX -> TFLite through onnx2tf, at FP32, FP16, dynamic-range or full-integer INT8.
+
+The conversion runs in a child process (edgeport.backends.tflite.convert) inside a work
+folder: TensorFlow stays out of the build process, onnx2tf finds its sample file there and
+never reaches for the network. The model comes back NHWC; the manifest records that layout,
+and int8 inputs and outputs carry the scale and zero point read from the model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeport.backends.base import Artifacts, Availability, Quantization, Runtime, TensorInfo, probe, runner_part_of
+from edgeport.errors import ConversionError
+
+if TYPE_CHECKING:
+    from edgeport.calibration import CalibrationSet
+    from edgeport.preprocess import InputSpec
+    from edgeport.target import Target
+
+log = logging.getLogger("edgeport")
+FILES = {"fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite", "dynamic-range": "model_dynamic_range.tflite",
+         "int8": "model_int8.tflite"}
+
+
+def unsupported_ops(onnx_path: Path) -> list[tuple[str, str]]:
+    """[(op_type, first node name)] for ops onnx2tf has no converter for."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    missing: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in missing and importlib.util.find_spec(f"onnx2tf.ops.{node.op_type}") is None:
+            missing[node.op_type] = node.name or "(unnamed)"
+    return sorted(missing.items())
+
+
+_NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "Softplus"}
+
+
+def pad_maxpools(src: Path, dest: Path) -> int:
+    """Copy the ONNX with MaxPool padding made explicit where it can be zero; returns how many.
+
+    onnx2tf turns a padded MaxPool (ResNet's stem: k3 s2 p1) into PADV2 with -inf, whose INT8
+    scale becomes ~1e36 and breaks the model (XNNPACK refuses it, the reference kernels abort).
+    After a ReLU-like op the input is >= 0, so padding with 0 gives the same maximum exactly.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    count, new_nodes = 0, []
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        pads = list(attrs["pads"].ints) if "pads" in attrs else []
+        src_node = producer.get(node.input[0]) if node.input else None
+        clip_ok = src_node is not None and src_node.op_type == "Clip" and len(src_node.input) > 1 and \
+            _const_min(model, src_node.input[1]) is not None and _const_min(model, src_node.input[1]) >= 0
+        if node.op_type == "MaxPool" and any(pads) and src_node is not None and \
+                (src_node.op_type in _NON_NEGATIVE or clip_ok):
+            half = len(pads) // 2
+            name = f"{node.name or node.output[0]}_edgeport_pad"
+            const = numpy_helper.from_array(np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64),
+                                            f"{name}_pads")
+            model.graph.initializer.append(const)
+            new_nodes.append(helper.make_node("Pad", [node.input[0], const.name], [f"{name}_out"], name=name,
+                                              mode="constant"))
+            node.input[0] = f"{name}_out"
+            attrs["pads"].ints[:] = [0] * len(pads)
+            count += 1
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    onnx.save(model, str(dest))
+    return count
+
+
+def _const_min(model: Any, name: str) -> float | None:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return float(numpy_helper.to_array(init).min())
+    return None
+
+
+def _failure(output: str) -> str:
+    """The useful line of a failed conversion: onnx2tf's op and node, or the converter's error."""
+    clean = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    broke = re.search(r"INT8 quantization broke at [^\n]+", clean)
+    if broke:
+        return broke.group(0)
+    op = re.search(r"onnx_op_type:\s*(\S+)", clean)
+    name = re.search(r"onnx_op_name:\s*(\S+)", clean)
+    if op:
+        return f"onnx2tf cannot convert op {op.group(1)} (node '{name.group(1) if name else '?'}')"
+    flex = re.search(r"(?:Some ops are not supported by the native TFLite runtime|Flex)[^\n]*\n?[^\n]*", clean)
+    if flex:
+        ops = re.findall(r"tf\.(\w+)", clean)
+        return ("the model needs TensorFlow ops that TFLite's builtins lack (Flex" +
+                (f": {', '.join(sorted(set(ops)))}" if ops else "") + "); LiteRT cannot run them")
+    lines = [ln.strip() for ln in clean.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "ERROR" in ln]
+    return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:400]
+
+
+class TFLiteRuntime(Runtime):
+    """Host-side LiteRT interpreter, quantising exactly as the device runner does."""
+
+    def __init__(self, path: Path, inputs: list[TensorInfo], outputs: list[TensorInfo], threads: int) -> None:
+        from edgeport.backends.tflite.runner import TFLiteDeviceRuntime
+
+        manifest = {"runtime": {"num_threads": threads}, "files_by_role": {"model": path.name},
+                    "inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}
+        self.device = TFLiteDeviceRuntime(manifest, str(path.parent))
+        # Runtime.infer checks shapes against these; feeds are float32 in the model's layout.
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.device.infer(feeds)
+
+    def close(self) -> None:
+        self.device = None  # type: ignore[assignment]
+
+
+class TFLiteBackend:
+    """The ARM backend (Raspberry Pi, arm64 Linux, Android)."""
+
+    name = "tflite"
+
+    def available(self) -> Availability:
+        """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
+        return probe(self.name, self.name, {"onnx2tf": "onnx2tf", "tensorflow": "tensorflow-cpu",
+                                             "ai_edge_litert": "ai-edge-litert", "onnx": "onnx"})
+
+    def versions_key(self) -> str:
+        """Changes when the converting toolchain changes (cache key)."""
+        return repr(sorted(self.available().versions.items()))
+
+    def calibration_needed(self, precision: str) -> bool:
+        """Full-integer INT8 needs calibration data; dynamic-range does not."""
+        return precision == "int8"
+
+    def runner_part(self) -> Path:
+        """This backend's part of the assembled runner.py."""
+        return runner_part_of(__file__)
+
+    def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
+                out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
+        """Convert in a child process; INT8 is calibrated on the shared set (NHWC)."""
+        self.available().require()
+        target.check_precision(precision)
+        if precision == "int8" and calib is None:
+            raise ConversionError("full-integer INT8 needs a calibration set (--calib)")
+        missing = unsupported_ops(onnx)
+        if missing:
+            raise ConversionError("onnx2tf {} cannot convert {}; replace those ops in the model or keep it off "
+                                  "the TFLite targets".format(
+                                      self.available().versions.get("onnx2tf", ""),
+                                      ", ".join(f"op {op} (node '{node}')" for op, node in missing)))
+        dest = out / FILES[precision]
+        with tempfile.TemporaryDirectory(prefix="edgeport-tflite-") as tmp:
+            work = Path(tmp)
+            padded = pad_maxpools(onnx, work / "model.onnx")  # a copy: onnx2tf rewrites its input in place
+            if padded:
+                log.info("made %d MaxPool padding(s) explicit zeros for onnx2tf (exact after ReLU)", padded)
+            job: dict[str, Any] = {"work": str(work), "onnx": str(work / "model.onnx"), "precision": precision,
+                                   "out": str(dest), "pseudo_ops": self._pseudo_ops(onnx)}
+            if calib is not None:
+                np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
+                job["calib"] = str(work / "calib.npy")
+                job["subset_size"] = quant.settings.subset_size if quant is not None else 300
+            frames = calib.frames if calib is not None and calib.frames else []
+            if frames:
+                np.save(work / "frames.npy", np.stack([f for f in frames if f.shape == frames[0].shape]))
+                job["frames"] = str(work / "frames.npy")
+            (work / "job.json").write_text(json.dumps(job))
+            log.info("converting to TFLite %s with onnx2tf (a child process)", precision)
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
+            proc = subprocess.run([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
+                                  cwd=work, env=env, capture_output=True, text=True)
+            for line in proc.stderr.splitlines():
+                if line.startswith("[tflite]"):
+                    log.info("%s", line[len("[tflite] "):])
+            if proc.returncode != 0:
+                log.debug("conversion output:\n%s\n%s", proc.stdout, proc.stderr)
+                raise ConversionError(f"TFLite conversion failed: {_failure(proc.stdout + proc.stderr)}")
+            result = json.loads((work / "result.json").read_text())
+        nhwc = spec.with_layout("NHWC")
+        inputs = [TensorInfo(d["name"], d["shape"], d["dtype"], "NHWC", d["quant"], d["index"])
+                  for d in result["inputs"]]
+        outputs = [TensorInfo(d["name"], d["shape"], d["dtype"], "NHWC" if len(d["shape"]) == 4 else None,
+                              d["quant"], d["index"]) for d in result["outputs"]]
+        self._check_io(inputs, spec, nhwc)
+        threads = int(target.options.get("num_threads", 4))
+        info = {"onnx2tf": self.available().versions.get("onnx2tf", ""),
+                "tensorflow": self.available().versions.get("tensorflow-cpu", ""),
+                "layout_change": "NCHW -> NHWC (onnx2tf)", "size_mb": round(dest.stat().st_size / 1e6, 3)}
+        if precision == "int8":
+            info["quantization"] = {"kind": "full-integer", "io": "int8", "weights": "per-channel",
+                                    "subset_size": min(len(calib), job["subset_size"]) if calib else 0}
+        return Artifacts(self.name, target.name, precision, {"model": dest}, inputs, outputs, nhwc,
+                         {"num_threads": threads}, info)
+
+    @staticmethod
+    def _pseudo_ops(onnx: Path) -> list[str]:
+        """Erf has no TFLite builtin (it would become FlexErf): onnx2tf rewrites it when asked."""
+        import onnx as onnx_lib
+
+        ops = {n.op_type for n in onnx_lib.load(str(onnx), load_external_data=False).graph.node}
+        return [op for op in ("Erf", "GeLU") if op in ops]
+
+    @staticmethod
+    def _check_io(inputs: list[TensorInfo], spec: InputSpec, nhwc: InputSpec) -> None:
+        if len(inputs) != 1:
+            raise ConversionError(f"the TFLite model has {len(inputs)} inputs; edgeport handles one image input")
+        if list(inputs[0].shape) != list(nhwc.shape):
+            raise ConversionError(f"onnx2tf produced input shape {inputs[0].shape}, expected NHWC "
+                                  f"{list(nhwc.shape)} for the spec's {list(spec.shape)}")
+
+    def open(self, artifacts: Artifacts) -> TFLiteRuntime:
+        """Host runtime with the profile's thread count."""
+        self.available().require()
+        return TFLiteRuntime(artifacts.files["model"], artifacts.inputs, artifacts.outputs,
+                             int(artifacts.runtime.get("num_threads", 4)))
+
+
+BACKEND = TFLiteBackend()

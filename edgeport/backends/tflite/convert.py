@@ -1,0 +1,153 @@
+"""The TFLite conversion job: ONNX -> (onnx2tf) saved_model -> (TFLiteConverter) .tflite.
+
+Run as ``python -m edgeport.backends.tflite.convert JOB.json`` in a work folder by the backend,
+so TensorFlow stays out of the build process and onnx2tf finds its sample file in the
+current directory. Offline by construction:
+
+* onnx2tf 1.x downloads ``calibration_image_sample_data_20x128x128x3_float32.npy`` from GitHub
+  for its checks unless a file of that name is in the current directory; the job writes one
+  (from the calibration frames) before onnx2tf is imported;
+* every outbound socket connection in this process is refused, so a library that still tries
+  fails at once with a message instead of hanging on a missing network.
+
+onnx2tf only builds the TensorFlow graph (NCHW -> NHWC); every precision is then written by
+TensorFlow's own converter from that saved_model, with builtin ops only (a Flex op would not
+load in LiteRT): FP32, FP16 weights, dynamic-range, and full-integer INT8 with int8 input and
+output calibrated on the shared calibration set (already preprocessed, in NHWC). This also
+skips onnx2tf's int16-activation variants, minutes each, which it cannot be told not to write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _block_network() -> None:
+    def refuse(self: socket.socket, address: Any) -> None:
+        raise OSError(f"edgeport: network access during TFLite conversion refused ({address})")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign]
+    socket.socket.connect_ex = refuse  # type: ignore[method-assign,assignment]
+
+
+def write_sample(data: Any, path: Path) -> None:
+    """onnx2tf's sample file: 20 RGB images 128x128, float32 in 0..1 (from our calibration frames)."""
+    import cv2
+    import numpy as np
+
+    imgs = []
+    for frame in data[:20]:
+        imgs.append(cv2.resize(frame, (128, 128))[:, :, ::-1].astype(np.float32) / 255.0)
+    while len(imgs) < 20:
+        imgs.append(imgs[len(imgs) % max(1, len(imgs))] if imgs else np.full((128, 128, 3), 0.5, np.float32))
+    np.save(path, np.stack(imgs).astype(np.float32))
+
+
+def _stage(msg: str) -> None:
+    print(f"[tflite] {msg}", file=sys.stderr, flush=True)
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    """Convert per ``job``; returns the tensor details of the written model."""
+    import numpy as np
+
+    work = Path(job["work"])
+    frames = np.load(job["frames"]) if job.get("frames") else np.zeros((0, 128, 128, 3), np.uint8)
+    write_sample(frames, work / SAMPLE)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t = time.time()
+    _stage("onnx2tf: building the TensorFlow graph")
+    import onnx2tf
+
+    onnx2tf.convert(input_onnx_file_path=job["onnx"], output_folder_path=str(work / "saved_model"),
+                    copy_onnx_input_output_names_to_tflite=True, non_verbose=True,
+                    replace_to_pseudo_operators=job.get("pseudo_ops") or [])
+    _stage(f"onnx2tf done in {time.time() - t:.1f}s; writing {job['precision']} with the TFLite converter")
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(work / "saved_model"))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    precision = job["precision"]
+    if precision == "fp16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic-range":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif precision == "int8":
+        calib = np.load(job["calib"], mmap_mode="r")
+        n = min(len(calib), int(job.get("subset_size", 300)))
+        idx = np.linspace(0, len(calib) - 1, n).round().astype(int) if n < len(calib) else range(len(calib))
+
+        def representative() -> Any:
+            for i in idx:
+                yield [np.ascontiguousarray(calib[i:i + 1], np.float32)]
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+        _stage(f"full-integer INT8 from {n} calibration images")
+    blob = conv.convert()
+    out = Path(job["out"])
+    out.write_bytes(blob)
+    _stage(f"wrote {out.name} ({len(blob) / 1e6:.2f} MB) in {time.time() - t:.1f}s")
+    check_scales(out)
+    return details(out)
+
+
+def check_scales(path: Path, limit: float = 1e6) -> None:
+    """Refuse a quantized model with an absurd scale (an infinite range upstream), naming the op.
+
+    Such a model makes XNNPACK refuse to prepare and the reference kernels abort, on the device too.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    for op in it._get_ops_details():  # noqa: SLF001 (the public API has no op list)
+        for t in list(op["inputs"]) + list(op["outputs"]):
+            scale = tensors[t]["quantization"][0] if t >= 0 and t in tensors else 0.0
+            if scale > limit or scale != scale:
+                raise SystemExit(f"INT8 quantization broke at op {op['index']} {op['op_name']} (tensor "
+                                 f"'{tensors[t]['name']}' has scale {scale:.3g}): an unbounded value (an -inf "
+                                 "padding, a huge constant) reaches a quantized tensor")
+
+
+def details(path: Path) -> dict[str, Any]:
+    """Inputs and outputs of a .tflite by the ONNX names its signature carries."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    sig = it.get_signature_runner()
+
+    def one(name: str, d: dict[str, Any]) -> dict[str, Any]:
+        scale, zp = d["quantization"]
+        return {"name": name, "shape": [int(s) for s in d["shape"]], "dtype": d["dtype"].__name__,
+                "index": int(d["index"]), "quant": {"scale": float(scale), "zero_point": int(zp)} if scale else None}
+
+    return {"inputs": [one(n, d) for n, d in sig.get_input_details().items()],
+            "outputs": [one(n, d) for n, d in sig.get_output_details().items()]}
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the job process; writes result.json beside the job file."""
+    _block_network()
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    os.chdir(job["work"])
+    result = run(job)
+    (job_path.parent / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,140 @@
+"""The ARM target end to end, with the network unplugged: onnx2tf, full-integer INT8, device selftest."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import device_env, has, needs_torch, run_cli_offline
+
+pytestmark = [needs_torch, pytest.mark.skipif(not (has("onnx2tf") and has("ai_edge_litert")),
+                                              reason="the tflite extra is not installed")]
+
+
+@pytest.fixture(scope="module")
+def default_tflite(tmp_path_factory):
+    """The default model for raspberry-pi-5 at fp32 and int8, and android-arm64, built offline."""
+    proj = tmp_path_factory.mktemp("tflite")
+    res = run_cli_offline("build", "--target", "raspberry-pi-5:fp32", "--target", "raspberry-pi-5:int8",
+                          "--target", "android-arm64:int8", "--val-images", "synthetic://?n=24", cwd=proj)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return proj, res
+
+
+@pytest.fixture(scope="module")
+def classifier_tflite(tmp_path_factory, camvid):
+    """resnet18 (10 classes, random init) for raspberry-pi-5 fp32 + int8, calibrated on CamVid train, offline."""
+    proj = tmp_path_factory.mktemp("tflite-cls")
+    res = run_cli_offline("build", "--model", "torchvision:resnet18?num_classes=10", "--input", "1x3x128x128",
+                          "--task", "classification", "--calib", str(camvid / "train"), "--val-images",
+                          str(camvid / "val"), "--target", "raspberry-pi-5:fp32", "--target", "raspberry-pi-5:int8",
+                          cwd=proj)
+    assert res.returncode in (0, 3), res.stdout[-2000:] + res.stderr[-3000:]
+    return proj, res
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _selftest(python: Path, bundle: Path, where: Path) -> subprocess.CompletedProcess[str]:
+    copy = where / bundle.name
+    shutil.copytree(bundle, copy)
+    return subprocess.run([str(python), "runner.py", "--selftest"], cwd=copy, capture_output=True, text=True,
+                          env=device_env(), timeout=300)
+
+
+def test_offline_build_records_layout_and_int8_io(default_tflite):
+    proj, res = default_tflite
+    fp32 = _manifest(proj / "dist" / "raspberry-pi-5-fp32")
+    int8 = _manifest(proj / "dist" / "raspberry-pi-5-int8")
+    for m in (fp32, int8):
+        assert m["inputs"][0]["layout"] == "NHWC" and m["preprocess"]["layout"] == "NHWC"
+        assert m["inputs"][0]["shape"] == [1, 120, 160, 3] and m["outputs"][0]["shape"] == [1, 120, 160, 7]
+        assert m["provenance"]["layout_change"] == "NCHW -> NHWC (onnx2tf)"
+    assert fp32["parity"]["artifact"]["output"]["max_rel"] < 1e-4
+    assert "quant" not in fp32["inputs"][0]
+    q_in, q_out = int8["inputs"][0], int8["outputs"][0]
+    assert q_in["dtype"] == "int8" and q_out["dtype"] == "int8"
+    assert q_in["quant"]["scale"] > 0 and -128 <= q_in["quant"]["zero_point"] <= 127
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(proj / "dist" / "raspberry-pi-5-int8" / "model_int8.tflite"))
+    d = it.get_input_details()[0]
+    assert d["dtype"].__name__ == "int8" and d["quantization"][0] == pytest.approx(q_in["quant"]["scale"])
+    acc = int8["parity"]["accuracy"]
+    assert acc["metric"] == "miou" and acc["drop"] < 1.0 and acc["agreement"] > 0.98
+    assert int8["parity"]["artifact"]["output"]["agreement"] > 0.98
+
+
+def test_default_selftests_pass_in_a_venv_with_only_litert(default_tflite, tflite_venv, tmp_path):
+    proj, _ = default_tflite
+    for name in ("raspberry-pi-5-fp32", "raspberry-pi-5-int8"):
+        res = _selftest(tflite_venv, proj / "dist" / name, tmp_path)
+        assert res.returncode == 0 and "selftest: PASS" in res.stdout, name + res.stdout + res.stderr
+        assert "ai-edge-litert" not in res.stderr or "error" not in res.stderr
+
+
+def test_classifier_offline_selftest_and_top1_agreement(classifier_tflite, tflite_venv, tmp_path):
+    proj, res = classifier_tflite
+    for name in ("raspberry-pi-5-fp32", "raspberry-pi-5-int8"):
+        bundle = proj / "dist" / name
+        m = _manifest(bundle)
+        assert m["parity"]["accuracy"]["count"] == 101
+        st = _selftest(tflite_venv, bundle, tmp_path)
+        assert st.returncode == 0 and "selftest: PASS" in st.stdout, name + st.stdout + st.stderr
+    fp32 = _manifest(proj / "dist" / "raspberry-pi-5-fp32")
+    assert fp32["parity"]["artifact"]["output"]["max_rel"] < 1e-4
+    assert fp32["parity"]["accuracy"]["agreement"] > 0.99
+
+
+def test_android_bundle_is_model_labels_manifest_without_runner(default_tflite):
+    proj, _ = default_tflite
+    bundle = proj / "dist" / "android-arm64-int8"
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model_int8.tflite", "labels.txt", "manifest.json", "README.md", "golden"} <= names
+    assert "runner.py" not in names
+    assert (bundle / "labels.txt").read_text().split() == _manifest(bundle)["model"]["labels"]
+    assert "zero_point" in (bundle / "README.md").read_text()
+
+
+def test_tflite_runner_on_camvid_video(default_tflite, tflite_venv, camvid_video, tmp_path):
+    proj, _ = default_tflite
+    bundle = tmp_path / "b"
+    shutil.copytree(proj / "dist" / "raspberry-pi-5-int8", bundle)
+    js, out = tmp_path / "f.jsonl", tmp_path / "out.avi"
+    res = subprocess.run([str(tflite_venv), "runner.py", str(camvid_video), "--headless", "--json", str(js),
+                          "--save", str(out)], cwd=bundle, capture_output=True, text=True, env=device_env(),
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(ln) for ln in js.read_text().splitlines()]
+    assert len(records) == 101 and all(abs(sum(r["areas"].values()) - 100) < 0.2 for r in records)
+    summary = json.loads(next(ln for ln in res.stderr.splitlines() if ln.startswith("summary: "))[9:])
+    assert summary["frames"] == 101
+    import cv2
+
+    assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 101
+
+
+def test_an_op_onnx2tf_cannot_convert_names_op_and_node(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeport.backends.tflite.backend import BACKEND
+    from edgeport.errors import ConversionError
+    from edgeport.preprocess import InputSpec
+    from edgeport.target import get_target
+
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu_1"),
+             helper.make_node("FancyWarp", ["r"], ["y"], domain="com.example", name="warp_7")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.example", 1)]), tmp_path / "c.onnx")
+    with pytest.raises(ConversionError, match=r"op FancyWarp \(node 'warp_7'\)"):
+        BACKEND.compile(tmp_path / "c.onnx", get_target("raspberry-pi-5"), "fp32", None, tmp_path,
+                        InputSpec(shape=(1, 3, 8, 8)))
