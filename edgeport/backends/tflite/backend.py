@@ -34,13 +34,21 @@ FILES = {"fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite", "dynamic-rang
 
 
 def unsupported_ops(onnx_path: Path) -> list[tuple[str, str]]:
-    """[(op_type, first node name)] for ops onnx2tf has no converter for."""
+    """[(op_type, first node name)] for ops onnx2tf has no converter for (onnx2tf/ops/<Op>.py).
+
+    Looks at onnx2tf's files without importing it: importing onnx2tf imports TensorFlow, which
+    must stay out of this process (TensorFlow loaded before torch's triton crashes the process).
+    """
     import onnx
 
+    spec = importlib.util.find_spec("onnx2tf")
+    if spec is None or spec.origin is None:
+        return []
+    ops_dir = Path(spec.origin).parent / "ops"
     model = onnx.load(str(onnx_path), load_external_data=False)
     missing: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type not in missing and importlib.util.find_spec(f"onnx2tf.ops.{node.op_type}") is None:
+        if node.op_type not in missing and not (ops_dir / f"{node.op_type}.py").is_file():
             missing[node.op_type] = node.name or "(unnamed)"
     return sorted(missing.items())
 
