@@ -224,9 +224,14 @@ def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_sta
                 g = _to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
                     got[name].shape != r.shape else got[name]
                 parity[name] = compare(r, g, spec.task, tol)
-            np.savez(tmp / "golden.npz", **{k: v[:GOLDEN_CASES] for k, v in got.items()})
+            golden = got
+            if art.info.get("emulated"):  # the device's engine is checked against the reference, not the emulation
+                golden = {k: _to_layout(v, spec.layout, art.spec.layout) for k, v in ref.items()}
+            np.savez(tmp / "golden.npz", **{k: v[:GOLDEN_CASES] for k, v in golden.items()})
             accuracy = _val_accuracy(backend, art, spec, val) if val is not None else None
-        else:
+        else:  # runs only on the device: golden outputs are the reference's, under the precision's tolerance
+            np.savez(tmp / "golden.npz", **{k: _to_layout(v, spec.layout, art.spec.layout)[:GOLDEN_CASES]
+                                            for k, v in ref.items()})
             accuracy = None
         return {"artifacts": _artifacts_to_dict(art, tmp), "parity": parity, "compile_seconds": time.time() - t0,
                 "tolerance": target.tolerances(precision), "accuracy": accuracy}
@@ -343,7 +348,15 @@ def _device_readme(target: Target, precision: str, model: str, runner: bool) -> 
              "preprocessing, the runtime settings and the sha256 of every file.", ""]
     if reqs.get("system"):
         lines += ["## On the device", "", "System packages: " + ", ".join(reqs["system"]), ""]
-    if runner:
+    if runner and target.backend == "tensorrt":
+        lines += ["## Run on the Jetson", "", "```", "python3 -m pip install -r requirements.txt   # pycuda; "
+                  "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
+                  "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
+                  f"python3 runner.py {target.camera.get('source', 'csi://0')}",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --json -", "```", "",
+                  "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
+                  "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
+    elif runner:
         lines += ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
                   "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
                   "python3 runner.py synthetic:// --headless --max-frames 100 --json -", "```", "",
@@ -429,7 +442,11 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
             failed.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
                           f"max_drop {cfg.quantize.max_drop:g}")
         status = "failed" if failed else ("cached" if cached and bundle_cached else "built")
-        results.append(TargetResult(target.name, target.backend, prec, status, str(dest), parity,
+        art_info = info["artifacts"]["info"]
+        label = f"{target.backend} (emulated)" if art_info.get("emulated") else target.backend
+        if not info["artifacts"]["host_runnable"]:
+            label = f"{target.backend} (device only)"
+        results.append(TargetResult(target.name, label, prec, status, str(dest), parity,
                                     time.time() - t0, "; ".join(failed), info.get("accuracy")))
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
                        time.time() - t_start, val.metrics if val is not None else None,

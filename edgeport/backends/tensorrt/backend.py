@@ -1,0 +1,116 @@
+"""Jetson: the host side of TensorRT (no GPU, no TensorRT here).
+
+The bundle carries the ONNX at the profile's opset; for INT8 an explicit-quantization Q/DQ
+ONNX and, for TensorRT 8.x, a native calibration cache, both from one set of activation
+ranges (edgeport.backends.tensorrt.ranges); build_engine.py, which builds and caches the engine
+on the device; and the runner's TensorRT part. On the host, INT8 is *emulated*: ONNX Runtime
+runs the Q/DQ model, which predicts the engine's INT8 accuracy before anything is flashed. It
+is reported as "tensorrt (emulated)", never as a TensorRT measurement. FP16/FP32 engines have
+no host runtime here: their golden outputs are the FP32 reference's, checked on the device by
+``runner.py --selftest`` under the precision's tolerances.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeport.backends.base import Artifacts, Availability, Quantization, Runtime, TensorInfo, probe, runner_part_of
+from edgeport.errors import ConversionError
+
+if TYPE_CHECKING:
+    from edgeport.calibration import CalibrationSet
+    from edgeport.preprocess import InputSpec
+    from edgeport.target import Target
+
+log = logging.getLogger("edgeport")
+BUILD_ENGINE = Path(__file__).with_name("build_engine.py")
+
+
+def _onnx_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+
+    def info(v: Any) -> TensorInfo:
+        dims = [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+        return TensorInfo(v.name, dims, "float32")
+
+    return [info(i) for i in model.graph.input if i.name not in inits], [info(o) for o in model.graph.output]
+
+
+class TensorRTBackend:
+    """The Jetson backend: artifacts built here, engines built on the device."""
+
+    name = "tensorrt"
+
+    def available(self) -> Availability:
+        """Host side needs only onnx and onnxruntime; TensorRT itself lives on the device."""
+        av = probe(self.name, "tensorrt", {"onnx": "onnx", "onnxruntime": "onnxruntime"})
+        av.can_run = False
+        return av
+
+    def versions_key(self) -> str:
+        """Changes when the host toolchain changes (cache key)."""
+        return repr(sorted(self.available().versions.items()))
+
+    def calibration_needed(self, precision: str) -> bool:
+        """INT8 ranges come from the calibration set."""
+        return precision == "int8"
+
+    def runner_part(self) -> Path:
+        """This backend's part of the assembled runner.py."""
+        return runner_part_of(__file__)
+
+    def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
+                out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
+        """ONNX (+ Q/DQ ONNX + calibration cache for INT8) and build_engine.py for the device."""
+        from edgeport.backends.tensorrt import ranges as rg
+
+        self.available().require()
+        target.check_precision(precision)
+        trt_version = str(target.runtime.get("tensorrt", ""))
+        if not trt_version:
+            raise ConversionError(f"profile {target.name} names no TensorRT version ([runtime] tensorrt = \"8.6.2\")")
+        model = out / "model.onnx"
+        shutil.copyfile(onnx, model)
+        shutil.copyfile(BUILD_ENGINE, out / "build_engine.py")
+        files = {"model": model, "build_engine": out / "build_engine.py"}
+        info: dict[str, Any] = {"tensorrt_target": trt_version, "engine": "built on the device by build_engine.py"}
+        major_minor = tuple(int(p) for p in trt_version.split(".")[:2])
+        if precision == "int8":
+            if calib is None:
+                raise ConversionError("TensorRT INT8 needs a calibration set (--calib)")
+            settings = quant.settings if quant is not None else None
+            method = settings.method if settings is not None else "max"
+            n = min(len(calib), settings.subset_size if settings is not None else 300)
+            log.info("TensorRT INT8: %s activation ranges from %d calibration images", method, n)
+            amax = rg.collect_ranges(onnx, calib.data[:n], method)
+            counts = rg.write_qdq(onnx, amax, out / "model_qdq.onnx")
+            files["qdq"] = out / "model_qdq.onnx"
+            if major_minor[0] == 8:
+                rg.write_cache(amax, trt_version, out / "calib.cache")
+                files["calib_cache"] = out / "calib.cache"
+            info.update({"emulated": True, "ranges": {"method": method, "images": n, "tensors": len(amax)},
+                         "qdq": counts, "int8_mode_default": "cache" if major_minor < (8, 5) else "qdq"})
+        inputs, outputs = _onnx_io(model)
+        for t in inputs:
+            t.layout = spec.layout
+        runtime = {"precision": precision, "tensorrt": trt_version,
+                   "workspace_mb": int(target.options.get("workspace_mb", 1024)),
+                   "dla_core": int(target.options.get("dla_core", -1))}
+        return Artifacts(self.name, target.name, precision, files, inputs, outputs, spec, runtime, info,
+                         host_runnable=precision == "int8")
+
+    def open(self, artifacts: Artifacts) -> Runtime:
+        """INT8 emulation: ONNX Runtime on the Q/DQ model (FP16/FP32 have no host runtime)."""
+        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
+        if "qdq" not in artifacts.files:
+            raise ConversionError(f"{artifacts.precision} TensorRT engines run only on the device")
+        return ORT.open_onnx(artifacts.files["qdq"])
+
+
+BACKEND = TensorRTBackend()
