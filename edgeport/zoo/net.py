@@ -58,3 +58,17 @@ def roadseg(pretrained: bool = True) -> RoadSegNet:
     if pretrained:
         model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",
+                  "bicyclist")
+CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+
+
+def camvid_net() -> RoadSegNet:
+    """The CamVid road-segmentation network of scripts/train_camvid.py (11 classes, width 32).
+
+    Its weights are not in the package: pass them with --weights (models/camvid-roadseg.pt).
+    """
+    return RoadSegNet(num_classes=len(CAMVID_CLASSES), width=32).eval()

@@ -118,6 +118,11 @@ def test_tflite_runner_on_camvid_video(default_tflite, tflite_venv, camvid_video
     import cv2
 
     assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 101
+    res = subprocess.run([str(tflite_venv), "runner.py", "synthetic://?width=320&height=240", "--headless",
+                          "--max-frames", "10", "--json", "-"], cwd=bundle, capture_output=True, text=True,
+                         env=device_env(), timeout=300)
+    lines = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert res.returncode == 0 and len(lines) == 10 and "road" in lines[0]["areas"], res.stderr
 
 
 def test_an_op_onnx2tf_cannot_convert_names_op_and_node(tmp_path):
