@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--int8-ignore", action="append", metavar="REGEX",
                    help="keep layers whose name matches in float; repeatable")
     q.add_argument("--calib-method", choices=["max", "percentile", "entropy"],
-                   help="activation-range method for TensorRT INT8 (default max)")
+                   help="activation-range method for TensorRT INT8 (default percentile)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
     _model_flags(e)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")

@@ -17,6 +17,7 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class QuantizeConfig:
     ignored_types: list[str] = field(default_factory=list)
     accuracy_control: bool | None = None
     max_drop: float = 1.0
-    method: str = "max"
+    method: str = "percentile"  # TensorRT ranges: measured best on real data (see ranges.py)
 
     def validate(self, where: str = "quantize") -> None:
         """ConfigError for a value no backend accepts."""
@@ -147,7 +148,7 @@ class ProjectConfig:
     def resolve(self, p: str) -> Path:
         """A path from the config, relative to the config file's folder."""
         path = Path(p).expanduser()
-        return path if path.is_absolute() else self.root / path
+        return Path(os.path.normpath(path if path.is_absolute() else self.root / path))
 
 
 _INPUT_KEYS = ("name", "shape", "dtype", "layout")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def load_labelled(images: str, labels: str | None, spec: InputSpec, *, max_image
 
 def _resolve(p: str, root: Path | None) -> Path:
     path = Path(p).expanduser()
-    return root / path if root is not None and not path.is_absolute() else path
+    return Path(os.path.normpath(root / path if root is not None and not path.is_absolute() else path))
 
 
 def _pick(items: list[Any], limit: int) -> list[Any]:

@@ -84,7 +84,7 @@ class TensorRTBackend:
             if calib is None:
                 raise ConversionError("TensorRT INT8 needs a calibration set (--calib)")
             settings = quant.settings if quant is not None else None
-            method = settings.method if settings is not None else "max"
+            method = settings.method if settings is not None else "percentile"
             n = min(len(calib), settings.subset_size if settings is not None else 300)
             log.info("TensorRT INT8: %s activation ranges from %d calibration images", method, n)
             amax = rg.collect_ranges(onnx, calib.data[:n], method)

@@ -4,9 +4,11 @@ One set of per-tensor ranges (amax of |x|) is measured on the shared calibration
 running the FP32 ONNX in ONNX Runtime with every intermediate tensor exposed, one image at
 a time (histograms are streamed, never all activations at once). Three methods:
 
-* ``max``: the largest |x| seen (the default: on a CamVid-trained UNet-ResNet18, max ranges
-  lost no mIoU where TensorRT-style entropy ranges lost 1.0 point);
-* ``percentile``: the 99.99th percentile of |x| (from a 2048-bin histogram);
+* ``max``: the largest |x| seen;
+* ``percentile``: the 99.99th percentile of |x| (from a 2048-bin histogram): the default,
+  chosen by emulated INT8 accuracy on real data. On the CamVid model (scripts/train_camvid.py,
+  CamVid val, FP32 mIoU 54.08) percentile gave 54.14, max 53.65, entropy 44.86; on the
+  default model (synthetic val, FP32 89.90) 89.99, 89.81 and 78.49;
 * ``entropy``: TensorRT's KL-divergence threshold search over a 2048-bin histogram into 128
   quantised levels (what IInt8EntropyCalibrator2 computes).
 
@@ -106,8 +108,28 @@ def percentile_amax(hist: np.ndarray, amax: float, q: float = PERCENTILE) -> flo
     return float(min(idx + 1, len(hist)) * amax / len(hist))
 
 
+def _smooth(dist: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Give empty bins a little mass taken from the others, so KL stays finite (as MXNet/TensorRT do)."""
+    zero = dist == 0
+    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
+    if n_nonzero == 0:
+        return None
+    eps1 = eps * n_zero / n_nonzero
+    if eps1 >= 1.0:
+        return None
+    out = dist.astype(np.float64).copy()
+    out[zero] = eps
+    out[~zero] -= eps1
+    return out
+
+
 def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS) -> float:
-    """TensorRT's entropy calibration: the threshold minimising KL(P || Q) over bins [levels, BINS)."""
+    """TensorRT's entropy calibration: the threshold minimising KL(P || Q) over bins [levels, BINS).
+
+    P is the histogram up to the candidate threshold with the outliers folded into its last bin;
+    Q is that histogram quantised into ``levels`` bins and spread back over the nonzero bins;
+    both are normalised and smoothed before the divergence.
+    """
     hist = hist.astype(np.float64)
     if hist.sum() == 0 or amax == 0:
         return amax
@@ -115,29 +137,23 @@ def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS) -> f
     width = amax / n
     best_kl, best_i = np.inf, n
     for i in range(levels, n + 1):
-        p = hist[:i].copy()
+        sliced = hist[:i]
+        p = sliced.copy()
         p[i - 1] += hist[i:].sum()  # clip outliers into the last bin
-        nonzero = hist[:i] != 0
-        # Merge the i bins into `levels` quantised bins, then spread each back over its nonzero bins.
-        edges = np.linspace(0, i, levels + 1).astype(int)
+        nonzero = p != 0
+        merged = i // levels  # each quantised bin merges this many bins; the last takes the remainder
         q = np.zeros(i)
         for k in range(levels):
-            a, b = edges[k], edges[k + 1]
-            if b <= a:
-                continue
-            mass = hist[a:b].sum()
+            a = k * merged
+            b = i if k == levels - 1 else a + merged
             nz = nonzero[a:b]
             if nz.any():
-                q[a:b][nz] = mass / nz.sum()
-        ps, qs = p.sum(), q.sum()
-        if qs == 0:
+                q[a:b][nz] = sliced[a:b].sum() / nz.sum()
+        q[~nonzero] = 0
+        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum()) if q.sum() > 0 else None
+        if ps is None or qs is None:
             continue
-        p, q = p / ps, q / qs
-        mask = p > 0
-        if np.any(q[mask] == 0):
-            kl = np.inf
-        else:
-            kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        kl = float(np.sum(ps * np.log(ps / qs)))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float((best_i + 0.5) * width)
