@@ -50,11 +50,14 @@ class TensorRTBackend:
         """Host side needs only onnx and onnxruntime; TensorRT itself lives on the device."""
         av = probe(self.name, "tensorrt", {"onnx": "onnx", "onnxruntime": "onnxruntime"})
         av.can_run = False
+        if av.installed:
+            av.versions["tensorrt"] = "on the device (engines build there; INT8 emulated here)"
         return av
 
     def versions_key(self) -> str:
         """Changes when the host toolchain changes (cache key)."""
-        return repr(sorted(self.available().versions.items()))
+        return repr(sorted(probe(self.name, "tensorrt", {"onnx": "onnx", "onnxruntime": "onnxruntime"})
+                           .versions.items()))
 
     def calibration_needed(self, precision: str) -> bool:
         """INT8 ranges come from the calibration set."""
