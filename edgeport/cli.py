@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgeport import __version__
 from edgeport.errors import EdgeportError
@@ -15,7 +16,8 @@ from edgeport.errors import EdgeportError
 EXAMPLES = {
     "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:mobilenet_v3_small --input 1x3x224x224 "
              "--task classification --calib images/ --target intel-cpu --precision int8\n"
-             "  edgeport build --model net.py:make_model --weights ckpt.pth --target intel-cpu:fp16",
+             "  edgeport build --model net.py:make_model --weights ckpt.pth --target intel-cpu:fp16\n"
+             "  edgeport build --report reports/   (JSON, JUnit XML and Markdown for CI)",
     "export": "examples:\n  edgeport export --model torchvision:resnet18?num_classes=10 --input 1x3x224x224 "
               "--out resnet18.onnx\n  edgeport export --target jetson-nano   (opset 13 for TensorRT 8.2)",
     "targets": "examples:\n  edgeport targets\n  edgeport targets --json",
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
                                                      "(default: every target whose backend is installed)")
     b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"])
     b.add_argument("--out", help="bundle folder (default: dist)")
+    b.add_argument("--report", metavar="DIR", help="also write report.json, report.junit.xml and report.md "
+                                                   "(a CI job summary) here")
     q = b.add_argument_group("INT8 and validation")
     q.add_argument("--val-images", metavar="DIR", help="labelled validation images (or synthetic://): each "
                    "artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses accuracy control")
@@ -117,6 +121,11 @@ def _run(args: argparse.Namespace) -> int:
         kw = {k: getattr(args, k) for k in _MODEL_KEYS + _QUANT_KEYS}
         report = api.build(precision=args.precision, **kw)
         print(parity_table(report))
+        if args.report:
+            from edgeport.report import write_reports
+
+            for path in write_reports(report, Path(args.report)):
+                print(f"wrote {path}")
         fresh = [r for r in report.targets if r.status == "built"]
         if report.export_cached and not fresh:
             print(f"nothing changed: every stage came from the cache ({report.seconds:.1f}s)")
