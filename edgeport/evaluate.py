@@ -144,8 +144,6 @@ def _segmentation(img_dir: Path, lab_dir: Path, spec: InputSpec, limit: int) -> 
 
 
 def _classification(img_dir: Path, spec: InputSpec, limit: int) -> LabelledSet:
-    import cv2
-
     classes = sorted(p for p in img_dir.iterdir() if p.is_dir())
     if not classes:
         raise CalibrationError(f"classification validation folder {img_dir} has no class sub-folders "
@@ -163,9 +161,26 @@ def _classification(img_dir: Path, spec: InputSpec, limit: int) -> LabelledSet:
         pairs += [(p, cid) for p in _images(c)]
     if len(pairs) < MIN_LABELLED:
         raise CalibrationError(f"{img_dir}: {len(pairs)} labelled image(s); at least {MIN_LABELLED} are needed")
+    return _read_images(pairs, spec, limit, str(img_dir), "classification")
+
+
+def _unlabelled(img_dir: Path, spec: InputSpec, limit: int) -> LabelledSet:
+    """Images without ground truth: agreement with the reference only."""
+    files = _images(img_dir)
+    if len(files) < MIN_LABELLED:
+        raise CalibrationError(f"validation folder {img_dir} holds {len(files)} image(s); at least {MIN_LABELLED} "
+                               "are needed")
+    return _read_images([(p, None) for p in files], spec, limit, str(img_dir), spec.task)
+
+
+def _read_images(entries: list[tuple[Path, int | None]], spec: InputSpec, limit: int, source: str,
+                 task: str) -> LabelledSet:
+    """Decode, preprocess and hash (image, class id or None) entries; undecodable ones are counted."""
+    import cv2
+
     h = hashlib.sha256(spec_key(spec))
     inputs, targets, geoms, names, frames, skipped = [], [], [], [], [], 0
-    for path, cid in progress(_pick(pairs, limit), "reading validation images"):
+    for path, cid in progress(_pick(entries, limit), "reading validation images"):
         img = _read_image(path, cv2.IMREAD_COLOR)
         if img is None:
             skipped += 1
@@ -174,35 +189,12 @@ def _classification(img_dir: Path, spec: InputSpec, limit: int) -> LabelledSet:
         inputs.append(x)
         targets.append(cid)
         geoms.append(geom)
-        names.append(f"{path.parent.name}/{path.name}")
+        names.append(f"{path.parent.name}/{path.name}" if cid is not None else path.name)
         frames.append(img)
         h.update(path.read_bytes())
-    return LabelledSet(str(img_dir), "classification", np.concatenate(inputs, 0), np.asarray(targets), geoms,
+    labelled = all(t is not None for t in targets)
+    return LabelledSet(source, task, np.concatenate(inputs, 0), np.asarray(targets) if labelled else None, geoms,
                        names, h.hexdigest(), None, skipped, frames)
-
-
-def _unlabelled(img_dir: Path, spec: InputSpec, limit: int) -> LabelledSet:
-    """Images without ground truth: agreement with the reference only."""
-    import cv2
-
-    files = _images(img_dir)
-    if len(files) < MIN_LABELLED:
-        raise CalibrationError(f"validation folder {img_dir} holds {len(files)} image(s); at least {MIN_LABELLED} "
-                               "are needed")
-    h = hashlib.sha256(spec_key(spec))
-    inputs, geoms, names, skipped = [], [], [], 0
-    for path in progress(_pick(files, limit), "reading validation images"):
-        img = _read_image(path, cv2.IMREAD_COLOR)
-        if img is None:
-            skipped += 1
-            continue
-        x, geom = _pre(img, spec)
-        inputs.append(x)
-        geoms.append(geom)
-        names.append(path.name)
-        h.update(path.read_bytes())
-    return LabelledSet(str(img_dir), spec.task, np.concatenate(inputs, 0), None, geoms, names, h.hexdigest(),
-                       None, skipped)
 
 
 def _synthetic(source: str, spec: InputSpec, limit: int) -> LabelledSet:
@@ -239,11 +231,6 @@ def spec_key(spec: InputSpec) -> bytes:
 
 
 # ---------------------------------------------------------------- metrics
-def class_map(logits: np.ndarray, layout: str) -> np.ndarray:
-    """(H, W) class ids of one (1, C, H, W) or (1, H, W, C) output."""
-    return np.argmax(logits[0], axis=-1 if layout == "NHWC" else 0).astype(np.uint8)
-
-
 def task_metrics(outputs: np.ndarray, ds: LabelledSet, layout: str = "NCHW") -> dict[str, float]:
     """mIoU and pixel accuracy (segmentation) or top-1/top-5 accuracy (classification), in percent.
 
@@ -259,7 +246,9 @@ def task_metrics(outputs: np.ndarray, ds: LabelledSet, layout: str = "NCHW") -> 
         top1 = float(np.mean(order[:, 0] == t))
         top5 = float(np.mean([t[i] in order[i, :5] for i in range(len(t))]))
         return {"top1": 100 * top1, "top5": 100 * top5, "count": len(t)}
-    return segmentation_metrics([class_map(outputs[i:i + 1], layout) for i in range(len(outputs))], ds,
+    from edgeport.runner.core import segment
+
+    return segmentation_metrics([segment(outputs[i:i + 1], layout == "NHWC") for i in range(len(outputs))], ds,
                                 outputs.shape[-1 if layout == "NHWC" else 1])
 
 

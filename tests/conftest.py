@@ -81,18 +81,21 @@ def make_device_venv(dest: Path, dists: list[str]) -> Path:
     return dest / "bin" / "python"
 
 
+def _runtime_venv(factory: pytest.TempPathFactory, runtime: str, module: str, absent: tuple[str, ...]) -> Path:
+    """A device venv with numpy, opencv-python-headless and ``runtime``; asserts ``absent`` cannot import."""
+    if not has(module):
+        pytest.skip(f"{runtime} not installed")
+    py = make_device_venv(factory.mktemp(f"venv-{runtime}"), ["numpy", "opencv-python-headless", runtime])
+    probe = subprocess.run([str(py), "-c", f"import importlib.util as u; print([m for m in {absent!r} "
+                            "if u.find_spec(m)])"], capture_output=True, text=True, env=device_env(), cwd=py.parent)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    return py
+
+
 @pytest.fixture(scope="session")
 def openvino_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """python of a venv holding only numpy, opencv-python-headless and openvino."""
-    if not has("openvino"):
-        pytest.skip("openvino not installed")
-    py = make_device_venv(tmp_path_factory.mktemp("venv-openvino"), ["numpy", "opencv-python-headless",
-                                                                       "openvino"])
-    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('edgeport', 'torch', "
-                            "'onnx', 'nncf') if u.find_spec(m)])"], capture_output=True, text=True,
-                           env=device_env(), cwd=py.parent)
-    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
-    return py
+    return _runtime_venv(tmp_path_factory, "openvino", "openvino", ("edgeport", "torch", "onnx", "nncf"))
 
 
 def device_env() -> dict[str, str]:
@@ -130,15 +133,8 @@ def default_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
 @pytest.fixture(scope="session")
 def tflite_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """python of a venv holding only numpy, opencv-python-headless and ai-edge-litert."""
-    if not has("ai_edge_litert"):
-        pytest.skip("ai-edge-litert not installed")
-    py = make_device_venv(tmp_path_factory.mktemp("venv-tflite"), ["numpy", "opencv-python-headless",
-                                                                     "ai-edge-litert"])
-    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('edgeport', 'torch', "
-                            "'tensorflow', 'onnx2tf', 'openvino') if u.find_spec(m)])"], capture_output=True,
-                           text=True, env=device_env(), cwd=py.parent)
-    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
-    return py
+    return _runtime_venv(tmp_path_factory, "ai-edge-litert", "ai_edge_litert",
+                         ("edgeport", "torch", "tensorflow", "onnx2tf", "openvino"))
 
 
 def offline_prefix() -> list[str]:

@@ -178,3 +178,26 @@ class Backend(Protocol):
 def runner_part_of(module_file: str) -> Path:
     """The runner.py beside a backend's backend.py."""
     return Path(module_file).with_name("runner.py")
+
+
+class DeviceBackend:
+    """What the device backends share; each defines name, available, compile and open."""
+
+    name: str
+
+    def available(self) -> Availability:
+        raise NotImplementedError
+
+    def versions_key(self) -> str:
+        """Changes when the toolchain that compiles changes (part of the cache key)."""
+        return repr(sorted(self.available().versions.items()))
+
+    def calibration_needed(self, precision: str) -> bool:
+        """Only INT8 needs calibration data (dynamic-range quantises weights alone)."""
+        return precision == "int8"
+
+    def runner_part(self) -> Path:
+        """This backend's part of the assembled runner.py: runner.py beside its backend module."""
+        import sys
+
+        return runner_part_of(sys.modules[type(self).__module__].__file__ or "")

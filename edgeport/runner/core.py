@@ -547,7 +547,7 @@ class Post(object):
         if not self.draw:
             return None
         full = mask_to_frame(mask, geom, frame.shape[:2])
-        return draw_segmentation(frame, full, self.palette, self.labels, class_areas(full, self.labels))
+        return draw_segmentation(frame, full, self.palette, self.labels, record["areas"])
 
 
 class Outputs(object):

@@ -11,11 +11,11 @@ import numpy as np
 from edgeport.backends.base import (
     Artifacts,
     Availability,
+    DeviceBackend,
     Quantization,
     Runtime,
     TensorInfo,
     probe,
-    runner_part_of,
 )
 from edgeport.config import QuantizeConfig
 from edgeport.errors import ConversionError
@@ -85,7 +85,7 @@ class OpenVINORuntime(Runtime):
         self.compiled = None
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(DeviceBackend):
     """The Intel backend (CPU, integrated GPU, NPU)."""
 
     name = "openvino"
@@ -98,18 +98,6 @@ class OpenVINOBackend:
         if av.installed and not extra.installed:
             av.reason = "nncf not installed: INT8 unavailable"
         return av
-
-    def versions_key(self) -> str:
-        """Changes when the toolchain that compiles changes (cache key)."""
-        return repr(sorted(self.available().versions.items()))
-
-    def calibration_needed(self, precision: str) -> bool:
-        """INT8 is the only precision that needs calibration data."""
-        return precision == "int8"
-
-    def runner_part(self) -> Path:
-        """This backend's part of the assembled runner.py."""
-        return runner_part_of(__file__)
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeport.backends.base import Artifacts, Availability, Quantization, Runtime, TensorInfo, probe, runner_part_of
+from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _onnx_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     return [info(i) for i in model.graph.input if i.name not in inits], [info(o) for o in model.graph.output]
 
 
-class TensorRTBackend:
+class TensorRTBackend(DeviceBackend):
     """The Jetson backend: artifacts built here, engines built on the device."""
 
     name = "tensorrt"
@@ -53,19 +53,6 @@ class TensorRTBackend:
         if av.installed:
             av.versions["tensorrt"] = "on the device (engines build there; INT8 emulated here)"
         return av
-
-    def versions_key(self) -> str:
-        """Changes when the host toolchain changes (cache key)."""
-        return repr(sorted(probe(self.name, "tensorrt", {"onnx": "onnx", "onnxruntime": "onnxruntime"})
-                           .versions.items()))
-
-    def calibration_needed(self, precision: str) -> bool:
-        """INT8 ranges come from the calibration set."""
-        return precision == "int8"
-
-    def runner_part(self) -> Path:
-        """This backend's part of the assembled runner.py."""
-        return runner_part_of(__file__)
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:

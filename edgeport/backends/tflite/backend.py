@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeport.backends.base import Artifacts, Availability, Quantization, Runtime, TensorInfo, probe, runner_part_of
+from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class TFLiteRuntime(Runtime):
         self.device = None  # type: ignore[assignment]
 
 
-class TFLiteBackend:
+class TFLiteBackend(DeviceBackend):
     """The ARM backend (Raspberry Pi, arm64 Linux, Android)."""
 
     name = "tflite"
@@ -152,18 +152,6 @@ class TFLiteBackend:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
         return probe(self.name, self.name, {"onnx2tf": "onnx2tf", "tensorflow": "tensorflow-cpu",
                                              "ai_edge_litert": "ai-edge-litert", "onnx": "onnx"})
-
-    def versions_key(self) -> str:
-        """Changes when the converting toolchain changes (cache key)."""
-        return repr(sorted(self.available().versions.items()))
-
-    def calibration_needed(self, precision: str) -> bool:
-        """Full-integer INT8 needs calibration data; dynamic-range does not."""
-        return precision == "int8"
-
-    def runner_part(self) -> Path:
-        """This backend's part of the assembled runner.py."""
-        return runner_part_of(__file__)
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
