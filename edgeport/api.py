@@ -140,6 +140,27 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     return {"onnx": str(dest), "opset": chosen, "parity": info["parity"], "cached": cached}
 
 
+def validate(paths: list[str] | None = None, *, config: str | None = None, model: str | None = None,
+             weights: str | None = None, input: str | None = None, task: str | None = None,
+             labels: str | None = None, resize: str | None = None, mean: list[float] | None = None,
+             std: list[float] | None = None, color: str | None = None, name: str | None = None,
+             build_dir: str | None = None, images: str | None = None, image_labels: str | None = None,
+             max_images: int | None = None, max_drop: float | None = None, localize: bool = False,
+             bench: bool = False, bench_iters: int = 200) -> Any:
+    """Validate bundles (default: the project's dist folder) against the PyTorch model; a ValidateReport.
+
+    Each bundle runs on its golden frames and, when given, on ``images`` (+ ``image_labels`` label
+    maps for mIoU, or class sub-folders for top-1), preprocessed with its own manifest.
+    Example: validate(["dist"], images="camvid/val", image_labels="camvid/valannot", bench=True)
+    """
+    from edgeport.validate import run_validate
+
+    cfg = _configure(config, model, weights, input, task, labels, None, None, None, None, None, None,
+                     build_dir, resize, mean, std, color, name)
+    return run_validate(cfg, list(paths or []), images=images, labels=image_labels, max_images=max_images,
+                        max_drop=max_drop, localize=localize, bench=bench, bench_iters=bench_iters)
+
+
 def targets() -> list[dict[str, Any]]:
     """Every device profile as a dict (name, backend, precisions, runtime, opset ceiling...)."""
     from edgeport.target import all_targets

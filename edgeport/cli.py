@@ -20,6 +20,10 @@ EXAMPLES = {
              "  edgeport build --report reports/   (JSON, JUnit XML and Markdown for CI)",
     "export": "examples:\n  edgeport export --model torchvision:resnet18?num_classes=10 --input 1x3x224x224 "
               "--out resnet18.onnx\n  edgeport export --target jetson-nano   (opset 13 for TensorRT 8.2)",
+    "validate": "examples:\n  edgeport validate      # this project's dist/: golden frames (+ synthetic scenes "
+                "for the default model)\n  edgeport validate dist/camvid --config examples/camvid/edgeport.toml "
+                "--images camvid/val --labels camvid/valannot --bench --report reports/\n"
+                "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges",
     "targets": "examples:\n  edgeport targets\n  edgeport targets --json",
     "doctor": "examples:\n  edgeport doctor\n  edgeport doctor --json",
     "inspect": "examples:\n  edgeport inspect dist/intel-cpu-int8\n  edgeport inspect model.onnx --json",
@@ -96,6 +100,34 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(e)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")
     e.add_argument("--out", help="ONNX file to write (default: <model>.onnx)")
+    v = cmd("validate", "check every bundle against the PyTorch model: golden frames and a dataset, per output "
+                        "and task metric; exit 0 only when all pass")
+    v.add_argument("paths", nargs="*", metavar="PATH", help="bundle folders or dist folders (default: the "
+                                                          "project's dist)")
+    g = v.add_argument_group("the reference model (as in build; default: ./edgeport.toml or the embedded default)")
+    for flag, kw in (("--config", {}), ("--model", {}), ("--weights", {}), ("--name", {}),
+                     ("--input", {"metavar": "SHAPE"}), ("--build-dir", {})):
+        g.add_argument(flag, **kw)
+    g.add_argument("--task", choices=["classification", "segmentation"])
+    g.add_argument("--class-labels", dest="labels", metavar="FILE", help="class names, one per line")
+    g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])
+    g.add_argument("--color", choices=["RGB", "BGR"])
+    g.add_argument("--mean", type=float, nargs=3)
+    g.add_argument("--std", type=float, nargs=3)
+    g = v.add_argument_group("data and checks")
+    g.add_argument("--images", metavar="DIR", help="dataset images (or synthetic://); default: [validation] of "
+                                                   "the config, synthetic scenes for the default model")
+    g.add_argument("--labels", dest="image_labels", metavar="DIR", help="label maps matched to --images by file "
+                                                                        "stem (segmentation)")
+    g.add_argument("--max-images", type=int, metavar="N", help="at most N dataset images (default 500)")
+    g.add_argument("--max-drop", type=float, help="largest task-metric drop from PyTorch in points (default: "
+                                                  "[quantize] max_drop, 1.0)")
+    g.add_argument("--localize", action="store_true", help="for a failing bundle, name the first layer whose "
+                                                           "output diverges (OpenVINO, TensorRT)")
+    g.add_argument("--bench", action="store_true", help="also time each runtime here: size, metric, latency "
+                                                        "median/p99, FPS (Markdown table + PNG chart)")
+    g.add_argument("--report", metavar="DIR", help="write validate.json, validate.junit.xml, validate.md "
+                                                   "(and benchmark.png with --bench) here")
     t = cmd("targets", "list the device profiles")
     t.add_argument("--json", action="store_true")
     d = cmd("doctor", "show which backends are installed, their versions, and how to install the rest")
@@ -133,6 +165,18 @@ def _run(args: argparse.Namespace) -> int:
             print(f"built {len(fresh)} bundle(s) in {report.seconds:.1f}s; bundles in "
                   f"{', '.join(sorted({str(r.bundle.rsplit('/', 1)[0]) for r in report.targets if r.bundle})) or '-'}")
         raise_on_failure(report)
+        return 0
+    if args.command == "validate":
+        from edgeport import validate as gate
+
+        keys = ("config", "model", "weights", "name", "input", "build_dir", "task", "labels", "resize", "color",
+                "mean", "std", "images", "image_labels", "max_images", "max_drop", "localize", "bench")
+        report = api.validate(args.paths, **{k: getattr(args, k) for k in keys})
+        print(gate.text(report))
+        if args.report:
+            for path in gate.write_reports(report, Path(args.report)):
+                print(f"wrote {path}")
+        gate.raise_on_failure(report)
         return 0
     if args.command == "export":
         kw = {k: getattr(args, k) for k in _MODEL_KEYS}

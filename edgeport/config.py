@@ -11,7 +11,8 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
                    ignored_types, accuracy_control, max_drop, method
-    [validation]   images, labels, max_images
+    [validation]   images, labels, max_images, tolerance.<output>[@<precision>] (max_abs, max_rel,
+                   min_cosine, min_sqnr_db, min_agreement)
     [build]        targets, precision, out, build_dir
 """
 from __future__ import annotations
@@ -110,6 +111,8 @@ class QuantizeConfig:
 
 PRESETS = ("mixed", "performance")
 RANGE_METHODS = ("max", "percentile", "entropy")
+PRECISIONS = ("fp32", "fp16", "int8", "dynamic-range")
+TOLERANCE_KEYS = ("max_abs", "max_rel", "min_cosine", "min_sqnr_db", "min_agreement")
 
 
 @dataclass
@@ -119,6 +122,33 @@ class ValidationConfig:
     images: str | None = None
     labels: str | None = None
     max_images: int = 500
+    # Per-output tolerance overrides for `edgeport validate`. Keys: an output name, "*" for every
+    # output, either one suffixed with "@<precision>" to apply to that precision only.
+    tolerance: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str = "validation") -> None:
+        """ConfigError naming a bad tolerance entry."""
+        for key, entry in self.tolerance.items():
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}: 'validation.tolerance.{key}' must be a table, e.g. "
+                                  f"[validation.tolerance.{key}] min_cosine = 0.99")
+            _, _, prec = key.partition("@")
+            if prec and prec not in PRECISIONS:
+                raise ConfigError(f"{where}: 'validation.tolerance.{key}': unknown precision '{prec}'"
+                                  f"{close_match(prec, PRECISIONS)}")
+            for k, v in entry.items():
+                if k not in TOLERANCE_KEYS:
+                    raise ConfigError(f"{where}: unknown key 'validation.tolerance.{key}.{k}'"
+                                      f"{close_match(k, TOLERANCE_KEYS)}")
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise ConfigError(f"{where}: 'validation.tolerance.{key}.{k}' = {v!r} should be a number")
+
+    def tolerance_for(self, output: str, precision: str, base: dict[str, Any]) -> dict[str, Any]:
+        """``base`` (the target's defaults) overridden by "*", "*@prec", "output", "output@prec" in turn."""
+        tol = dict(base)
+        for key in ("*", f"*@{precision}", output, f"{output}@{precision}"):
+            tol.update(self.tolerance.get(key, {}))
+        return tol
 
 
 @dataclass
@@ -180,6 +210,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (list, tuple):
         return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
     if hint is Any:
         return True
     return isinstance(value, hint)
@@ -226,6 +258,7 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
         if name in data:
             setattr(cfg, name, _section(cls, data[name], where, name))
     cfg.quantize.validate(f"{where}: [quantize]")
+    cfg.validation.validate(where)
     spec_args: dict[str, Any] = {}
     _check_keys(data.get("input", {}), _INPUT_KEYS, where, "input")
     _check_keys(data.get("preprocess", {}), _PRE_KEYS, where, "preprocess")

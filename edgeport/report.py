@@ -48,10 +48,9 @@ def to_json(report: BuildReport) -> dict[str, Any]:
             "targets": [vars(t) for t in report.targets], "cases": cases(report)}
 
 
-def to_junit(report: BuildReport) -> str:
-    """JUnit XML: a testsuite per target, a testcase per output (and accuracy check)."""
-    all_cases = cases(report)
-    root = ET.Element("testsuites", name=f"edgeport {report.model}", tests=str(len(all_cases)),
+def junit_xml(title: str, all_cases: list[dict[str, Any]]) -> str:
+    """JUnit XML from cases (suite, name, status, message, metrics, seconds): a testsuite per suite."""
+    root = ET.Element("testsuites", name=title, tests=str(len(all_cases)),
                       failures=str(sum(c["status"] == "failed" for c in all_cases)),
                       skipped=str(sum(c["status"] == "skipped" for c in all_cases)))
     suites: dict[str, ET.Element] = {}
@@ -71,6 +70,11 @@ def to_junit(report: BuildReport) -> str:
         s.set("failures", str(sum(c["status"] == "failed" for c in mine)))
         s.set("skipped", str(sum(c["status"] == "skipped" for c in mine)))
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
+
+
+def to_junit(report: BuildReport) -> str:
+    """JUnit XML: a testsuite per target, a testcase per output (and accuracy check)."""
+    return junit_xml(f"edgeport {report.model}", cases(report))
 
 
 def to_markdown(report: BuildReport) -> str:

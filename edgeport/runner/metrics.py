@@ -27,7 +27,8 @@ def class_axis(arr):
 def compare(ref, got, task, tol):
     """Compare one output; returns a dict of metrics with 'ok' and 'failed' (the checks that failed).
 
-    tol keys: max_rel (max |ref-got| over ref's range), min_cosine, min_agreement; None skips one.
+    tol keys: max_abs, max_rel (max |ref-got| over ref's range), min_cosine, min_sqnr_db,
+    min_agreement; a missing or None key is not checked.
     """
     ref = np.asarray(ref, np.float64)
     got = np.asarray(got, np.float64)
@@ -46,10 +47,14 @@ def compare(ref, got, task, tol):
         "agreement": task_agreement(ref, got, task),
     }
     failed = []
+    if tol.get("max_abs") is not None and m["max_abs"] > tol["max_abs"]:
+        failed.append("max_abs %.3g > %.3g" % (m["max_abs"], tol["max_abs"]))
     if tol.get("max_rel") is not None and m["max_rel"] > tol["max_rel"]:
         failed.append("max_rel %.3g > %.3g" % (m["max_rel"], tol["max_rel"]))
     if tol.get("min_cosine") is not None and m["cosine"] < tol["min_cosine"]:
-        failed.append("cosine %.6f < %.6f" % (m["cosine"], tol["min_cosine"]))
+        failed.append("cosine %.7f < %.7f" % (m["cosine"], tol["min_cosine"]))
+    if tol.get("min_sqnr_db") is not None and m["sqnr_db"] < tol["min_sqnr_db"]:
+        failed.append("sqnr %.1f dB < %.1f dB" % (m["sqnr_db"], tol["min_sqnr_db"]))
     if tol.get("min_agreement") is not None and m["agreement"] < tol["min_agreement"]:
         failed.append("agreement %.4f < %.4f" % (m["agreement"], tol["min_agreement"]))
     m["ok"] = not failed

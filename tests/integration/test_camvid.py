@@ -30,3 +30,15 @@ def test_camvid_model_fp32_and_int8_miou_on_camvid_val(tmp_path, camvid):
     for name in ("intel-cpu-int8", "raspberry-pi-5-int8", "jetson-orin-nano-int8"):
         assert acc[name]["drop"] < 1.0 and acc[name]["agreement"] > 0.95, (name, acc[name])
     assert "mIoU" in res.stdout and "tensorrt (emulated)" in res.stdout
+    # The gate on the same bundles: PyTorch vs each artifact on CamVid val, INT8 within the recipe's
+    # max_drop (0.3 mIoU point) of FP32 on every backend, the emulated TensorRT INT8 included.
+    res = run_cli("validate", str(tmp_path / "dist"), "--config", str(RECIPE), "--build-dir",
+                  str(tmp_path / "build"), "--report", str(tmp_path / "reports"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    report = json.loads((tmp_path / "reports" / "validate.json").read_text())
+    ref = report["reference_metrics"]["miou"]
+    assert abs(ref - acc["intel-cpu-fp32"]["reference"]["miou"]) < 1e-6  # PyTorch == the build's FP32 ONNX
+    for b in report["bundles"]:
+        miou = next(c for c in b["cases"] if c["check"] == "miou")["metrics"]
+        assert miou["max_drop"] == 0.3 and miou["drop"] <= 0.3, (b["name"], miou["drop"])
+        assert b["status"] == "validated"

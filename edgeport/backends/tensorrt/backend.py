@@ -78,7 +78,9 @@ class TensorRTBackend(DeviceBackend):
             n = min(len(calib), settings.subset_size if settings is not None else 300)
             log.info("TensorRT INT8: %s activation ranges from %d calibration images", method, n)
             amax = rg.collect_ranges(onnx, calib.data[:n], method)
-            counts = rg.write_qdq(onnx, amax, out / "model_qdq.onnx")
+            keep = rg.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns,
+                                    settings.ignored_types) if settings is not None else set()
+            counts = rg.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             files["qdq"] = out / "model_qdq.onnx"
             if major_minor[0] == 8:
                 rg.write_cache(amax, trt_version, out / "calib.cache")

@@ -204,8 +204,25 @@ def _weight_axis(node: Any) -> int:
     return 0
 
 
-def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path) -> dict[str, int]:
-    """The Q/DQ ONNX: activations per-tensor and weights per-channel, symmetric int8, zero points 0."""
+def ignored_nodes(onnx_path: Path, names: Iterable[str], patterns: Iterable[str], types: Iterable[str]) -> set[str]:
+    """Node names matched by [quantize] ignored_names / ignored_patterns (re.search) / ignored_types."""
+    import re
+
+    import onnx
+
+    names, types = set(names), set(types)
+    regexes = [re.compile(p) for p in patterns]
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {n.name for n in graph.node if n.name in names or n.op_type in types
+            or any(r.search(n.name) for r in regexes)}
+
+
+def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path,
+              keep_float: set[str] | None = None) -> dict[str, int]:
+    """The Q/DQ ONNX: activations per-tensor and weights per-channel, symmetric int8, zero points 0.
+
+    Nodes named in ``keep_float`` get no Q/DQ: TensorRT runs them in FP16/FP32 (explicit mode).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -214,7 +231,8 @@ def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path) -> dict[str,
     inits = {i.name: i for i in graph.initializer}
     new_nodes: list[Any] = []
     done: dict[str, str] = {}  # tensor -> its dequantized name
-    counts = {"activations": 0, "weights": 0}
+    counts = {"activations": 0, "weights": 0, "kept_float": 0}
+    keep_float = keep_float or set()
 
     def zp(name: str, n: int | None = None) -> str:
         arr = np.zeros(n, np.int8) if n else np.array(0, np.int8)
@@ -250,7 +268,9 @@ def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path) -> dict[str,
         return f"{name}_dq"
 
     for node in graph.node:
-        if node.op_type in QUANTIZED_OPS and len(node.input) >= 2 and node.input[1] in inits \
+        if node.name in keep_float:
+            counts["kept_float"] += 1
+        elif node.op_type in QUANTIZED_OPS and len(node.input) >= 2 and node.input[1] in inits \
                 and inits[node.input[1]].data_type == TensorProto.FLOAT:
             node.input[0] = qdq_activation(node.input[0])
             node.input[1] = qdq_weight(node.input[1], _weight_axis(node))

@@ -1,0 +1,138 @@
+"""`edgeport validate --localize`: the first layer where a bundle's artifact departs from the FP32 graph.
+
+Every intermediate tensor of the FP32 ONNX is computed in ONNX Runtime and compared with the
+tensor of the same name in the artifact: OpenVINO keeps ONNX tensor names on its IR outputs,
+and the Q/DQ model of a TensorRT bundle keeps them on the original nodes. Tensors are walked in
+the ONNX graph's topological order; the first one beyond tolerance is named, together with the
+layer that adds the most error by itself (often the one to keep in higher precision).
+TFLite is not covered: onnx2tf renames and re-lays-out every tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeport.config import ProjectConfig
+from edgeport.model import file_sha256
+from edgeport.runner.metrics import compare
+
+
+def _fp32_onnx(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig) -> Path | None:
+    """The FP32 ONNX this bundle was built from: in the project's build cache, matched by sha256."""
+    want = manifest["model"].get("onnx_sha256")
+    for p in sorted(cfg.resolve(cfg.build.build_dir).glob("export/*/model.onnx")):
+        if file_sha256(p) == want:
+            return p
+    return None
+
+
+def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], list[tuple[str, str, list[str]]]]:
+    """(every float tensor by name, [(node name, op type, outputs)] in graph order) for one input."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    known = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
+    present = {o.name for o in model.graph.output}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append((node.name or node.output[0], node.op_type, list(node.output)))
+        for out in node.output:
+            vi = known.get(out)
+            if out and out not in present and vi is not None and \
+                    vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+                model.graph.output.append(vi)
+                present.add(out)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    values = sess.run(names, {sess.get_inputs()[0].name: x})
+    return dict(zip(names, (np.asarray(v) for v in values))), nodes
+
+
+def openvino_tensors(xml: Path, x: np.ndarray, wanted: list[str], config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The IR's tensors named in ``wanted`` (ONNX tensor names survive conversion), as extra outputs."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    ports: dict[str, Any] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Result", "Constant", "Parameter"):
+            continue
+        for out in op.outputs():
+            for n in out.get_names():
+                ports.setdefault(n, out)
+    chosen = [n for n in wanted if n in ports]
+    model.add_outputs([ports[n] for n in chosen])
+    compiled = core.compile_model(model, "CPU", config)
+    res = compiled({0: x})
+    got: dict[str, np.ndarray] = {}
+    for port in compiled.outputs:
+        for n in port.get_names():
+            if n in wanted:
+                got[n] = np.asarray(res[port])
+    return got
+
+
+def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, x: np.ndarray,
+                    tol: dict[str, Any]) -> dict[str, Any]:
+    """Where the bundle's artifact first departs from the FP32 ONNX, for the NCHW input ``x``."""
+    backend = manifest["backend"]
+    if backend == "tflite":
+        return {"summary": "--localize covers OpenVINO and TensorRT bundles; onnx2tf renames TFLite tensors"}
+    onnx_path = _fp32_onnx(bundle, manifest, cfg)
+    if onnx_path is None:
+        return {"summary": "--localize needs the FP32 ONNX this bundle was built from (sha256 "
+                           f"{manifest['model'].get('onnx_sha256', '?')[:12]}) in {cfg.build.build_dir}/; "
+                           "run `edgeport build` for this project first"}
+    ref, nodes = ort_tensors(onnx_path, x)
+    files = manifest["files_by_role"]
+    if backend == "openvino":
+        rt = manifest.get("runtime", {})
+        got = openvino_tensors(bundle / files["model"], x, list(ref),
+                               {"INFERENCE_PRECISION_HINT": rt.get("inference_precision", "f32")})
+        hint = "--int8-ignore '{name}' (or [quantize] ignored_names)"
+    else:
+        got, _ = ort_tensors(bundle / files.get("qdq", files["model"]), x)
+        hint = "--int8-ignore '{name}' keeps it out of the Q/DQ model (TensorRT runs it in FP16)"
+    check = {"max_rel": tol.get("max_rel"), "min_cosine": tol.get("min_cosine")}
+    steps = []
+    cos_of: dict[str, float] = {}
+    first = None
+    inputs_of = _node_inputs(onnx_path)
+    for name, op, outs in nodes:
+        for t in outs:
+            if t not in ref or t not in got or ref[t].shape != got[t].shape:
+                continue
+            m = compare(ref[t], got[t], "none", check)
+            cos_of[t] = m["cosine"]
+            before = min([cos_of[i] for i in inputs_of.get(name, []) if i in cos_of] or [1.0])
+            step = {"node": name, "op": op, "tensor": t, "cosine": m["cosine"], "max_rel": m["max_rel"],
+                    "added": (1.0 - m["cosine"]) - (1.0 - before)}
+            steps.append(step)
+            if first is None and not m["ok"]:
+                first = step
+    if not steps:
+        return {"summary": "--localize found no tensor names shared by the ONNX and the artifact"}
+    worst = max(steps, key=lambda s: s["added"])
+    if first is None:
+        summary = (f"the graph computes what the FP32 ONNX computes on the same input ({len(steps)} tensors "
+                   "within tolerance), so the difference comes before the model: check the bundle's preprocess "
+                   f"(most error is added by {worst['op']} '{worst['node']}', cosine {worst['cosine']:.6f})")
+    else:
+        summary = (f"first diverging layer: {first['op']} '{first['node']}' (tensor '{first['tensor']}', cosine "
+                   f"{first['cosine']:.6f}, max error {first['max_rel']:.2e} of range); most error added by "
+                   f"{worst['op']} '{worst['node']}'; " + hint.format(name=worst["node"]))
+    return {"summary": summary, "first": first, "worst": worst, "compared": len(steps), "onnx": str(onnx_path),
+            "steps": steps}
+
+
+def _node_inputs(path: Path) -> dict[str, list[str]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {(n.name or n.output[0]): list(n.input) for n in model.graph.node}

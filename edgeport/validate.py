@@ -1,0 +1,550 @@
+"""`edgeport validate`: the parity gate between PyTorch and every bundle the host can run.
+
+For each bundle the frames are the bundle's golden frames plus, when given, a dataset. The
+reference is the project's PyTorch model with the project's preprocessing; the candidate is the
+bundle's own artifact with the preprocessing written in its manifest, exactly as its runner on
+the device would apply it. A wrong mean/std, a swapped channel order or a corrupted weight in a
+bundle therefore shows as a numeric failure naming the bundle, its backend and the output.
+
+Host runtimes: OpenVINO (IR), TFLite (LiteRT interpreter), TensorRT INT8 emulated in ONNX
+Runtime on the bundle's Q/DQ model; a TensorRT FP16/FP32 bundle has its model.onnx checked in
+ONNX Runtime (the engine itself is built and checked on the device by runner.py --selftest).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeport.backends.base import Artifacts, Runtime, TensorInfo
+from edgeport.bundle import read_manifest, verify_bundle
+from edgeport.config import DEFAULT_MODEL, ProjectConfig
+from edgeport.errors import BundleError, ConfigError, EdgeportError
+from edgeport.evaluate import LabelledSet
+from edgeport.preprocess import InputSpec
+from edgeport.progress import progress
+from edgeport.runner.metrics import compare
+
+log = logging.getLogger("edgeport")
+DEFAULT_SYNTHETIC = "synthetic://?n=32"
+
+
+@dataclass
+class Case:
+    """One check: a bundle's output against the reference, its task metric, or its files."""
+
+    bundle: str
+    backend: str
+    precision: str
+    check: str
+    status: str  # passed | failed | skipped
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class BundleResult:
+    """Everything validate found about one bundle."""
+
+    name: str
+    path: str
+    target: str
+    backend: str
+    precision: str
+    runtime: str  # what ran it on this host
+    size_mb: float
+    cases: list[Case] = field(default_factory=list)
+    metrics: dict[str, float] | None = None  # task metrics on the labelled set
+    latency: dict[str, float] | None = None
+    localize: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        """validated | failed | built (nothing could run here)."""
+        if any(c.status == "failed" for c in self.cases):
+            return "failed"
+        return "validated" if any(c.status == "passed" and c.check != "files" for c in self.cases) else "built"
+
+
+@dataclass
+class ValidateReport:
+    """The gate's outcome."""
+
+    model: str
+    reference: str
+    dataset: str | None
+    reference_metrics: dict[str, float] | None
+    bundles: list[BundleResult]
+    seconds: float
+    reference_latency: dict[str, float] | None = None
+    reference_size_mb: float | None = None
+
+    @property
+    def cases(self) -> list[Case]:
+        """Every check of every bundle, in table order."""
+        return [c for b in self.bundles for c in b.cases]
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed."""
+        return all(c.status != "failed" for c in self.cases)
+
+
+# ---------------------------------------------------------------- bundles
+def find_bundles(paths: list[str]) -> list[Path]:
+    """Bundle folders from bundle paths and dist folders (their direct sub-folders)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "manifest.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            inner = sorted(m.parent for m in p.glob("*/manifest.json"))
+            if not inner:
+                raise BundleError(f"{p}: no bundle in it (a bundle is a folder with manifest.json; "
+                                  "run `edgeport build` first)")
+            found += inner
+        else:
+            raise BundleError(f"{p}: no such bundle or dist folder")
+    return found
+
+
+def artifacts_of(bundle: Path, manifest: dict[str, Any]) -> Artifacts:
+    """The Artifacts a backend's ``open`` takes, rebuilt from a bundle's manifest."""
+    files = {role: bundle / rel for role, rel in manifest["files_by_role"].items()}
+    return Artifacts(manifest["backend"], manifest["target"], manifest["precision"], files,
+                     [TensorInfo(**d) for d in manifest["inputs"]], [TensorInfo(**d) for d in manifest["outputs"]],
+                     InputSpec.from_dict(manifest["preprocess"]), manifest.get("runtime", {}),
+                     manifest.get("provenance", {}))
+
+
+def open_bundle(bundle: Path, manifest: dict[str, Any]) -> tuple[Runtime, str, str]:
+    """(runtime, backend label, what runs it) for a bundle on this host.
+
+    BackendUnavailableError when its runtime is not installed here.
+    """
+    from edgeport.backends import get_backend
+    from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
+    art = artifacts_of(bundle, manifest)
+    name = manifest["backend"]
+    if name == "tensorrt":
+        if "qdq" in art.files:
+            return ORT.open_onnx(art.files["qdq"]), "tensorrt (emulated)", "onnxruntime on model_qdq.onnx"
+        return (ORT.open_onnx(art.files["model"]), "tensorrt (onnx)",
+                f"onnxruntime on model.onnx; the {art.precision} engine is checked on the device")
+    backend = get_backend(name)
+    backend.available().require()
+    versions = backend.available().versions
+    return backend.open(art), name, f"{name} {versions.get(name, versions.get('ai-edge-litert', ''))}".strip()
+
+
+def model_files_mb(bundle: Path, manifest: dict[str, Any]) -> float:
+    """Size of the model files (not runner, golden or docs) in MB."""
+    roles = manifest.get("files_by_role", {})
+    return round(sum((bundle / rel).stat().st_size for role, rel in roles.items()
+                     if role != "build_engine" and (bundle / rel).is_file()) / 1e6, 3)
+
+
+# ---------------------------------------------------------------- reference
+class Reference:
+    """The project's PyTorch model, optimised as the export optimised it, with the project's preprocessing."""
+
+    def __init__(self, cfg: ProjectConfig) -> None:
+        import torch
+
+        from edgeport.model import default_name, load_model
+        from edgeport.optimize import optimize
+
+        self.cfg = cfg
+        self.spec = cfg.input
+        self.name = cfg.model.name or default_name(cfg.model.source)
+        model = load_model(cfg.model.source, cfg.model.weights, cfg.root)
+        example = torch.zeros(tuple(self.spec.shape), dtype=torch.float32)
+        self.model, _ = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
+                                 finetune_hook=cfg.optimize.finetune, spec=self.spec)
+        self.size_mb = round(sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e6, 3)
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def inputs(self, frames: list[np.ndarray]) -> np.ndarray:
+        """Preprocessed inputs for BGR frames, with the project's spec."""
+        from edgeport.runner.preprocess import preprocess
+
+        return np.concatenate([preprocess(f, self.spec.to_dict())[0] for f in frames], 0)
+
+    def outputs(self, frames: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """PyTorch outputs by name for frames (cached by content)."""
+        from edgeport.export import torch_outputs
+
+        key = hashlib.sha256(b"".join(f.tobytes() for f in frames) + repr(names).encode()).hexdigest()
+        if key not in self._cache:
+            self._cache[key] = torch_outputs(self.model, self.inputs(frames), names)
+        return self._cache[key]
+
+    def run_inputs(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """PyTorch outputs for already preprocessed inputs (bundles without golden frames)."""
+        from edgeport.export import torch_outputs
+
+        return torch_outputs(self.model, x, names)
+
+
+def _golden(bundle: Path, manifest: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray]:
+    """(golden frames, golden inputs) of a bundle; frames may be empty (built from a .npy)."""
+    import cv2
+
+    frames, inputs = [], []
+    for case in manifest.get("golden", {}).get("cases", []):
+        inputs.append(np.load(bundle / case["input"]))
+        if case.get("frame"):
+            img = cv2.imread(str(bundle / case["frame"]), cv2.IMREAD_COLOR)
+            if img is None:
+                raise BundleError(f"{bundle}: golden frame {case['frame']} cannot be read")
+            frames.append(img)
+    if not inputs:
+        raise BundleError(f"{bundle}: manifest lists no golden cases")
+    return frames, np.concatenate(inputs, 0)
+
+
+def _to_ref_layout(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """NHWC -> NCHW when the artifact's output is the transpose of the reference's."""
+    if got.shape[1:] == ref.shape[1:] or got.ndim != 4:
+        return got
+    if got.transpose(0, 3, 1, 2).shape[1:] == ref.shape[1:]:
+        return got.transpose(0, 3, 1, 2)
+    return got
+
+
+def _run_frames(rt: Runtime, frames: list[np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The artifact's outputs for frames, preprocessed with the bundle's own spec (as its runner does)."""
+    from edgeport.runner.preprocess import preprocess
+
+    name = rt.inputs[0].name
+    outs: dict[str, list[np.ndarray]] = {}
+    for f in frames:
+        for k, v in rt.infer({name: preprocess(f, spec)[0]}).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v, 0) for k, v in outs.items()}
+
+
+# ---------------------------------------------------------------- the gate
+def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = None, labels: str | None = None,
+                 max_images: int | None = None, max_drop: float | None = None, localize: bool = False,
+                 bench: bool = False, bench_iters: int = 200) -> ValidateReport:
+    """Validate every bundle under ``paths`` against the project's PyTorch model."""
+    from edgeport.evaluate import load_labelled, task_metrics
+
+    t_start = time.time()
+    bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
+    manifests = [read_manifest(b) for b in bundles]
+    from edgeport.model import default_name
+
+    for b, m in zip(bundles, manifests):
+        if m["model"].get("source") != cfg.model.source:
+            raise ConfigError(f"{b} holds model '{m['model'].get('name')}' ({m['model'].get('source')}), but the "
+                              f"reference is '{cfg.model.name or default_name(cfg.model.source)}' "
+                              f"({cfg.model.source}); pass the project's --config")
+    ref = Reference(cfg)
+    source = images or cfg.validation.images
+    if source is None and cfg.model.source == DEFAULT_MODEL:
+        source = DEFAULT_SYNTHETIC
+    lab = labels if images else (labels or cfg.validation.labels)
+    data: LabelledSet | None = None
+    ref_metrics = None
+    if source:
+        data = load_labelled(source, lab, ref.spec, max_images=max_images or cfg.validation.max_images,
+                             root=None if images else cfg.root)
+        if not data.frames:
+            raise ConfigError(f"{source}: validation needs raw images (a folder, or synthetic://)")
+        names = [o["name"] for o in manifests[0]["outputs"]]
+        first = names[0]
+        ref_data = ref.outputs(data.frames, names)
+        ref_metrics = task_metrics(ref_data[first], data, ref.spec.layout) or None
+        if ref_metrics:
+            log.info("PyTorch on %s: %s", data.source, ", ".join(f"{k} {v:.2f}" for k, v in ref_metrics.items()
+                                                                 if k != "count"))
+    drop_limit = cfg.quantize.max_drop if max_drop is None else max_drop
+    results = []
+    for bundle, manifest in progress(list(zip(bundles, manifests)), "validating bundles"):
+        res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_metrics, drop_limit, localize, bench,
+                               bench_iters)
+        results.append(res)
+    ref_latency = None
+    if bench:
+        import torch
+
+        from edgeport.bench import measure
+
+        x = torch.from_numpy(np.zeros(tuple(ref.spec.shape), np.float32))
+        with torch.inference_mode():
+            t = measure({"pytorch": lambda: ref.model(x)}, iters=bench_iters, rounds=1, progress=False)["pytorch"]
+        ref_latency = {"median_ms": t.median, "p99_ms": t.p99, "fps": 1000.0 / t.median}
+    import torch
+
+    return ValidateReport(ref.name, f"pytorch {torch.__version__}", data.source if data is not None else None,
+                          ref_metrics, results, time.time() - t_start, ref_latency, ref.size_mb)
+
+
+def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg: ProjectConfig,
+                     data: LabelledSet | None, ref_metrics: dict[str, float] | None, drop_limit: float,
+                     localize: bool, bench: bool, bench_iters: int) -> BundleResult:
+    from edgeport.evaluate import primary, task_metrics
+    from edgeport.runner.metrics import task_agreement
+    from edgeport.target import DEFAULT_TOLERANCES, get_target
+
+    t0 = time.time()
+    name = bundle.name
+    precision = manifest["precision"]
+    res = BundleResult(name, str(bundle), manifest["target"], manifest["backend"], precision, "-",
+                       model_files_mb(bundle, manifest))
+    problems = verify_bundle(bundle)
+    res.cases.append(Case(name, manifest["backend"], precision, "files", "failed" if problems else "passed",
+                          {"problems": problems}, "; ".join(problems)))
+    try:
+        rt, label, runtime = open_bundle(bundle, manifest)
+    except EdgeportError as e:
+        res.cases.append(Case(name, manifest["backend"], precision, "host run", "skipped", {}, str(e)))
+        return res
+    except Exception as e:  # a corrupted model file the runtime cannot even load
+        res.cases.append(Case(name, manifest["backend"], precision, "load", "failed", {},
+                              f"{manifest['backend']} cannot load the model: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}"))
+        return res
+    res.backend, res.runtime = label, runtime
+    for c in res.cases:
+        c.backend = label
+    try:
+        target = get_target(manifest["target"], cfg.root)
+        base_tol = target.tolerances(precision)
+    except EdgeportError:
+        base_tol = dict(DEFAULT_TOLERANCES[precision])
+    if label == "tensorrt (onnx)":
+        base_tol = dict(DEFAULT_TOLERANCES["fp32"])  # the ONNX runs in FP32 here
+    spec = manifest["preprocess"]
+    names = [o["name"] for o in manifest["outputs"]]
+    differs = preprocess_diff(spec, ref.spec)
+    with rt:
+        frames, golden_inputs = _golden(bundle, manifest)
+        if frames:
+            ref_out = ref.outputs(frames, names)
+            got = _run_frames(rt, frames, spec)
+            where = f"{len(frames)} golden frames"
+        else:
+            ref_out = ref.run_inputs(_nchw(golden_inputs, spec), names)
+            got = rt.run_batches(golden_inputs)
+            where = f"{len(golden_inputs)} golden inputs (no frames: preprocessing not checked)"
+        got_data = None
+        if data is not None:
+            got_data = _run_frames(rt, data.frames, spec)
+            d_ref = ref.outputs(data.frames, names)
+            ref_out = {k: np.concatenate([ref_out[k], d_ref[k]], 0) for k in names}
+            got = {k: np.concatenate([got[k], got_data[k]], 0) for k in names}
+            where += f" + {len(data)} images of {data.source}"
+        for out in names:
+            if out not in got:
+                res.cases.append(Case(name, label, precision, out, "failed", {}, f"{label} gives no output '{out}'"))
+                continue
+            tol = cfg.validation.tolerance_for(out, precision, base_tol)
+            m = compare(ref_out[out], _to_ref_layout(got[out], ref_out[out]), ref.spec.task, tol)
+            m.update({"frames": where, "tolerance": tol})
+            msg = "" if m["ok"] else f"{label} {precision} output '{out}': {', '.join(m['failed'])} vs PyTorch"
+            res.cases.append(Case(name, label, precision, out, "passed" if m["ok"] else "failed", m, msg))
+        if data is not None and ref_metrics and got_data is not None:
+            first = names[0]
+            g = _to_ref_layout(got_data[first], ref_out[first])
+            res.metrics = task_metrics(g, data, ref.spec.layout)
+            key, value = primary(res.metrics)
+            drop = ref_metrics[key] - value if value is not None else 0.0
+            ok = drop <= drop_limit
+            acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
+                   "max_drop": drop_limit, "agreement": task_agreement(ref.outputs(data.frames, [first])[first], g,
+                                                                       ref.spec.task)}
+            msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is {drop:.2f} points "
+                                 f"below PyTorch's {ref_metrics[key]:.2f} (max drop {drop_limit:g})")
+            res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
+        if localize and res.status == "failed" and any(c.check in names and c.status == "failed" for c in res.cases):
+            from edgeport.localize import localize_bundle
+
+            frame_x = ref.inputs(frames[:1]) if frames else _nchw(golden_inputs[:1], spec)
+            res.localize = localize_bundle(bundle, manifest, cfg, frame_x, base_tol)
+        if bench:
+            from edgeport.bench import measure
+
+            feed = {rt.inputs[0].name: golden_inputs[:1]}
+            t = measure({name: lambda: rt.infer(feed)}, iters=bench_iters, rounds=1, progress=False)[name]
+            res.latency = {"median_ms": t.median, "p99_ms": t.p99, "fps": 1000.0 / t.median}
+    for c in res.cases:
+        c.seconds = time.time() - t0
+        if c.status == "failed" and differs and c.check != "files":
+            c.message += f" (the manifest's preprocess differs from the project's: {'; '.join(differs)})"
+    return res
+
+
+def preprocess_diff(bundle_spec: dict[str, Any], project: InputSpec) -> list[str]:
+    """Preprocessing keys where a bundle's manifest and the project disagree (layout aside)."""
+    mine = project.to_dict()
+    out = []
+    for key in ("resize", "interpolation", "color", "scale", "mean", "std", "pad_value", "resize_size"):
+        a, b = bundle_spec.get(key), mine.get(key)
+        same = np.allclose(a, b) if isinstance(a, (list, float, int)) and isinstance(b, (list, float, int)) \
+            and not isinstance(a, bool) else a == b
+        if not same:
+            out.append(f"{key} {a!r} vs {b!r}")
+    return out
+
+
+def _nchw(x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    return x.transpose(0, 3, 1, 2) if spec.get("layout") == "NHWC" and x.ndim == 4 else x
+
+
+# ---------------------------------------------------------------- output
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and np.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def case_rows(report: ValidateReport) -> list[list[str]]:
+    """The check table: one row per case (the JUnit test cases, in the same order)."""
+    rows = []
+    for c in report.cases:
+        m = c.metrics
+        if c.check in ("files", "host run", "load"):
+            values = ["-"] * 5
+        elif "drop" in m:
+            key = m["metric"]
+            values = ["-", "-", "-", f"{100 * m['agreement']:.2f}%",
+                      f"{key} {m['metrics'][key]:.2f} ({-m['drop']:+.2f})"]
+        else:
+            values = [_fmt(m.get("max_abs"), ".3g"), _fmt(m.get("cosine"), ".6f"), _fmt(m.get("sqnr_db"), ".1f"),
+                      f"{100 * m['agreement']:.2f}%" if "agreement" in m else "-", "-"]
+        rows.append([c.bundle, c.backend, c.precision, c.check, *values, c.status])
+    return rows
+
+
+CASE_HEAD = ["bundle", "backend", "precision", "check", "max_abs", "cosine", "sqnr_db", "agreement",
+             "metric (vs PyTorch)", "status"]
+BENCH_HEAD = ["backend", "precision", "bundle", "size MB", "metric", "median ms", "p99 ms", "FPS", "status"]
+
+
+def bench_rows(report: ValidateReport) -> list[list[str]]:
+    """The benchmark table: the PyTorch reference, then one row per bundle."""
+    def metric(m: dict[str, float] | None) -> str:
+        if not m:
+            return "-"
+        return f"mIoU {m['miou']:.2f}" if "miou" in m else f"top1 {m['top1']:.2f}" if "top1" in m else "-"
+
+    def lat(x: dict[str, float] | None) -> list[str]:
+        return [f"{x['median_ms']:.2f}", f"{x['p99_ms']:.2f}", f"{x['fps']:.0f}"] if x else ["-"] * 3
+
+    rows = [["pytorch", "fp32", "(reference)", _fmt(report.reference_size_mb, ".2f"),
+             metric(report.reference_metrics), *lat(report.reference_latency), "reference"]]
+    for b in report.bundles:
+        rows.append([b.backend, b.precision, b.name, f"{b.size_mb:.2f}", metric(b.metrics), *lat(b.latency), b.status])
+    return rows
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _bench_notes(report: ValidateReport) -> list[str]:
+    if any(b.backend.startswith("tensorrt") and b.latency for b in report.bundles):
+        return ["tensorrt rows are timed in ONNX Runtime on this host (emulation), not TensorRT; "
+                "`runner.py --bench` measures the engine on the device."]
+    return []
+
+
+def failures(report: ValidateReport) -> list[str]:
+    """One line per failed check, naming bundle, backend and output; then what --localize found."""
+    lines = [f"{c.bundle}: {c.message}" for c in report.cases if c.status == "failed"]
+    for b in report.bundles:
+        if b.localize:
+            lines.append(f"{b.name}: {b.localize['summary']}")
+    return lines
+
+
+def text(report: ValidateReport) -> str:
+    """The terminal report."""
+    lines = _text_table(CASE_HEAD, case_rows(report))
+    src = f"golden frames + {report.dataset}" if report.dataset else "golden frames"
+    lines.append(f"reference: {report.model} in {report.reference}; frames: {src}")
+    if report.reference_metrics:
+        key = "miou" if "miou" in report.reference_metrics else "top1"
+        lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
+    if any(b.latency for b in report.bundles):
+        lines += ["", *_text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
+    lines += failures(report)
+    n_fail = sum(c.status == "failed" for c in report.cases)
+    lines.append(f"{len(report.cases)} checks: {n_fail} failed, "
+                 f"{sum(c.status == 'skipped' for c in report.cases)} skipped ({report.seconds:.1f}s)")
+    return "\n".join(lines)
+
+
+def markdown(report: ValidateReport) -> str:
+    """A CI job summary."""
+    lines = [f"## edgeport validate: {report.model}", "", *_md_table(CASE_HEAD, case_rows(report)), ""]
+    if report.dataset:
+        lines += [f"Frames: golden frames + {report.dataset}; reference {report.reference}.", ""]
+    if any(b.latency for b in report.bundles):
+        lines += ["### Benchmark (this host)", "", *_md_table(BENCH_HEAD, bench_rows(report)), "",
+                  *_bench_notes(report), ""]
+    bad = failures(report)
+    lines.append(f"**{sum(c.status == 'failed' for c in report.cases)} failed check(s)**" if bad
+                 else "**all checks passed**")
+    lines += [f"- {b}" for b in bad]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: ValidateReport) -> dict[str, Any]:
+    """Everything as plain JSON types."""
+    return {"model": report.model, "reference": report.reference, "dataset": report.dataset,
+            "reference_metrics": report.reference_metrics, "ok": report.ok, "seconds": report.seconds,
+            "reference_latency": report.reference_latency,
+            "bundles": [{**{k: v for k, v in vars(b).items() if k != "cases"}, "status": b.status,
+                         "cases": [vars(c) for c in b.cases]} for b in report.bundles]}
+
+
+def write_reports(report: ValidateReport, folder: Path) -> list[Path]:
+    """validate.json, validate.junit.xml, validate.md (and benchmark.png with latency) in ``folder``."""
+    import json
+
+    from edgeport.report import junit_xml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "validate.json", folder / "validate.junit.xml", folder / "validate.md"]
+    paths[0].write_text(json.dumps(to_json(report), indent=2, default=str) + "\n")
+    cases = [{"suite": c.bundle, "name": f"{c.bundle} {c.check}", "status": c.status, "message": c.message,
+              "metrics": c.metrics, "seconds": c.seconds} for c in report.cases]
+    paths[1].write_text(junit_xml(f"edgeport validate {report.model}", cases) + "\n")
+    paths[2].write_text(markdown(report))
+    if any(b.latency for b in report.bundles):
+        from edgeport.chart import bench_chart
+
+        paths.append(bench_chart(report, folder / "benchmark.png"))
+    return paths
+
+
+def raise_on_failure(report: ValidateReport) -> None:
+    """ParityError (exit 3) when any check failed; the table has been printed."""
+    from edgeport.errors import ParityError
+
+    bad = [c for c in report.cases if c.status == "failed"]
+    if bad:
+        raise ParityError(f"{len(bad)} check(s) failed: " + "; ".join(f"{c.bundle} {c.check}" for c in bad))
+    if not any(b.status == "validated" for b in report.bundles):
+        raise ParityError("no bundle could be run on this host (see the skipped checks); nothing was validated")
