@@ -24,6 +24,12 @@ EXAMPLES = {
                 "for the default model)\n  edgeport validate dist/camvid --config examples/camvid/edgeport.toml "
                 "--images camvid/val --labels camvid/valannot --bench --report reports/\n"
                 "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges",
+    "flash": "examples:\n  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --identity ~/.ssh/id_ed25519\n"
+             "  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --accept-fingerprint SHA256:abc... "
+             "--service --source csi://0\n  edgeport flash dist/intel-cpu-int8 --inventory hosts.toml --jobs 8\n"
+             "  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --rollback",
+    "devices": "examples:\n  edgeport devices status --host pi@10.0.0.7\n"
+               "  edgeport devices status --inventory hosts.toml",
     "targets": "examples:\n  edgeport targets\n  edgeport targets --json",
     "doctor": "examples:\n  edgeport doctor\n  edgeport doctor --json",
     "inspect": "examples:\n  edgeport inspect dist/intel-cpu-int8\n  edgeport inspect model.onnx --json",
@@ -51,6 +57,21 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
     g.add_argument("--config", help="project config (default: ./edgeport.toml if present)")
     g.add_argument("--build-dir", help="cache folder (default: build)")
+
+
+def _host_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices and SSH")
+    g.add_argument("--host", action="append", metavar="USER@ADDR[:PORT]", help="a device; repeatable (in parallel)")
+    g.add_argument("--inventory", metavar="FILE", help="TOML with [[host]] address, port, identity, python, name")
+    g.add_argument("--port", type=int, help="SSH port (default 22)")
+    g.add_argument("--identity", metavar="KEY", help="private key file for ssh -i (only its path is used)")
+    g.add_argument("--python", help="the device's python (default python3)")
+    g.add_argument("--root", default="~/edgeport", help="folder on the device (default ~/edgeport)")
+    g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file (default ~/.ssh/known_hosts)")
+    g.add_argument("--accept-fingerprint", metavar="SHA256:...", help="trust a first-contact host whose key has "
+                                                                      "this fingerprint")
+    g.add_argument("--jobs", type=int, default=8, help="hosts handled at once (default 8)")
+    g.add_argument("--json", action="store_true", help="results as JSON")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,6 +149,20 @@ def parser() -> argparse.ArgumentParser:
                                                         "median/p99, FPS (Markdown table + PNG chart)")
     g.add_argument("--report", metavar="DIR", help="write validate.json, validate.junit.xml, validate.md "
                                                    "(and benchmark.png with --bench) here")
+    f = cmd("flash", "copy a bundle to devices over SSH, self-test it there, then switch to it atomically")
+    f.add_argument("bundle", help="a bundle folder (dist/<target>-<precision>)")
+    _host_flags(f)
+    f.add_argument("--install", action="store_true", help="pip install the bundle's requirements.txt on the device "
+                                                          "when its runtime cannot be imported")
+    f.add_argument("--service", action="store_true", help="install a systemd unit that starts the runner at boot "
+                                                          "and restarts it on failure")
+    f.add_argument("--source", help="camera source for --service (default: the profile's, e.g. csi://0)")
+    f.add_argument("--unit-dir", help="where the unit goes (default /etc/systemd/system as root, "
+                                      "~/.config/systemd/user otherwise)")
+    f.add_argument("--rollback", action="store_true", help="make the previous version current again")
+    dv = cmd("devices", "what runs where: current and previous versions and the service on each device")
+    dv.add_argument("action", choices=["status"])
+    _host_flags(dv)
     t = cmd("targets", "list the device profiles")
     t.add_argument("--json", action="store_true")
     d = cmd("doctor", "show which backends are installed, their versions, and how to install the rest")
@@ -178,6 +213,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"wrote {path}")
         gate.raise_on_failure(report)
         return 0
+    if args.command in ("flash", "devices"):
+        return _flash(args)
     if args.command == "export":
         kw = {k: getattr(args, k) for k in _MODEL_KEYS}
         res = api.export(**kw)
@@ -221,6 +258,51 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k:11} {v}")
         return 0 if not res.get("problems") else 1
     return 2
+
+
+def _flash(args: argparse.Namespace) -> int:
+    from edgeport import flash as fl
+    from edgeport.errors import DeviceError
+    from edgeport.tables import text_table
+
+    hosts = fl.parse_hosts(args.host, args.inventory, args.port, args.identity, args.python)
+    opts = fl.FlashOptions(root=args.root, accept_fingerprint=args.accept_fingerprint,
+                           interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs)
+    if args.known_hosts:
+        opts.known_hosts = Path(args.known_hosts).expanduser()
+    if args.command == "devices":
+        rows = fl.status(hosts, opts)
+        if args.json:
+            from edgeport.api import to_json
+
+            print(to_json(rows))
+        else:
+            keys = ["host", "model", "current", "previous", "versions", "service", "error"]
+            print("\n".join(text_table([*keys[:-1], "note"], [[str(r[k]) for k in keys] for r in rows])))
+        bad = [r for r in rows if r["error"] and r["error"] != "nothing flashed"]
+        if bad:
+            raise DeviceError(f"{len(bad)} host(s) could not be read: {bad[0]['error']}")
+        return 0
+    opts.install, opts.service, opts.source, opts.unit_dir = args.install, args.service, args.source, args.unit_dir
+    opts.rollback = args.rollback
+    results = fl.flash(Path(args.bundle), hosts, opts)
+    if args.json:
+        from edgeport.api import to_json
+
+        print(to_json([vars(r) for r in results]))
+    else:
+        print("\n".join(text_table(["host", "status", "step", "version", "previous", "time"], [
+            [r.host, r.status, r.step, r.version, r.previous or "-", f"{r.seconds:.1f}s"] for r in results])))
+        for r in results:
+            if r.message:
+                print(r.message if r.message.startswith(r.host) else f"{r.host}: {r.message}")
+            elif r.details.get("service"):
+                print(f"{r.host}: {r.details['service']}")
+    bad = [r for r in results if r.status not in ("flashed", "rolled-back")]
+    if bad:
+        raise DeviceError(f"{len(bad)} of {len(results)} host(s) not flashed; the previous version stays current "
+                          f"there: {bad[0].message}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from edgeport.evaluate import LabelledSet
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
+from edgeport.tables import md_table, text_table
 
 log = logging.getLogger("edgeport")
 DEFAULT_SYNTHETIC = "synthetic://?n=32"
@@ -450,18 +451,6 @@ def bench_rows(report: ValidateReport) -> list[list[str]]:
     return rows
 
 
-def _text_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _bench_notes(report: ValidateReport) -> list[str]:
     if any(b.backend.startswith("tensorrt") and b.latency for b in report.bundles):
         return ["tensorrt rows are timed in ONNX Runtime on this host (emulation), not TensorRT; "
@@ -480,14 +469,14 @@ def failures(report: ValidateReport) -> list[str]:
 
 def text(report: ValidateReport) -> str:
     """The terminal report."""
-    lines = _text_table(CASE_HEAD, case_rows(report))
+    lines = text_table(CASE_HEAD, case_rows(report))
     src = f"golden frames + {report.dataset}" if report.dataset else "golden frames"
     lines.append(f"reference: {report.model} in {report.reference}; frames: {src}")
     if report.reference_metrics:
         key = "miou" if "miou" in report.reference_metrics else "top1"
         lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
     if any(b.latency for b in report.bundles):
-        lines += ["", *_text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
+        lines += ["", *text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
     lines += failures(report)
     n_fail = sum(c.status == "failed" for c in report.cases)
     lines.append(f"{len(report.cases)} checks: {n_fail} failed, "
@@ -497,11 +486,11 @@ def text(report: ValidateReport) -> str:
 
 def markdown(report: ValidateReport) -> str:
     """A CI job summary."""
-    lines = [f"## edgeport validate: {report.model}", "", *_md_table(CASE_HEAD, case_rows(report)), ""]
+    lines = [f"## edgeport validate: {report.model}", "", *md_table(CASE_HEAD, case_rows(report)), ""]
     if report.dataset:
         lines += [f"Frames: golden frames + {report.dataset}; reference {report.reference}.", ""]
     if any(b.latency for b in report.bundles):
-        lines += ["### Benchmark (this host)", "", *_md_table(BENCH_HEAD, bench_rows(report)), "",
+        lines += ["### Benchmark (this host)", "", *md_table(BENCH_HEAD, bench_rows(report)), "",
                   *_bench_notes(report), ""]
     bad = failures(report)
     lines.append(f"**{sum(c.status == 'failed' for c in report.cases)} failed check(s)**" if bad

@@ -46,6 +46,9 @@ def compare(ref, got, task, tol):
         "sqnr_db": float(10 * np.log10(np.sum(ref ** 2) / noise)) if noise > 0 else float("inf"),
         "agreement": task_agreement(ref, got, task),
     }
+    if task == "classification" and ref.ndim == 2 and ref.shape[1] >= 5:
+        top5 = np.argsort(-got, axis=1)[:, :5]
+        m["top5_agreement"] = float(np.mean([r in t for r, t in zip(np.argmax(ref, 1), top5)]))
     failed = []
     if tol.get("max_abs") is not None and m["max_abs"] > tol["max_abs"]:
         failed.append("max_abs %.3g > %.3g" % (m["max_abs"], tol["max_abs"]))

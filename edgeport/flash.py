@@ -1,0 +1,562 @@
+"""`edgeport flash` and `edgeport devices status`: bundles onto devices over SSH, verified there.
+
+Steps per host, each one a point of no change until the last:
+
+1. host key: known_hosts checking stays on; an unknown host needs its fingerprint confirmed
+   (interactively) or given (``--accept-fingerprint SHA256:...``);
+2. preflight: architecture, OS, Python, free disk; on a Jetson L4T/JetPack, TensorRT and
+   OpenCV's GStreamer support; checked against the bundle's target profile;
+3. copy into ``<root>/<model>/<version>.partial`` with resume (a file whose prefix is already
+   there gets only the rest) and sha256 verification of every file on the device;
+4. setup on the device: the runtime's imports (``pip install -r requirements.txt`` when they
+   are missing and ``--install`` is on); Jetson: ``build_engine.py``;
+5. ``runner.py --selftest`` on the device;
+6. the atomic switch: ``current`` -> the new version (rename of a symlink), ``previous`` -> the
+   old one; with ``--service`` a systemd unit that starts the runner at boot.
+
+Everything runs through the system's OpenSSH client in batch mode (no password prompts); no key
+material is read, logged or copied; only the identity file's path is passed to ssh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edgeport.bundle import read_manifest, verify_bundle
+from edgeport.errors import BundleError, ConfigError, DeviceError
+
+log = logging.getLogger("edgeport")
+DEFAULT_ROOT = "~/edgeport"
+CHUNK = 1 << 20
+
+
+@dataclass
+class Host:
+    """One device: user@address, port, identity file, the python that runs the runner."""
+
+    address: str
+    port: int = 22
+    identity: str | None = None
+    python: str = "python3"
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """How tables name this host."""
+        return self.name or (self.address if self.port == 22 else f"{self.address}:{self.port}")
+
+    @property
+    def hostname(self) -> str:
+        """The address without the user."""
+        return self.address.rpartition("@")[2]
+
+
+@dataclass
+class HostResult:
+    """What happened on one host."""
+
+    host: str
+    status: str  # flashed | rolled-back | refused | failed
+    step: str
+    version: str = ""
+    previous: str = ""
+    message: str = ""
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class StepError(DeviceError):
+    """A step failed on a device; ``step`` names it."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+# ---------------------------------------------------------------- ssh
+class SSH:
+    """The OpenSSH client with host-key checking on, batch mode, and one shared connection."""
+
+    def __init__(self, host: Host, known_hosts: Path, control_dir: Path, timeout: int = 15) -> None:
+        self.host = host
+        self.known_hosts = known_hosts
+        self.base = ["ssh", "-p", str(host.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                     "-o", f"UserKnownHostsFile={known_hosts}", "-o", f"ConnectTimeout={timeout}",
+                     "-o", "ServerAliveInterval=10", "-o", "ControlMaster=auto",
+                     "-o", f"ControlPath={control_dir}/%C", "-o", "ControlPersist=30", "-o", "LogLevel=ERROR"]
+        if host.identity:
+            self.base += ["-o", "IdentitiesOnly=yes", "-i", host.identity]
+
+    def run(self, script: str, *, stdin: bytes | None = None, timeout: float = 600,
+            check: bool = True, step: str = "ssh") -> subprocess.CompletedProcess[bytes]:
+        """Run ``script`` with sh on the device; StepError with its stderr's last line on failure."""
+        cmd = [*self.base, self.host.address, "sh -c " + shlex.quote(script)]
+        try:
+            res = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise StepError(step, f"{self.host.label}: {step} timed out after {timeout:.0f}s") from None
+        if res.returncode == 255:
+            raise StepError(step, f"{self.host.label}: ssh failed: {_ssh_reason(res.stderr)}")
+        if check and res.returncode != 0:
+            tail = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
+            raise StepError(step, f"{self.host.label}: {step} failed (exit {res.returncode}): "
+                                  f"{tail[-1] if tail else 'no output'}")
+        return res
+
+    def close(self) -> None:
+        """End the shared connection."""
+        subprocess.run([*self.base, "-O", "exit", self.host.address], capture_output=True, timeout=10)
+
+
+def _ssh_reason(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+        return ("host key verification failed: the device's key is not the one in known_hosts (a reinstalled "
+                "device, or someone in between); check it, then remove the old entry with ssh-keygen -R")
+    if "Permission denied" in text:
+        return "permission denied (publickey): pass --identity KEY or add your key to the device's authorized_keys"
+    if "Connection refused" in text:
+        return "connection refused: is sshd running on the device, and is --port right?"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no answer"
+
+
+def _known_hosts_name(host: Host) -> str:
+    return host.hostname if host.port == 22 else f"[{host.hostname}]:{host.port}"
+
+
+def ensure_host_key(host: Host, known_hosts: Path, accept: str | None, interactive: bool) -> str:
+    """The device's key fingerprint, after making sure known_hosts trusts it.
+
+    A host already in known_hosts is left to ssh's strict checking. An unknown one is scanned;
+    its key is added only when ``accept`` equals its SHA256 fingerprint or the user confirms it.
+    """
+    name = _known_hosts_name(host)
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    if known_hosts.is_file():
+        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            return "known"
+    scan = subprocess.run(["ssh-keyscan", "-p", str(host.port), "-T", "10", host.hostname], capture_output=True,
+                          text=True, timeout=30)
+    keys = [ln for ln in scan.stdout.splitlines() if ln and not ln.startswith("#")]
+    if not keys:
+        raise StepError("host key", f"{host.label}: no SSH host key could be read (is sshd running on port "
+                                    f"{host.port}?)")
+    fps = subprocess.run(["ssh-keygen", "-lf", "-"], input="\n".join(keys) + "\n", capture_output=True, text=True)
+    prints = [ln.split()[1] for ln in fps.stdout.splitlines() if len(ln.split()) > 1]
+    shown = ", ".join(f"{ln.split()[-1].strip('()')} {ln.split()[1]}" for ln in fps.stdout.splitlines() if ln)
+    if accept is None and interactive:
+        sys.stderr.write(f"{host.label} is not in {known_hosts}. Its host keys: {shown}\nCompare with "
+                         "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the device. Trust it? [y/N] ")
+        sys.stderr.flush()
+        ok = sys.stdin.readline().strip().lower() in ("y", "yes")
+    else:
+        ok = accept is not None and accept in prints
+    if not ok:
+        given = f"--accept-fingerprint {accept} does not match; " if accept else ""
+        raise StepError("host key", f"{host.label} is not in {known_hosts}; {given}its host keys are {shown}: "
+                                    "verify one on the device and pass --accept-fingerprint SHA256:...")
+    with open(known_hosts, "a") as fh:
+        for ln in keys:
+            _, _, rest = ln.partition(" ")
+            fh.write(f"{name} {rest}\n")
+    return prints[0]
+
+
+# ---------------------------------------------------------------- preflight
+PREFLIGHT = r"""
+PY=%(python)s
+echo "arch=$(uname -m)"
+[ -r /etc/os-release ] && . /etc/os-release && echo "os=$PRETTY_NAME"
+echo "python=$($PY -c 'import sys; print("%%d.%%d.%%d" %% sys.version_info[:3])' 2>/dev/null)"
+[ -r /etc/nv_tegra_release ] && echo "l4t=$(head -n1 /etc/nv_tegra_release | sed 's/^# //')"
+echo "tensorrt=$($PY -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null)"
+echo "gstreamer=$($PY -c 'import cv2, re; print(re.search(r"GStreamer:\s*(\w+)", \
+  cv2.getBuildInformation()).group(1))' 2>/dev/null)"
+mkdir -p %(root)s && echo "free_mb=$(df -Pk %(root)s | awk 'NR==2 {print int($4/1024)}')"
+echo "systemd=$(command -v systemctl >/dev/null 2>&1 && echo yes || echo no)"
+echo "uid=$(id -u)"
+echo "home=$HOME"
+"""
+
+
+def preflight(ssh: SSH, manifest: dict[str, Any], root: str, bundle_mb: float) -> dict[str, str]:
+    """Facts about the device; StepError naming every mismatch with the bundle's target profile."""
+    res = ssh.run(PREFLIGHT % {"python": shlex.quote(ssh.host.python), "root": _q(root)}, step="preflight")
+    facts = dict(ln.split("=", 1) for ln in res.stdout.decode(errors="replace").splitlines() if "=" in ln)
+    profile = manifest.get("target_profile", {})
+    target, backend = manifest["target"], manifest["backend"]
+    problems = []
+    want_arch = profile.get("arch")
+    if want_arch and facts.get("arch") and facts["arch"] != want_arch:
+        problems.append(f"architecture: the bundle is for {want_arch}, the device is {facts['arch']}")
+    py = facts.get("python", "")
+    if not py:
+        problems.append(f"python: {ssh.host.python} does not run on the device (pass --python)")
+    elif tuple(int(p) for p in py.split(".")[:2]) < (3, 6):
+        problems.append(f"python: the runner needs 3.6 or newer, the device has {py}")
+    if backend == "tensorrt":
+        want = str(profile.get("runtime", {}).get("tensorrt", ""))
+        jp = profile.get("runtime", {}).get("jetpack", "?")
+        if not facts.get("l4t"):
+            problems.append(f"L4T: the bundle is for a Jetson (JetPack {jp}), the device has no /etc/nv_tegra_release")
+        have = facts.get("tensorrt", "")
+        if not have:
+            problems.append(f"TensorRT: the bundle needs TensorRT {want} (JetPack {jp}); {ssh.host.python} on the "
+                            "device cannot import tensorrt")
+        elif want and have.split(".")[0] != want.split(".")[0]:
+            problems.append(f"TensorRT: the bundle is for TensorRT {want} (JetPack {jp}), the device has {have}; "
+                            f"rebuild for a profile with TensorRT {have.split('.')[0]}.x")
+        if facts.get("l4t") and facts.get("gstreamer", "").upper() != "YES":
+            problems.append(f"OpenCV: {ssh.host.python}'s cv2 has no GStreamer, so csi:// cameras cannot open; "
+                            "use JetPack's python3-opencv, not a pip OpenCV")
+    free = int(facts.get("free_mb") or 0)
+    if free and free < 2 * bundle_mb + 50:
+        problems.append(f"disk: {free} MB free under {root}, the bundle needs {2 * bundle_mb + 50:.0f} MB")
+    if problems:
+        raise StepError("preflight", f"{ssh.host.label}: refused for {target}: " + "; ".join(problems))
+    return facts
+
+
+# ---------------------------------------------------------------- copy
+def _sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(CHUNK if left is None else min(CHUNK, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+                if left <= 0:
+                    break
+    return h.hexdigest()
+
+
+def bundle_files(bundle: Path, manifest: dict[str, Any]) -> list[str]:
+    """Every file to copy: the manifest's files and the manifest itself last."""
+    return [*sorted(manifest["files"]), "manifest.json"]
+
+
+def copy_bundle(ssh: SSH, bundle: Path, files: list[str], dest: str,
+                bytes_limit: int | None = None) -> dict[str, int]:
+    """Copy into ``dest`` with resume, then verify every sha256 on the device.
+
+    ``bytes_limit`` stops after that many bytes have been sent (used to test an interrupted copy).
+    Returns counts: sent bytes, skipped files, resumed files.
+    """
+    listing = ssh.run(f"mkdir -p {_q(dest)} && cd {_q(dest)} && for f in $(find . -type f | sed 's|^./||'); do "
+                      "printf '%s %s %s\\n' \"$(wc -c < \"$f\")\" \"$(sha256sum \"$f\" | cut -d' ' -f1)\" \"$f\"; "
+                      "done", step="copy")
+    remote = {}
+    for ln in listing.stdout.decode().splitlines():
+        size, digest, name = ln.split(" ", 2)
+        remote[name] = (int(size), digest)
+    stats = {"sent": 0, "skipped": 0, "resumed": 0}
+    for name in files:
+        local = bundle / name
+        size = local.stat().st_size
+        have = remote.get(name)
+        if have and have[0] == size and have[1] == _sha256(local):
+            stats["skipped"] += 1
+            continue
+        offset = 0
+        if have and 0 < have[0] < size and _sha256(local, have[0]) == have[1]:
+            offset = have[0]
+            stats["resumed"] += 1
+        with open(local, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        if bytes_limit is not None and stats["sent"] + len(data) > bytes_limit:
+            data = data[:max(0, bytes_limit - stats["sent"])]
+            _put(ssh, dest, name, data, offset)
+            raise StepError("copy", f"{ssh.host.label}: copy interrupted after {bytes_limit} bytes")
+        _put(ssh, dest, name, data, offset)
+        stats["sent"] += len(data)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    expected = {**manifest["files"], "manifest.json": _sha256(bundle / "manifest.json")}
+    check = ssh.run(f"cd {_q(dest)} && sha256sum -c --quiet -", stdin="".join(
+        f"{d}  {n}\n" for n, d in expected.items()).encode(), check=False, step="verify")
+    if check.returncode != 0:
+        bad = check.stdout.decode(errors="replace").strip().splitlines()
+        raise StepError("verify", f"{ssh.host.label}: checksum mismatch on the device: {'; '.join(bad[:3])}")
+    return stats
+
+
+def _put(ssh: SSH, dest: str, name: str, data: bytes, offset: int) -> None:
+    target = f"{dest}/{name}"
+    op = ">>" if offset else ">"
+    ssh.run(f"mkdir -p {_q(os.path.dirname(target))} && cat {op} {_q(target)}", stdin=data, step="copy")
+
+
+def _q(path: str) -> str:
+    """Quote a remote path, keeping a leading ~/ expandable."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+# ---------------------------------------------------------------- the flash
+def version_of(manifest: dict[str, Any]) -> str:
+    """The versioned folder's name: target, precision and build key (same bundle, same folder)."""
+    return f"{manifest['target']}-{manifest['precision']}-{manifest.get('build_key', 'nokey')}"
+
+
+def _model_dir(manifest: dict[str, Any], root: str) -> str:
+    return f"{root.rstrip('/')}/{manifest['model']['name']}"
+
+
+def _links(ssh: SSH, model_dir: str) -> tuple[str, str]:
+    res = ssh.run(f"cd {_q(model_dir)} 2>/dev/null && echo \"$(readlink current)|$(readlink previous)\"",
+                  check=False, step="status")
+    cur, _, prev = res.stdout.decode().strip().partition("|")
+    return cur, prev
+
+
+def _switch(ssh: SSH, model_dir: str, version: str, previous: str) -> None:
+    """current -> version, previous -> the old current; each a rename of a fresh symlink (atomic)."""
+    parts = [f"cd {_q(model_dir)}"]
+    if previous and previous != version:
+        parts.append(f"ln -sfn {shlex.quote(previous)} .previous.tmp && mv -Tf .previous.tmp previous")
+    parts.append(f"ln -sfn {shlex.quote(version)} .current.tmp && mv -Tf .current.tmp current")
+    parts.append(f"echo \"$(date -u +%FT%TZ) current {shlex.quote(version)}\" >> history.log")
+    ssh.run(" && ".join(parts), step="switch")
+
+
+def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool) -> str:
+    py = shlex.quote(ssh.host.python)
+    backend = manifest["backend"]
+    module = {"openvino": "openvino", "tflite": "ai_edge_litert", "tensorrt": "tensorrt"}.get(backend, backend)
+    probe = (f"{py} -c 'import numpy, cv2, {module}'" if backend != "tflite" else
+             f"{py} -c 'import numpy, cv2' && ({py} -c 'import ai_edge_litert' || {py} -c 'import tflite_runtime' "
+             f"|| {py} -c 'import tensorflow')")
+    if ssh.run(probe + " 2>/dev/null", check=False, step="setup").returncode != 0:
+        if not install:
+            raise StepError("setup", f"{ssh.host.label}: numpy, OpenCV or {module} cannot be imported by "
+                                     f"{ssh.host.python}; install requirements.txt there, or pass --install")
+        ssh.run(f"cd {_q(vdir)} && {py} -m pip install -q -r requirements.txt", step="setup")
+    if backend == "tensorrt":
+        ssh.run(f"cd {_q(vdir)} && {py} build_engine.py", timeout=3600, step="build engine")
+        return "engine built"
+    return "runtime present"
+
+
+def flash_host(bundle: Path, manifest: dict[str, Any], host: Host, opts: FlashOptions) -> HostResult:
+    """Flash one host; never raises for device problems: the result says where it stopped."""
+    t0 = time.time()
+    version = version_of(manifest)
+    model_dir = _model_dir(manifest, opts.root)
+    vdir = f"{model_dir}/{version}"
+    ctl = Path(tempfile.mkdtemp(prefix="edgeport-ssh-"))
+    ssh = SSH(host, opts.known_hosts, ctl)
+    res = HostResult(host.label, "failed", "host key", version)
+    try:
+        ensure_host_key(host, opts.known_hosts, opts.accept_fingerprint, opts.interactive)
+        if opts.rollback:
+            res.step = "rollback"
+            cur, prev = _links(ssh, model_dir)
+            if not prev:
+                raise StepError("rollback", f"{host.label}: no previous version of {manifest['model']['name']} to "
+                                            "return to")
+            _switch(ssh, model_dir, prev, cur)
+            res.status, res.version, res.previous = "rolled-back", prev, cur
+            if opts.service:
+                _restart_service(ssh, manifest, opts)
+            return res
+        res.step = "preflight"
+        size_mb = sum((bundle / n).stat().st_size for n in manifest["files"]) / 1e6
+        res.details["device"] = preflight(ssh, manifest, opts.root, size_mb)
+        res.previous = _links(ssh, model_dir)[0]
+        res.step = "copy"
+        exists = ssh.run(f"test -f {_q(vdir)}/manifest.json", check=False, step="copy").returncode == 0
+        stage = vdir if exists else f"{vdir}.partial"
+        res.details["copy"] = copy_bundle(ssh, bundle, bundle_files(bundle, manifest), stage, opts.bytes_limit)
+        if not exists:
+            ssh.run(f"rm -rf {_q(vdir)} && mv {_q(stage)} {_q(vdir)}", step="copy")
+        res.step = "setup"
+        res.details["setup"] = _setup(ssh, manifest, vdir, opts.install)
+        res.step = "selftest"
+        st = ssh.run(f"cd {_q(vdir)} && {shlex.quote(host.python)} runner.py --selftest", check=False,
+                     timeout=600, step="selftest")
+        out = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
+        if st.returncode != 0:
+            raise StepError("selftest", f"{host.label}: runner.py --selftest failed on the device: "
+                                        f"{out[-1] if out else 'exit %d' % st.returncode}")
+        res.details["selftest"] = out[-1] if out else "ok"
+        res.step = "switch"
+        _switch(ssh, model_dir, version, res.previous)
+        if opts.service:
+            res.step = "service"
+            res.details["service"] = install_service(ssh, manifest, model_dir, opts)
+        res.status, res.step = "flashed", "done"
+    except StepError as e:
+        res.status = "refused" if e.step in ("preflight", "host key") else "failed"
+        res.step, res.message = e.step, str(e)
+    except (OSError, subprocess.SubprocessError) as e:
+        res.message = f"{host.label}: {type(e).__name__}: {e}"
+    finally:
+        ssh.close()
+        res.seconds = time.time() - t0
+        import shutil
+
+        shutil.rmtree(ctl, ignore_errors=True)
+    return res
+
+
+# ---------------------------------------------------------------- service
+def unit_name(manifest: dict[str, Any]) -> str:
+    """The systemd unit of a model."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in manifest["model"]["name"])
+    return f"edgeport-{safe}.service"
+
+
+def unit_text(manifest: dict[str, Any], model_dir_abs: str, python: str, source: str, user_unit: bool) -> str:
+    """A systemd unit that runs the current version's runner on ``source`` and restarts it on failure."""
+    args = " ".join(shlex.quote(a) for a in [python, "runner.py", source, "--headless", "--reconnect", "0",
+                                             "--json", "-"])
+    lines = ["[Unit]", f"Description=edgeport camera runner: {manifest['model']['name']}",
+             "After=network-online.target", "Wants=network-online.target", "StartLimitIntervalSec=0", "",
+             "[Service]", "Type=simple", f"WorkingDirectory={model_dir_abs}/current",
+             f"ExecStart={args}", "Restart=on-failure", "RestartSec=5", "Environment=PYTHONUNBUFFERED=1", "",
+             "[Install]", f"WantedBy={'default.target' if user_unit else 'multi-user.target'}", ""]
+    return "\n".join(lines)
+
+
+def install_service(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: FlashOptions) -> str:
+    """Write the unit, then enable and (re)start it where systemd runs."""
+    res = ssh.run(f"cd {_q(model_dir)} && pwd && id -u", step="service")
+    model_abs, uid = res.stdout.decode().split()
+    user_unit = uid != "0"
+    unit_dir = opts.unit_dir or ("~/.config/systemd/user" if user_unit else "/etc/systemd/system")
+    source = opts.source or str(manifest.get("camera", {}).get("source", "0"))
+    text = unit_text(manifest, model_abs, ssh.host.python, source, user_unit)
+    name = unit_name(manifest)
+    ssh.run(f"mkdir -p {_q(unit_dir)} && cat > {_q(unit_dir)}/{name}.tmp && mv -f {_q(unit_dir)}/{name}.tmp "
+            f"{_q(unit_dir)}/{name}", stdin=text.encode(), step="service")
+    sc = "systemctl --user" if user_unit else "systemctl"
+    on = ssh.run(f"command -v systemctl >/dev/null && [ -d /run/systemd/system ] && {sc} daemon-reload && "
+                 f"{sc} enable {name} && {sc} restart {name}", check=False, step="service")
+    if on.returncode == 0:
+        return f"{name} enabled and started"
+    return f"{name} written to {unit_dir}; systemd is not running there, so it was not started"
+
+
+def _restart_service(ssh: SSH, manifest: dict[str, Any], opts: FlashOptions) -> None:
+    name = unit_name(manifest)
+    ssh.run(f"(systemctl restart {name} || systemctl --user restart {name}) 2>/dev/null || true", check=False,
+            step="service")
+
+
+# ---------------------------------------------------------------- many hosts
+@dataclass
+class FlashOptions:
+    """Settings shared by every host of one flash."""
+
+    root: str = DEFAULT_ROOT
+    known_hosts: Path = field(default_factory=lambda: Path.home() / ".ssh" / "known_hosts")
+    accept_fingerprint: str | None = None
+    interactive: bool = False
+    install: bool = False
+    service: bool = False
+    source: str | None = None
+    unit_dir: str | None = None
+    rollback: bool = False
+    jobs: int = 8
+    bytes_limit: int | None = None  # tests: stop the copy after this many bytes
+
+
+def parse_hosts(hosts: list[str] | None, inventory: str | None, port: int | None, identity: str | None,
+                python: str | None) -> list[Host]:
+    """Hosts from repeated --host USER@ADDR[:PORT] and an inventory TOML ([[host]] address, port, ...)."""
+    out = []
+    for h in hosts or []:
+        addr, p = h, port or 22
+        if h.count(":") == 1 and h.rsplit(":", 1)[1].isdigit():
+            addr, p = h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])
+        out.append(Host(addr, p, identity, python or "python3"))
+    if inventory:
+        path = Path(inventory)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"inventory {path}: {e}") from None
+        for i, entry in enumerate(data.get("host", [])):
+            if "address" not in entry:
+                raise ConfigError(f"inventory {path}: host {i + 1} has no address")
+            unknown = set(entry) - {"address", "port", "identity", "python", "name"}
+            if unknown:
+                raise ConfigError(f"inventory {path}: unknown key(s) {sorted(unknown)} in host {i + 1}")
+            out.append(Host(entry["address"], int(entry.get("port", port or 22)), entry.get("identity", identity),
+                            entry.get("python", python or "python3"), entry.get("name", "")))
+    if not out:
+        raise ConfigError("no host: pass --host USER@ADDRESS (repeatable) or --inventory hosts.toml")
+    for h in out:
+        if h.identity and not Path(h.identity).expanduser().is_file():
+            raise ConfigError(f"--identity {h.identity}: no such key file")
+    return out
+
+
+def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResult]:
+    """Flash ``bundle`` to every host in parallel; one result per host, in the given order."""
+    if not (bundle / "manifest.json").is_file():
+        raise BundleError(f"{bundle}: not a bundle folder (no manifest.json); run `edgeport build` first")
+    manifest = read_manifest(bundle)
+    if not opts.rollback:
+        problems = verify_bundle(bundle)
+        if problems:
+            raise BundleError(f"{bundle} is damaged ({'; '.join(problems[:3])}); rebuild it before flashing")
+        if not (bundle / "runner.py").is_file():
+            raise BundleError(f"{bundle}: this bundle has no runner.py ({manifest['target']} bundles are for apps); "
+                              "nothing to run on a device")
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(hosts)))) as pool:
+        return list(pool.map(lambda h: flash_host(bundle, manifest, h, opts), hosts))
+
+
+def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
+    """What runs where: per host and model, the current and previous versions, their target, the service."""
+    script = (f"cd {_q(opts.root)} 2>/dev/null || exit 0; for m in */; do m=${{m%/}}; [ -d \"$m\" ] || continue; "
+              "c=$(readlink \"$m/current\"); p=$(readlink \"$m/previous\"); "
+              "s=$( (systemctl is-active edgeport-$m.service || systemctl --user is-active edgeport-$m.service) "
+              "2>/dev/null | head -n1); n=$(ls -d \"$m\"/*/ 2>/dev/null | grep -vc partial); "
+              "echo \"$m|$c|$p|${s:-none}|$n\"; done")
+
+    def one(h: Host) -> list[dict[str, Any]]:
+        ctl = Path(tempfile.mkdtemp(prefix="edgeport-ssh-"))
+        ssh = SSH(h, opts.known_hosts, ctl)
+        try:
+            ensure_host_key(h, opts.known_hosts, opts.accept_fingerprint, opts.interactive)
+            out = ssh.run(script, step="status").stdout.decode().splitlines()
+            rows = []
+            for ln in out:
+                model, cur, prev, svc, n = ln.split("|")
+                rows.append({"host": h.label, "model": model, "current": cur or "-", "previous": prev or "-",
+                             "service": svc, "versions": int(n or 0), "error": ""})
+            return rows or [{"host": h.label, "model": "-", "current": "-", "previous": "-", "service": "-",
+                             "versions": 0, "error": "nothing flashed"}]
+        except StepError as e:
+            return [{"host": h.label, "model": "-", "current": "-", "previous": "-", "service": "-", "versions": 0,
+                     "error": str(e)}]
+        finally:
+            ssh.close()
+            import shutil
+
+            shutil.rmtree(ctl, ignore_errors=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(hosts)))) as pool:
+        return [r for rows in pool.map(one, hosts) for r in rows]

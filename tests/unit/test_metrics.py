@@ -1,0 +1,26 @@
+"""Output comparison: every metric and tolerance key can fail, on arrays built to fail it."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeport.runner.metrics import compare
+
+
+def test_metrics_and_each_tolerance_key():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 10)).astype(np.float32)
+    noisy = ref + rng.normal(scale=0.05, size=ref.shape).astype(np.float32)
+    m = compare(ref, noisy, "classification", {})
+    assert m["ok"] and m["failed"] == []
+    assert 0 < m["mean_abs"] < m["max_abs"] and m["cosine"] > 0.99 and 20 < m["sqnr_db"] < 40
+    assert m["agreement"] > 0.9 and m["top5_agreement"] >= m["agreement"]
+    for key, value, word in (("max_abs", 1e-3, "max_abs"), ("max_rel", 1e-4, "max_rel"),
+                             ("min_cosine", 0.9999999, "cosine"), ("min_sqnr_db", 60.0, "sqnr"),
+                             ("min_agreement", 1.01, "agreement")):
+        r = compare(ref, noisy, "classification", {key: value})
+        assert not r["ok"] and r["failed"][0].startswith(word), (key, r["failed"])
+    shuffled = ref[:, ::-1]
+    r = compare(ref, shuffled, "classification", {"min_agreement": 0.5})
+    assert not r["ok"] and r["agreement"] < 0.5 and r["top5_agreement"] < 1.0
+    assert compare(ref, ref, "classification", {"max_abs": 0.0})["sqnr_db"] == float("inf")
+    assert compare(ref, ref[:, :5], "classification", {})["failed"] == ["shape [64, 5] != [64, 10]"]
