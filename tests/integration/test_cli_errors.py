@@ -111,7 +111,8 @@ BLOCK = textwrap.dedent('''
 def test_help_and_doctor_without_heavy_libraries(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK)
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    for args in (["--help"], ["build", "--help"], ["doctor"], ["targets"], ["inspect", "--help"]):
+    for args in (["--help"], ["build", "--help"], ["doctor"], ["targets"], ["inspect", "--help"],
+                 ["validate", "--help"], ["flash", "--help"], ["devices", "--help"]):
         res = run_cli(*args, env=env)
         assert res.returncode == 0, res.stderr
     res = run_cli("doctor", env=env)
@@ -121,7 +122,7 @@ def test_help_and_doctor_without_heavy_libraries(tmp_path):
 
 
 def test_every_command_has_an_example():
-    for cmd in ("build", "export", "targets", "doctor", "inspect"):
+    for cmd in ("build", "validate", "flash", "devices", "export", "targets", "doctor", "inspect"):
         res = run_cli(cmd, "--help")
         assert res.returncode == 0 and "example" in res.stdout and f"edgeport {cmd}" in res.stdout
 
