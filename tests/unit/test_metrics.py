@@ -24,3 +24,15 @@ def test_metrics_and_each_tolerance_key():
     assert not r["ok"] and r["agreement"] < 0.5 and r["top5_agreement"] < 1.0
     assert compare(ref, ref, "classification", {"max_abs": 0.0})["sqnr_db"] == float("inf")
     assert compare(ref, ref[:, :5], "classification", {})["failed"] == ["shape [64, 5] != [64, 10]"]
+
+
+def test_fast_segment_equals_argmax_including_ties():
+    from edgeport.runner.core import segment
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 7, 120, 160), (1, 11, 9, 13), (1, 2, 4, 4)]:
+        a = rng.normal(size=shape).astype(np.float32)
+        ties = np.round(a * 2)  # many equal scores: the first class must win, as in np.argmax
+        for arr in (a, ties):
+            assert (segment(arr, False) == np.argmax(arr[0], 0)).all()
+            assert (segment(arr.transpose(0, 2, 3, 1), True) == np.argmax(arr[0], 0)).all()
