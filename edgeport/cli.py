@@ -266,8 +266,12 @@ def _flash(args: argparse.Namespace) -> int:
     from edgeport.tables import text_table
 
     hosts = fl.parse_hosts(args.host, args.inventory, args.port, args.identity, args.python)
+    flashing = args.command == "flash"
     opts = fl.FlashOptions(root=args.root, accept_fingerprint=args.accept_fingerprint,
-                           interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs)
+                           interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs,
+                           install=flashing and args.install, service=flashing and args.service,
+                           source=args.source if flashing else None, unit_dir=args.unit_dir if flashing else None,
+                           rollback=flashing and args.rollback)
     if args.known_hosts:
         opts.known_hosts = Path(args.known_hosts).expanduser()
     if args.command == "devices":
@@ -283,8 +287,6 @@ def _flash(args: argparse.Namespace) -> int:
         if bad:
             raise DeviceError(f"{len(bad)} host(s) could not be read: {bad[0]['error']}")
         return 0
-    opts.install, opts.service, opts.source, opts.unit_dir = args.install, args.service, args.source, args.unit_dir
-    opts.rollback = args.rollback
     results = fl.flash(Path(args.bundle), hosts, opts)
     if args.json:
         from edgeport.api import to_json

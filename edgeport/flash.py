@@ -20,15 +20,17 @@ material is read, logged or copied; only the identity file's path is passed to s
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,24 +140,25 @@ def _known_hosts_name(host: Host) -> str:
     return host.hostname if host.port == 22 else f"[{host.hostname}]:{host.port}"
 
 
-def ensure_host_key(host: Host, known_hosts: Path, accept: str | None, interactive: bool) -> str:
-    """The device's key fingerprint, after making sure known_hosts trusts it.
-
-    A host already in known_hosts is left to ssh's strict checking. An unknown one is scanned;
-    its key is added only when ``accept`` equals its SHA256 fingerprint or the user confirms it.
-    """
-    name = _known_hosts_name(host)
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+def scan_host_key(host: Host, known_hosts: Path) -> list[str] | None:
+    """The device's host key lines when known_hosts does not know it yet; None when it does."""
     if known_hosts.is_file():
-        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], capture_output=True, text=True)
+        found = subprocess.run(["ssh-keygen", "-F", _known_hosts_name(host), "-f", str(known_hosts)],
+                               capture_output=True, text=True)
         if found.returncode == 0 and found.stdout.strip():
-            return "known"
+            return None
     scan = subprocess.run(["ssh-keyscan", "-p", str(host.port), "-T", "10", host.hostname], capture_output=True,
                           text=True, timeout=30)
     keys = [ln for ln in scan.stdout.splitlines() if ln and not ln.startswith("#")]
     if not keys:
         raise StepError("host key", f"{host.label}: no SSH host key could be read (is sshd running on port "
                                     f"{host.port}?)")
+    return keys
+
+
+def trust_host_key(host: Host, keys: list[str], known_hosts: Path, accept: str | None, interactive: bool) -> None:
+    """Add a first-contact host's keys to known_hosts, only when ``accept`` equals one of their SHA256
+    fingerprints or the user confirms them; StepError naming the fingerprints otherwise."""
     fps = subprocess.run(["ssh-keygen", "-lf", "-"], input="\n".join(keys) + "\n", capture_output=True, text=True)
     prints = [ln.split()[1] for ln in fps.stdout.splitlines() if len(ln.split()) > 1]
     shown = ", ".join(f"{ln.split()[-1].strip('()')} {ln.split()[1]}" for ln in fps.stdout.splitlines() if ln)
@@ -170,11 +173,48 @@ def ensure_host_key(host: Host, known_hosts: Path, accept: str | None, interacti
         given = f"--accept-fingerprint {accept} does not match; " if accept else ""
         raise StepError("host key", f"{host.label} is not in {known_hosts}; {given}its host keys are {shown}: "
                                     "verify one on the device and pass --accept-fingerprint SHA256:...")
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    name = _known_hosts_name(host)
     with open(known_hosts, "a") as fh:
         for ln in keys:
-            _, _, rest = ln.partition(" ")
-            fh.write(f"{name} {rest}\n")
-    return prints[0]
+            fh.write(f"{name} {ln.partition(' ')[2]}\n")
+
+
+def check_host_keys(hosts: list[Host], opts: FlashOptions) -> dict[int, str]:
+    """Make sure known_hosts trusts every host: scans in parallel, confirmations one host at a time.
+
+    Returns {index: refusal message} for the hosts that stay untrusted.
+    """
+    def scan(h: Host) -> list[str] | str | None:
+        try:
+            return scan_host_key(h, opts.known_hosts)
+        except (StepError, subprocess.SubprocessError) as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(hosts)))) as pool:
+        scans = list(pool.map(scan, hosts))
+    refused = {}
+    for i, (h, keys) in enumerate(zip(hosts, scans)):
+        if isinstance(keys, str):
+            refused[i] = keys
+        elif keys is not None:
+            try:
+                trust_host_key(h, keys, opts.known_hosts, opts.accept_fingerprint, opts.interactive)
+            except StepError as e:
+                refused[i] = str(e)
+    return refused
+
+
+@contextmanager
+def session(host: Host, opts: FlashOptions) -> Iterator[SSH]:
+    """One shared SSH connection to ``host`` for the duration of the block."""
+    ctl = Path(tempfile.mkdtemp(prefix="edgeport-ssh-"))
+    ssh = SSH(host, opts.known_hosts, ctl)
+    try:
+        yield ssh
+    finally:
+        ssh.close()
+        shutil.rmtree(ctl, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- preflight
@@ -249,12 +289,12 @@ def _sha256(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def bundle_files(bundle: Path, manifest: dict[str, Any]) -> list[str]:
-    """Every file to copy: the manifest's files and the manifest itself last."""
-    return [*sorted(manifest["files"]), "manifest.json"]
+def expected_digests(bundle: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every file to copy: the manifest's files (verified before flashing) and the manifest itself."""
+    return {**manifest["files"], "manifest.json": _sha256(bundle / "manifest.json")}
 
 
-def copy_bundle(ssh: SSH, bundle: Path, files: list[str], dest: str,
+def copy_bundle(ssh: SSH, bundle: Path, expected: dict[str, str], dest: str,
                 bytes_limit: int | None = None) -> dict[str, int]:
     """Copy into ``dest`` with resume, then verify every sha256 on the device.
 
@@ -269,11 +309,11 @@ def copy_bundle(ssh: SSH, bundle: Path, files: list[str], dest: str,
         size, digest, name = ln.split(" ", 2)
         remote[name] = (int(size), digest)
     stats = {"sent": 0, "skipped": 0, "resumed": 0}
-    for name in files:
+    for name in sorted(expected, key=lambda n: n == "manifest.json"):  # the manifest last
         local = bundle / name
         size = local.stat().st_size
         have = remote.get(name)
-        if have and have[0] == size and have[1] == _sha256(local):
+        if have == (size, expected[name]):
             stats["skipped"] += 1
             continue
         offset = 0
@@ -289,14 +329,19 @@ def copy_bundle(ssh: SSH, bundle: Path, files: list[str], dest: str,
             raise StepError("copy", f"{ssh.host.label}: copy interrupted after {bytes_limit} bytes")
         _put(ssh, dest, name, data, offset)
         stats["sent"] += len(data)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    expected = {**manifest["files"], "manifest.json": _sha256(bundle / "manifest.json")}
-    check = ssh.run(f"cd {_q(dest)} && sha256sum -c --quiet -", stdin="".join(
-        f"{d}  {n}\n" for n, d in expected.items()).encode(), check=False, step="verify")
-    if check.returncode != 0:
-        bad = check.stdout.decode(errors="replace").strip().splitlines()
+    bad = verify_remote(ssh, dest, expected)
+    if bad:
         raise StepError("verify", f"{ssh.host.label}: checksum mismatch on the device: {'; '.join(bad[:3])}")
     return stats
+
+
+def verify_remote(ssh: SSH, dest: str, expected: dict[str, str]) -> list[str]:
+    """sha256sum -c on the device: the lines of the files that do not match (empty when all do)."""
+    check = ssh.run(f"cd {_q(dest)} && sha256sum -c --quiet -", stdin="".join(
+        f"{d}  {n}\n" for n, d in expected.items()).encode(), check=False, step="verify")
+    if check.returncode == 0:
+        return []
+    return check.stdout.decode(errors="replace").strip().splitlines() or [f"exit {check.returncode}"]
 
 
 def _put(ssh: SSH, dest: str, name: str, data: bytes, offset: int) -> None:
@@ -357,66 +402,79 @@ def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool) -> str:
     return "runtime present"
 
 
-def flash_host(bundle: Path, manifest: dict[str, Any], host: Host, opts: FlashOptions) -> HostResult:
-    """Flash one host; never raises for device problems: the result says where it stopped."""
+def flash_host(bundle: Path, manifest: dict[str, Any], expected: dict[str, str], host: Host,
+               opts: FlashOptions) -> HostResult:
+    """Flash one host whose key known_hosts trusts; never raises for device problems: the result says where
+    it stopped."""
     t0 = time.time()
     version = version_of(manifest)
     model_dir = _model_dir(manifest, opts.root)
     vdir = f"{model_dir}/{version}"
-    ctl = Path(tempfile.mkdtemp(prefix="edgeport-ssh-"))
-    ssh = SSH(host, opts.known_hosts, ctl)
-    res = HostResult(host.label, "failed", "host key", version)
+    res = HostResult(host.label, "failed", "preflight", version)
     try:
-        ensure_host_key(host, opts.known_hosts, opts.accept_fingerprint, opts.interactive)
-        if opts.rollback:
-            res.step = "rollback"
-            cur, prev = _links(ssh, model_dir)
-            if not prev:
-                raise StepError("rollback", f"{host.label}: no previous version of {manifest['model']['name']} to "
-                                            "return to")
-            _switch(ssh, model_dir, prev, cur)
-            res.status, res.version, res.previous = "rolled-back", prev, cur
-            if opts.service:
-                _restart_service(ssh, manifest, opts)
-            return res
-        res.step = "preflight"
-        size_mb = sum((bundle / n).stat().st_size for n in manifest["files"]) / 1e6
-        res.details["device"] = preflight(ssh, manifest, opts.root, size_mb)
-        res.previous = _links(ssh, model_dir)[0]
-        res.step = "copy"
-        exists = ssh.run(f"test -f {_q(vdir)}/manifest.json", check=False, step="copy").returncode == 0
-        stage = vdir if exists else f"{vdir}.partial"
-        res.details["copy"] = copy_bundle(ssh, bundle, bundle_files(bundle, manifest), stage, opts.bytes_limit)
-        if not exists:
-            ssh.run(f"rm -rf {_q(vdir)} && mv {_q(stage)} {_q(vdir)}", step="copy")
-        res.step = "setup"
-        res.details["setup"] = _setup(ssh, manifest, vdir, opts.install)
-        res.step = "selftest"
-        st = ssh.run(f"cd {_q(vdir)} && {shlex.quote(host.python)} runner.py --selftest", check=False,
-                     timeout=600, step="selftest")
-        out = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
-        if st.returncode != 0:
-            raise StepError("selftest", f"{host.label}: runner.py --selftest failed on the device: "
-                                        f"{out[-1] if out else 'exit %d' % st.returncode}")
-        res.details["selftest"] = out[-1] if out else "ok"
-        res.step = "switch"
-        _switch(ssh, model_dir, version, res.previous)
-        if opts.service:
-            res.step = "service"
-            res.details["service"] = install_service(ssh, manifest, model_dir, opts)
-        res.status, res.step = "flashed", "done"
+        with session(host, opts) as ssh:
+            if opts.rollback:
+                _rollback(ssh, manifest, model_dir, opts, res)
+            else:
+                _flash_steps(ssh, bundle, manifest, expected, model_dir, vdir, opts, res)
     except StepError as e:
-        res.status = "refused" if e.step in ("preflight", "host key") else "failed"
+        res.status = "refused" if e.step == "preflight" else "failed"
         res.step, res.message = e.step, str(e)
     except (OSError, subprocess.SubprocessError) as e:
         res.message = f"{host.label}: {type(e).__name__}: {e}"
-    finally:
-        ssh.close()
-        res.seconds = time.time() - t0
-        import shutil
-
-        shutil.rmtree(ctl, ignore_errors=True)
+    res.seconds = time.time() - t0
     return res
+
+
+def _rollback(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: FlashOptions, res: HostResult) -> None:
+    res.step = "rollback"
+    cur, prev = _links(ssh, model_dir)
+    if not prev:
+        raise StepError("rollback", f"{ssh.host.label}: no previous version of {manifest['model']['name']} to "
+                                    "return to")
+    _switch(ssh, model_dir, prev, cur)
+    res.status, res.step, res.version, res.previous = "rolled-back", "done", prev, cur
+    if opts.service:
+        _restart_service(ssh, manifest)
+
+
+def _flash_steps(ssh: SSH, bundle: Path, manifest: dict[str, Any], expected: dict[str, str], model_dir: str,
+                 vdir: str, opts: FlashOptions, res: HostResult) -> None:
+    """Preflight, copy, setup, selftest, switch (and service); ``res`` records where it got to."""
+    host = ssh.host
+    size_mb = sum((bundle / n).stat().st_size for n in manifest["files"]) / 1e6
+    res.details["device"] = preflight(ssh, manifest, opts.root, size_mb)
+    res.previous = _links(ssh, model_dir)[0]
+    res.step = "copy"
+    partial = f"{vdir}.partial"
+    if ssh.run(f"test -f {_q(vdir)}/manifest.json", check=False, step="copy").returncode == 0:
+        # Flashed before: reuse it when intact; never rewrite the live version in place.
+        if not verify_remote(ssh, vdir, expected):
+            res.details["copy"] = {"sent": 0, "skipped": len(expected), "resumed": 0}
+        elif res.previous == os.path.basename(vdir):
+            raise StepError("verify", f"{host.label}: the current version {vdir} on the device no longer matches "
+                                      "the bundle; flash another version or --rollback, then flash again")
+        else:
+            ssh.run(f"rm -rf {_q(partial)} && mv {_q(vdir)} {_q(partial)}", step="copy")  # resume from it
+    if "copy" not in res.details:
+        res.details["copy"] = copy_bundle(ssh, bundle, expected, partial, opts.bytes_limit)
+        ssh.run(f"rm -rf {_q(vdir)} && mv {_q(partial)} {_q(vdir)}", step="copy")
+    res.step = "setup"
+    res.details["setup"] = _setup(ssh, manifest, vdir, opts.install)
+    res.step = "selftest"
+    st = ssh.run(f"cd {_q(vdir)} && {shlex.quote(host.python)} runner.py --selftest", check=False, timeout=600,
+                 step="selftest")
+    out = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
+    if st.returncode != 0:
+        raise StepError("selftest", f"{host.label}: runner.py --selftest failed on the device: "
+                                    f"{out[-1] if out else 'exit %d' % st.returncode}")
+    res.details["selftest"] = out[-1] if out else "ok"
+    res.step = "switch"
+    _switch(ssh, model_dir, os.path.basename(vdir), res.previous)
+    if opts.service:
+        res.step = "service"
+        res.details["service"] = install_service(ssh, manifest, model_dir, opts)
+    res.status, res.step = "flashed", "done"
 
 
 # ---------------------------------------------------------------- service
@@ -457,7 +515,7 @@ def install_service(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: Fl
     return f"{name} written to {unit_dir}; systemd is not running there, so it was not started"
 
 
-def _restart_service(ssh: SSH, manifest: dict[str, Any], opts: FlashOptions) -> None:
+def _restart_service(ssh: SSH, manifest: dict[str, Any]) -> None:
     name = unit_name(manifest)
     ssh.run(f"(systemctl restart {name} || systemctl --user restart {name}) 2>/dev/null || true", check=False,
             step="service")
@@ -524,8 +582,13 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
         if not (bundle / "runner.py").is_file():
             raise BundleError(f"{bundle}: this bundle has no runner.py ({manifest['target']} bundles are for apps); "
                               "nothing to run on a device")
-    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(hosts)))) as pool:
-        return list(pool.map(lambda h: flash_host(bundle, manifest, h, opts), hosts))
+    expected = expected_digests(bundle, manifest)
+    refused = check_host_keys(hosts, opts)
+    trusted = [h for i, h in enumerate(hosts) if i not in refused]
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(trusted) or 1))) as pool:
+        done = iter(list(pool.map(lambda h: flash_host(bundle, manifest, expected, h, opts), trusted)))
+    return [HostResult(h.label, "refused", "host key", version_of(manifest), message=refused[i])
+            if i in refused else next(done) for i, h in enumerate(hosts)]
 
 
 def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
@@ -536,27 +599,22 @@ def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
               "2>/dev/null | head -n1); n=$(ls -d \"$m\"/*/ 2>/dev/null | grep -vc partial); "
               "echo \"$m|$c|$p|${s:-none}|$n\"; done")
 
+    def row(h: Host, model: str = "-", cur: str = "-", prev: str = "-", svc: str = "-", n: int = 0,
+            error: str = "") -> dict[str, Any]:
+        return {"host": h.label, "model": model, "current": cur or "-", "previous": prev or "-", "service": svc,
+                "versions": n, "error": error}
+
     def one(h: Host) -> list[dict[str, Any]]:
-        ctl = Path(tempfile.mkdtemp(prefix="edgeport-ssh-"))
-        ssh = SSH(h, opts.known_hosts, ctl)
         try:
-            ensure_host_key(h, opts.known_hosts, opts.accept_fingerprint, opts.interactive)
-            out = ssh.run(script, step="status").stdout.decode().splitlines()
-            rows = []
-            for ln in out:
-                model, cur, prev, svc, n = ln.split("|")
-                rows.append({"host": h.label, "model": model, "current": cur or "-", "previous": prev or "-",
-                             "service": svc, "versions": int(n or 0), "error": ""})
-            return rows or [{"host": h.label, "model": "-", "current": "-", "previous": "-", "service": "-",
-                             "versions": 0, "error": "nothing flashed"}]
+            with session(h, opts) as ssh:
+                out = ssh.run(script, step="status").stdout.decode().splitlines()
         except StepError as e:
-            return [{"host": h.label, "model": "-", "current": "-", "previous": "-", "service": "-", "versions": 0,
-                     "error": str(e)}]
-        finally:
-            ssh.close()
-            import shutil
+            return [row(h, error=str(e))]
+        rows = [row(h, m, c, p, s, int(n or 0)) for m, c, p, s, n in (ln.split("|") for ln in out)]
+        return rows or [row(h, error="nothing flashed")]
 
-            shutil.rmtree(ctl, ignore_errors=True)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(hosts)))) as pool:
-        return [r for rows in pool.map(one, hosts) for r in rows]
+    refused = check_host_keys(hosts, opts)
+    trusted = [h for i, h in enumerate(hosts) if i not in refused]
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(trusted) or 1))) as pool:
+        done = iter(list(pool.map(one, trusted)))
+    return [r for i, h in enumerate(hosts) for r in ([row(h, error=refused[i])] if i in refused else next(done))]

@@ -28,8 +28,9 @@ def _fp32_onnx(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig) -> Pa
     return None
 
 
-def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], list[tuple[str, str, list[str]]]]:
-    """(every float tensor by name, [(node name, op type, outputs)] in graph order) for one input."""
+def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                   list[tuple[str, str, list[str], list[str]]]]:
+    """(every float tensor by name, [(node name, op type, inputs, outputs)] in graph order) for one input."""
     import onnx
     import onnxruntime as ort
 
@@ -38,7 +39,7 @@ def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], list[
     present = {o.name for o in model.graph.output}
     nodes = []
     for node in model.graph.node:
-        nodes.append((node.name or node.output[0], node.op_type, list(node.output)))
+        nodes.append((node.name or node.output[0], node.op_type, list(node.input), list(node.output)))
         for out in node.output:
             vi = known.get(out)
             if out and out not in present and vi is not None and \
@@ -103,14 +104,13 @@ def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, 
     steps = []
     cos_of: dict[str, float] = {}
     first = None
-    inputs_of = _node_inputs(onnx_path)
-    for name, op, outs in nodes:
+    for name, op, ins, outs in nodes:
         for t in outs:
             if t not in ref or t not in got or ref[t].shape != got[t].shape:
                 continue
             m = compare(ref[t], got[t], "none", check)
             cos_of[t] = m["cosine"]
-            before = min([cos_of[i] for i in inputs_of.get(name, []) if i in cos_of] or [1.0])
+            before = min([cos_of[i] for i in ins if i in cos_of] or [1.0])
             step = {"node": name, "op": op, "tensor": t, "cosine": m["cosine"], "max_rel": m["max_rel"],
                     "added": (1.0 - m["cosine"]) - (1.0 - before)}
             steps.append(step)
@@ -130,9 +130,3 @@ def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, 
     return {"summary": summary, "first": first, "worst": worst, "compared": len(steps), "onnx": str(onnx_path),
             "steps": steps}
 
-
-def _node_inputs(path: Path) -> dict[str, list[str]]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {(n.name or n.output[0]): list(n.input) for n in model.graph.node}

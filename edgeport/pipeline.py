@@ -187,7 +187,8 @@ def _artifacts_from_dict(d: dict[str, Any], base: Path) -> Artifacts:
                      InputSpec.from_dict(d["spec"]), d["runtime"], d["info"], d["host_runnable"])
 
 
-def _to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """A 4-D array from layout ``src`` (NCHW or NHWC) to ``dst``; other ranks pass through."""
     if src == dst or arr.ndim != 4:
         return arr
     return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)
@@ -218,15 +219,15 @@ def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_sta
         accuracy = None
         # Golden outputs are the artifact's own where the host runs the real runtime; for device-only and
         # emulated artifacts they are the reference's, checked on the device under the precision's tolerance.
-        golden = {k: _to_layout(v, spec.layout, art.spec.layout) for k, v in ref.items()}
+        golden = {k: to_layout(v, spec.layout, art.spec.layout) for k, v in ref.items()}
         if art.host_runnable:
             with backend.open(art) as rt:
-                got = rt.run_batches(_to_layout(inputs, spec.layout, art.spec.layout))
+                got = rt.run_batches(to_layout(inputs, spec.layout, art.spec.layout))
                 if val is not None:
                     accuracy = _val_accuracy(rt, art, spec, val)
             tol = target.tolerances(precision)
             for name, r in ref.items():
-                g = _to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
+                g = to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
                     got[name].shape != r.shape else got[name]
                 parity[name] = compare(r, g, spec.task, tol)
             if not art.info.get("emulated"):
@@ -282,8 +283,8 @@ def _val_accuracy(rt: Any, art: Artifacts, spec: InputSpec, val: ValidationRef) 
     from edgeport.evaluate import primary, task_metrics
     from edgeport.runner.metrics import task_agreement
 
-    got = rt.run_batches(_to_layout(val.data.inputs, spec.layout, art.spec.layout))[art.outputs[0].name]
-    got = _to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
+    got = rt.run_batches(to_layout(val.data.inputs, spec.layout, art.spec.layout))[art.outputs[0].name]
+    got = to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
     metrics = task_metrics(got, val.data, spec.layout)
     key, value = primary(metrics)
     drop = val.metrics[key] - value if value is not None else None
@@ -309,7 +310,7 @@ def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, in
     backend = get_backend(target.backend)
     art = _artifacts_from_dict(info["artifacts"], stage.dir)
     with np.load(export_stage.dir / "reference.npz") as z:
-        inputs = _to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, art.spec.layout)
+        inputs = to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, art.spec.layout)
     with np.load(stage.dir / "golden.npz") as z:
         golden_out = {k: z[k] for k in z.files}
     manifest = {
@@ -476,9 +477,9 @@ def parity_table(report: BuildReport) -> str:
             cells += [f"{100 * a['agreement']:.2f}%" if a else "-",
                       f"{_metric_cell(a['metrics'])} ({-a['drop']:+.2f})" if a and a["drop"] is not None else "-"]
         rows.append(tuple(cells + [r.status, f"{r.seconds:.1f}s"]))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    from edgeport.tables import text_table
+
+    lines = text_table(list(rows[0]), [list(r) for r in rows[1:]])
     if has_acc:
         lines.append(f"metric on {report.validation_source}; onnx row = FP32 reference")
     for r in report.targets:

@@ -79,8 +79,9 @@ def to_junit(report: BuildReport) -> str:
 
 def to_markdown(report: BuildReport) -> str:
     """A CI job summary: the parity table as Markdown, then the failures."""
-    rows = ["| target | backend | precision | max_rel | cosine | agreement | metric (drop) | status |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    from edgeport.tables import md_table
+
+    rows = []
     for r in report.targets:
         m = next(iter(r.parity.values()), None)
         a = r.accuracy
@@ -90,8 +91,9 @@ def to_markdown(report: BuildReport) -> str:
             metric = f"{key} {a['metrics'][key]:.2f} ({-a['drop']:+.2f})"
         cells = [r.target, r.backend, r.precision]
         cells += [f"{m['max_rel']:.1e}", f"{m['cosine']:.6f}", f"{100 * m['agreement']:.2f}%"] if m else ["-"] * 3
-        rows.append("| " + " | ".join([*cells, metric, r.status]) + " |")
-    lines = [f"## edgeport: {report.model}", "", *rows, ""]
+        rows.append([*cells, metric, r.status])
+    head = ["target", "backend", "precision", "max_rel", "cosine", "agreement", "metric (drop)", "status"]
+    lines = [f"## edgeport: {report.model}", "", *md_table(head, rows), ""]
     if report.reference_metrics:
         lines += [f"Task metric on {report.validation_source}; FP32 reference: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in report.reference_metrics.items() if k != "count"), ""]

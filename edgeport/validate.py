@@ -26,6 +26,7 @@ from edgeport.bundle import read_manifest, verify_bundle
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
+from edgeport.pipeline import to_layout
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
@@ -127,22 +128,23 @@ def artifacts_of(bundle: Path, manifest: dict[str, Any]) -> Artifacts:
 def open_bundle(bundle: Path, manifest: dict[str, Any]) -> tuple[Runtime, str, str]:
     """(runtime, backend label, what runs it) for a bundle on this host.
 
-    BackendUnavailableError when its runtime is not installed here.
+    A TensorRT FP16/FP32 bundle has no host runtime of its own; its model.onnx (what the engine is
+    built from) runs in ONNX Runtime. BackendUnavailableError when a runtime is not installed here.
     """
     from edgeport.backends import get_backend
-    from edgeport.backends.onnxruntime.backend import BACKEND as ORT
 
     art = artifacts_of(bundle, manifest)
     name = manifest["backend"]
-    if name == "tensorrt":
-        if "qdq" in art.files:
-            return ORT.open_onnx(art.files["qdq"]), "tensorrt (emulated)", "onnxruntime on model_qdq.onnx"
+    if name == "tensorrt" and "qdq" not in art.files:
+        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
         return (ORT.open_onnx(art.files["model"]), "tensorrt (onnx)",
                 f"onnxruntime on model.onnx; the {art.precision} engine is checked on the device")
     backend = get_backend(name)
-    backend.available().require()
-    versions = backend.available().versions
-    return backend.open(art), name, f"{name} {versions.get(name, versions.get('ai-edge-litert', ''))}".strip()
+    av = backend.available()
+    av.require()
+    label = f"{name} (emulated)" if art.info.get("emulated") else name
+    return backend.open(art), label, ", ".join(f"{k} {v}" for k, v in av.versions.items())
 
 
 def model_files_mb(bundle: Path, manifest: dict[str, Any]) -> float:
@@ -193,6 +195,13 @@ class Reference:
 
         return torch_outputs(self.model, x, names)
 
+    @property
+    def version(self) -> str:
+        """'pytorch <version>'."""
+        import torch
+
+        return f"pytorch {torch.__version__}"
+
 
 def _golden(bundle: Path, manifest: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray]:
     """(golden frames, golden inputs) of a bundle; frames may be empty (built from a .npy)."""
@@ -209,15 +218,6 @@ def _golden(bundle: Path, manifest: dict[str, Any]) -> tuple[list[np.ndarray], n
     if not inputs:
         raise BundleError(f"{bundle}: manifest lists no golden cases")
     return frames, np.concatenate(inputs, 0)
-
-
-def _to_ref_layout(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """NHWC -> NCHW when the artifact's output is the transpose of the reference's."""
-    if got.shape[1:] == ref.shape[1:] or got.ndim != 4:
-        return got
-    if got.transpose(0, 3, 1, 2).shape[1:] == ref.shape[1:]:
-        return got.transpose(0, 3, 1, 2)
-    return got
 
 
 def _run_frames(rt: Runtime, frames: list[np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -240,10 +240,10 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     from edgeport.evaluate import load_labelled, task_metrics
 
     t_start = time.time()
-    bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
-    manifests = [read_manifest(b) for b in bundles]
     from edgeport.model import default_name
 
+    bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
+    manifests = [read_manifest(b) for b in bundles]
     for b, m in zip(bundles, manifests):
         if m["model"].get("source") != cfg.model.source:
             raise ConfigError(f"{b} holds model '{m['model'].get('name')}' ({m['model'].get('source')}), but the "
@@ -255,7 +255,7 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         source = DEFAULT_SYNTHETIC
     lab = labels if images else (labels or cfg.validation.labels)
     data: LabelledSet | None = None
-    ref_metrics = None
+    ref_metrics, ref_data = None, None
     if source:
         data = load_labelled(source, lab, ref.spec, max_images=max_images or cfg.validation.max_images,
                              root=None if images else cfg.root)
@@ -271,8 +271,8 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     drop_limit = cfg.quantize.max_drop if max_drop is None else max_drop
     results = []
     for bundle, manifest in progress(list(zip(bundles, manifests)), "validating bundles"):
-        res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_metrics, drop_limit, localize, bench,
-                               bench_iters)
+        res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_data, ref_metrics, drop_limit, localize,
+                               bench, bench_iters)
         results.append(res)
     ref_latency = None
     if bench:
@@ -284,15 +284,14 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         with torch.inference_mode():
             t = measure({"pytorch": lambda: ref.model(x)}, iters=bench_iters, rounds=1, progress=False)["pytorch"]
         ref_latency = {"median_ms": t.median, "p99_ms": t.p99, "fps": 1000.0 / t.median}
-    import torch
-
-    return ValidateReport(ref.name, f"pytorch {torch.__version__}", data.source if data is not None else None,
+    return ValidateReport(ref.name, ref.version, data.source if data is not None else None,
                           ref_metrics, results, time.time() - t_start, ref_latency, ref.size_mb)
 
 
 def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg: ProjectConfig,
-                     data: LabelledSet | None, ref_metrics: dict[str, float] | None, drop_limit: float,
-                     localize: bool, bench: bool, bench_iters: int) -> BundleResult:
+                     data: LabelledSet | None, ref_data: dict[str, np.ndarray] | None,
+                     ref_metrics: dict[str, float] | None, drop_limit: float, localize: bool, bench: bool,
+                     bench_iters: int) -> BundleResult:
     from edgeport.evaluate import primary, task_metrics
     from edgeport.runner.metrics import task_agreement
     from edgeport.target import DEFAULT_TOLERANCES, get_target
@@ -326,7 +325,14 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     if label == "tensorrt (onnx)":
         base_tol = dict(DEFAULT_TOLERANCES["fp32"])  # the ONNX runs in FP32 here
     spec = manifest["preprocess"]
+    ref_layout = ref.spec.layout
     names = [o["name"] for o in manifest["outputs"]]
+    # Each output in the reference's layout (TFLite gives NHWC where PyTorch gives NCHW).
+    out_layout = {o["name"]: o.get("layout") or ref_layout for o in manifest["outputs"]}
+
+    def as_ref(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: to_layout(v, out_layout.get(k, ref_layout), ref_layout) for k, v in outs.items()}
+
     differs = preprocess_diff(spec, ref.spec)
     with rt:
         frames, golden_inputs = _golden(bundle, manifest)
@@ -335,42 +341,41 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             got = _run_frames(rt, frames, spec)
             where = f"{len(frames)} golden frames"
         else:
-            ref_out = ref.run_inputs(_nchw(golden_inputs, spec), names)
+            ref_out = ref.run_inputs(to_layout(golden_inputs, spec["layout"], ref_layout), names)
             got = rt.run_batches(golden_inputs)
             where = f"{len(golden_inputs)} golden inputs (no frames: preprocessing not checked)"
+        got = as_ref(got)
         got_data = None
-        if data is not None:
-            got_data = _run_frames(rt, data.frames, spec)
-            d_ref = ref.outputs(data.frames, names)
-            ref_out = {k: np.concatenate([ref_out[k], d_ref[k]], 0) for k in names}
-            got = {k: np.concatenate([got[k], got_data[k]], 0) for k in names}
+        if data is not None and ref_data is not None:
+            got_data = as_ref(_run_frames(rt, data.frames, spec))
+            ref_out = {k: np.concatenate([ref_out[k], ref_data[k]], 0) for k in names}
+            got = {k: np.concatenate([got[k], got_data[k]], 0) for k in got}
             where += f" + {len(data)} images of {data.source}"
         for out in names:
             if out not in got:
                 res.cases.append(Case(name, label, precision, out, "failed", {}, f"{label} gives no output '{out}'"))
                 continue
             tol = cfg.validation.tolerance_for(out, precision, base_tol)
-            m = compare(ref_out[out], _to_ref_layout(got[out], ref_out[out]), ref.spec.task, tol)
+            m = compare(ref_out[out], got[out], ref.spec.task, tol)
             m.update({"frames": where, "tolerance": tol})
             msg = "" if m["ok"] else f"{label} {precision} output '{out}': {', '.join(m['failed'])} vs PyTorch"
             res.cases.append(Case(name, label, precision, out, "passed" if m["ok"] else "failed", m, msg))
-        if data is not None and ref_metrics and got_data is not None:
+        if ref_metrics and got_data is not None and ref_data is not None:
             first = names[0]
-            g = _to_ref_layout(got_data[first], ref_out[first])
+            g = got_data[first]
             res.metrics = task_metrics(g, data, ref.spec.layout)
             key, value = primary(res.metrics)
             drop = ref_metrics[key] - value if value is not None else 0.0
             ok = drop <= drop_limit
             acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
-                   "max_drop": drop_limit, "agreement": task_agreement(ref.outputs(data.frames, [first])[first], g,
-                                                                       ref.spec.task)}
+                   "max_drop": drop_limit, "agreement": task_agreement(ref_data[first], g, ref.spec.task)}
             msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is {drop:.2f} points "
                                  f"below PyTorch's {ref_metrics[key]:.2f} (max drop {drop_limit:g})")
             res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
         if localize and res.status == "failed" and any(c.check in names and c.status == "failed" for c in res.cases):
             from edgeport.localize import localize_bundle
 
-            frame_x = ref.inputs(frames[:1]) if frames else _nchw(golden_inputs[:1], spec)
+            frame_x = ref.inputs(frames[:1]) if frames else to_layout(golden_inputs[:1], spec["layout"], ref_layout)
             res.localize = localize_bundle(bundle, manifest, cfg, frame_x, base_tol)
         if bench:
             from edgeport.bench import measure
@@ -391,15 +396,10 @@ def preprocess_diff(bundle_spec: dict[str, Any], project: InputSpec) -> list[str
     out = []
     for key in ("resize", "interpolation", "color", "scale", "mean", "std", "pad_value", "resize_size"):
         a, b = bundle_spec.get(key), mine.get(key)
-        same = np.allclose(a, b) if isinstance(a, (list, float, int)) and isinstance(b, (list, float, int)) \
-            and not isinstance(a, bool) else a == b
-        if not same:
+        numeric = isinstance(a, (list, int, float)) and isinstance(b, (list, int, float))
+        if not (np.allclose(a, b) if numeric else a == b):
             out.append(f"{key} {a!r} vs {b!r}")
     return out
-
-
-def _nchw(x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    return x.transpose(0, 3, 1, 2) if spec.get("layout") == "NHWC" and x.ndim == 4 else x
 
 
 # ---------------------------------------------------------------- output

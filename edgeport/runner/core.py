@@ -18,7 +18,7 @@ import time
 import cv2
 import numpy as np
 
-from edgeport.runner.metrics import compare
+from edgeport.runner.metrics import class_argmax, compare
 from edgeport.runner.preprocess import preprocess
 from edgeport.zoo.scene import render_scene
 
@@ -79,22 +79,8 @@ def classify(logits, labels, k=5):
 
 
 def segment(logits, layout_nhwc):
-    """Class-id map (H, W) of one segmentation output: np.argmax over the class axis, ties to the first.
-
-    For a planar (CHW) output with few classes a running maximum over the class planes is used:
-    the same result, about 6x faster than np.argmax's strided reduction (0.07 vs 0.44 ms for
-    7x120x160), which matters at a thousand frames a second.
-    """
-    arr = logits[0]
-    if layout_nhwc or arr.ndim != 3 or arr.shape[0] > 64:
-        return np.argmax(arr, axis=-1 if layout_nhwc else 0).astype(np.uint8)
-    best = arr[0].copy()
-    ids = np.zeros(best.shape, np.uint8)
-    for c in range(1, arr.shape[0]):
-        plane = arr[c]
-        ids[plane > best] = c
-        np.maximum(best, plane, out=best)
-    return ids
+    """Class-id map (H, W) of one segmentation output (np.argmax over the class axis, ties to the first)."""
+    return class_argmax(logits[0], -1 if layout_nhwc else 0).astype(np.uint8)
 
 
 def mask_to_frame(mask, geometry, frame_hw):
