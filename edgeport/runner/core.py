@@ -25,7 +25,7 @@ from edgeport.zoo.scene import render_scene
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def open_runtime(manifest, bundle_dir, device=None):
+def open_runtime(manifest, bundle_dir, device=None, threads=None):
     """Replaced in runner.py by the bundle's backend part (defined after this file there)."""
     raise RunnerError("this runner has no backend part; rebuild the bundle")
 
@@ -189,12 +189,17 @@ class FolderSource(object):
         pass
 
 
-def _open_capture(spec, api, timeout_ms):
-    """cv2.VideoCapture with open/read timeouts where this OpenCV has them (4.6+; JetPack 4.6 has 4.1)."""
+def _open_capture(spec, api, timeout_ms, decode_threads=0):
+    """cv2.VideoCapture with open/read timeouts and FFmpeg's decoder thread count where this OpenCV
+    has them (4.6+ and 4.7+; JetPack 4.6 has 4.1 and gets neither)."""
+    params = []
     if api is not None and timeout_ms and hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC"):
+        params += [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+    if api == getattr(cv2, "CAP_FFMPEG", None) and decode_threads > 0 and hasattr(cv2, "CAP_PROP_N_THREADS"):
+        params += [cv2.CAP_PROP_N_THREADS, decode_threads]
+    if params:
         try:
-            return cv2.VideoCapture(spec, api, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms,
-                                                cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
+            return cv2.VideoCapture(spec, api, params)
         except (TypeError, cv2.error):
             pass
     return cv2.VideoCapture(spec, api) if api is not None else cv2.VideoCapture(spec)
@@ -206,13 +211,17 @@ class CaptureSource(object):
     Live sources (cameras, streams) that stop delivering are reopened with exponential backoff
     (0.5 s doubling to 8 s) up to ``reconnect`` times, then SourceLost ends the run. Video files
     skip undecodable frames (counted as corrupt); a file that ends before the frame count its
-    container declares is reported as truncated.
+    container declares is reported as truncated. ``decode_threads`` is FFmpeg's decoder thread
+    count (0: FFmpeg's choice, one per CPU with frame threading, which costs CPU time that
+    inference needs and delays each frame of a stream by a frame per thread).
     """
 
     MAX_BAD_READS = 25
 
-    def __init__(self, spec, api, live, width, height, fps, label=None, reconnect=5, timeout_ms=5000):
+    def __init__(self, spec, api, live, width, height, fps, label=None, reconnect=5, timeout_ms=5000,
+                 decode_threads=0):
         self.spec, self.api, self.live = spec, api, live
+        self.decode_threads = decode_threads
         self.label = label or str(spec)
         self.size = (width, height, fps)
         self.reconnect, self.timeout_ms = reconnect, timeout_ms
@@ -240,7 +249,7 @@ class CaptureSource(object):
         return "cannot open source %s" % self.label
 
     def _open(self):
-        cap = _open_capture(self.spec, self.api, self.timeout_ms if self.live else 0)
+        cap = _open_capture(self.spec, self.api, self.timeout_ms if self.live else 0, self.decode_threads)
         if not cap.isOpened():
             cap.release()
             return None
@@ -320,8 +329,8 @@ def has_gstreamer():
     return False
 
 
-def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0):
-    """Open a frame source from its URI (see --help)."""
+def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0, decode_threads=1):
+    """Open a frame source from its URI (see --help); ``decode_threads`` applies to FFmpeg sources."""
     ms = int(timeout * 1000)
     if uri.startswith("synthetic://"):
         return SyntheticSource(uri, width, height, fps)
@@ -347,11 +356,12 @@ def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0):
     if uri.startswith(("rtsp://", "rtsps://", "http://", "https://")):
         # Low latency: TCP transport, no input buffering in FFmpeg, a one-frame buffer in OpenCV.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay")
-        return CaptureSource(uri, cv2.CAP_FFMPEG, True, 0, 0, 0, label=uri, reconnect=reconnect, timeout_ms=ms)
+        return CaptureSource(uri, cv2.CAP_FFMPEG, True, 0, 0, 0, label=uri, reconnect=reconnect, timeout_ms=ms,
+                             decode_threads=decode_threads)
     if os.path.isdir(uri):
         return FolderSource(uri)
     if os.path.isfile(uri):
-        return CaptureSource(uri, cv2.CAP_FFMPEG, False, 0, 0, 0, label=uri)
+        return CaptureSource(uri, cv2.CAP_FFMPEG, False, 0, 0, 0, label=uri, decode_threads=decode_threads)
     raise RunnerError("source %s does not exist (camera index, /dev/videoN, v4l2://N, csi://N, rtsp://, http(s)://, "
                       "a video file, an image folder or synthetic://)" % uri)
 
@@ -369,15 +379,18 @@ class LatestFrame(object):
         self.cond = threading.Condition()
         self.frame, self.seq, self.ended, self.error = None, 0, False, None
         self.dropped = 0
+        self.read_s = 0.0  # time inside source.read(): decoding, or waiting for a camera
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while True:
+            t = time.time()
             try:
                 frame = self.source.read()
             except Exception as e:  # handed to the consumer
                 frame, self.error = None, e
+            self.read_s += time.time() - t
             with self.cond:
                 if frame is None:
                     self.ended = True
@@ -423,8 +436,11 @@ class LatestFrame(object):
 class ThreadedAsync(object):
     """submit()/wait_all() over a synchronous runtime: one worker thread, a bounded queue.
 
-    The default for runtimes without their own asynchronous API; OpenVINO's part returns an
-    AsyncInferQueue-based engine from make_async instead.
+    The default for runtimes without their own asynchronous API (TFLite, TensorRT here). Results
+    reach ``callback(userdata, outputs[, latency_ms])`` from the worker, in submission order.
+    A runtime with asynchronous requests subclasses it (OpenVINO's part): _start() launches
+    one and returns the queue item, _finish() waits for it and returns the callback's
+    arguments, _release() frees what _start() took.
     """
 
     def __init__(self, rt, callback, jobs=2):
@@ -434,23 +450,33 @@ class ThreadedAsync(object):
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _start(self, feeds, userdata):
+        return feeds, userdata
+
+    def _finish(self, item):
+        feeds, userdata = item
+        return userdata, self.rt.infer(feeds)
+
+    def _release(self, item):
+        pass
+
     def _run(self):
         while True:
             item = self.q.get()
             if item is None:
                 self.q.task_done()
                 return
-            feeds, userdata = item
             try:
-                self.callback(userdata, self.rt.infer(feeds))
-            except Exception as e:
+                self.callback(*self._finish(item))
+            except Exception as e:  # raised in the caller's thread by the next submit or wait_all
                 self.error = e
+            self._release(item)
             self.q.task_done()
 
     def submit(self, feeds, userdata):
         if self.error is not None:
             raise self.error
-        self.q.put((feeds, userdata))
+        self.q.put(self._start(feeds, userdata))
 
     def wait_all(self):
         self.q.join()
@@ -602,7 +628,8 @@ def run_loop(args, manifest, rt, quiet=False):
     """
     spec = manifest["preprocess"]
     in_name = manifest["inputs"][0]["name"]
-    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout)
+    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
+                         args.decode_threads)
     grabber = LatestFrame(source)
     stop = {"flag": False}
 
@@ -615,33 +642,36 @@ def run_loop(args, manifest, rt, quiet=False):
     out = Outputs(args)
     post = Post(manifest, args, out.draw)
     done = queue.Queue()
-    engine = make_async(rt, lambda userdata, outs: done.put((userdata, outs, time.time())), args.jobs)
+    engine = make_async(rt, lambda userdata, outs, ms=None: done.put((userdata, outs, time.time(), ms)), args.jobs)
     meta, ready = {}, {}
     lat, e2e = [], []
-    state = {"next": 1, "emitted": 0}
+    state = {"next": 1, "emitted": 0, "pre_s": 0.0, "post_s": 0.0}
     t0 = time.time()
 
     def drain(block):
         while True:
             try:
-                seq, outs, t_done = done.get(block and len(meta) > len(ready), 1.0)
+                seq, outs, t_done, ms = done.get(block and len(meta) > len(ready), 1.0)
             except queue.Empty:
                 if block and len(meta) > len(ready):
                     continue
                 break
-            ready[seq] = (outs, t_done)
+            ready[seq] = (outs, t_done, ms)
         while state["next"] in ready:  # emit in capture order
             seq = state["next"]
-            outs, t_done = ready.pop(seq)
+            outs, t_done, ms = ready.pop(seq)
             frame, geom, t_cap, t_sub = meta.pop(seq)
-            ms = (t_done - t_sub) * 1000.0
+            if ms is None:  # the engine did not measure it
+                ms = (t_done - t_sub) * 1000.0
             lat.append(ms)
             record = {"frame": seq, "timestamp": round(t_cap, 3), "latency_ms": round(ms, 2)}
+            t_post = time.time()
             vis = post(outs, frame, geom, record)
             e2e.append((time.time() - t_cap) * 1000.0)
             record["e2e_ms"] = round(e2e[-1], 2)
             fps_now = state["emitted"] / max(time.time() - t0, 1e-6)
             out.emit(vis, record, fps_now)
+            state["post_s"] += time.time() - t_post
             state["emitted"] += 1
             state["next"] += 1
 
@@ -661,7 +691,9 @@ def run_loop(args, manifest, rt, quiet=False):
                 frame = cv2.flip(frame, 1)
             x, geom = preprocess(frame, spec)
             seq += 1
-            meta[seq] = (frame, geom, t_cap, time.time())
+            t_sub = time.time()
+            state["pre_s"] += t_sub - t_cap
+            meta[seq] = (frame, geom, t_cap, t_sub)
             engine.submit({in_name: x}, seq)
             drain(False)
         engine.wait_all()
@@ -678,12 +710,17 @@ def run_loop(args, manifest, rt, quiet=False):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     elapsed = max(time.time() - t0, 1e-6)
+    per_frame = 1000.0 / max(state["emitted"], 1)
     summary = {"source": args.source, "frames": state["emitted"], "seconds": round(elapsed, 3),
                "fps": round(state["emitted"] / elapsed, 2),
                "latency_p50_ms": round(percentile(lat, 50), 2), "latency_p99_ms": round(percentile(lat, 99), 2),
                "e2e_p50_ms": round(percentile(e2e, 50), 2), "e2e_p99_ms": round(percentile(e2e, 99), 2),
                "dropped": grabber.dropped, "corrupt": getattr(source, "corrupt", 0),
-               "reconnects": getattr(source, "reconnects", 0), "stopped_by_signal": stop["flag"]}
+               "reconnects": getattr(source, "reconnects", 0), "stopped_by_signal": stop["flag"],
+               "capture_ms": round(grabber.read_s * per_frame, 3),
+               "preprocess_ms": round(state["pre_s"] * per_frame, 3),
+               "postprocess_ms": round(state["post_s"] * per_frame, 3),
+               "inference_threads": getattr(rt, "threads", 0) or None}
     if not quiet:
         sys.stderr.write("summary: %s\n" % json.dumps(summary))
     if error is not None:
@@ -694,44 +731,127 @@ def run_loop(args, manifest, rt, quiet=False):
     return summary
 
 
-def bench(args, manifest, rt, out=sys.stdout):
-    """--bench: end-to-end FPS on the source next to inference-only FPS on the same frames."""
+BENCH_DISTINCT = 64  # distinct preprocessed frames kept for the inference-only passes (cycled)
+
+
+def available_cpus():
+    """CPUs this process may run on (taskset and cgroup cpusets included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def leave_one_cpu(cpus=None):
+    """Thread policy for CPU inference in the camera loop: the runtime's own choice, but never
+    every CPU, so capture, preprocessing and drawing keep one (``--threads`` default).
+
+    Returns a function from the runtime's default thread count to the count to use. On a host
+    where the runtime already leaves CPUs free (OpenVINO uses physical cores, not SMT
+    siblings) it changes nothing.
+    """
+    cpus = cpus or available_cpus()
+
+    def policy(default):
+        if not default or cpus < 2:
+            return default
+        return max(1, min(int(default), cpus - 1))
+    return policy
+
+
+def inference_only_fps(rt, in_name, inputs, count, jobs):
+    """FPS of the runtime alone: ``count`` submissions of the preprocessed ``inputs`` (cycled)
+    through the same asynchronous engine and output copy the camera loop uses."""
+    engine = make_async(rt, lambda userdata, outs, ms=None: None, jobs)
+    try:
+        for x in inputs[:10]:  # warm-up
+            engine.submit({in_name: x}, -1)
+        engine.wait_all()
+        t = time.time()
+        for i in range(count):
+            engine.submit({in_name: inputs[i % len(inputs)]}, i)
+        engine.wait_all()
+        return count / max(time.time() - t, 1e-6)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+
+
+def bench(args, manifest, rt, out=sys.stdout, open_all=None):
+    """--bench: end-to-end FPS on the source next to inference-only FPS of the same engine.
+
+    ``--bench-rounds`` rounds, each an inference-only pass and an end-to-end run over the same
+    number of frames, alternated so that drift on a busy host hits both; medians are reported.
+    When the runner left CPUs to capture (--threads), ``open_all()`` gives the runtime with its
+    own thread choice, and the same two figures are measured for it, so the user sees what the
+    policy costs the engine and gains the pipeline.
+    """
     spec = manifest["preprocess"]
     in_name = manifest["inputs"][0]["name"]
     n = args.max_frames or 300
-    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout)
-    inputs = []
+    source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
+                         args.decode_threads)
+    inputs, count = [], 0
     try:
-        while len(inputs) < n:
+        while count < n:
             frame = source.read()
             if frame is None:
                 break
-            inputs.append(preprocess(frame, spec)[0])
+            if len(inputs) < BENCH_DISTINCT:
+                inputs.append(preprocess(frame, spec)[0])
+            count += 1
     finally:
         source.release()
     if not inputs:
         raise RunnerError("source %s gave no frames to benchmark" % args.source)
-    done = []
-    engine = make_async(rt, lambda userdata, outs: done.append(userdata), args.jobs)
-    for x in inputs[:10]:  # warm-up
-        engine.submit({in_name: x}, -1)
-    engine.wait_all()
-    t = time.time()
-    for i, x in enumerate(inputs):
-        engine.submit({in_name: x}, i)
-    engine.wait_all()
-    infer_fps = len(inputs) / max(time.time() - t, 1e-6)
-    if hasattr(engine, "close"):
-        engine.close()
-    args.max_frames = len(inputs)
-    summary = run_loop(args, manifest, rt, quiet=True)
-    ratio = summary["fps"] / infer_fps
-    result = {"frames": len(inputs), "inference_only_fps": round(infer_fps, 1), "end_to_end_fps": summary["fps"],
-              "ratio": round(ratio, 3), "e2e_p50_ms": summary["e2e_p50_ms"], "jobs": args.jobs}
-    out.write("bench on %s, %d frames, %d async jobs:\n" % (args.source, len(inputs), args.jobs))
-    out.write("  inference only  %8.1f FPS\n" % infer_fps)
+    live = bool(getattr(source, "live", False))
+    all_rt = open_all() if open_all is not None and getattr(rt, "threads", 0) else None
+    if all_rt is not None and getattr(all_rt, "threads", 0) == rt.threads:
+        all_rt = None  # the policy changed nothing here
+    args.max_frames = count
+    rounds = max(1, int(args.bench_rounds))
+    figures = {"infer": [], "e2e": [], "infer_all": [], "e2e_all": []}
+    stages = []
+    for r in range(rounds):
+        figures["infer"].append(inference_only_fps(rt, in_name, inputs, count, args.jobs))
+        summary = run_loop(args, manifest, rt, quiet=True)
+        figures["e2e"].append(summary["fps"])
+        stages.append(summary)
+        if all_rt is not None:
+            figures["infer_all"].append(inference_only_fps(all_rt, in_name, inputs, count, args.jobs))
+            figures["e2e_all"].append(run_loop(args, manifest, all_rt, quiet=True)["fps"])
+        sys.stderr.write("bench round %d/%d: inference only %.1f FPS, end to end %.1f FPS\n"
+                         % (r + 1, rounds, figures["infer"][-1], figures["e2e"][-1]))
+    med = dict((k, float(np.median(v)) if v else None) for k, v in figures.items())
+    ratio = med["e2e"] / med["infer"]
+    stage = dict((k, round(float(np.median([s[k] for s in stages])), 3))
+                 for k in ("capture_ms", "preprocess_ms", "postprocess_ms"))
+    result = {"frames": count, "rounds": rounds, "jobs": args.jobs, "runtime": getattr(rt, "name", ""),
+              "inference_threads": getattr(rt, "threads", 0) or None, "cpus": available_cpus(),
+              "inference_only_fps": round(med["infer"], 1), "end_to_end_fps": round(med["e2e"], 1),
+              "ratio": round(ratio, 3), "e2e_p50_ms": stages[-1]["e2e_p50_ms"], "live_source": live}
+    result.update(stage)
+    if all_rt is not None:
+        result.update({"all_threads": all_rt.threads, "inference_only_fps_all_threads": round(med["infer_all"], 1),
+                       "end_to_end_fps_all_threads": round(med["e2e_all"], 1)})
+    out.write("bench on %s: %d frames x %d rounds (medians), %d async jobs, %s\n"
+              % (args.source, count, rounds, args.jobs, result["runtime"]))
+    threads = ""
+    if result["inference_threads"]:
+        threads = "  (the runner's engine: %d inference thread%s, %d CPUs here)" % (
+            result["inference_threads"], "" if result["inference_threads"] == 1 else "s", result["cpus"])
+    out.write("  inference only  %8.1f FPS%s\n" % (med["infer"], threads))
     out.write("  end to end      %8.1f FPS  (%.0f%% of inference only; capture, preprocessing, "
-              "postprocessing%s)\n" % (summary["fps"], 100 * ratio, " and drawing" if args.save else ""))
+              "postprocessing%s)\n" % (med["e2e"], 100 * ratio, " and drawing" if args.save else ""))
+    out.write("  per frame beside inference: capture %.2f ms, preprocess %.2f ms, postprocess %.2f ms\n"
+              % (stage["capture_ms"], stage["preprocess_ms"], stage["postprocess_ms"]))
+    if all_rt is not None:
+        out.write("  with all %d threads to inference (--threads 0): inference only %.1f FPS, end to end %.1f FPS\n"
+                  % (all_rt.threads, med["infer_all"], med["e2e_all"]))
+        if med["e2e_all"] > med["e2e"]:
+            out.write("  hint: --threads 0 is faster end to end on this device\n")
+    if live:
+        out.write("  note: a live source delivers at its own frame rate, which bounds end-to-end FPS\n")
     out.write("bench: %s\n" % json.dumps(result))
     out.flush()
     return result
@@ -743,7 +863,8 @@ def build_parser(manifest):
         description="edgeport camera runner for %s (%s, %s)" % (manifest["model"]["name"], manifest["target"],
                                                                 manifest["precision"]),
         epilog="examples:\n  python runner.py --selftest\n  python runner.py synthetic:// --headless "
-               "--max-frames 100 --json -\n  python runner.py video.mp4 --save out.mp4 --headless",
+               "--max-frames 100 --json -\n  python runner.py video.mp4 --save out.mp4 --headless\n"
+               "  python runner.py video.mp4 --bench --max-frames 500",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", default=cam.get("source", "0"),
                    help="0 | /dev/videoN | v4l2://N | csi://N | rtsp://... | http(s)://... | video file | "
@@ -761,6 +882,13 @@ def build_parser(manifest):
     p.add_argument("--fps", type=float, default=cam.get("fps", 0))
     p.add_argument("--flip", action="store_true", help="mirror frames horizontally")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU inference threads (default: the runtime's choice, but one CPU is left to capture "
+                        "and drawing; 0: the runtime's choice)")
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="FFmpeg decoder threads for video files and streams (default 1: frame threading costs "
+                        "CPU that inference needs and delays streams; 0: FFmpeg's choice)")
+    p.add_argument("--bench-rounds", type=int, default=3, help="--bench rounds; medians are reported (default 3)")
     p.add_argument("--jobs", type=int, default=int((manifest.get("runtime") or {}).get("async_requests", 2)),
                    help="inference requests in flight (default %(default)s)")
     p.add_argument("--reconnect", type=int, default=5, help="reopen attempts for a lost live source (default 5)")
@@ -785,9 +913,10 @@ def main(argv=None, bundle_dir=None):
         if bad:
             raise RunnerError("bundle files fail their sha256 check (%s); rebuild or re-copy the bundle"
                               % "; ".join("%s: %s" % b for b in bad))
-        rt = open_runtime(manifest, bundle_dir, args.device)
+        threads = leave_one_cpu() if args.threads is None else (args.threads or None)
+        rt = open_runtime(manifest, bundle_dir, args.device, threads)
         if args.bench:
-            bench(args, manifest, rt)
+            bench(args, manifest, rt, open_all=lambda: open_runtime(manifest, bundle_dir, args.device, None))
         else:
             run_loop(args, manifest, rt)
         return EXIT_OK

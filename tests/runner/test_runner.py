@@ -142,13 +142,40 @@ def test_sigterm_stops_cleanly_with_summary(openvino_venv, bundle):
     assert s["stopped_by_signal"] and s["frames"] > 0
 
 
+def bench_of(stdout: str) -> dict:
+    return json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("bench: "))[len("bench: "):])
+
+
 def test_bench_prints_end_to_end_and_inference_only_fps(openvino_venv, bundle, camvid_video):
-    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--bench", "--max-frames", "80")
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--bench", "--max-frames", "80",
+                 "--bench-rounds", "2")
     assert res.returncode == 0, res.stderr
-    assert "inference only" in res.stdout and "end to end" in res.stdout
-    b = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("bench: "))[len("bench: "):])
-    assert b["frames"] == 80 and b["inference_only_fps"] > 0 and b["end_to_end_fps"] > 0
+    assert "inference only" in res.stdout and "end to end" in res.stdout and "per frame beside inference" in res.stdout
+    b = bench_of(res.stdout)
+    assert b["frames"] == 80 and b["rounds"] == 2 and b["inference_only_fps"] > 0 and b["end_to_end_fps"] > 0
     assert b["ratio"] == pytest.approx(b["end_to_end_fps"] / b["inference_only_fps"], rel=0.01)
+    assert b["capture_ms"] > 0 and b["preprocess_ms"] > 0 and b["postprocess_ms"] > 0
+    assert not b["live_source"]
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("bench round ")]) == 2  # progress
+    # The default leaves one CPU to capture; the bench then also measures the engine on all of them.
+    cpus = b["cpus"]
+    if cpus >= 2 and b.get("all_threads"):
+        assert b["inference_threads"] == min(b["all_threads"], cpus - 1)
+        assert b["inference_only_fps_all_threads"] > 0 and b["end_to_end_fps_all_threads"] > 0
+
+
+def test_threads_option_sets_the_engine(openvino_venv, bundle, camvid_video):
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--bench", "--max-frames", "30",
+                 "--bench-rounds", "1", "--threads", "1", "--decode-threads", "0")
+    assert res.returncode == 0, res.stderr
+    b = bench_of(res.stdout)
+    assert b["inference_threads"] == 1 and "1 thread" in b["runtime"]
+    if "all_threads" in b:  # the runtime's own choice differs: it is measured beside
+        assert b["all_threads"] != 1 and "with all %d threads" % b["all_threads"] in res.stdout
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--max-frames", "20", "--threads", "0")
+    assert res.returncode == 0, res.stderr
+    s = summary_of(res.stderr)
+    assert s["frames"] == 20 and s["inference_threads"] >= 1
 
 
 class _Stream:
@@ -215,3 +242,28 @@ def test_stream_that_comes_back_is_reconnected(openvino_venv, bundle, camvid_vid
     assert proc.returncode == 0, err
     s = summary_of(err)
     assert s["reconnects"] >= 1 and s["frames"] == 150, s
+
+
+def test_openvino_engine_returns_every_result_in_order(bundle):
+    """The runner's OpenVINO engine (infer requests in turn, no callbacks on inference threads)."""
+    import numpy as np
+
+    from edgeport.backends.openvino.runner import open_runtime
+    from edgeport.runner.core import load_manifest
+
+    manifest = load_manifest(str(bundle))
+    rt = open_runtime(manifest, str(bundle), "CPU", 1)
+    assert rt.threads == 1
+    shape = manifest["inputs"][0]["shape"]
+    xs = [np.random.default_rng(i).random(shape, dtype=np.float32) for i in range(9)]
+    expected = [rt.infer({"image": x})["output"] for x in xs]
+    for jobs in (1, 2, 3):
+        got: list[tuple[int, np.ndarray, float]] = []
+        engine = rt.make_async(lambda u, outs, ms=None, got=got: got.append((u, outs["output"], ms)), jobs)
+        for i, x in enumerate(xs):
+            engine.submit({"image": x}, i)
+        engine.wait_all()
+        assert [g[0] for g in got] == list(range(len(xs)))
+        for i, out, ms in got:
+            np.testing.assert_allclose(out, expected[i], rtol=1e-4, atol=1e-4)
+            assert ms is None or ms > 0

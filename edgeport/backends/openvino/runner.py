@@ -1,20 +1,23 @@
 """OpenVINO part of runner.py (Python 3.6 syntax; numpy, cv2 and openvino only).
 
-Defines open_runtime(manifest, bundle_dir), which the runner core calls.
+Defines open_runtime(manifest, bundle_dir, device, threads), which the runner core calls.
 """
 import os
+import queue
 
 import numpy as np
+
+from edgeport.runner.core import ThreadedAsync
 
 
 class OpenVINODeviceRuntime(object):
     """Compiled model with the manifest's device, hint and inference precision.
 
-    infer() is synchronous (self-test, --bench); make_async() gives the camera loop an
-    AsyncInferQueue, so capture, inference and drawing overlap.
+    infer() is synchronous (self-test); make_async() gives the camera loop and --bench several
+    infer requests in flight, so capture, inference and drawing overlap.
     """
 
-    def __init__(self, manifest, bundle_dir, device=None):
+    def __init__(self, manifest, bundle_dir, device=None, threads=None):
         import openvino as ov
 
         rt = manifest["runtime"]
@@ -29,9 +32,26 @@ class OpenVINODeviceRuntime(object):
         xml = os.path.join(bundle_dir, manifest["files_by_role"]["model"])
         self.device = device
         self.compiled = core.compile_model(xml, device, config)
+        self.threads = self._cpu_threads()
+        wanted = threads(self.threads) if callable(threads) else threads
+        if device == "CPU" and wanted and wanted != self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(wanted)
+            self.compiled = core.compile_model(xml, device, config)
+            self.threads = self._cpu_threads()
         self.request = self.compiled.create_infer_request()
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
         self.name = "openvino %s on %s" % (ov.__version__.split("-")[0], device)
+        if self.threads:
+            self.name += ", %d thread%s" % (self.threads, "" if self.threads == 1 else "s")
+
+    def _cpu_threads(self):
+        """Threads the CPU plugin chose or was given (0 on other devices)."""
+        if self.device != "CPU":
+            return 0
+        try:
+            return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        except Exception:  # older OpenVINO without the property
+            return 0
 
     def infer(self, feeds):
         res = self.request.infer(feeds)
@@ -42,37 +62,45 @@ class OpenVINODeviceRuntime(object):
         return OpenVINOAsync(self, callback, jobs)
 
 
-class OpenVINOAsync(object):
-    """openvino.AsyncInferQueue with ``jobs`` requests; results are copied out in the callback."""
+class OpenVINOAsync(ThreadedAsync):
+    """``jobs`` infer requests: submit() starts one that is free; the worker thread waits for them
+    in submission order, copies the outputs and calls ``callback(userdata, outputs, latency_ms)``.
+
+    No completion callbacks: a Python callback runs on OpenVINO's inference thread and waits
+    there for the GIL while the capture and drawing threads hold it, which stalls inference.
+    Here the inference threads never touch Python; only the worker waits for the GIL, and a
+    request is reused once it has been collected. latency_ms is OpenVINO's own measure from
+    start_async to completion.
+    """
 
     def __init__(self, rt, callback, jobs):
-        import openvino as ov
-
         self.names = rt.output_names
-        self.error = None
-        self.queue = ov.AsyncInferQueue(rt.compiled, max(1, int(jobs)))
-        self.callback = callback
-        self.queue.set_callback(self._done)
+        self.requests = [rt.compiled.create_infer_request() for _ in range(max(1, int(jobs)))]
+        self.free = queue.Queue()
+        for index in range(len(self.requests)):
+            self.free.put(index)
+        ThreadedAsync.__init__(self, rt, callback, len(self.requests))
 
-    def _done(self, request, userdata):
-        try:
-            outs = dict((n, np.array(request.get_output_tensor(i).data, np.float32))
-                        for i, n in enumerate(self.names))
-            self.callback(userdata, outs)
-        except Exception as e:  # raised in the caller's thread by the next submit or wait_all
-            self.error = e
+    def _start(self, feeds, userdata):
+        index = self.free.get()  # waits (GIL released) while every request is in flight
+        self.requests[index].start_async(feeds)
+        return index, userdata
 
-    def submit(self, feeds, userdata):
-        if self.error is not None:
-            raise self.error
-        self.queue.start_async(feeds, userdata)
+    def _finish(self, item):
+        index, userdata = item
+        request = self.requests[index]
+        request.wait()
+        outs = dict((n, np.array(request.get_output_tensor(i).data, np.float32)) for i, n in enumerate(self.names))
+        return userdata, outs, getattr(request, "latency", None)
 
-    def wait_all(self):
-        self.queue.wait_all()
-        if self.error is not None:
-            raise self.error
+    def _release(self, item):
+        self.free.put(item[0])
 
 
-def open_runtime(manifest, bundle_dir, device=None):
-    """The runtime for this bundle."""
-    return OpenVINODeviceRuntime(manifest, bundle_dir, device)
+def open_runtime(manifest, bundle_dir, device=None, threads=None):
+    """The runtime for this bundle.
+
+    ``threads``: CPU inference threads, or a function from the plugin's own choice to the
+    number wanted (the core's policy that leaves a core to capture); None keeps the choice.
+    """
+    return OpenVINODeviceRuntime(manifest, bundle_dir, device, threads)

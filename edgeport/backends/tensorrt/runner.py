@@ -1,6 +1,6 @@
 """TensorRT part of runner.py (Python 3.6 syntax; numpy, cv2, tensorrt, pycuda or cuda-python only).
 
-Defines open_runtime(manifest, bundle_dir): the engine comes from build_engine.py beside
+Defines open_runtime(manifest, bundle_dir, device, threads): the engine comes from build_engine.py beside
 runner.py (built and cached on first use), and runs with page-locked host buffers, one
 device buffer per tensor and one CUDA stream. Both runtime APIs: bindings
 (execute_async_v2) on TensorRT 8.2-8.4, tensor names (set_tensor_address, execute_async_v3)
@@ -194,6 +194,9 @@ class TensorRTDeviceRuntime(object):
                     if not is_input)
 
 
-def open_runtime(manifest, bundle_dir, device=None):
-    """The runtime for this bundle: builds the engine on first use (build_engine.py)."""
+def open_runtime(manifest, bundle_dir, device=None, threads=None):
+    """The runtime for this bundle: builds the engine on first use (build_engine.py).
+
+    ``threads`` is accepted for the core's sake and unused: TensorRT runs on the GPU/DLA.
+    """
     return TensorRTDeviceRuntime(manifest, bundle_dir, device)

@@ -1,6 +1,6 @@
 """TFLite part of runner.py (Python 3.6 syntax; numpy, cv2 and one TFLite interpreter only).
 
-Defines open_runtime(manifest, bundle_dir), which the runner core calls. The interpreter is
+Defines open_runtime(manifest, bundle_dir, device, threads), which the runner core calls. The interpreter is
 ai-edge-litert, else tflite_runtime, else tf.lite. Integer inputs and outputs are quantised
 and dequantised here with the scale and zero point the manifest copied from the model; the
 host runtime (edgeport.backends.tflite.backend) calls these same functions.
@@ -56,13 +56,15 @@ class TFLiteDeviceRuntime(object):
     def __init__(self, manifest, bundle_dir, device=None, threads=None):
         cls, package = load_interpreter_class()
         rt = manifest.get("runtime") or {}
-        threads = int(threads or rt.get("num_threads") or os.cpu_count() or 1)
+        default = int(rt.get("num_threads") or os.cpu_count() or 1)
+        threads = int((threads(default) if callable(threads) else threads) or default)
         path = os.path.join(bundle_dir, manifest["files_by_role"]["model"])
         self.interpreter = cls(model_path=path, num_threads=threads)
         self.interpreter.allocate_tensors()
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
-        self.name = "%s, %d threads" % (package, threads)
+        self.threads = threads
+        self.name = "%s, %d thread%s" % (package, threads, "" if threads == 1 else "s")
 
     def infer(self, feeds):
         it = self.interpreter
@@ -72,6 +74,10 @@ class TFLiteDeviceRuntime(object):
         return dict((info["name"], dequantize(it.get_tensor(info["index"]), info)) for info in self.outputs)
 
 
-def open_runtime(manifest, bundle_dir, device=None):
-    """The runtime for this bundle (``device`` is ignored: TFLite runs on the CPU here)."""
-    return TFLiteDeviceRuntime(manifest, bundle_dir, device)
+def open_runtime(manifest, bundle_dir, device=None, threads=None):
+    """The runtime for this bundle (``device`` is ignored: TFLite runs on the CPU here).
+
+    ``threads``: interpreter threads, or a function from the profile's number to the number
+    wanted (the core's policy that leaves a core to capture); None keeps the profile's.
+    """
+    return TFLiteDeviceRuntime(manifest, bundle_dir, device, threads)
