@@ -177,8 +177,13 @@ class ProjectConfig:
 
     def resolve(self, p: str) -> Path:
         """A path from the config, relative to the config file's folder."""
-        path = Path(p).expanduser()
-        return Path(os.path.normpath(path if path.is_absolute() else self.root / path))
+        return resolve_path(p, self.root)
+
+
+def resolve_path(p: str, root: Path | None) -> Path:
+    """``p`` with ~ expanded, relative to ``root`` when it is relative and a root is given, normalised."""
+    path = Path(p).expanduser()
+    return Path(os.path.normpath(root / path if root is not None and not path.is_absolute() else path))
 
 
 _INPUT_KEYS = ("name", "shape", "dtype", "layout")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from urllib.parse import parse_qsl, urlparse
 import numpy as np
 
 from edgeport.calibration import IMAGE_EXTS, SYNTHETIC
+from edgeport.config import resolve_path
 from edgeport.errors import CalibrationError
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
@@ -86,19 +86,14 @@ def load_labelled(images: str, labels: str | None, spec: InputSpec, *, max_image
     """Load a labelled set for ``spec``'s task; CalibrationError naming what is wrong."""
     if images.startswith(SYNTHETIC):
         return _synthetic(images, spec, max_images)
-    img_dir = _resolve(images, root)
+    img_dir = resolve_path(images, root)
     if not img_dir.is_dir():
         raise CalibrationError(f"validation images {img_dir}: not a folder")
     if spec.task == "segmentation" and labels:
-        return _segmentation(img_dir, _resolve(labels, root), spec, max_images)
+        return _segmentation(img_dir, resolve_path(labels, root), spec, max_images)
     if spec.task == "classification" and any(p.is_dir() for p in img_dir.iterdir()):
         return _classification(img_dir, spec, max_images)
     return _unlabelled(img_dir, spec, max_images)
-
-
-def _resolve(p: str, root: Path | None) -> Path:
-    path = Path(p).expanduser()
-    return Path(os.path.normpath(root / path if root is not None and not path.is_absolute() else path))
 
 
 def _pick(items: list[Any], limit: int) -> list[Any]:

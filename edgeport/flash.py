@@ -19,7 +19,6 @@ material is read, logged or copied; only the identity file's path is passed to s
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shlex
@@ -39,10 +38,10 @@ import tomllib
 
 from edgeport.bundle import read_manifest, verify_bundle
 from edgeport.errors import BundleError, ConfigError, DeviceError
+from edgeport.model import file_sha256
 
 log = logging.getLogger("edgeport")
 DEFAULT_ROOT = "~/edgeport"
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -273,25 +272,9 @@ def preflight(ssh: SSH, manifest: dict[str, Any], root: str, bundle_mb: float) -
 
 
 # ---------------------------------------------------------------- copy
-def _sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(CHUNK if left is None else min(CHUNK, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-                if left <= 0:
-                    break
-    return h.hexdigest()
-
-
 def expected_digests(bundle: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """sha256 of every file to copy: the manifest's files (verified before flashing) and the manifest itself."""
-    return {**manifest["files"], "manifest.json": _sha256(bundle / "manifest.json")}
+    return {**manifest["files"], "manifest.json": file_sha256(bundle / "manifest.json")}
 
 
 def copy_bundle(ssh: SSH, bundle: Path, expected: dict[str, str], dest: str,
@@ -317,7 +300,7 @@ def copy_bundle(ssh: SSH, bundle: Path, expected: dict[str, str], dest: str,
             stats["skipped"] += 1
             continue
         offset = 0
-        if have and 0 < have[0] < size and _sha256(local, have[0]) == have[1]:
+        if have and 0 < have[0] < size and file_sha256(local, limit=have[0]) == have[1]:
             offset = have[0]
             stats["resumed"] += 1
         with open(local, "rb") as fh:
@@ -570,6 +553,16 @@ def parse_hosts(hosts: list[str] | None, inventory: str | None, port: int | None
     return out
 
 
+def over_hosts(hosts: list[Host], opts: FlashOptions, work: Any, refusal: Any) -> list[Any]:
+    """``work(host)`` for every host known_hosts trusts (after check_host_keys), ``opts.jobs`` at a time;
+    ``refusal(host, message)`` for the others; results in the given order."""
+    refused = check_host_keys(hosts, opts)
+    trusted = [h for i, h in enumerate(hosts) if i not in refused]
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(trusted) or 1))) as pool:
+        done = iter(list(pool.map(work, trusted)))
+    return [refusal(h, refused[i]) if i in refused else next(done) for i, h in enumerate(hosts)]
+
+
 def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResult]:
     """Flash ``bundle`` to every host in parallel; one result per host, in the given order."""
     if not (bundle / "manifest.json").is_file():
@@ -583,12 +576,8 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
             raise BundleError(f"{bundle}: this bundle has no runner.py ({manifest['target']} bundles are for apps); "
                               "nothing to run on a device")
     expected = expected_digests(bundle, manifest)
-    refused = check_host_keys(hosts, opts)
-    trusted = [h for i, h in enumerate(hosts) if i not in refused]
-    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(trusted) or 1))) as pool:
-        done = iter(list(pool.map(lambda h: flash_host(bundle, manifest, expected, h, opts), trusted)))
-    return [HostResult(h.label, "refused", "host key", version_of(manifest), message=refused[i])
-            if i in refused else next(done) for i, h in enumerate(hosts)]
+    return over_hosts(hosts, opts, lambda h: flash_host(bundle, manifest, expected, h, opts),
+                      lambda h, why: HostResult(h.label, "refused", "host key", version_of(manifest), message=why))
 
 
 def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
@@ -613,8 +602,5 @@ def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
         rows = [row(h, m, c, p, s, int(n or 0)) for m, c, p, s, n in (ln.split("|") for ln in out)]
         return rows or [row(h, error="nothing flashed")]
 
-    refused = check_host_keys(hosts, opts)
-    trusted = [h for i, h in enumerate(hosts) if i not in refused]
-    with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(trusted) or 1))) as pool:
-        done = iter(list(pool.map(one, trusted)))
-    return [r for i, h in enumerate(hosts) for r in ([row(h, error=refused[i])] if i in refused else next(done))]
+    per_host = over_hosts(hosts, opts, one, lambda h, why: [row(h, error=why)])
+    return [r for rows in per_host for r in rows]

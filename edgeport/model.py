@@ -25,12 +25,15 @@ from edgeport.errors import ModelError
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w.]*$")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file."""
+def file_sha256(path: Path, chunk: int = 1 << 20, limit: int | None = None) -> str:
+    """sha256 hex digest of a file, or of its first ``limit`` bytes."""
     h = hashlib.sha256()
+    left = limit
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(chunk if left is None else min(chunk, left)):
             h.update(block)
+            if left is not None:
+                left -= len(block)
     return h.hexdigest()
 
 

@@ -176,9 +176,7 @@ class Reference:
 
     def inputs(self, frames: list[np.ndarray]) -> np.ndarray:
         """Preprocessed inputs for BGR frames, with the project's spec."""
-        from edgeport.runner.preprocess import preprocess
-
-        return np.concatenate([preprocess(f, self.spec.to_dict())[0] for f in frames], 0)
+        return self.spec.apply_batch(frames)
 
     def outputs(self, frames: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """PyTorch outputs by name for frames (cached by content)."""

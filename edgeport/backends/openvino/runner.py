@@ -29,14 +29,18 @@ class OpenVINODeviceRuntime(object):
         config = {"PERFORMANCE_HINT": rt.get("performance_hint", "LATENCY")}
         if device in ("CPU", "GPU"):
             config["INFERENCE_PRECISION_HINT"] = rt.get("inference_precision", "f32")
-        xml = os.path.join(bundle_dir, manifest["files_by_role"]["model"])
+        model = core.read_model(os.path.join(bundle_dir, manifest["files_by_role"]["model"]))
         self.device = device
-        self.compiled = core.compile_model(xml, device, config)
+        if device == "CPU" and threads and not callable(threads):
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, device, config)
         self.threads = self._cpu_threads()
-        wanted = threads(self.threads) if callable(threads) else threads
+        # A policy needs the plugin's own choice, known only once compiled: compiled again only when the
+        # policy changes it (a host where OpenVINO would take every CPU).
+        wanted = threads(self.threads) if callable(threads) else None
         if device == "CPU" and wanted and wanted != self.threads:
             config["INFERENCE_NUM_THREADS"] = int(wanted)
-            self.compiled = core.compile_model(xml, device, config)
+            self.compiled = core.compile_model(model, device, config)
             self.threads = self._cpu_threads()
         self.request = self.compiled.create_infer_request()
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
