@@ -11,18 +11,18 @@ from edgeport.errors import ConfigError
 
 
 def _configure(config: str | None, model: str | None, weights: str | None, input: str | None,
-               task: str | None, labels: str | None, calib: str | None, prune: float | None,
+               task: str | None, class_names: str | None, calib: str | None, prune: float | None,
                finetune: str | None, opset: int | None, dynamic_batch: bool | None, out: str | None,
                build_dir: str | None, resize: str | None, mean: list[float] | None, std: list[float] | None,
-               color: str | None, name: str | None) -> ProjectConfig:
-    """edgeport.toml with flag overrides applied (flags win)."""
-    cfg = load_config(Path(config) if config else None)
+               color: str | None, name: str | None, cfg: ProjectConfig | None = None) -> ProjectConfig:
+    """edgeport.toml (or ``cfg``) with flag overrides applied (flags win)."""
+    cfg = cfg or load_config(Path(config) if config else None)
     if model and model != cfg.model.source:
         cfg.model = dataclasses.replace(cfg.model, source=model, weights=None, name=None)
         if cfg.input == ProjectConfig().input:  # the default model's spec does not carry over
             cfg.input = make_spec({"name": "input"})
     if weights is not None:
-        cfg.model.weights = weights
+        cfg.model.weights = _here(weights)
     if name is not None:
         cfg.model.name = name
     overrides: dict[str, Any] = {}
@@ -31,14 +31,15 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
     for key, value in (("task", task), ("resize", resize), ("color", color), ("mean", mean), ("std", std)):
         if value is not None:
             overrides[key] = value
-    if labels:
-        overrides["labels"] = read_labels(Path(labels))
+    if class_names:
+        overrides["labels"] = read_labels(Path(class_names))
     if overrides:
         cfg.input = make_spec(overrides, base=cfg.input, where="flags")
     if calib is not None:
-        cfg.calibration.source = calib
+        cfg.calibration.source = calib if "://" in calib else _here(calib)
     if prune is not None:
         cfg.optimize.prune = prune
+        cfg.optimize.validate("--prune")
     if finetune is not None:
         cfg.optimize.finetune = finetune
     if opset is not None:
@@ -46,10 +47,15 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
     if dynamic_batch is not None:
         cfg.export.dynamic_batch = dynamic_batch
     if out is not None:
-        cfg.build.out = out
+        cfg.build.out = _here(out)
     if build_dir is not None:
-        cfg.build.build_dir = build_dir
+        cfg.build.build_dir = _here(build_dir)
     return cfg
+
+
+def _here(path: str) -> str:
+    """A path given as a flag is relative to the current folder (a config file's paths to its own folder)."""
+    return str(Path(path).expanduser().absolute())
 
 
 def _configure_quant(cfg: ProjectConfig, int8_preset: str | None, int8_subset: int | None,
@@ -71,13 +77,13 @@ def _configure_quant(cfg: ProjectConfig, int8_preset: str | None, int8_subset: i
         q.method = calib_method
     q.validate("flags")
     if val_images is not None:
-        cfg.validation.images = val_images
+        cfg.validation.images = val_images if "://" in val_images else _here(val_images)
     if val_labels is not None:
-        cfg.validation.labels = val_labels
+        cfg.validation.labels = _here(val_labels)
 
 
 def build(model: str | None = None, *, weights: str | None = None, input: str | None = None,
-          task: str | None = None, labels: str | None = None, calib: str | None = None,
+          task: str | None = None, class_names: str | None = None, calib: str | None = None,
           target: list[str] | None = None, precision: str | None = None, prune: float | None = None,
           finetune: str | None = None, opset: int | None = None, dynamic_batch: bool | None = None,
           out: str | None = None, build_dir: str | None = None, config: str | None = None,
@@ -89,21 +95,23 @@ def build(model: str | None = None, *, weights: str | None = None, input: str | 
     """Build bundles for targets (all installed ones when none is given); returns a BuildReport.
 
     With labelled validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric
-    (mIoU or top-1) is measured beside the reference's, and INT8 uses accuracy control.
-    Example: build("torchvision:mobilenet_v3_small", input="1x3x224x224", task="classification",
-    calib="images/", target=["intel-cpu"], precision="int8")
+    (mIoU or top-1) is measured beside the reference's, and INT8 uses accuracy control. A setting
+    that cannot take effect for the selected targets is a ConfigError.
+    Example: build("torchvision:resnet18", input="1x3x224x224", task="classification",
+    calib="images/", target=["intel-cpu:int8"])
     """
     from edgeport.pipeline import run_build
 
-    cfg = _configure(config, model, weights, input, task, labels, calib, prune, finetune, opset, dynamic_batch,
+    given = {k: v for k, v in locals().items() if v is not None and k != "run_build"}
+    cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
                      out, build_dir, resize, mean, std, color, name)
     _configure_quant(cfg, int8_preset, int8_subset, int8_ignore, accuracy_control, max_drop, calib_method,
                      val_images, val_labels)
-    return run_build(cfg, list(target or cfg.build.targets), precision or cfg.build.precision)
+    return run_build(cfg, list(target or cfg.build.targets), precision or cfg.build.precision, given)
 
 
 def export(model: str | None = None, *, weights: str | None = None, input: str | None = None,
-           task: str | None = None, labels: str | None = None, calib: str | None = None,
+           task: str | None = None, class_names: str | None = None, calib: str | None = None,
            target: list[str] | None = None, prune: float | None = None, finetune: str | None = None,
            opset: int | None = None, dynamic_batch: bool | None = None, out: str | None = None,
            build_dir: str | None = None, config: str | None = None, resize: str | None = None,
@@ -116,25 +124,36 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     """
     import shutil
 
+    from edgeport.cache import folder_lock, sweep_stale, writable_folder
     from edgeport.calibration import SYNTHETIC
+    from edgeport.calibration import check_source as check_calibration
     from edgeport.export import choose_opset
+    from edgeport.model import check_source
     from edgeport.pipeline import GOLDEN_CASES, _calibration_stage, _export_stage, default_calibration_source
     from edgeport.target import get_target
 
-    cfg = _configure(config, model, weights, input, task, labels, calib, prune, finetune, opset, dynamic_batch,
+    cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
                      None, build_dir, resize, mean, std, color, name)
     ceilings = [get_target(t.split(":")[0], cfg.root).opset_max for t in (target or [])]
     chosen = choose_opset(ceilings, cfg.export.opset)
+    if out is not None and not out.endswith(".onnx"):
+        raise ConfigError(f"--out {out}: an ONNX file name must end in .onnx")
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give an ONNX file name")
+    check_source(cfg.model.source, cfg.model.weights, cfg.root)
     source = cfg.calibration.source
     if source is None:
         source = default_calibration_source() if cfg.model.source == DEFAULT_MODEL else \
             f"{SYNTHETIC}?n={max(cfg.export.parity_samples, GOLDEN_CASES)}"
-    build_path = cfg.resolve(cfg.build.build_dir)
-    samples, _ = _calibration_stage(cfg, source, cfg.input, build_path, 1)
-    stage, info, cached = _export_stage(cfg, cfg.input, samples, chosen, build_path)
+    check_calibration(source, cfg.root)
+    build_path = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")
+    with folder_lock(build_path):
+        sweep_stale(build_path)
+        samples, _ = _calibration_stage(cfg, source, cfg.input, build_path, 1)
+        stage, info, cached = _export_stage(cfg, cfg.input, samples, chosen, build_path)
     dest = Path(out) if out else Path(f"{info['model']}.onnx")
-    if dest.suffix != ".onnx":
-        raise ConfigError(f"--out {dest}: an ONNX file name must end in .onnx")
+    if dest.is_dir():
+        raise ConfigError(f"--out {dest} is a folder; give an ONNX file name")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(stage.dir / "model.onnx", dest)
     return {"onnx": str(dest), "opset": chosen, "parity": info["parity"], "cached": cached}
@@ -142,22 +161,30 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
 
 def validate(paths: list[str] | None = None, *, config: str | None = None, model: str | None = None,
              weights: str | None = None, input: str | None = None, task: str | None = None,
-             labels: str | None = None, resize: str | None = None, mean: list[float] | None = None,
+             class_names: str | None = None, resize: str | None = None, mean: list[float] | None = None,
              std: list[float] | None = None, color: str | None = None, name: str | None = None,
-             build_dir: str | None = None, images: str | None = None, image_labels: str | None = None,
+             build_dir: str | None = None, val_images: str | None = None, val_labels: str | None = None,
              max_images: int | None = None, max_drop: float | None = None, localize: bool = False,
              bench: bool = False, bench_iters: int = 200) -> Any:
     """Validate bundles (default: the project's dist folder) against the PyTorch model; a ValidateReport.
 
-    Each bundle runs on its golden frames and, when given, on ``images`` (+ ``image_labels`` label
-    maps for mIoU, or class sub-folders for top-1), preprocessed with its own manifest.
-    Example: validate(["dist"], images="camvid/val", image_labels="camvid/valannot", bench=True)
+    Each bundle runs on its golden frames and, when given, on ``val_images`` (+ ``val_labels`` label
+    maps for mIoU, or class sub-folders for top-1), preprocessed with its own manifest. The reference is
+    the project's (``config``, ./edgeport.toml, or the flags); with none of them, the model source,
+    weights (sha256-checked), seed and preprocessing the bundles' manifests record.
+    Example: validate(["dist"], val_images="camvid/val", val_labels="camvid/valannot", bench=True)
     """
-    from edgeport.validate import run_validate
+    from edgeport.config import CONFIG_NAME
+    from edgeport.validate import config_from_manifests, run_validate
 
-    cfg = _configure(config, model, weights, input, task, labels, None, None, None, None, None, None,
-                     build_dir, resize, mean, std, color, name)
-    return run_validate(cfg, list(paths or []), images=images, labels=image_labels, max_images=max_images,
+    if val_labels is not None and val_images is None:
+        raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
+    base = None
+    if config is None and model is None and not (Path.cwd() / CONFIG_NAME).is_file():
+        base = config_from_manifests(list(paths or []), build_dir)
+    cfg = _configure(config, model, weights, input, task, class_names, None, None, None, None, None, None,
+                     build_dir, resize, mean, std, color, name, cfg=base)
+    return run_validate(cfg, list(paths or []), images=val_images, labels=val_labels, max_images=max_images,
                         max_drop=max_drop, localize=localize, bench=bench, bench_iters=bench_iters)
 
 
@@ -188,22 +215,34 @@ def doctor() -> list[dict[str, Any]]:
 
 
 def inspect(path: str) -> dict[str, Any]:
-    """Describe a bundle folder (manifest, file check) or an ONNX file (I/O, opset, edgeport metadata)."""
+    """Describe a bundle folder (manifest, verdict, file check) or an ONNX file (I/O, opset, edgeport metadata).
+
+    ``problems`` lists what makes a bundle unusable: damaged files, or a build that failed its gates.
+    """
     p = Path(path)
     if p.is_dir():
-        from edgeport.bundle import read_manifest, verify_bundle
+        from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 
         m = read_manifest(p)
-        return {"kind": "bundle", "path": str(p), "model": m["model"]["name"], "target": m["target"],
-                "backend": m["backend"], "precision": m["precision"], "inputs": m["inputs"], "outputs": m["outputs"],
-                "preprocess": m["preprocess"], "runtime": m["runtime"], "parity": m.get("parity"),
-                "files": len(m["files"]), "problems": verify_bundle(p)}
+        problems = verify_bundle(p)
+        problems += [f"FAILED its build gates: {r}" for r in failed_gates(m)]
+        return {"kind": "bundle", "path": str(p), "model": m["model"]["name"], "source": m["model"].get("source"),
+                "seed": m["model"].get("seed"), "target": m["target"], "backend": m["backend"],
+                "precision": m["precision"], "verdict": m.get("verdict"), "inputs": m["inputs"],
+                "outputs": m["outputs"], "preprocess": m["preprocess"], "runtime": m["runtime"],
+                "parity": m.get("parity"), "files": len(m["files"]), "build_key": m.get("build_key"),
+                "edgeport": m.get("edgeport"), "problems": problems}
     if p.suffix == ".onnx" and p.is_file():
         import onnx
 
         from edgeport.export import get_metadata
 
-        proto = onnx.load(str(p), load_external_data=False)
+        try:
+            proto = onnx.load(str(p), load_external_data=False)
+            meta = get_metadata(p)
+        except Exception as e:  # protobuf raises DecodeError and others for a file that is not ONNX
+            raise ConfigError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
         def dims(t: Any) -> list[Any]:
             return [d.dim_value or d.dim_param for d in t.type.tensor_type.shape.dim]
@@ -214,8 +253,58 @@ def inspect(path: str) -> dict[str, Any]:
                 "inputs": [{"name": i.name, "shape": dims(i)} for i in proto.graph.input if i.name not in inits],
                 "outputs": [{"name": o.name, "shape": dims(o)} for o in proto.graph.output],
                 "nodes": len(proto.graph.node), "ops": sorted({n.op_type for n in proto.graph.node}),
-                "edgeport": get_metadata(p)}
+                "edgeport": meta, "problems": []}
+    if not p.exists():
+        raise ConfigError(f"{path} does not exist; expected a bundle folder or an .onnx file")
     raise ConfigError(f"{path}: expected a bundle folder or an .onnx file")
+
+
+def inspect_text(res: dict[str, Any]) -> list[str]:
+    """``inspect``'s result as aligned lines for a terminal."""
+    def io(t: dict[str, Any]) -> str:
+        parts = [t["name"], t.get("dtype", ""), str(t["shape"]), t.get("layout") or ""]
+        if t.get("quant"):
+            parts.append(f"(int8 scale {t['quant']['scale']:.4g}, zero point {t['quant']['zero_point']})")
+        return " ".join(p for p in parts if p)
+
+    rows: list[tuple[str, str]] = []
+    if res["kind"] == "onnx":
+        meta = res.get("edgeport") or {}
+        rows += [("onnx", res["path"]), ("opset", ", ".join(f"{k} {v}" for k, v in res["opset"].items()))]
+        rows += [("input", io(i)) for i in res["inputs"]] + [("output", io(o)) for o in res["outputs"]]
+        ops = ", ".join(res["ops"][:12]) + (", ..." if len(res["ops"]) > 12 else "")
+        rows.append(("nodes", f"{res['nodes']} ({ops})"))
+        if meta:
+            rows.append(("edgeport", f"model {meta.get('model')} from {meta.get('source')}, edgeport "
+                                     f"{meta.get('edgeport')}"))
+        return [f"{k:11} {v}" for k, v in rows]
+    verdict = res.get("verdict") or {}
+    status = verdict.get("status", "unknown")
+    rows += [("bundle", res["path"]),
+             ("model", f"{res['model']} ({res['source']}" + (f", seed {res['seed']})" if res.get("seed") is not None
+                                                             else ")")),
+             ("target", f"{res['target']} ({res['backend']}, {res['precision']})"),
+             ("verdict", f"{status.upper() if status == 'failed' else status}: " +
+              ("; ".join(verdict.get("reasons", [])) if status == "failed" else verdict.get("checked", "")))]
+    rows += [("input", io(i)) for i in res["inputs"]] + [("output", io(o)) for o in res["outputs"]]
+    pre = res["preprocess"]
+    rows.append(("preprocess", f"{pre['resize']} to {pre['shape']} {pre['layout']}, {pre['color']}, scale "
+                               f"{pre['scale']:.6g}, mean {pre['mean']}, std {pre['std']}, task {pre['task']}"))
+    rows.append(("runtime", ", ".join(f"{k} {v}" for k, v in res["runtime"].items()) or "-"))
+    parity = res.get("parity") or {}
+    for name, m in (parity.get("artifact") or {}).items():
+        rows.append(("parity", f"{name}: cosine {m['cosine']:.6f}, max_rel {m['max_rel']:.2e}, agreement "
+                               f"{100 * m['agreement']:.2f}% vs PyTorch" + ("" if m["ok"] else " FAILED")))
+    acc = parity.get("accuracy")
+    if acc and acc.get("drop") is not None:
+        rows.append(("accuracy", f"{acc['metric']} {acc['metrics'][acc['metric']]:.2f} ({-acc['drop']:+.2f} vs "
+                                 f"FP32) on {acc['source']}"))
+    rows.append(("files", f"{res['files']}, " + ("all sha256 match" if not any(
+        not p.startswith("FAILED") for p in res["problems"]) else "DAMAGED")))
+    rows.append(("built", f"edgeport {res.get('edgeport')}, build key {res.get('build_key')}"))
+    lines = [f"{k:11} {v}" for k, v in rows]
+    lines += [f"problem     {p}" for p in res["problems"]]
+    return lines
 
 
 def to_json(obj: Any) -> str:

@@ -1,12 +1,14 @@
-"""Bundle layout, manifest, golden vectors, hashes, and the single-file runner.
+"""Bundle layout, manifest, golden vectors, hashes, archives, and the single-file runner.
 
 A bundle is written into a temporary folder beside its destination and renamed into
-place, so a failed build never leaves a half-written bundle.
+place, so a failed build never leaves a half-written bundle; temporary names all start with
+TMP_PREFIX, so the next build (holding the build lock) removes what a killed one left.
 """
 from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -16,13 +18,15 @@ from typing import Any
 import numpy as np
 
 from edgeport import __version__
+from edgeport.cache import TMP_PREFIX, make_temp_dir
 from edgeport.errors import BundleError
 from edgeport.model import file_sha256
+from edgeport.runner.manifest import SCHEMA, failed_gates, schema_problem  # noqa: F401 (failed_gates re-exported)
 
-SCHEMA = 1
 _PKG = Path(__file__).resolve().parent
 # Order matters: later parts use names the earlier ones define.
 RUNNER_PARTS = [
+    _PKG / "runner" / "manifest.py",
     _PKG / "zoo" / "scene.py",
     _PKG / "runner" / "preprocess.py",
     _PKG / "runner" / "metrics.py",
@@ -81,9 +85,11 @@ def assemble_runner(backend_part: Path) -> str:
     return text
 
 
-def write_golden(dest: Path, frames: list[np.ndarray], inputs: np.ndarray,
-                 outputs: dict[str, np.ndarray], tolerance: dict[str, Any]) -> dict[str, Any]:
-    """Golden cases: raw frame (PNG), its preprocessed input and the artifact's outputs."""
+def write_golden(dest: Path, frames: list[np.ndarray], inputs: np.ndarray, reference: dict[str, np.ndarray],
+                 host: dict[str, np.ndarray] | None, tolerance: dict[str, dict[str, Any]],
+                 host_tolerance: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """Golden cases: raw frame (PNG), its preprocessed input, PyTorch's outputs for it and, where the build
+    host ran the bundle's own runtime, that runtime's outputs (for the device-vs-host check)."""
     import cv2
 
     gdir = dest / "golden"
@@ -95,28 +101,44 @@ def write_golden(dest: Path, frames: list[np.ndarray], inputs: np.ndarray,
         if i < len(frames):
             cv2.imwrite(str(gdir / f"frame_{i}.png"), frames[i])
             case["frame"] = f"golden/frame_{i}.png"
-        for name, arr in outputs.items():
-            rel = f"golden/output_{i}_{_safe(name)}.npy"
-            np.save(dest / rel, arr[i:i + 1])
-            case["outputs"][name] = rel
+        for kind, key, outputs in (("output", "outputs", reference), ("host", "host_outputs", host or {})):
+            for name, arr in outputs.items():
+                rel = f"golden/{kind}_{i}_{_safe(name)}.npy"
+                np.save(dest / rel, arr[i:i + 1])
+                case.setdefault(key, {})[name] = rel
         cases.append(case)
-    return {"tolerance": tolerance, "cases": cases}
+    return {"reference": "pytorch", "tolerance": tolerance, "host_tolerance": host_tolerance if host else None,
+            "cases": cases}
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def write_bundle(dest: Path, *, files: dict[str, Path], runner: str | None, manifest: dict[str, Any],
-                 golden: tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray], dict[str, Any]],
-                 readme: str, requirements: list[str], extra: dict[str, str] | None = None) -> Path:
-    """Write the bundle folder atomically and its .tar.gz; returns the folder.
+EXECUTABLE = ("runner.py", "build_engine.py")
 
-    ``files`` maps role to a built file, copied under its own name; ``extra`` maps bundle
-    file names to text contents (e.g. build_engine.py).
+
+def _publishable(folder: Path) -> None:
+    """Folders 0755, files 0644 (the scripts 0755): a bundle is copied to devices and read by services."""
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() or p.name in EXECUTABLE else 0o644)
+    folder.chmod(0o755)
+
+
+def write_bundle(dest: Path, *, files: dict[str, Path], runner: str | None, manifest: dict[str, Any],
+                 golden: tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None,
+                               dict[str, Any], dict[str, Any] | None],
+                 readme: str, requirements: list[str], extra: dict[str, str] | None = None,
+                 archive: bool = True) -> Path:
+    """Write the bundle folder and (``archive``) its .tar.gz; returns the folder.
+
+    Everything is written under temporary names and renamed into place; the old archive is removed
+    before the folders are swapped and the new one renamed in after, so whatever kills the build, the
+    folder never sits beside an archive of another build. ``files`` maps role to a built file, copied
+    under its own name; ``extra`` maps bundle file names to text contents (e.g. labels.txt).
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, dest.name)
+    part: Path | None = None
     try:
         by_role = {}
         for role, src in files.items():
@@ -126,40 +148,123 @@ def write_bundle(dest: Path, *, files: dict[str, Path], runner: str | None, mani
             (tmp / "runner.py").write_text(runner)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        frames, inputs, outputs, tol = golden
+        frames, inputs, reference, host, tol, host_tol = golden
         manifest = dict(manifest)
-        manifest["golden"] = write_golden(tmp, frames, inputs, outputs, tol)
+        manifest["golden"] = write_golden(tmp, frames, inputs, reference, host, tol, host_tol)
         (tmp / "requirements.txt").write_text("\n".join(requirements) + "\n")
         (tmp / "README.md").write_text(readme)
+        _publishable(tmp)
         manifest["files_by_role"] = by_role
         manifest["files"] = {p.relative_to(tmp).as_posix(): file_sha256(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["schema"] = SCHEMA
         manifest["edgeport"] = __version__
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        (tmp / "manifest.json").chmod(0o644)
+        if archive:
+            part = _archive_part(tmp, dest.name)
+        archive_of(dest).unlink(missing_ok=True)
+        _swap(tmp, dest)
+        if part is not None:
+            part.replace(archive_of(dest))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if part is not None:
+            part.unlink(missing_ok=True)
         raise
-    archive = dest.with_name(dest.name + ".tar.gz")
-    part = archive.with_name(archive.name + ".part")
-    with tarfile.open(part, "w:gz") as tar:
-        tar.add(dest, arcname=dest.name)
-    part.replace(archive)
     return dest
 
 
+def archive_of(bundle: Path) -> Path:
+    """The .tar.gz beside a bundle folder."""
+    return bundle.with_name(bundle.name + ".tar.gz")
+
+
+def _archive_part(folder: Path, arcname: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{arcname}-", suffix=".tar.gz.part", dir=folder.parent)
+    os.close(fd)
+    part = Path(name)
+    try:
+        with tarfile.open(part, "w:gz") as tar:
+            tar.add(folder, arcname=arcname)
+        part.chmod(0o644)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return part
+
+
+def write_archive(bundle: Path) -> Path:
+    """(Re)write a bundle folder's .tar.gz under a temporary name, then rename it into place."""
+    part = _archive_part(bundle, bundle.name)
+    part.replace(archive_of(bundle))
+    return archive_of(bundle)
+
+
+def archive_matches(bundle: Path) -> bool:
+    """Whether the bundle's .tar.gz holds exactly its folder's files (every sha256 checked)."""
+    import hashlib
+
+    manifest = read_manifest(bundle)
+    want = {**manifest["files"], "manifest.json": file_sha256(bundle / "manifest.json")}
+    seen: dict[str, str] = {}
+    try:
+        with tarfile.open(archive_of(bundle), "r:gz") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                rel = member.name.partition("/")[2]
+                f = tar.extractfile(member)
+                seen[rel] = hashlib.sha256(f.read()).hexdigest() if f is not None else ""
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return seen == want
+
+
+def _swap(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest``; an existing ``dest`` is renamed aside first, then removed."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
+        old.rmdir()
+        dest.rename(old)
+    try:
+        new.rename(dest)
+    except BaseException:
+        if old is not None and not dest.exists():
+            old.rename(dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_bundle(bundle: Path) -> bool:
+    """Remove a bundle folder and its archive; True when there was something to remove."""
+    found = False
+    if archive_of(bundle).exists():
+        archive_of(bundle).unlink()
+        found = True
+    if bundle.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{bundle.name}-old-", dir=bundle.parent))
+        aside.rmdir()
+        bundle.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        found = True
+    return found
+
+
 def read_manifest(bundle: Path) -> dict[str, Any]:
-    """The manifest of a bundle folder; BundleError when absent or of an unknown schema."""
+    """The manifest of a bundle folder; BundleError when absent or of a schema this edgeport does not read."""
     path = bundle / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{bundle} is not an edgeport bundle: cannot read manifest.json ({e})") from None
-    if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{bundle}: manifest schema {manifest.get('schema')} is not {SCHEMA}; rebuild it")
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{bundle} is not an edgeport bundle: manifest.json is not a JSON object")
+    problem = schema_problem(manifest)
+    if problem:
+        raise BundleError(f"{bundle}: {problem}")
     return manifest
 
 

@@ -5,13 +5,119 @@ folder and renamed, so an interrupted build never leaves a stage that looks comp
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from edgeport.errors import ConfigError
+
+log = logging.getLogger("edgeport")
+LOCK_NAME = ".edgeport.lock"
+
+TMP_PREFIX = ".edgeport-tmp-"  # every temporary name in build/ and dist/ starts so; a later build sweeps them
+
+
+def make_temp_dir(parent: Path, label: str) -> Path:
+    """A fresh, uniquely named folder in ``parent`` (0755, so what is renamed into place is world-readable)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{label}-", dir=parent))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def sweep_stale(*folders: Path, depth: int = 3) -> int:
+    """Remove what interrupted builds left under ``folders`` (names starting with TMP_PREFIX); call it only
+    while holding the folders' build lock. Returns how many entries went."""
+    count = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        todo = [(folder, 0)]
+        while todo:
+            here, level = todo.pop()
+            for entry in list(here.iterdir()):
+                if entry.name.startswith(TMP_PREFIX):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    count += 1
+                elif entry.is_dir() and not entry.is_symlink() and level + 1 < depth:
+                    todo.append((entry, level + 1))
+    return count
+
+
+def writable_folder(path: Path, flag: str, create: bool = True) -> Path:
+    """``path`` (created when ``create``); ConfigError naming ``flag`` when it is a file or cannot be written.
+
+    Without ``create`` only the nearest existing folder on the way is checked, so a build that fails
+    before it writes anything leaves no folder behind.
+    """
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be written (no permission on {existing}); choose a folder you "
+                          "can write to")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{flag} {path} cannot be created ({e.strerror or e})") from None
+    return path
+
+
+@contextlib.contextmanager
+def folder_lock(*folders: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive lock on each folder (flock on its .edgeport.lock) for the block.
+
+    Folders are locked in a fixed order, so two builds never deadlock. A second build waits, saying
+    which process holds the lock; with ``wait`` False it fails with one line instead. The kernel
+    releases the lock when the process dies, however it dies.
+    """
+    handles = []
+    try:
+        for folder in sorted({f.resolve() for f in folders}):
+            path = folder / LOCK_NAME
+            fh = open(path, "a+")
+            handles.append(fh)
+            said = False
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another process"
+                    if not wait:
+                        raise ConfigError(f"{folder} is in use by another edgeport build ({holder}); wait for it "
+                                          "or use another --build-dir / --out") from None
+                    if not said:
+                        log.info("waiting for another edgeport build (%s) that is using %s", holder, folder)
+                        said = True
+                    time.sleep(poll)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+        yield
+    finally:
+        for fh in reversed(handles):
+            fh.close()  # closing releases the flock
 
 
 def key_of(settings: dict[str, Any]) -> str:
@@ -49,13 +155,12 @@ class Stage:
         """(info, cached). On a miss, fn fills a temporary folder that becomes the stage folder."""
         if self.hit:
             return self.info(), True
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.dir.parent))
+        tmp = make_temp_dir(self.dir.parent, self.key)
         try:
             info = fn(tmp)
             (tmp / "stage.json").write_text(json.dumps({"settings": self.settings, "info": info},
                                                        indent=1, sort_keys=True, default=str))
-            if self.dir.exists():
+            if self.dir.exists():  # an incomplete result (no stage.json) from an older edgeport
                 shutil.rmtree(self.dir)
             tmp.rename(self.dir)
         except BaseException:

@@ -71,19 +71,21 @@ def _read_folder(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], i
     if len(files) > limit:  # spread the pick over the whole folder, deterministically
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     h = hashlib.sha256()
-    frames, names, skipped = [], [], 0
+    frames, names, bad = [], [], []
     for p in progress(files, "reading calibration images"):
         raw = p.read_bytes()
         img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
         if img is None:
-            skipped += 1
-            log.warning("skipping undecodable image %s", p)
+            bad.append(p.name)
             continue
         h.update(p.name.encode())
         h.update(hashlib.sha256(raw).digest())
         frames.append(img)
         names.append(p.name)
-    return frames, names, skipped, h
+    if bad:  # one line for all of them: a folder of 10,000 broken files must not print 10,000 lines
+        log.debug("undecodable calibration images in %s: %s", path, ", ".join(bad))
+        log.warning("%d undecodable image(s) in %s skipped (e.g. %s)", len(bad), path, ", ".join(bad[:3]))
+    return frames, names, len(bad), h
 
 
 def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], int, hashlib._Hash]:
@@ -92,7 +94,8 @@ def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], in
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise CalibrationError(f"cannot open video {path} (not a video, or no codec for it in OpenCV)")
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or limit
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    total = declared or limit
     step = max(1, total // limit)
     frames, names, skipped, i = [], [], 0, 0
     h = hashlib.sha256()
@@ -113,6 +116,10 @@ def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], in
         i += 1
     bar.close()
     cap.release()
+    # Containers that estimate the count from the duration (mkv, webm) may be off by a frame or two.
+    if declared and len(frames) < limit and i + max(2, declared // 100) < declared:
+        raise CalibrationError(f"calibration video {path} is truncated or corrupt: it ended after {i} of the "
+                               f"{declared} frames its header declares; re-encode or re-copy it")
     return frames, names, skipped, h
 
 
@@ -188,8 +195,20 @@ def _check_count(source: str, count: int, skipped: int, minimum: int) -> None:
     if count < RECOMMENDED and minimum > 1:  # minimum 1: samples for parity, not calibration
         log.warning("calibration set %s has %d image(s)%s; %d+ recommended for stable INT8 ranges",
                     source, count, bad, RECOMMENDED)
-    elif skipped:
-        log.warning("calibration set %s: %d undecodable file(s) skipped", source, skipped)
+
+
+def check_source(source: str, root: Path | None = None) -> None:
+    """CalibrationError for a source that cannot be read at all (checked before any expensive stage)."""
+    if source.startswith(SYNTHETIC):
+        return
+    path = Path(source).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    if not path.exists():
+        raise CalibrationError(f"calibration source {path} does not exist")
+    if path.is_file() and path.suffix.lower() not in (".npy", *VIDEO_EXTS):
+        raise CalibrationError(f"calibration source {path}: expected an image folder, a video "
+                               f"({', '.join(VIDEO_EXTS)}), a .npy or {SYNTHETIC}")
 
 
 def fingerprint(source: str, root: Path | None = None) -> str:

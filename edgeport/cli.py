@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from edgeport import __version__
 from edgeport.errors import EdgeportError
 
 EXAMPLES = {
-    "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:mobilenet_v3_small --input 1x3x224x224 "
-             "--task classification --calib images/ --target intel-cpu --precision int8\n"
+    "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:resnet18 --input 1x3x224x224 "
+             "--task classification --calib images/ --target intel-cpu:int8\n"
              "  edgeport build --model net.py:make_model --weights ckpt.pth --target intel-cpu:fp16\n"
+             "  edgeport build --target intel-cpu:int8 --val-images val/ --val-labels valannot/ --max-drop 0.5\n"
              "  edgeport build --report reports/   (JSON, JUnit XML and Markdown for CI)",
     "export": "examples:\n  edgeport export --model torchvision:resnet18?num_classes=10 --input 1x3x224x224 "
               "--out resnet18.onnx\n  edgeport export --target jetson-nano   (opset 13 for TensorRT 8.2)",
     "validate": "examples:\n  edgeport validate      # this project's dist/: golden frames (+ synthetic scenes "
                 "for the default model)\n  edgeport validate dist/camvid --config examples/camvid/edgeport.toml "
-                "--images camvid/val --labels camvid/valannot --bench --report reports/\n"
+                "--val-images camvid/val --val-labels camvid/valannot --bench --report reports/\n"
                 "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges",
     "flash": "examples:\n  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --identity ~/.ssh/id_ed25519\n"
              "  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --accept-fingerprint SHA256:abc... "
@@ -36,47 +39,86 @@ EXAMPLES = {
 }
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and input")
+def _model_flags(p: argparse.ArgumentParser, validate: bool = False) -> None:
+    title = "the reference model (default: --config, ./edgeport.toml, else what the bundles' manifests record)" \
+        if validate else "model and input"
+    g = p.add_argument_group(title)
     g.add_argument("--model", help="edgeport:roadseg (default) | torchvision:NAME[?k=v] | file.py:factory | "
                                    "package.module:factory | model.pt | model.pt2")
     g.add_argument("--weights", help="state_dict or training checkpoint to load")
     g.add_argument("--name", help="model name used in bundles")
     g.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224")
     g.add_argument("--task", choices=["classification", "segmentation"])
-    g.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    g.add_argument("--class-names", metavar="FILE", help="class names, one per line (as many as the model has "
+                                                         "classes)")
     g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])
     g.add_argument("--color", choices=["RGB", "BGR"], help="channel order the model was trained on")
     g.add_argument("--mean", type=float, nargs=3)
     g.add_argument("--std", type=float, nargs=3)
+    g.add_argument("--config", help="project config (default: ./edgeport.toml if present)")
+    g.add_argument("--build-dir", help="cache folder (default: build)")
+    if validate:
+        return
     g.add_argument("--calib", help="calibration/sample images: folder, video, .npy or synthetic://")
     g = p.add_argument_group("optimise and export")
     g.add_argument("--prune", type=float, help="structured channel pruning ratio, e.g. 0.3")
     g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning")
-    g.add_argument("--opset", type=int, help="ONNX opset (default: the strictest target's ceiling)")
+    g.add_argument("--opset", type=_positive, help="ONNX opset (default: the strictest target's ceiling)")
     g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
-    g.add_argument("--config", help="project config (default: ./edgeport.toml if present)")
-    g.add_argument("--build-dir", help="cache folder (default: build)")
+
+
+def _val_flags(g: argparse._ArgumentGroup, build: bool) -> None:
+    what = "each artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses accuracy control" if build \
+        else "default: [validation] of the config, synthetic scenes for the default model"
+    g.add_argument("--val-images", metavar="DIR", help=f"validation images (or synthetic://): {what}")
+    g.add_argument("--val-labels", metavar="DIR", help="segmentation label maps matched to --val-images by file "
+                                                       "stem (classification: one sub-folder per class instead)")
+    g.add_argument("--max-drop", type=float, help="largest task-metric drop from PyTorch in points (default "
+                                                  "[quantize] max_drop, 1.0)")
 
 
 def _host_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices and SSH")
     g.add_argument("--host", action="append", metavar="USER@ADDR[:PORT]", help="a device; repeatable (in parallel)")
     g.add_argument("--inventory", metavar="FILE", help="TOML with [[host]] address, port, identity, python, name")
-    g.add_argument("--port", type=int, help="SSH port (default 22)")
+    g.add_argument("--port", type=_positive, help="SSH port (default 22)")
     g.add_argument("--identity", metavar="KEY", help="private key file for ssh -i (only its path is used)")
     g.add_argument("--python", help="the device's python (default python3)")
     g.add_argument("--root", default="~/edgeport", help="folder on the device (default ~/edgeport)")
     g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file (default ~/.ssh/known_hosts)")
     g.add_argument("--accept-fingerprint", metavar="SHA256:...", help="trust a first-contact host whose key has "
                                                                       "this fingerprint")
-    g.add_argument("--jobs", type=int, default=8, help="hosts handled at once (default 8)")
+    g.add_argument("--jobs", type=_positive, default=8, help="hosts handled at once (default 8)")
     g.add_argument("--json", action="store_true", help="results as JSON")
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line (no usage block), exit status 2, like every other edgeport error; no
+    abbreviated options (a typo must not silently become another flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the CLI)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="edgeport", description="One PyTorch vision model to Jetson (TensorRT), Intel (OpenVINO) and ARM "
                                      "(TFLite) bundles, validated against PyTorch.",
         epilog="examples:\n  edgeport build                 # the embedded default, every installed backend\n"
@@ -97,24 +139,23 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(b)
     b.add_argument("--target", action="append", help="target profile, repeatable; NAME or NAME:PRECISION "
                                                      "(default: every target whose backend is installed)")
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"])
-    b.add_argument("--out", help="bundle folder (default: dist)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"],
+                   help="for the targets named without one (with no --target: the installed targets that "
+                        "support it)")
+    b.add_argument("--out", help="bundle folder (default: dist; bundles that fail their gates go to dist/failed)")
     b.add_argument("--report", metavar="DIR", help="also write report.json, report.junit.xml and report.md "
                                                    "(a CI job summary) here")
+    b.add_argument("--json", action="store_true", help="the build report as JSON on stdout (progress on stderr)")
     q = b.add_argument_group("INT8 and validation")
-    q.add_argument("--val-images", metavar="DIR", help="labelled validation images (or synthetic://): each "
-                   "artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses accuracy control")
-    q.add_argument("--val-labels", metavar="DIR", help="segmentation label maps matched to --val-images by file "
-                                                       "stem (classification: class sub-folders instead)")
+    _val_flags(q, build=True)
     q.add_argument("--accuracy-control", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the most harmful layers in float until the INT8 drop is within --max-drop "
-                        "(default: on when --val-images is given)")
-    q.add_argument("--max-drop", type=float, help="largest INT8 metric drop in points (default 1.0)")
+                        "(OpenVINO; default: on when --val-images has labels)")
     q.add_argument("--int8-preset", choices=["mixed", "performance"],
-                   help="NNCF preset: performance (default, symmetric) or mixed (asymmetric activations)")
-    q.add_argument("--int8-subset", type=int, metavar="N", help="calibration images used (default 300)")
+                   help="NNCF preset (OpenVINO): performance (default, symmetric) or mixed (asymmetric activations)")
+    q.add_argument("--int8-subset", type=_positive, metavar="N", help="calibration images used (default 300)")
     q.add_argument("--int8-ignore", action="append", metavar="REGEX",
-                   help="keep layers whose name matches in float; repeatable")
+                   help="keep layers whose name matches in float (OpenVINO, TensorRT); repeatable")
     q.add_argument("--calib-method", choices=["max", "percentile", "entropy"],
                    help="activation-range method for TensorRT INT8 (default percentile)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
@@ -125,30 +166,17 @@ def parser() -> argparse.ArgumentParser:
                         "and task metric; exit 0 only when all pass")
     v.add_argument("paths", nargs="*", metavar="PATH", help="bundle folders or dist folders (default: the "
                                                           "project's dist)")
-    g = v.add_argument_group("the reference model (as in build; default: ./edgeport.toml or the embedded default)")
-    for flag, kw in (("--config", {}), ("--model", {}), ("--weights", {}), ("--name", {}),
-                     ("--input", {"metavar": "SHAPE"}), ("--build-dir", {})):
-        g.add_argument(flag, **kw)
-    g.add_argument("--task", choices=["classification", "segmentation"])
-    g.add_argument("--class-labels", dest="labels", metavar="FILE", help="class names, one per line")
-    g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])
-    g.add_argument("--color", choices=["RGB", "BGR"])
-    g.add_argument("--mean", type=float, nargs=3)
-    g.add_argument("--std", type=float, nargs=3)
+    _model_flags(v, validate=True)
     g = v.add_argument_group("data and checks")
-    g.add_argument("--images", metavar="DIR", help="dataset images (or synthetic://); default: [validation] of "
-                                                   "the config, synthetic scenes for the default model")
-    g.add_argument("--labels", dest="image_labels", metavar="DIR", help="label maps matched to --images by file "
-                                                                        "stem (segmentation)")
-    g.add_argument("--max-images", type=int, metavar="N", help="at most N dataset images (default 500)")
-    g.add_argument("--max-drop", type=float, help="largest task-metric drop from PyTorch in points (default: "
-                                                  "[quantize] max_drop, 1.0)")
+    _val_flags(g, build=False)
+    g.add_argument("--max-images", type=_positive, metavar="N", help="at most N dataset images (default 500)")
     g.add_argument("--localize", action="store_true", help="for a failing bundle, name the first layer whose "
                                                            "output diverges (OpenVINO, TensorRT)")
     g.add_argument("--bench", action="store_true", help="also time each runtime here: size, metric, latency "
                                                         "median/p99, FPS (Markdown table + PNG chart)")
     g.add_argument("--report", metavar="DIR", help="write validate.json, validate.junit.xml, validate.md "
                                                    "(and benchmark.png with --bench) here")
+    g.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     f = cmd("flash", "copy a bundle to devices over SSH, self-test it there, then switch to it atomically")
     f.add_argument("bundle", help="a bundle folder (dist/<target>-<precision>)")
     _host_flags(f)
@@ -160,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--unit-dir", help="where the unit goes (default /etc/systemd/system as root, "
                                       "~/.config/systemd/user otherwise)")
     f.add_argument("--rollback", action="store_true", help="make the previous version current again")
+    f.add_argument("--force", action="store_true", help="flash a bundle whose build failed its gates (recorded in "
+                                                        "the device's history.log)")
     dv = cmd("devices", "what runs where: current and previous versions and the service on each device")
     dv.add_argument("action", choices=["status"])
     _host_flags(dv)
@@ -173,8 +203,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_MODEL_KEYS = ("model", "weights", "name", "input", "task", "labels", "resize", "color", "mean", "std", "calib",
-               "prune", "finetune", "opset", "dynamic_batch", "config", "build_dir", "out", "target")
+_MODEL_KEYS = ("model", "weights", "name", "input", "task", "class_names", "resize", "color", "mean", "std",
+               "config", "build_dir")
+_BUILD_KEYS = (*_MODEL_KEYS, "calib", "prune", "finetune", "opset", "dynamic_batch", "out", "target")
 _QUANT_KEYS = ("int8_preset", "int8_subset", "int8_ignore", "accuracy_control", "max_drop", "calib_method",
                "val_images", "val_labels")
 
@@ -183,40 +214,39 @@ def _run(args: argparse.Namespace) -> int:
     from edgeport import api
 
     if args.command == "build":
-        from edgeport.pipeline import parity_table, raise_on_failure
+        from edgeport.pipeline import parity_table, raise_on_failure, summary_line
 
-        kw = {k: getattr(args, k) for k in _MODEL_KEYS + _QUANT_KEYS}
+        kw = {k: getattr(args, k) for k in _BUILD_KEYS + _QUANT_KEYS}
         report = api.build(precision=args.precision, **kw)
-        print(parity_table(report))
+        if args.json:
+            from edgeport.report import to_json
+
+            print(api.to_json(to_json(report)))
+        else:
+            print(parity_table(report))
         if args.report:
             from edgeport.report import write_reports
 
             for path in write_reports(report, Path(args.report)):
-                print(f"wrote {path}")
-        fresh = [r for r in report.targets if r.status == "built"]
-        if report.export_cached and not fresh:
-            print(f"nothing changed: every stage came from the cache ({report.seconds:.1f}s)")
-        else:
-            print(f"built {len(fresh)} bundle(s) in {report.seconds:.1f}s; bundles in "
-                  f"{', '.join(sorted({str(r.bundle.rsplit('/', 1)[0]) for r in report.targets if r.bundle})) or '-'}")
+                print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+        print(summary_line(report), file=sys.stderr if args.json else sys.stdout)
         raise_on_failure(report)
         return 0
     if args.command == "validate":
         from edgeport import validate as gate
 
-        keys = ("config", "model", "weights", "name", "input", "build_dir", "task", "labels", "resize", "color",
-                "mean", "std", "images", "image_labels", "max_images", "max_drop", "localize", "bench")
+        keys = (*_MODEL_KEYS, "val_images", "val_labels", "max_images", "max_drop", "localize", "bench")
         report = api.validate(args.paths, **{k: getattr(args, k) for k in keys})
-        print(gate.text(report))
+        print(api.to_json(gate.to_json(report)) if args.json else gate.text(report))
         if args.report:
             for path in gate.write_reports(report, Path(args.report)):
-                print(f"wrote {path}")
+                print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
         gate.raise_on_failure(report)
         return 0
     if args.command in ("flash", "devices"):
         return _flash(args)
     if args.command == "export":
-        kw = {k: getattr(args, k) for k in _MODEL_KEYS}
+        kw = {k: getattr(args, k) for k in _BUILD_KEYS}
         res = api.export(**kw)
         p = next(iter(res["parity"].values()))
         print(f"wrote {res['onnx']} (opset {res['opset']}; vs PyTorch max error {p['max_abs']:.2e} = "
@@ -232,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
             rt = ", ".join(f"{k} {v}" for k, v in r["runtime"].items())
             prec = ",".join(f"{p}*" if p == r["default_precision"] else p for p in r["precisions"])
             print(f"{r['name']:18} {r['backend']:9} {prec:28} {r['opset_max']:<5}  {rt}")
-        print("* default precision. Add a device: a TOML file in ./targets/ (see edgeport/targets/*.toml).")
+        print("* default precision. Add a device: a TOML file in ./targets/ (the keys: `edgeport targets --json`).")
         return 0
     if args.command == "doctor":
         rows = api.doctor()
@@ -251,12 +281,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         res = api.inspect(args.path)
-        if args.json:
-            print(api.to_json(res))
-        else:
-            for k, v in res.items():
-                print(f"{k:11} {v}")
-        return 0 if not res.get("problems") else 1
+        print(api.to_json(res) if args.json else "\n".join(api.inspect_text(res)))
+        if res.get("problems"):
+            from edgeport.errors import BundleError
+
+            raise BundleError(f"{args.path}: {res['problems'][0]}" + (f" (+{len(res['problems']) - 1} more problem(s))"
+                                                                      if len(res["problems"]) > 1 else ""))
+        return 0
     return 2
 
 
@@ -271,7 +302,7 @@ def _flash(args: argparse.Namespace) -> int:
                            interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs,
                            install=flashing and args.install, service=flashing and args.service,
                            source=args.source if flashing else None, unit_dir=args.unit_dir if flashing else None,
-                           rollback=flashing and args.rollback)
+                           rollback=flashing and args.rollback, force=flashing and args.force)
     if args.known_hosts:
         opts.known_hosts = Path(args.known_hosts).expanduser()
     if args.command == "devices":
@@ -321,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("edgeport").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("nncf", "openvino", "onnxslim", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torch warns "No CUDA runtime is found" whenever something imports its C++ extension helper on a CPU host.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # SIGTERM (a CI timeout, systemd, kill) unwinds like Ctrl-C: temporary folders are removed and child
+    # processes killed on the way out, instead of the process vanishing and leaving them behind.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except EdgeportError as e:
@@ -328,9 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}; unfinished work was removed, finished stages "
+              "stay cached", file=sys.stderr)
+        return 128 + int(signum)
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
@@ -340,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"internal error: {type(e).__name__}: {e} (a bug in edgeport; rerun with -v and report the "
               "traceback)", file=sys.stderr)
         return 70
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":

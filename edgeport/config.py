@@ -2,7 +2,7 @@
 
 Unknown keys and bad values are ConfigErrors naming the key, the file and a close match.
 
-    [model]        source, weights, name
+    [model]        source, weights, name, seed
     [input]        name, shape, dtype, layout
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class ModelConfig:
     source: str = DEFAULT_MODEL
     weights: str | None = None
     name: str | None = None
+    seed: int = 0  # torch.manual_seed while the model is built: random-init weights are the same everywhere
 
 
 @dataclass
@@ -50,6 +52,11 @@ class OptimizeConfig:
     fold_bn: bool = True
     prune: float = 0.0
     finetune: str | None = None
+
+    def validate(self, where: str = "optimize") -> None:
+        """ConfigError for a pruning ratio outside [0, 1)."""
+        if not 0.0 <= self.prune < 1.0:
+            raise ConfigError(f"{where}: prune {self.prune} must be a fraction in [0, 1), e.g. 0.3")
 
 
 @dataclass
@@ -102,6 +109,12 @@ class QuantizeConfig:
             raise ConfigError(f"{where}: subset_size must be positive")
         if not 0 < self.max_drop <= 100:
             raise ConfigError(f"{where}: max_drop {self.max_drop} must be in (0, 100] metric points")
+        for pattern in self.ignored_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{where}: ignored pattern {pattern!r} (--int8-ignore / ignored_patterns) is not a "
+                                  f"regular expression: {e}") from None
 
     @property
     def has_ignored(self) -> bool:
@@ -263,6 +276,7 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
         if name in data:
             setattr(cfg, name, _section(cls, data[name], where, name))
     cfg.quantize.validate(f"{where}: [quantize]")
+    cfg.optimize.validate(f"{where}: [optimize]")
     cfg.validation.validate(where)
     spec_args: dict[str, Any] = {}
     _check_keys(data.get("input", {}), _INPUT_KEYS, where, "input")

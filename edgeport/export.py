@@ -174,3 +174,32 @@ def check_parity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
     if failures:
         raise ParityError(f"{what} parity failed: " + "; ".join(failures))
     return results
+
+
+# Below these an output cannot serve as a reference: float16 flushes values under 6e-8 to zero and
+# INT8 scales follow the range, and an output that hardly changes with the input makes every
+# agreement figure meaningless (seen on random-init torchvision models: mobilenet_v3_small's logits
+# peak at 2e-9, googlenet's vary by 1e-7 of their size across frames).
+MIN_OUTPUT_MAGNITUDE = 1e-6
+MIN_INPUT_DEPENDENCE = 1e-4
+
+
+def input_dependence(inputs: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, str]:
+    """{output: why it cannot serve as a reference} for outputs that are vanishingly small or barely
+    depend on the input across the sample frames; empty when every output is usable."""
+    n = len(inputs)
+    if n < 2 or float(np.abs(inputs - inputs[:1]).max()) == 0.0:
+        return {}  # one frame, or identical frames: nothing to say about the model
+    problems = {}
+    for name, out in outputs.items():
+        out = np.asarray(out, np.float64)
+        size = float(np.abs(out).max())
+        spread = float(np.abs(out - out.mean(0, keepdims=True)).max())
+        if size < MIN_OUTPUT_MAGNITUDE:
+            problems[name] = (f"output '{name}' is at most {size:.2g} in magnitude on {n} calibration frames "
+                              "(float16 flushes such values to zero and INT8 cannot represent them)")
+        elif spread < MIN_INPUT_DEPENDENCE * size:
+            problems[name] = (f"output '{name}' barely depends on the input: across {n} calibration frames it "
+                              f"varies by {spread:.2g} against values up to {size:.2g} "
+                              f"({spread / size:.1g} of its size; at least {MIN_INPUT_DEPENDENCE:g} is needed)")
+    return problems

@@ -36,7 +36,7 @@ from typing import Any
 
 import tomllib
 
-from edgeport.bundle import read_manifest, verify_bundle
+from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.errors import BundleError, ConfigError, DeviceError
 from edgeport.model import file_sha256
 
@@ -357,18 +357,21 @@ def _links(ssh: SSH, model_dir: str) -> tuple[str, str]:
     return cur, prev
 
 
-def _switch(ssh: SSH, model_dir: str, version: str, previous: str) -> None:
-    """current -> version, previous -> the old current; each a rename of a fresh symlink (atomic)."""
+def _switch(ssh: SSH, model_dir: str, version: str, previous: str, note: str = "") -> None:
+    """current -> version, previous -> the old current; each a rename of a fresh symlink (atomic); a line in
+    history.log (with ``note``, e.g. that a failed bundle was forced)."""
     parts = [f"cd {_q(model_dir)}"]
     if previous and previous != version:
         parts.append(f"ln -sfn {shlex.quote(previous)} .previous.tmp && mv -Tf .previous.tmp previous")
     parts.append(f"ln -sfn {shlex.quote(version)} .current.tmp && mv -Tf .current.tmp current")
-    parts.append(f"echo \"$(date -u +%FT%TZ) current {shlex.quote(version)}\" >> history.log")
+    line = f"current {version}" + (f" {note}" if note else "")
+    parts.append(f"echo \"$(date -u +%FT%TZ)\" {shlex.quote(line)} >> history.log")
     ssh.run(" && ".join(parts), step="switch")
 
 
-def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool) -> str:
+def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool, force: bool = False) -> str:
     py = shlex.quote(ssh.host.python)
+    force = " --force" if force and failed_gates(manifest) else ""
     backend = manifest["backend"]
     module = {"openvino": "openvino", "tflite": "ai_edge_litert", "tensorrt": "tensorrt"}.get(backend, backend)
     probe = (f"{py} -c 'import numpy, cv2, {module}'" if backend != "tflite" else
@@ -380,7 +383,7 @@ def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool) -> str:
                                      f"{ssh.host.python}; install requirements.txt there, or pass --install")
         ssh.run(f"cd {_q(vdir)} && {py} -m pip install -q -r requirements.txt", step="setup")
     if backend == "tensorrt":
-        ssh.run(f"cd {_q(vdir)} && {py} build_engine.py", timeout=3600, step="build engine")
+        ssh.run(f"cd {_q(vdir)} && {py} build_engine.py{force}", timeout=3600, step="build engine")
         return "engine built"
     return "runtime present"
 
@@ -443,17 +446,21 @@ def _flash_steps(ssh: SSH, bundle: Path, manifest: dict[str, Any], expected: dic
         res.details["copy"] = copy_bundle(ssh, bundle, expected, partial, opts.bytes_limit)
         ssh.run(f"rm -rf {_q(vdir)} && mv {_q(partial)} {_q(vdir)}", step="copy")
     res.step = "setup"
-    res.details["setup"] = _setup(ssh, manifest, vdir, opts.install)
+    forced = opts.force and bool(failed_gates(manifest))
+    res.details["setup"] = _setup(ssh, manifest, vdir, opts.install, forced)
     res.step = "selftest"
-    st = ssh.run(f"cd {_q(vdir)} && {shlex.quote(host.python)} runner.py --selftest", check=False, timeout=600,
-                 step="selftest")
+    st = ssh.run(f"cd {_q(vdir)} && {shlex.quote(host.python)} runner.py --selftest{' --force' if forced else ''}",
+                 check=False, timeout=600, step="selftest")
     out = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
     if st.returncode != 0:
         raise StepError("selftest", f"{host.label}: runner.py --selftest failed on the device: "
                                     f"{out[-1] if out else 'exit %d' % st.returncode}")
     res.details["selftest"] = out[-1] if out else "ok"
     res.step = "switch"
-    _switch(ssh, model_dir, os.path.basename(vdir), res.previous)
+    note = f"forced: the build FAILED its gates ({'; '.join(failed_gates(manifest))})" if forced else ""
+    _switch(ssh, model_dir, os.path.basename(vdir), res.previous, note)
+    if forced:
+        res.details["forced"] = note
     if opts.service:
         res.step = "service"
         res.details["service"] = install_service(ssh, manifest, model_dir, opts)
@@ -470,7 +477,7 @@ def unit_name(manifest: dict[str, Any]) -> str:
 def unit_text(manifest: dict[str, Any], model_dir_abs: str, python: str, source: str, user_unit: bool) -> str:
     """A systemd unit that runs the current version's runner on ``source`` and restarts it on failure."""
     args = " ".join(shlex.quote(a) for a in [python, "runner.py", source, "--headless", "--reconnect", "0",
-                                             "--json", "-"])
+                                             "--jsonl", "-"])
     lines = ["[Unit]", f"Description=edgeport camera runner: {manifest['model']['name']}",
              "After=network-online.target", "Wants=network-online.target", "StartLimitIntervalSec=0", "",
              "[Service]", "Type=simple", f"WorkingDirectory={model_dir_abs}/current",
@@ -518,6 +525,7 @@ class FlashOptions:
     source: str | None = None
     unit_dir: str | None = None
     rollback: bool = False
+    force: bool = False  # flash a bundle whose build failed its gates (recorded in history.log)
     jobs: int = 8
     bytes_limit: int | None = None  # tests: stop the copy after this many bytes
 
@@ -568,6 +576,10 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
     if not (bundle / "manifest.json").is_file():
         raise BundleError(f"{bundle}: not a bundle folder (no manifest.json); run `edgeport build` first")
     manifest = read_manifest(bundle)
+    failed = failed_gates(manifest)
+    if failed and not opts.rollback and not opts.force:
+        raise BundleError(f"{bundle} FAILED its build gates ({'; '.join(failed)}); it must not ship. Fix the build, "
+                          "or pass --force to flash it anyway (recorded in the device's history.log)")
     if not opts.rollback:
         problems = verify_bundle(bundle)
         if problems:
@@ -585,7 +597,7 @@ def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
     script = (f"cd {_q(opts.root)} 2>/dev/null || exit 0; for m in */; do m=${{m%/}}; [ -d \"$m\" ] || continue; "
               "c=$(readlink \"$m/current\"); p=$(readlink \"$m/previous\"); "
               "s=$( (systemctl is-active edgeport-$m.service || systemctl --user is-active edgeport-$m.service) "
-              "2>/dev/null | head -n1); n=$(ls -d \"$m\"/*/ 2>/dev/null | grep -vc partial); "
+              "2>/dev/null | head -n1); n=$(find \"$m\" -mindepth 1 -maxdepth 1 -type d ! -name '*.partial' | wc -l); "
               "echo \"$m|$c|$p|${s:-none}|$n\"; done")
 
     def row(h: Host, model: str = "-", cur: str = "-", prev: str = "-", svc: str = "-", n: int = 0,

@@ -58,9 +58,9 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
         if path.is_file():
             h.update(file_sha256(path).encode())
     elif kind == "module":
-        spec = importlib.util.find_spec(target.split(":")[0]) if _module_importable(target) else None
-        if spec and spec.origin and Path(spec.origin).is_file():
-            h.update(file_sha256(Path(spec.origin)).encode())
+        origin = _module_origin(target, root)
+        if origin is not None and origin.is_file():
+            h.update(file_sha256(origin).encode())
     elif kind == "default":
         from edgeport.zoo import net
 
@@ -70,11 +70,21 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _module_importable(target: str) -> bool:
+def _module_origin(target: str, root: Path | None = None) -> Path | None:
+    """The file of ``package.module`` (looking in ``root`` first, as _factory does), or None when not found."""
+    added = root is not None and str(root) not in sys.path
+    if added:
+        sys.path.insert(0, str(root))
     try:
-        return importlib.util.find_spec(target.split(":")[0]) is not None
+        spec = importlib.util.find_spec(target.split(":")[0])
     except (ImportError, ValueError):
-        return False
+        return None
+    finally:
+        if added:
+            sys.path.remove(str(root))
+    if spec is None:
+        return None
+    return Path(spec.origin) if spec.origin and Path(spec.origin).is_file() else Path(".")
 
 
 def classify(source: str) -> tuple[str, str]:
@@ -95,6 +105,27 @@ def classify(source: str) -> tuple[str, str]:
                      "package.module:factory, a TorchScript .pt or a torch.export .pt2")
 
 
+def check_source(source: str, weights: str | None, root: Path | None = None) -> None:
+    """ModelError for a --model or --weights that cannot work, found without importing torch, so a build
+    fails on it before any expensive stage runs."""
+    root = root or Path.cwd()
+    kind, rest = classify(source)
+    if kind == "default" and rest != "roadseg":
+        raise ModelError(f"--model {source!r}: the embedded model is edgeport:roadseg")
+    if kind in ("file", "torchscript", "export"):
+        path = Path(rest.rpartition(":")[0] if kind == "file" else rest)
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+    elif kind == "module" and _module_origin(rest.rpartition(":")[0], root) is None:
+        raise ModelError(f"--model {source!r}: no module named '{rest.rpartition(':')[0]}' (looked in {root} and on "
+                         "sys.path)")
+    if weights:
+        wpath = Path(weights) if Path(weights).is_absolute() else root / weights
+        if not wpath.is_file():
+            raise ModelError(f"weights file {wpath} does not exist")
+
+
 def default_name(source: str) -> str:
     """A short model name for bundles and reports."""
     kind, rest = classify(source)
@@ -105,11 +136,27 @@ def default_name(source: str) -> str:
     return Path(rest).stem
 
 
-def load_model(source: str, weights: str | None = None, root: Path | None = None) -> Any:
-    """Build the nn.Module named by ``source``, load ``weights``, and put it in eval mode."""
+DEFAULT_SEED = 0
+
+
+def load_model(source: str, weights: str | None = None, root: Path | None = None, seed: int = DEFAULT_SEED) -> Any:
+    """Build the nn.Module named by ``source``, load ``weights``, and put it in eval mode.
+
+    The module is constructed under ``torch.manual_seed(seed)`` (the global RNG state is restored
+    afterwards), so a model without trained weights (``torchvision:NAME``, a factory without a
+    checkpoint) gets the same random weights in every process: the build's reference and a later
+    ``edgeport validate`` compute the same function.
+    """
     import torch
 
-    root = root or Path.cwd()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_model(source, weights, root or Path.cwd())
+
+
+def _load_model(source: str, weights: str | None, root: Path) -> Any:
+    import torch
+
     kind, rest = classify(source)
     if kind == "default":
         if rest != "roadseg":
@@ -241,8 +288,8 @@ def load_weights(model: Any, path: Path) -> None:
         raise ModelError(f"weights file {path} does not exist")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # torch raises UnpicklingError, KeyError, RuntimeError... for bad files
+        raise ModelError(f"cannot read weights {path}: {_weights_error(e)}") from e
     state = extract_state_dict(obj)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -259,6 +306,39 @@ def load_weights(model: Any, path: Path) -> None:
             parts.append(f"shape differs {len(shapes)}: {_few(shapes)}")
         raise ModelError(f"weights {path.name} do not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def first_forward(model: Any, example: Any) -> Any:
+    """The model's output on ``example``; ModelError naming the exception when the user's forward raises."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return model(example)
+    except Exception as e:  # the user's code: any exception is theirs to fix
+        msg = _first_fact(str(e)) or "no message"
+        raise ModelError(f"the model's forward raised {type(e).__name__} on an input of shape "
+                         f"{list(example.shape)}: {msg} (check --input, N x C x H x W, against what the model "
+                         "takes; -v shows the traceback)") from e
+
+
+def _weights_error(e: Exception) -> str:
+    """What is wrong with a checkpoint torch.load refused, without torch's advice to load it with
+    weights_only=False (that runs code from the file)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return (f"it holds a pickled {m.group(1)} object, and edgeport loads weights with weights_only=True, "
+                "which never runs code from a file; save the weights with torch.save(model.state_dict(), path)")
+    return ("not a PyTorch state_dict or checkpoint (torch.save output); "
+            f"torch.load says: {type(e).__name__} {_first_fact(text)}")
+
+
+def _first_fact(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    facts = [ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln
+             and "documentation" not in ln and "file an issue" not in ln]
+    return (facts[0] if facts else (lines[0] if lines else ""))[:200]
 
 
 def _few(items: list[str], n: int = 4) -> str:

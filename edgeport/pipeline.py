@@ -5,6 +5,7 @@ no work, and a change to one target rebuilds only that target.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -22,15 +23,17 @@ from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
-from edgeport.errors import ConfigError, ParityError
+from edgeport.errors import ConfigError, EdgeportError, ParityError
 from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
+from edgeport.progress import working_on
 from edgeport.runner.metrics import compare
 from edgeport.target import Target, get_target
 
 log = logging.getLogger("edgeport")
 GOLDEN_CASES = 4
+FAILED_DIR = "failed"  # dist/failed/<bundle>: bundles that failed their gates, kept apart and never archived
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "road-synth"
 
 
@@ -47,6 +50,7 @@ class TargetResult:
     seconds: float = 0.0
     message: str = ""
     accuracy: dict[str, Any] | None = None  # task metric on labelled data, drop and agreement vs FP32
+    verdict: str | None = None  # passed | failed | device-only (the manifest's verdict.status)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class BuildReport:
     seconds: float
     reference_metrics: dict[str, float] | None = None
     validation_source: str | None = None
+    swept: int = 0  # leftovers of interrupted builds removed first
 
     @property
     def ok(self) -> bool:
@@ -76,29 +81,41 @@ def _dist_version(name: str) -> str:
 
 
 def resolve_targets(names: list[str], precision: str | None, root: Path) -> list[tuple[Target, str]]:
-    """[(target, precision)] from 'name' or 'name:precision' strings; all installed when empty."""
+    """[(target, precision)] from 'name' or 'name:precision' strings; every installed one when empty.
+
+    ``precision`` (--precision, or [build] precision) applies to the targets named without one; a
+    target that names another precision, or does not support it, is a ConfigError. With no target
+    named, ``precision`` selects the installed targets that support it.
+    """
     from edgeport.backends import availability
     from edgeport.target import all_targets
 
     if not names:
-        chosen = []
-        for t in all_targets(root).values():
-            av = availability(t.backend)
-            if av.installed:
-                chosen.append(t.name)
-        if not chosen:
+        installed = [t for t in all_targets(root).values() if availability(t.backend).installed]
+        if not installed:
             raise ConfigError("no backend is installed, so there is nothing to build for; "
                               "pip install 'edgeport[openvino]' (see `edgeport doctor`)")
-        names = chosen
+        if precision:
+            left = [t.name for t in installed if precision not in t.precisions]
+            installed = [t for t in installed if precision in t.precisions]
+            if not installed:
+                raise ConfigError(f"--precision {precision}: no installed target supports it (see `edgeport targets`)")
+            if left:
+                log.info("--precision %s: left out %s (not supported there)", precision, ", ".join(left))
+        names = [t.name for t in installed]
     out = []
     for spec in names:
         name, _, prec = spec.partition(":")
         t = get_target(name, root)
+        if prec and precision and prec != precision:
+            raise ConfigError(f"--target {spec} and --precision {precision} conflict; name the precision once "
+                              f"(--target {name}:{precision}, or drop --precision)")
         p = prec or precision or t.default_precision
-        if not prec and precision and precision not in t.precisions and len(names) > 1:
-            p = t.default_precision  # a global --precision applies where the target allows it
         t.check_precision(p)
         out.append((t, p))
+    dup = sorted({f"{t.name}:{p}" for t, p in out if sum(1 for u, q in out if (u.name, q) == (t.name, p)) > 1})
+    if dup:
+        raise ConfigError(f"target {', '.join(dup)} is selected twice")
     return out
 
 
@@ -131,7 +148,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
                   build_dir: Path) -> tuple[Stage, dict[str, Any], bool]:
     weights = cfg.model.weights
     settings = {
-        "model": source_fingerprint(cfg.model.source, cfg.root),
+        "model": source_fingerprint(cfg.model.source, cfg.root), "seed": cfg.model.seed,
         "weights": file_sha256(cfg.resolve(weights)) if weights and cfg.resolve(weights).is_file() else weights,
         "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
         "export": dataclasses.asdict(cfg.export), "opset": opset, "samples": samples.sha256,
@@ -145,12 +162,13 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
 
         from edgeport.backends.onnxruntime.backend import BACKEND as ORT
         from edgeport.export import check_parity, export_onnx, torch_outputs
-        from edgeport.model import load_model
+        from edgeport.model import first_forward, load_model
         from edgeport.optimize import optimize
 
         log.info("loading model %s", cfg.model.source)
-        model = load_model(cfg.model.source, cfg.model.weights, cfg.root)
+        model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.from_numpy(samples.data[:1].copy())
+        _check_class_names(spec, first_forward(model, example))
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec)
         name = cfg.model.name or default_name(cfg.model.source)
@@ -162,6 +180,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
                                    metadata=meta)
         x = samples.data[: max(cfg.export.parity_samples, GOLDEN_CASES)]
         ref = torch_outputs(model, x, output_names)
+        _check_input_dependence(cfg, x, ref)
         with ORT.open_onnx(onnx_path) as rt:
             got = rt.run_batches(x)
         parity = check_parity(ref, got, cfg.export.tolerance, "ONNX Runtime vs PyTorch")
@@ -171,6 +190,39 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
 
     info, cached = stage.run(run)
     return stage, info, cached
+
+
+def _check_class_names(spec: InputSpec, out: Any) -> None:
+    """ConfigError when the class names do not match the classes of the model's first output."""
+    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values())) if isinstance(out, dict) else out
+    if not spec.labels or getattr(first, "ndim", 0) < 2:
+        return
+    classes = int(first.shape[1] if spec.layout == "NCHW" or first.ndim == 2 else first.shape[-1])
+    if len(spec.labels) != classes:
+        raise ConfigError(f"{len(spec.labels)} class name(s) are given (--class-names / [task] labels), but the "
+                          f"model's output has {classes} classes; give one name per class, in class order")
+
+
+def _check_input_dependence(cfg: ProjectConfig, x: np.ndarray, ref: dict[str, np.ndarray]) -> None:
+    """ModelError when no output can serve as a reference (tiny, or independent of the input)."""
+    from edgeport.errors import ModelError
+    from edgeport.export import input_dependence
+
+    problems = input_dependence(x, ref)
+    if not problems:
+        return
+    if len(problems) < len(ref):  # e.g. a constant anchors output beside real ones
+        for why in problems.values():
+            log.warning("%s; its parity figures mean little", why)
+        return
+    if cfg.model.weights:
+        todo = (f"check that --weights {cfg.model.weights} holds the trained weights and that --input, --mean, "
+                "--std and --color match how the model was trained")
+    else:
+        todo = (f"{cfg.model.source} has no trained weights here (random init, seed {cfg.model.seed}); pass them "
+                "with --weights FILE (a state_dict or training checkpoint)")
+    raise ModelError(f"{'; '.join(problems.values())}: parity and INT8 cannot be judged against such a "
+                     f"reference; {todo}")
 
 
 def _artifacts_to_dict(a: Artifacts, base: Path) -> dict[str, Any]:
@@ -194,6 +246,19 @@ def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)
 
 
+# Bumped when what a target stage stores changes shape (golden.npz, info keys), so old caches are not read.
+STAGE_FORMAT = 2
+
+
+def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: list[str],
+                host: bool = False) -> dict[str, dict[str, Any]]:
+    """Per output: the target's tolerance for ``precision`` (vs PyTorch, or vs the host artifact when
+    ``host``), overridden by the project's [validation.tolerance] entries (the same as `edgeport validate`)."""
+    if host:
+        return {name: target.host_tolerances(precision) for name in outputs}
+    return {name: cfg.validation.tolerance_for(name, precision, target.tolerances(precision)) for name in outputs}
+
+
 def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_stage: Stage,
                   export_info: dict[str, Any], calib: CalibrationSet | None, spec: InputSpec,
                   build_dir: Path, val: ValidationRef | None) -> tuple[Stage, dict[str, Any], bool]:
@@ -202,11 +267,12 @@ def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_sta
 
     code = source_hash(*Path(backend.runner_part()).parent.glob("*.py"), *RUNNER_PARTS)
     quant = Quantization(cfg.quantize, val.data if val is not None else None) if calib is not None else None
+    tol = _tolerances(cfg, target, precision, export_info["outputs"])
     settings = {"onnx": export_info["onnx_sha256"], "target": target.fingerprint(), "precision": precision,
                 "calib": calib.sha256 if calib is not None else None, "backend": backend.versions_key(),
                 "quant": quant.key() if quant is not None else None,
-                "val": val.data.sha256 if val is not None else None,
-                "code": code, "edgeport": __version__}
+                "val": val.data.sha256 if val is not None else None, "tolerance": tol,
+                "code": code, "edgeport": __version__, "format": STAGE_FORMAT}
     stage = Stage(build_dir, f"target/{target.name}-{precision}", settings)
 
     def run(tmp: Path) -> dict[str, Any]:
@@ -217,27 +283,57 @@ def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_sta
             ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
         parity: dict[str, Any] = {}
         accuracy = None
-        # Golden outputs are the artifact's own where the host runs the real runtime; for device-only and
-        # emulated artifacts they are the reference's, checked on the device under the precision's tolerance.
-        golden = {k: to_layout(v, spec.layout, art.spec.layout) for k, v in ref.items()}
+        host = None
         if art.host_runnable:
             with backend.open(art) as rt:
                 got = rt.run_batches(to_layout(inputs, spec.layout, art.spec.layout))
                 if val is not None:
                     accuracy = _val_accuracy(rt, art, spec, val)
-            tol = target.tolerances(precision)
             for name, r in ref.items():
                 g = to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
                     got[name].shape != r.shape else got[name]
-                parity[name] = compare(r, g, spec.task, tol)
+                parity[name] = compare(r, g, spec.task, tol[name])
             if not art.info.get("emulated"):
-                golden = got
-        np.savez(tmp / "golden.npz", **{k: v[:GOLDEN_CASES] for k, v in golden.items()})
+                host = got
+        # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device;
+        # where the host ran the real runtime its outputs go beside them, for a tight device-vs-host check.
+        golden = {f"ref:{k}": to_layout(v, spec.layout, art.spec.layout)[:GOLDEN_CASES] for k, v in ref.items()}
+        if host is not None:
+            golden.update({f"host:{k}": v[:GOLDEN_CASES] for k, v in host.items()})
+        np.savez(tmp / "golden.npz", **golden)
         return {"artifacts": _artifacts_to_dict(art, tmp), "parity": parity, "compile_seconds": time.time() - t0,
-                "tolerance": target.tolerances(precision), "accuracy": accuracy}
+                "tolerance": tol, "host_tolerance": _tolerances(cfg, target, precision, list(ref), host=True)
+                if host is not None else None, "accuracy": accuracy}
 
     info, cached = stage.run(run)
     return stage, info, cached
+
+
+def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[str, Any]:
+    """The build's verdict on one artifact: its gates (parity per output, the task metric) and where they ran.
+
+    ``status`` is "passed", "failed" (with ``reasons``) or "device-only" (nothing could run on the build
+    host; the device's ``runner.py --selftest`` against PyTorch is the gate).
+    """
+    reasons = [f"output '{n}': {', '.join(m['failed'])} vs PyTorch" for n, m in info["parity"].items() if not m["ok"]]
+    acc = info.get("accuracy")
+    if acc and acc["drop"] is not None:
+        acc["ok"] = not (precision == "int8" and acc["drop"] > max_drop)
+        if not acc["ok"]:
+            reasons.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
+                           f"max_drop {max_drop:g}")
+    art = info["artifacts"]
+    if not art["host_runnable"]:
+        checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"
+    elif art["info"].get("emulated"):
+        checked = ("INT8 emulated in ONNX Runtime (Q/DQ model) against PyTorch; runner.py --selftest checks the "
+                   "engine on the device")
+    else:
+        checked = f"{art['backend']} on the build host against PyTorch"
+    status = "failed" if reasons else ("passed" if art["host_runnable"] else "device-only")
+    gates = {"parity": {n: "passed" if m["ok"] else "failed" for n, m in info["parity"].items()},
+             "metric": None if not acc or acc["drop"] is None else ("passed" if acc["ok"] else "failed")}
+    return {"status": status, "reasons": reasons, "checked": checked, "gates": gates}
 
 
 @dataclass
@@ -293,29 +389,49 @@ def _val_accuracy(rt: Any, art: Artifacts, spec: InputSpec, val: ValidationRef) 
             "count": len(val.data)}
 
 
+def bundle_dest(out_dir: Path, name: str, status: str) -> Path:
+    """Where a bundle goes: dist/<name>, or dist/failed/<name> when it failed its gates."""
+    return out_dir / FAILED_DIR / name if status == "failed" else out_dir / name
+
+
 def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
             export_stage: Stage, export_info: dict[str, Any], calib: CalibrationSet | None,
-            samples: CalibrationSet, spec: InputSpec, out_dir: Path) -> tuple[Path, bool]:
-    """Write dist/<target>-<precision> unless it already holds this stage's result."""
-    from edgeport.bundle import assemble_runner, verify_bundle, write_bundle
+            samples: CalibrationSet, spec: InputSpec, out_dir: Path, verdict: dict[str, Any]) -> tuple[Path, bool]:
+    """Write the bundle unless it is already there intact (folder and archive); returns (folder, cached).
 
-    dest = out_dir / f"{target.name}-{precision}"
-    mf = dest / "manifest.json"
-    if mf.is_file():
-        try:
-            if json.loads(mf.read_text()).get("build_key") == stage.key and not verify_bundle(dest):
-                return dest, True
-        except Exception:  # an unreadable old bundle is simply rewritten
-            pass
+    A bundle that passed goes to dist/<target>-<precision> with its .tar.gz; one that failed goes to
+    dist/failed/<target>-<precision>, without an archive, its manifest saying why; whatever the other
+    place held for that name is removed, so dist/ only ever shows what this build proved.
+    """
+    from edgeport.bundle import archive_matches, assemble_runner, remove_bundle, write_archive, write_bundle
+
+    name = f"{target.name}-{precision}"
+    dest = bundle_dest(out_dir, name, verdict["status"])
+    other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
+    if remove_bundle(other):
+        log.info("%s: removed the %s bundle of an earlier build from %s", name,
+                 "shippable" if verdict["status"] == "failed" else "failed", other.parent)
+    if _is_current(dest, stage.key, verdict):
+        if verdict["status"] != "failed" and not archive_matches(dest):
+            log.info("%s: the archive did not match its folder (an interrupted build); rewriting it", name)
+            write_archive(dest)
+        return dest, True
     backend = get_backend(target.backend)
     art = _artifacts_from_dict(info["artifacts"], stage.dir)
     with np.load(export_stage.dir / "reference.npz") as z:
         inputs = to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, art.spec.layout)
     with np.load(stage.dir / "golden.npz") as z:
-        golden_out = {k: z[k] for k in z.files}
+        reference = {k[4:]: z[k] for k in z.files if k.startswith("ref:")}
+        host = {k[5:]: z[k] for k in z.files if k.startswith("host:")} or None
+    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
     manifest = {
         "build_key": stage.key,
+        "verdict": verdict,
         "model": {"name": export_info["model"], "source": cfg.model.source, "onnx_sha256": export_info["onnx_sha256"],
+                  "seed": cfg.model.seed, "root": str(cfg.root),
+                  "source_fingerprint": source_fingerprint(cfg.model.source, cfg.root),
+                  "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None,
+                  "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
                   "task": spec.task, "labels": spec.labels, "palette": [list(p) for p in spec.palette]},
         "target": target.name, "backend": target.backend, "precision": precision,
         "target_profile": target.to_dict(),
@@ -331,17 +447,34 @@ def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, in
     }
     runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
     reqs = list(target.requirements.get("pip", []))
-    readme = _device_readme(target, precision, export_info["model"], runner is not None)
+    readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
     extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
     write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
-                 golden=(samples.frames[:GOLDEN_CASES], inputs, golden_out, info["tolerance"]),
-                 readme=readme, requirements=reqs, extra=extra)
+                 golden=(samples.frames[:GOLDEN_CASES], inputs, reference, host, info["tolerance"],
+                         info.get("host_tolerance")),
+                 readme=readme, requirements=reqs, extra=extra, archive=verdict["status"] != "failed")
     return dest, False
 
 
-def _device_readme(target: Target, precision: str, model: str, runner: bool) -> str:
+def _is_current(dest: Path, key: str, verdict: dict[str, Any]) -> bool:
+    """Whether ``dest`` already holds this build's bundle, intact, with this verdict."""
+    from edgeport.bundle import verify_bundle
+
+    try:
+        m = json.loads((dest / "manifest.json").read_text())
+        return m.get("build_key") == key and m.get("verdict") == verdict and not verify_bundle(dest)
+    except (OSError, ValueError, EdgeportError):  # absent or unreadable: rewritten
+        return False
+
+
+def _device_readme(target: Target, precision: str, model: str, runner: bool, verdict: dict[str, Any]) -> str:
     reqs = target.requirements
-    lines = [f"# {model} for {target.name} ({precision})", "", target.description, "",
+    lines = [f"# {model} for {target.name} ({precision})", "", target.description, ""]
+    if verdict["status"] == "failed":
+        lines += ["**This bundle FAILED its build gates and must not be deployed:**", "",
+                  *[f"- {r}" for r in verdict["reasons"]], "",
+                  "runner.py, `edgeport inspect` and `edgeport flash` refuse it unless forced (--force).", ""]
+    lines += [
              "Built by edgeport. `manifest.json` describes the model, its inputs and outputs, the",
              "preprocessing, the runtime settings and the sha256 of every file.", ""]
     if reqs.get("system"):
@@ -351,15 +484,15 @@ def _device_readme(target: Target, precision: str, model: str, runner: bool) -> 
                   "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
                   "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
                   f"python3 runner.py {target.camera.get('source', 'csi://0')}",
-                  "python3 runner.py synthetic:// --headless --max-frames 100 --json -", "```", "",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
                   "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
                   "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
     elif runner:
         lines += ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
                   "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
-                  "python3 runner.py synthetic:// --headless --max-frames 100 --json -", "```", "",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
                   "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
-                  "synthetic://) and outputs (--save, --json, --headless).", ""]
+                  "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
     else:
         lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app and",
                   "apply the preprocessing in manifest.json exactly (`preprocess`: resize mode, colour order,",
@@ -372,15 +505,42 @@ def _device_readme(target: Target, precision: str, model: str, runner: bool) -> 
     return "\n".join(lines)
 
 
-def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> BuildReport:
-    """Build every selected target; per-target failures are recorded, not raised."""
+def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
+              given: dict[str, Any] | None = None) -> BuildReport:
+    """Build every selected target; per-target failures are recorded, not raised.
+
+    Inputs are checked before any expensive stage runs (targets, flags that cannot take effect, the
+    model and weights files, folders, calibration and validation data). The build folder, then the
+    output folder, are locked for the build: a second build on them waits. What an interrupted build
+    left there is removed first. ``given`` holds the flags set on the command line (for the checks).
+    """
+    from edgeport.cache import folder_lock, sweep_stale, writable_folder
+    from edgeport.flagcheck import check_build_flags
+    from edgeport.model import check_source
+
+    t_start = time.time()
+    chosen = resolve_targets(targets, precision, cfg.root)
+    check_build_flags(cfg, chosen, given or {})
+    check_source(cfg.model.source, cfg.model.weights, cfg.root)
+    build_dir = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")
+    out_dir = writable_folder(cfg.resolve(cfg.build.out), "--out", create=False)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(folder_lock(build_dir))
+        swept = sweep_stale(build_dir)
+        report = _build_locked(cfg, chosen, build_dir, out_dir, given or {}, locks)
+        report.seconds = time.time() - t_start
+        report.swept += swept
+        if report.swept:
+            log.info("removed %d leftover(s) of an interrupted build", report.swept)
+        return report
+
+
+def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], build_dir: Path, out_dir: Path,
+                  given: dict[str, Any], locks: contextlib.ExitStack) -> BuildReport:
+    from edgeport.cache import folder_lock, sweep_stale, writable_folder
     from edgeport.export import choose_opset
 
     t_start = time.time()
-    root = cfg.root
-    build_dir = cfg.resolve(cfg.build.build_dir)
-    out_dir = cfg.resolve(cfg.build.out)
-    chosen = resolve_targets(targets, precision, root)
     spec = cfg.input
     opset = choose_opset([t.opset_max for t, _ in chosen], cfg.export.opset)
     needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
@@ -390,12 +550,20 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
     if needs_calib and source is None:
         raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
+    if source is not None:
+        from edgeport.calibration import check_source as check_calibration
+
+        check_calibration(source, cfg.root)  # a missing or unusable source fails now, not after the export
     val_data = None
     if cfg.validation.images:  # read before the expensive stages, so a bad path fails at once
         from edgeport.evaluate import load_labelled
 
         val_data = load_labelled(cfg.validation.images, cfg.validation.labels, spec,
                                  max_images=cfg.validation.max_images, root=cfg.root)
+        if given.get("accuracy_control") and not val_data.labelled:
+            raise ConfigError(f"--accuracy-control needs labelled validation data; {val_data.source} has no labels "
+                              "(segmentation: --val-labels DIR of label maps; classification: one sub-folder per "
+                              "class)")
     calib = None
     if source is not None:
         calib, cached = _calibration_stage(cfg, source, spec, build_dir, None if needs_calib else 1)
@@ -410,9 +578,14 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
     worst = max(v["max_rel"] for v in par.values())
     log.info("ONNX export%s: opset %d, max error %.2e of output range vs PyTorch",
              " (cached)" if export_cached else "", opset, worst)
+    # The output folder is made and locked only now, so a build that failed above leaves none behind.
+    writable_folder(out_dir, "--out")
+    locks.enter_context(folder_lock(out_dir))
+    swept = sweep_stale(out_dir)
     results = []
     for target, prec in chosen:
         t0 = time.time()
+        name = f"{target.name}-{prec}"
         backend = get_backend(target.backend)
         if not backend.available().installed:
             av = backend.available()
@@ -420,37 +593,34 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None) -> 
                                         message=f"{av.reason}; {av.install}"))
             continue
         try:
-            stage, info, cached = _target_stage(cfg, target, prec, export_stage, export_info,
-                                                calib if backend.calibration_needed(prec) else None, spec,
-                                                build_dir, val)
-            dest, bundle_cached = _bundle(cfg, target, prec, stage, info, export_stage, export_info,
-                                          calib, samples, spec, out_dir)
-        except Exception as e:
-            from edgeport.errors import EdgeportError
+            with working_on(f"{target.name} {prec}"):
+                stage, info, cached = _target_stage(cfg, target, prec, export_stage, export_info,
+                                                    calib if backend.calibration_needed(prec) else None, spec,
+                                                    build_dir, val)
+                verdict = verdict_of(info, prec, cfg.quantize.max_drop)
+                dest, bundle_cached = _bundle(cfg, target, prec, stage, info, export_stage, export_info,
+                                              calib, samples, spec, out_dir, verdict)
+        except EdgeportError as e:
+            from edgeport.bundle import remove_bundle
 
-            if not isinstance(e, EdgeportError):
-                raise
+            for old in (bundle_dest(out_dir, name, "passed"), bundle_dest(out_dir, name, "failed")):
+                if remove_bundle(old):
+                    log.info("%s: removed the bundle of an earlier build from %s (this build of it failed)",
+                             name, old.parent)
             results.append(TargetResult(target.name, target.backend, prec, "failed", seconds=time.time() - t0,
                                         message=str(e)))
             continue
-        parity = info["parity"]
-        failed = [f"{n}: {', '.join(m['failed'])}" for n, m in parity.items() if not m["ok"]]
-        acc = info.get("accuracy")
-        if acc and acc["drop"] is not None:
-            acc["ok"] = not (prec == "int8" and acc["drop"] > cfg.quantize.max_drop)
-        if acc and not acc.get("ok", True):
-            failed.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
-                          f"max_drop {cfg.quantize.max_drop:g}")
-        status = "failed" if failed else ("cached" if cached and bundle_cached else "built")
+        status = "failed" if verdict["status"] == "failed" else ("cached" if cached and bundle_cached else "built")
         art_info = info["artifacts"]["info"]
         label = f"{target.backend} (emulated)" if art_info.get("emulated") else target.backend
         if not info["artifacts"]["host_runnable"]:
             label = f"{target.backend} (device only)"
-        results.append(TargetResult(target.name, label, prec, status, str(dest), parity,
-                                    time.time() - t0, "; ".join(failed), info.get("accuracy")))
+        results.append(TargetResult(target.name, label, prec, status, str(dest), info["parity"],
+                                    time.time() - t0, "; ".join(verdict["reasons"]), info.get("accuracy"),
+                                    verdict["status"]))
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
                        time.time() - t_start, val.metrics if val is not None else None,
-                       val.data.source if val is not None else None)
+                       val.data.source if val is not None else None, swept)
 
 
 def parity_table(report: BuildReport) -> str:
@@ -494,11 +664,32 @@ def _metric_cell(m: dict[str, float] | None) -> str:
     return f"mIoU {m['miou']:.2f}" if "miou" in m else f"top1 {m['top1']:.2f}"
 
 
+def summary_line(report: BuildReport) -> str:
+    """The build's last line: how many bundles were built, came from the cache, failed or were skipped.
+
+    "nothing changed" only when nothing was built, failed or skipped.
+    """
+    counts = {k: sum(r.status == k for r in report.targets) for k in ("built", "cached", "failed", "skipped")}
+    if report.export_cached and not (counts["built"] or counts["failed"] or counts["skipped"]):
+        return f"nothing changed: {counts['cached']} bundle(s) from the cache ({report.seconds:.1f}s)"
+    parts = [f"{counts[k]} {k}" for k in ("built", "cached", "failed")] + \
+        ([f"{counts['skipped']} skipped"] if counts["skipped"] else [])
+    line = f"{len(report.targets)} target(s): {', '.join(parts)} in {report.seconds:.1f}s"
+    good = sorted({str(Path(r.bundle).parent) for r in report.targets if r.bundle and r.status != "failed"})
+    bad = sorted({str(Path(r.bundle).parent) for r in report.targets if r.bundle and r.status == "failed"})
+    if good:
+        line += f"; bundles in {', '.join(good)}"
+    if bad:
+        line += f"; failed bundles (not shippable) in {', '.join(bad)}"
+    return line
+
+
 def raise_on_failure(report: BuildReport) -> None:
     """ParityError naming every failed target (after the table has been printed)."""
     bad = [f"{r.target}-{r.precision}" for r in report.targets if r.status == "failed"]
     if bad:
-        raise ParityError(f"{len(bad)} target(s) failed: {', '.join(bad)} (see the table above)")
+        raise ParityError(f"{len(bad)} target(s) failed: {', '.join(bad)} (see the table above); nothing of them "
+                          "ships")
 
 
 def default_calibration_source() -> str:

@@ -1,4 +1,4 @@
-"""Device profiles: data files in edgeport/targets/*.toml (and ./targets/*.toml of a project).
+"""Device profiles: data files in the repository's targets/*.toml (and ./targets/*.toml of a project).
 
 A user adds a device by adding a file; unknown keys are errors with a close match.
 """
@@ -15,7 +15,18 @@ import tomllib
 
 from edgeport.errors import ConfigError, close_match
 
-BUILTIN_DIR = Path(__file__).with_name("targets")
+
+def _builtin_dir() -> Path:
+    """The shipped profiles: edgeport/targets/ inside an installed wheel (pyproject.toml packages the
+    repository's targets/ there); targets/ at the repository root in a checkout or an editable install."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "targets", here.parent / "targets"):
+        if (candidate / "intel-cpu.toml").is_file():
+            return candidate
+    return here.parent / "targets"
+
+
+BUILTIN_DIR = _builtin_dir()
 BACKENDS = ("tensorrt", "openvino", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8", "dynamic-range")
 
@@ -27,6 +38,16 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp16": {"max_rel": 2e-2, "min_cosine": 0.999, "min_agreement": 0.98},
     "dynamic-range": {"max_rel": None, "min_cosine": 0.99, "min_agreement": 0.95},
     "int8": {"max_rel": None, "min_cosine": 0.98, "min_agreement": 0.95},
+}
+
+# The device's artifact against the build host's run of the same artifact (runner.py --selftest): the
+# same runtime on another CPU differs by kernel choice only (TFLite INT8 bit-exact and FP32 within 2e-6
+# on aarch64 vs x86-64); an Intel GPU/NPU runs FP16 arithmetic where the host CPU ran FP32.
+DEFAULT_HOST_TOLERANCES: dict[str, dict[str, float | None]] = {
+    "fp32": {"max_rel": 1e-4, "min_cosine": 0.99999, "min_agreement": 0.999},
+    "fp16": {"max_rel": 1e-2, "min_cosine": 0.9999, "min_agreement": 0.99},
+    "dynamic-range": {"max_rel": None, "min_cosine": 0.999, "min_agreement": 0.99},
+    "int8": {"max_rel": None, "min_cosine": 0.999, "min_agreement": 0.99},
 }
 
 
@@ -46,6 +67,7 @@ class Target:
     camera: dict[str, Any] = field(default_factory=dict)
     requirements: dict[str, list[str]] = field(default_factory=dict)
     tolerance: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    host_tolerance: dict[str, dict[str, float | None]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     path: str = ""
 
@@ -53,6 +75,12 @@ class Target:
         """Parity tolerances for ``precision``: defaults overridden by the profile."""
         tol = dict(DEFAULT_TOLERANCES[precision])
         tol.update(self.tolerance.get(precision, {}))
+        return tol
+
+    def host_tolerances(self, precision: str) -> dict[str, float | None]:
+        """Tolerances of the device's artifact against the build host's run of it: defaults, then the profile."""
+        tol = dict(DEFAULT_HOST_TOLERANCES[precision])
+        tol.update(self.host_tolerance.get(precision, {}))
         return tol
 
     def check_precision(self, precision: str) -> None:
@@ -94,15 +122,17 @@ def parse_target(path: Path) -> Target:
     if data["backend"] not in BACKENDS:
         raise ConfigError(f"{where}: backend '{data['backend']}' is not one of {', '.join(BACKENDS)}"
                           f"{close_match(data['backend'], BACKENDS)}")
-    for p in list(data["precisions"]) + [data["default_precision"]] + list(data.get("tolerance", {})):
+    for p in list(data["precisions"]) + [data["default_precision"]] + list(data.get("tolerance", {})) + \
+            list(data.get("host_tolerance", {})):
         if p not in PRECISIONS:
             raise ConfigError(f"{where}: precision '{p}' is not one of {', '.join(PRECISIONS)}"
                               f"{close_match(p, PRECISIONS)}")
-    for prec, tol in data.get("tolerance", {}).items():
-        for k in tol:
-            if k not in DEFAULT_TOLERANCES["fp32"]:
-                raise ConfigError(f"{where}: unknown tolerance '{k}' in [tolerance.{prec}]"
-                                  f"{close_match(k, DEFAULT_TOLERANCES['fp32'])}")
+    for section in ("tolerance", "host_tolerance"):
+        for prec, tol in data.get(section, {}).items():
+            for k in tol:
+                if k not in DEFAULT_TOLERANCES["fp32"]:
+                    raise ConfigError(f"{where}: unknown tolerance '{k}' in [{section}.{prec}]"
+                                      f"{close_match(k, DEFAULT_TOLERANCES['fp32'])}")
     if data["default_precision"] not in data["precisions"]:
         raise ConfigError(f"{where}: default_precision '{data['default_precision']}' is not in precisions")
     data["precisions"] = tuple(data["precisions"])

@@ -13,6 +13,7 @@ ONNX Runtime (the engine itself is built and checked on the device by runner.py 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -161,14 +162,15 @@ class Reference:
     def __init__(self, cfg: ProjectConfig) -> None:
         import torch
 
-        from edgeport.model import default_name, load_model
+        from edgeport.model import default_name, first_forward, load_model
         from edgeport.optimize import optimize
 
         self.cfg = cfg
         self.spec = cfg.input
         self.name = cfg.model.name or default_name(cfg.model.source)
-        model = load_model(cfg.model.source, cfg.model.weights, cfg.root)
+        model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.zeros(tuple(self.spec.shape), dtype=torch.float32)
+        first_forward(model, example)
         self.model, _ = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                                  finetune_hook=cfg.optimize.finetune, spec=self.spec)
         self.size_mb = round(sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e6, 3)
@@ -199,6 +201,72 @@ class Reference:
         import torch
 
         return f"pytorch {torch.__version__}"
+
+
+def _other_model(manifest: dict[str, Any], cfg: ProjectConfig) -> str:
+    """Why a bundle's model is not the reference's (source, weights, seed), or ''."""
+    m = manifest["model"]
+    if m.get("source") != cfg.model.source:
+        return "another model source"
+    w = m.get("weights")
+    if w and cfg.model.weights:
+        path = cfg.resolve(cfg.model.weights)
+        if path.is_file():
+            from edgeport.model import file_sha256
+
+            if file_sha256(path) != w["sha256"]:
+                return f"the weights differ ({path} vs the {Path(w['path']).name} it was built with)"
+    if not w and not cfg.model.weights and m.get("seed", 0) != cfg.model.seed:
+        return f"random-init weights of another seed ({m.get('seed')} vs {cfg.model.seed})"
+    return ""
+
+
+def config_from_manifests(paths: list[str], build_dir: str | None = None) -> ProjectConfig:
+    """The reference as the bundles' manifests record it: model source, weights (sha256-checked), seed,
+    preprocessing and optimisation. ConfigError when the bundles hold different models or the recorded
+    weights are gone or changed."""
+    from edgeport.config import ModelConfig, OptimizeConfig
+    from edgeport.model import file_sha256, source_fingerprint
+
+    bundles = find_bundles(paths or ["dist"])
+    manifests = [(b, read_manifest(b)) for b in bundles]
+    keys = {}
+    for b, m in manifests:
+        model = m["model"]
+        keys.setdefault(json.dumps({k: model.get(k) for k in ("source", "weights", "seed", "spec", "optimize")},
+                                   sort_keys=True), []).append(b.name)
+    if len(keys) > 1:
+        groups = "; ".join(", ".join(names) for names in keys.values())
+        raise ConfigError(f"the bundles hold different models ({groups}); validate each group on its own or pass "
+                          "--config")
+    bundle, manifest = manifests[0]
+    model = manifest["model"]
+    root = Path(model.get("root") or Path.cwd())
+    weights = model.get("weights")
+    if weights:
+        path = Path(weights["path"])
+        if not path.is_file():
+            raise ConfigError(f"{bundle}: the weights it was built with, {path}, are not there; pass --weights FILE "
+                              "(or the project's --config)")
+        if file_sha256(path) != weights["sha256"]:
+            raise ConfigError(f"{bundle}: {path} changed since the build (sha256 differs from the manifest's); pass "
+                              "the weights it was built with, --weights FILE")
+    recorded = model.get("source_fingerprint")
+    if recorded and source_fingerprint(model["source"], root) != recorded:
+        raise ConfigError(f"{bundle}: the model source {model['source']} changed since the build (in {root}); "
+                          "rebuild, or pass the project's --config")
+    cfg = ProjectConfig(root=root)
+    cfg.model = ModelConfig(source=model["source"], weights=weights["path"] if weights else None,
+                            name=model.get("name"), seed=int(model.get("seed", 0)))
+    if model.get("spec"):
+        cfg.input = InputSpec.from_dict(model["spec"])
+    if model.get("optimize"):
+        cfg.optimize = OptimizeConfig(**model["optimize"])
+    if build_dir:
+        cfg.build.build_dir = str(Path(build_dir).resolve())
+    log.info("reference from %s's manifest: %s%s (seed %s)", bundle.name, model["source"],
+             f" with {weights['path']}" if weights else "", model.get("seed", 0))
+    return cfg
 
 
 def _golden(bundle: Path, manifest: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -243,10 +311,12 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
     manifests = [read_manifest(b) for b in bundles]
     for b, m in zip(bundles, manifests):
-        if m["model"].get("source") != cfg.model.source:
+        why = _other_model(m, cfg)
+        if why:
             raise ConfigError(f"{b} holds model '{m['model'].get('name')}' ({m['model'].get('source')}), but the "
                               f"reference is '{cfg.model.name or default_name(cfg.model.source)}' "
-                              f"({cfg.model.source}); pass the project's --config")
+                              f"({cfg.model.source}): {why}; pass the project's --config, or no --config at all "
+                              "(the bundles' manifests then name the model)")
     ref = Reference(cfg)
     source = images or cfg.validation.images
     if source is None and cfg.model.source == DEFAULT_MODEL:

@@ -160,6 +160,7 @@ class Backend(Protocol):
     """What every backend implements (see DESIGN.md)."""
 
     name: str
+    int8_settings: frozenset[str]
 
     def available(self) -> Availability: ...
 
@@ -184,6 +185,7 @@ class DeviceBackend:
     """What the device backends share; each defines name, available, compile and open."""
 
     name: str
+    int8_settings: frozenset[str] = frozenset()  # QuantizeConfig fields its INT8 compile honours
 
     def available(self) -> Availability:
         raise NotImplementedError

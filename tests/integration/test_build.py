@@ -48,7 +48,7 @@ def test_runner_selftest_from_a_copy_and_tamper_detection(default_build, tmp_pat
     shutil.copytree(proj / "dist" / "intel-cpu-int8", copy)
     ok = subprocess.run([sys.executable, "runner.py", "--selftest"], cwd=copy, capture_output=True, text=True)
     assert ok.returncode == 0 and "selftest: PASS" in ok.stdout, ok.stdout + ok.stderr
-    run = subprocess.run([sys.executable, "runner.py", "synthetic://", "--headless", "--max-frames", "5", "--json",
+    run = subprocess.run([sys.executable, "runner.py", "synthetic://", "--headless", "--max-frames", "5", "--jsonl",
                           "-", "--width", "320", "--height", "240"], cwd=copy, capture_output=True, text=True)
     lines = [json.loads(ln) for ln in run.stdout.splitlines()]
     assert run.returncode == 0 and len(lines) == 5 and "road" in lines[0]["areas"]
@@ -76,16 +76,30 @@ def test_inspect_bundle_and_onnx(default_build):
     assert info["edgeport"]["preprocess"]["task"] == "segmentation" and info["inputs"][0]["shape"] == [1, 3, 120, 160]
 
 
-@pytest.mark.slow
-def test_torchvision_classifier_int8_with_camvid_calibration(tmp_path, camvid):
-    res = run_cli("build", "--model", "torchvision:mobilenet_v3_small", "--input", "1x3x224x224", "--task",
-                  "classification", "--calib", str(camvid / "val"), "--target", "intel-cpu", "--precision", "int8",
-                  cwd=tmp_path)
-    assert res.returncode in (0, 3), res.stderr[-2000:]
+def test_readme_torchvision_example_builds_then_validates_in_a_fresh_process(tmp_path, camvid):
+    """README's example (random-init resnet18, seeded): the build passes, and so does `edgeport validate` run
+    later in another process, with no config: the manifest names the model and its seed."""
+    res = run_cli("build", "--model", "torchvision:resnet18", "--input", "1x3x224x224", "--task",
+                  "classification", "--calib", str(camvid / "val"), "--target", "intel-cpu:int8", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((tmp_path / "dist" / "intel-cpu-int8" / "manifest.json").read_text())
+    assert m["verdict"]["status"] == "passed" and m["model"]["seed"] == 0
     assert m["parity"]["export"]["output"]["max_rel"] < 1e-4
     assert m["provenance"]["calibration"]["count"] == 101
     assert "recommended" in res.stderr  # 101 < 300 warns
+    again = run_cli("validate", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "0 failed" in again.stdout and "reference from intel-cpu-int8's manifest" in again.stderr
+
+
+def test_random_init_model_with_vanishing_outputs_is_refused_with_advice(tmp_path, camvid):
+    """mobilenet_v3_small without weights peaks at 2e-9: one error that says so and what to do, no table."""
+    res = run_cli("build", "--model", "torchvision:mobilenet_v3_small", "--input", "1x3x224x224", "--task",
+                  "classification", "--calib", str(camvid / "val"), "--target", "intel-cpu:int8", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "at most" in err[0] and "--weights" in err[0] and "random init" in err[0], res.stderr
+    assert not (tmp_path / "dist").exists()
 
 
 def test_model_from_file_with_checkpoint_and_export(tmp_path):

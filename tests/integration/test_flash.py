@@ -226,3 +226,35 @@ def test_service_unit_and_parallel_hosts(sshd, bundles, openvino_venv, tmp_path)
     assert f"WorkingDirectory={root}/roadseg/current" in unit
     assert "runner.py rtsp://10.0.0.9/stream --headless" in unit and "Restart=on-failure" in unit
     assert "WantedBy=" in unit and str(openvino_venv) in unit
+
+
+def test_failed_bundle_is_refused_unless_forced_and_the_force_is_recorded(sshd, bundles, openvino_venv, tmp_path):
+    subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd['port']}", "-f", str(sshd["known_hosts"])],
+                   capture_output=True)
+    root = tmp_path / "device"
+    failed = tmp_path / "failed" / "intel-cpu-int8"
+    shutil.copytree(bundles["a"], failed)
+    m = json.loads((failed / "manifest.json").read_text())
+    m["verdict"] = {"status": "failed", "reasons": ["output 'output': cosine 0.61 < 0.98 vs PyTorch"],
+                    "checked": "openvino on the build host against PyTorch", "gates": {}}
+    m["build_key"] = "failed0000000000"
+    (failed / "manifest.json").write_text(json.dumps(m))
+    res = _flash(sshd, root, str(failed), "--accept-fingerprint", sshd["fingerprint"], python=openvino_venv)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "FAILED its build gates" in errors[0] and "--force" in errors[0], res.stderr
+    assert not root.exists()  # refused before contacting the device
+    ok = _flash(sshd, root, str(bundles["a"]), "--accept-fingerprint", sshd["fingerprint"], python=openvino_venv)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    res = _flash(sshd, root, str(failed), "--force", python=openvino_venv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _links(root)[0] == "intel-cpu-int8-failed0000000000"
+    history = (root / "roadseg" / "history.log").read_text().splitlines()
+    assert "forced: the build FAILED its gates (output 'output': cosine 0.61" in history[-1]
+    assert "forced" not in history[0]
+    # devices status counts version folders, not the current/previous links
+    status = run_cli("devices", "status", "--host", f"{sshd['host']}:{sshd['port']}", "--identity",
+                     str(sshd["key"]), "--known-hosts", str(sshd["known_hosts"]), "--root", str(root), "--json")
+    assert status.returncode == 0, status.stderr
+    [row] = json.loads(status.stdout)
+    assert row["versions"] == 2 == len([p for p in (root / "roadseg").iterdir() if p.is_dir() and not p.is_symlink()])

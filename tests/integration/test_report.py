@@ -23,7 +23,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
 def test_reports_match_the_table_and_fail_with_the_build(tmp_path):
     targets = tmp_path / "targets"
     targets.mkdir()
-    strict = (ROOT / "edgeport" / "targets" / "intel-cpu.toml").read_text().replace(
+    strict = (ROOT / "targets" / "intel-cpu.toml").read_text().replace(
         "# Intel CPU (OpenVINO, CPU plugin)", "# a CI profile with a tolerance INT8 cannot meet")
     (targets / "strict-cpu.toml").write_text(strict + "\n[tolerance.int8]\nmin_cosine = 0.9999999\n")
     res = run_cli("build", "--target", "intel-cpu:int8", "--target", "strict-cpu:int8", "--target",

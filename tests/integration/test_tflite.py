@@ -107,7 +107,7 @@ def test_tflite_runner_on_camvid_video(default_tflite, tflite_venv, camvid_video
     bundle = tmp_path / "b"
     shutil.copytree(proj / "dist" / "raspberry-pi-5-int8", bundle)
     js, out = tmp_path / "f.jsonl", tmp_path / "out.avi"
-    res = subprocess.run([str(tflite_venv), "runner.py", str(camvid_video), "--headless", "--json", str(js),
+    res = subprocess.run([str(tflite_venv), "runner.py", str(camvid_video), "--headless", "--jsonl", str(js),
                           "--save", str(out)], cwd=bundle, capture_output=True, text=True, env=device_env(),
                          timeout=300)
     assert res.returncode == 0, res.stderr
@@ -119,7 +119,7 @@ def test_tflite_runner_on_camvid_video(default_tflite, tflite_venv, camvid_video
 
     assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 101
     res = subprocess.run([str(tflite_venv), "runner.py", "synthetic://?width=320&height=240", "--headless",
-                          "--max-frames", "10", "--json", "-"], cwd=bundle, capture_output=True, text=True,
+                          "--max-frames", "10", "--jsonl", "-"], cwd=bundle, capture_output=True, text=True,
                          env=device_env(), timeout=300)
     lines = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert res.returncode == 0 and len(lines) == 10 and "road" in lines[0]["areas"], res.stderr

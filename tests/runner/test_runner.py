@@ -48,7 +48,7 @@ def error_lines(stderr: str) -> list[str]:
 
 def test_video_headless_json_save_and_summary(openvino_venv, bundle, camvid_video, tmp_path):
     out, js = tmp_path / "out.avi", tmp_path / "frames.jsonl"
-    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--json", str(js), "--save", str(out))
+    res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--jsonl", str(js), "--save", str(out))
     assert res.returncode == 0, res.stderr
     records = [json.loads(ln) for ln in js.read_text().splitlines()]
     assert [r["frame"] for r in records] == list(range(1, 102))  # every frame, in order
@@ -68,7 +68,7 @@ def test_video_headless_json_save_and_summary(openvino_venv, bundle, camvid_vide
 
 def test_synthetic_source_and_max_frames(openvino_venv, bundle):
     res = runner(openvino_venv, bundle, "synthetic://3?width=320&height=240", "--headless", "--max-frames", "12",
-                 "--json", "-")
+                 "--jsonl", "-")
     assert res.returncode == 0, res.stderr
     lines = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert len(lines) == 12 and "road" in lines[0]["areas"]

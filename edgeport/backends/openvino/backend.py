@@ -1,8 +1,10 @@
 """Intel: ONNX -> OpenVINO IR at FP32, FP16 (compressed weights) or INT8 (NNCF PTQ)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +91,9 @@ class OpenVINOBackend(DeviceBackend):
     """The Intel backend (CPU, integrated GPU, NPU)."""
 
     name = "openvino"
+    # The [quantize] keys NNCF reads (an INT8 flag no selected backend reads is an error).
+    int8_settings = frozenset({"preset", "subset_size", "fast_bias_correction", "ignored_names", "ignored_patterns",
+                               "ignored_types", "accuracy_control", "max_drop"})
 
     def available(self) -> Availability:
         """Installed or not, with versions (nncf is needed for INT8 only)."""
@@ -157,14 +162,9 @@ class OpenVINOBackend(DeviceBackend):
                                   "ignored": {"names": q.ignored_names, "patterns": q.ignored_patterns,
                                               "types": q.ignored_types}}
         try:
-            if quant.accuracy_control:
-                if quant.val is None or not quant.val.labelled:
-                    raise ConversionError("accuracy-controlled INT8 needs labelled validation data "
-                                          "(--val-images, with --val-labels for segmentation)")
-                qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs)
-                report["accuracy_control"] = {"max_drop": q.max_drop, "validation": quant.val.summary()}
-            else:
-                qmodel = nncf.quantize(model, calib_ds, **kwargs)
+            # NNCF draws its progress bars with rich on sys.stdout; stdout carries the build's table and JSON.
+            with contextlib.redirect_stdout(sys.stderr):
+                qmodel = self._run_nncf(nncf, model, calib_ds, quant, spec, kwargs, report)
         except ConversionError:
             raise
         except Exception as e:
@@ -175,6 +175,18 @@ class OpenVINOBackend(DeviceBackend):
             raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
                                   "(check --int8-ignore)")
         return qmodel, report
+
+    def _run_nncf(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
+                  kwargs: dict[str, Any], report: dict[str, Any]) -> Any:
+        q = quant.settings
+        if quant.accuracy_control:
+            if quant.val is None or not quant.val.labelled:
+                raise ConversionError("accuracy-controlled INT8 needs labelled validation data "
+                                      "(--val-images, with --val-labels for segmentation)")
+            qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs)
+            report["accuracy_control"] = {"max_drop": q.max_drop, "validation": quant.val.summary()}
+            return qmodel
+        return nncf.quantize(model, calib_ds, **kwargs)
 
     def _accuracy_controlled(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
                              kwargs: dict[str, Any]) -> Any:

@@ -45,6 +45,8 @@ class TensorRTBackend(DeviceBackend):
     """The Jetson backend: artifacts built here, engines built on the device."""
 
     name = "tensorrt"
+    # The [quantize] keys ranges and Q/DQ reads (an INT8 flag no selected backend reads is an error).
+    int8_settings = frozenset({"method", "subset_size", "ignored_names", "ignored_patterns", "ignored_types"})
 
     def available(self) -> Availability:
         """Host side needs only onnx and onnxruntime; TensorRT itself lives on the device."""

@@ -12,7 +12,7 @@ IInt8EntropyCalibrator2 that only reads the cache). ``--mode`` picks one; by def
 the cache and 8.5+ the Q/DQ model.
 
     python3 build_engine.py            # build unless cached; prints the equivalent trtexec command
-    python3 build_engine.py --force    # rebuild
+    python3 build_engine.py --rebuild  # rebuild even when cached
     python3 build_engine.py --mode cache
 """
 import argparse
@@ -118,7 +118,7 @@ def _calibrator(trt, cache_bytes):
     return CacheCalibrator()
 
 
-def build(bundle_dir, manifest=None, force=False, mode=None, verbose=False, out=sys.stderr):
+def build(bundle_dir, manifest=None, rebuild=False, mode=None, verbose=False, out=sys.stderr):
     """Path of a ready engine for this bundle on this device; builds it when not cached."""
     import tensorrt as trt
 
@@ -129,7 +129,7 @@ def build(bundle_dir, manifest=None, force=False, mode=None, verbose=False, out=
     key = engine_key(version, gpu, manifest, mode)
     engine_dir = os.path.join(bundle_dir, ENGINE_DIR)
     engine_path = os.path.join(engine_dir, "%s-%s.engine" % (manifest["precision"], key))
-    if os.path.isfile(engine_path) and not force:
+    if os.path.isfile(engine_path) and not rebuild:
         return engine_path
     if not os.path.isdir(engine_dir):
         os.makedirs(engine_dir)
@@ -202,22 +202,28 @@ def build(bundle_dir, manifest=None, force=False, mode=None, verbose=False, out=
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build and cache this bundle's TensorRT engine on the device.",
-                                epilog="examples:\n  python3 build_engine.py\n  python3 build_engine.py --force "
+                                epilog="examples:\n  python3 build_engine.py\n  python3 build_engine.py --rebuild "
                                        "--mode cache\n  python3 build_engine.py --print-trtexec",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--force", action="store_true", help="rebuild even when a cached engine matches")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when a cached engine matches")
+    p.add_argument("--force", action="store_true", help="build for a bundle whose build failed its gates")
     p.add_argument("--mode", choices=["qdq", "cache"], help="INT8 form (default: cache below 8.5, else qdq)")
     p.add_argument("--print-trtexec", action="store_true", help="only print the equivalent trtexec command")
     p.add_argument("--verbose", action="store_true", help="TensorRT's INFO log")
     args = p.parse_args(argv)
     bundle_dir = os.path.dirname(os.path.abspath(__file__))
+    manifest = _load_manifest(bundle_dir)
+    verdict = manifest.get("verdict") or {}
+    if verdict.get("status") == "failed" and not args.force:
+        sys.stderr.write("error: this bundle FAILED its build gates (%s); it must not ship. Fix the build, or pass "
+                         "--force\n" % "; ".join(verdict.get("reasons") or []))
+        return 2
     try:
         import tensorrt as trt
     except ImportError:
         sys.stderr.write("error: TensorRT's Python module is missing: on a Jetson it comes with JetPack "
                          "(python3-libnvinfer); this is not a TensorRT device\n")
         return 2
-    manifest = _load_manifest(bundle_dir)
     version = trt_version(trt)
     mode = args.mode or default_mode(version, manifest)
     if args.print_trtexec:
@@ -226,7 +232,7 @@ def main(argv=None):
                               version))
         return 0
     try:
-        path = build(bundle_dir, manifest, args.force, mode, args.verbose)
+        path = build(bundle_dir, manifest, args.rebuild, mode, args.verbose)
     except RuntimeError as e:
         sys.stderr.write("error: %s\n" % e)
         return 1

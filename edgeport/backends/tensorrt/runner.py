@@ -142,7 +142,7 @@ class TensorRTDeviceRuntime(object):
         with open(path, "rb") as f:
             self.engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise RuntimeError("cannot deserialize %s (built by another TensorRT?); run build_engine.py --force"
+            raise RuntimeError("cannot deserialize %s (built by another TensorRT?); run build_engine.py --rebuild"
                                % path)
         self.context = self.engine.create_execution_context()
         self.mem = cuda_memory()

@@ -7,12 +7,12 @@ and int8 inputs and outputs carry the scale and zero point read from the model.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
+from edgeport.cache import TMP_PREFIX
+from edgeport.children import run_child
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -131,7 +133,11 @@ class TFLiteRuntime(Runtime):
 
         manifest = {"runtime": {"num_threads": threads}, "files_by_role": {"model": path.name},
                     "inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}
-        self.device = TFLiteDeviceRuntime(manifest, str(path.parent))
+        from edgeport.export import quiet_fds
+
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from C++ on every open.
+        with quiet_fds() if not log.isEnabledFor(logging.DEBUG) else contextlib.nullcontext():
+            self.device = TFLiteDeviceRuntime(manifest, str(path.parent))
         # Runtime.infer checks shapes against these; feeds are float32 in the model's layout.
         self.inputs = inputs
         self.outputs = outputs
@@ -147,6 +153,8 @@ class TFLiteBackend(DeviceBackend):
     """The ARM backend (Raspberry Pi, arm64 Linux, Android)."""
 
     name = "tflite"
+    # The [quantize] keys the TFLite converter reads (an INT8 flag no selected backend reads is an error).
+    int8_settings = frozenset({"subset_size"})
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
@@ -167,7 +175,9 @@ class TFLiteBackend(DeviceBackend):
                                       self.available().versions.get("onnx2tf", ""),
                                       ", ".join(f"op {op} (node '{node}')" for op, node in missing)))
         dest = out / FILES[precision]
-        with tempfile.TemporaryDirectory(prefix="edgeport-tflite-") as tmp:
+        # The work folder lives inside the stage's own temporary folder, so whatever ends the build, it goes
+        # with that folder (removed on an interruption, swept by the next build after a SIGKILL).
+        with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}tflite-", dir=out) as tmp:
             work = Path(tmp)
             padded = pad_maxpools(onnx, work / "model.onnx")  # a copy: onnx2tf rewrites its input in place
             if padded:
@@ -185,8 +195,8 @@ class TFLiteBackend(DeviceBackend):
             (work / "job.json").write_text(json.dumps(job))
             log.info("converting to TFLite %s with onnx2tf (a child process)", precision)
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
-            proc = subprocess.run([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
-                                  cwd=work, env=env, capture_output=True, text=True)
+            proc = run_child([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
+                             cwd=work, env=env)
             for line in proc.stderr.splitlines():
                 if line.startswith("[tflite]"):
                     log.info("%s", line[len("[tflite] "):])

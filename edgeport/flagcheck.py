@@ -1,0 +1,68 @@
+"""Flags that cannot take effect are errors, never silently ignored (STYLE.md rule 16).
+
+Checked before any expensive stage: a build with ``--calib-method entropy`` and no TensorRT INT8
+target, or ``--int8-ignore`` with a TFLite INT8 target (which cannot keep layers in float), stops
+at once with one line naming the flag and what would make it apply.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from edgeport.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgeport.config import ProjectConfig
+    from edgeport.target import Target
+
+# The INT8 flags and the QuantizeConfig field each one sets.
+INT8_FLAGS = {
+    "int8_preset": ("--int8-preset", "preset"),
+    "int8_subset": ("--int8-subset", "subset_size"),
+    "int8_ignore": ("--int8-ignore", "ignored_patterns"),
+    "accuracy_control": ("--accuracy-control", "accuracy_control"),
+    "calib_method": ("--calib-method", "method"),
+}
+# Keep-in-float settings must be honoured by every INT8 target, not just one of them.
+EVERY_TARGET = {"ignored_patterns"}
+
+
+def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], given: dict[str, Any]) -> None:
+    """ConfigError for the first flag in ``given`` (those set on the command line) that cannot take effect
+    for the ``chosen`` (target, precision) pairs."""
+    from edgeport.backends import get_backend
+
+    int8 = [(t, get_backend(t.backend)) for t, p in chosen if p == "int8"]
+    selected = ", ".join(f"{t.name}:{p}" for t, p in chosen)
+    for key, (flag, field) in INT8_FLAGS.items():
+        if given.get(key) is None or (key == "accuracy_control" and given[key] is False):
+            continue
+        if not int8:
+            raise ConfigError(f"{flag} has no effect: no selected target builds INT8 (selected: {selected}); add "
+                              "an INT8 target such as intel-cpu:int8, or drop the flag")
+        readers = [t.name for t, b in int8 if field in b.int8_settings]
+        deaf = [f"{t.name}:int8 ({t.backend})" for t, b in int8 if field not in b.int8_settings]
+        if not readers:
+            raise ConfigError(f"{flag} has no effect on the selected INT8 targets ({', '.join(deaf)}): "
+                              f"{_who_reads(field)}; drop the flag or add such a target")
+        if field in EVERY_TARGET and deaf:
+            raise ConfigError(f"{flag} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
+                              f"float; build it separately without {flag}")
+    val_images = given.get("val_images") or cfg.validation.images
+    if given.get("val_labels") and not val_images:
+        raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
+    if given.get("val_labels") and cfg.input.task == "classification":
+        raise ConfigError("--val-labels is for segmentation label maps; a classification set is labelled by its "
+                          "folders (--val-images DIR with one sub-folder per class)")
+    if given.get("max_drop") is not None and not val_images:
+        raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images (and "
+                          "--val-labels), whose task metric it limits")
+    if given.get("accuracy_control") and not val_images:
+        raise ConfigError("--accuracy-control needs labelled validation data: pass --val-images (and --val-labels "
+                          "for segmentation)")
+
+
+def _who_reads(field: str) -> str:
+    from edgeport.backends import REGISTRY, get_backend
+
+    names = [n for n in REGISTRY if field in get_backend(n).int8_settings]
+    return f"only {' and '.join(names)} INT8 read it" if names else "no backend reads it"
