@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeport.backends.base import Artifacts, Runtime, TensorInfo
-from edgeport.bundle import read_manifest, verify_bundle
+from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
@@ -107,7 +107,9 @@ def find_bundles(paths: list[str]) -> list[Path]:
         if (p / "manifest.json").is_file():
             found.append(p)
         elif p.is_dir():
-            inner = sorted(m.parent for m in p.glob("*/manifest.json"))
+            # dist/failed/* too: a bundle that failed its build gates is reported as failed, never overlooked
+            inner = sorted(m.parent for m in p.glob("*/manifest.json")) + \
+                sorted(m.parent for m in p.glob("failed/*/manifest.json"))
             if not inner:
                 raise BundleError(f"{p}: no bundle in it (a bundle is a folder with manifest.json; "
                                   "run `edgeport build` first)")
@@ -336,6 +338,11 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         if ref_metrics:
             log.info("PyTorch on %s: %s", data.source, ", ".join(f"{k} {v:.2f}" for k, v in ref_metrics.items()
                                                                  if k != "count"))
+    if max_images is not None and data is None:
+        raise ConfigError("--max-images has no effect without a dataset: pass --val-images (or [validation] images)")
+    if max_drop is not None and not ref_metrics:
+        raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images with "
+                          "--val-labels (segmentation) or class sub-folders (classification)")
     drop_limit = cfg.quantize.max_drop if max_drop is None else max_drop
     results = []
     for bundle, manifest in progress(list(zip(bundles, manifests)), "validating bundles"):
@@ -372,6 +379,10 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     problems = verify_bundle(bundle)
     res.cases.append(Case(name, manifest["backend"], precision, "files", "failed" if problems else "passed",
                           {"problems": problems}, "; ".join(problems)))
+    failed = failed_gates(manifest)
+    if failed:
+        res.cases.append(Case(name, manifest["backend"], precision, "build verdict", "failed", {"reasons": failed},
+                              f"the build marked it FAILED: {'; '.join(failed)}"))
     try:
         rt, label, runtime = open_bundle(bundle, manifest)
     except EdgeportError as e:
@@ -484,7 +495,7 @@ def case_rows(report: ValidateReport) -> list[list[str]]:
     rows = []
     for c in report.cases:
         m = c.metrics
-        if c.check in ("files", "host run", "load"):
+        if c.check in ("files", "host run", "load", "build verdict"):
             values = ["-"] * 5
         elif "drop" in m:
             key = m["metric"]

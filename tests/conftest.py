@@ -130,6 +130,17 @@ def default_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
     return proj, res
 
 
+@pytest.fixture(scope="module")
+def bundle(default_project: tuple[Path, subprocess.CompletedProcess[str]],
+           tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the default model's intel-cpu INT8 bundle, away from the project (one per test module)."""
+    import shutil
+
+    dest = tmp_path_factory.mktemp("device") / "intel-cpu-int8"
+    shutil.copytree(default_project[0] / "dist" / "intel-cpu-int8", dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tflite_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """python of a venv holding only numpy, opencv-python-headless and ai-edge-litert."""

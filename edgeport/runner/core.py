@@ -30,6 +30,31 @@ def open_runtime(manifest, bundle_dir, device=None, threads=None):
     raise RunnerError("this runner has no backend part; rebuild the bundle")
 
 
+# The open_runtime options the bundle's runtime honours; the backend part redefines it after this file.
+RUNTIME_OPTIONS = ("device", "threads")
+FFMPEG_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://")
+
+
+def _decode_threads(args):
+    return 1 if args.decode_threads is None else args.decode_threads
+
+
+def check_options(args, manifest):
+    """RunnerError for an option that cannot take effect on this bundle or source (never silently ignored)."""
+    backend = manifest.get("backend", "?")
+    for option, value in (("device", args.device), ("threads", args.threads)):
+        if value is not None and option not in RUNTIME_OPTIONS:
+            raise RunnerError("--%s has no effect on a %s bundle (its runtime takes only: %s)"
+                              % (option, backend, ", ".join("--" + o for o in RUNTIME_OPTIONS) or "neither"))
+    task = manifest["preprocess"].get("task")
+    if args.topk is not None and task != "classification":
+        raise RunnerError("--topk has no effect on a %s model (it lists the top classes of a classifier)" % task)
+    src = args.source or ""
+    if args.decode_threads is not None and not (src.startswith(FFMPEG_PREFIXES) or os.path.isfile(src)):
+        raise RunnerError("--decode-threads has no effect on %s (it sets FFmpeg's decoder threads for video files "
+                          "and streams)" % src)
+
+
 # ---------------------------------------------------------------- postprocessing
 def softmax(x, axis=-1):
     e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -624,7 +649,7 @@ class Post(object):
         self.task = spec["task"]
         self.out_name = manifest["outputs"][0]["name"]
         self.nhwc = manifest["outputs"][0].get("layout") == "NHWC" or spec["layout"] == "NHWC"
-        self.topk = args.topk
+        self.topk = args.topk or 5
         self.draw = draw
 
     def __call__(self, outs, frame, geom, record):
@@ -700,7 +725,7 @@ def run_loop(args, manifest, rt, quiet=False):
     spec = manifest["preprocess"]
     in_name = manifest["inputs"][0]["name"]
     source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
-                         args.decode_threads, args.loop)
+                         _decode_threads(args), args.loop)
     grabber = LatestFrame(source)
     stop = {"flag": False}
 
@@ -869,7 +894,7 @@ def bench(args, manifest, rt, out=sys.stdout, open_all=None):
     in_name = manifest["inputs"][0]["name"]
     n = args.max_frames or 300
     source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
-                         args.decode_threads)
+                         _decode_threads(args))
     inputs, count = [], 0
     try:
         while count < n:
@@ -998,11 +1023,11 @@ def build_parser(manifest):
     p.add_argument("--height", type=at_least(0), default=cam.get("height", 0))
     p.add_argument("--fps", type=seconds, default=cam.get("fps", 0), help="camera frame rate to ask for")
     p.add_argument("--flip", action="store_true", help="mirror frames horizontally")
-    p.add_argument("--topk", type=at_least(1), default=5, help="classes listed per frame (classification)")
+    p.add_argument("--topk", type=at_least(1), help="classes listed per frame (classification; default 5)")
     p.add_argument("--threads", type=at_least(0), default=None,
                    help="CPU inference threads (default: the runtime's choice, but one CPU is left to capture "
                         "and drawing; 0: the runtime's choice)")
-    p.add_argument("--decode-threads", type=at_least(0), default=1,
+    p.add_argument("--decode-threads", type=at_least(0),
                    help="FFmpeg decoder threads for video files and streams (default 1: frame threading costs "
                         "CPU that inference needs and delays streams; 0: FFmpeg's choice)")
     p.add_argument("--bench-rounds", type=at_least(1), default=3,
@@ -1034,6 +1059,7 @@ def main(argv=None, bundle_dir=None):
         refused = refusal(manifest, args.force)
         if refused:
             raise RunnerError(refused)
+        check_options(args, manifest)
         bad = verify_files(bundle_dir, manifest)
         if args.selftest:
             ok = selftest(bundle_dir, manifest, lambda: open_runtime(manifest, bundle_dir, args.device))

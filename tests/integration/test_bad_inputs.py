@@ -366,14 +366,6 @@ def test_validate_refuses_a_bundle_whose_recorded_weights_changed(tmp_path: Path
 
 
 # ---------------------------------------------------------------- the runner
-@pytest.fixture(scope="module")
-def bundle(default_project, tmp_path_factory) -> Path:
-    proj, _ = default_project
-    dest = tmp_path_factory.mktemp("runner-bad") / "intel-cpu-int8"
-    shutil.copytree(proj / "dist" / "intel-cpu-int8", dest)
-    return dest
-
-
 def _runner(bundle: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "runner.py", *args], cwd=bundle, capture_output=True, text=True,
                           timeout=120)

@@ -23,15 +23,6 @@ from tests.conftest import device_env, needs_openvino, needs_torch
 pytestmark = [needs_torch, needs_openvino]
 
 
-@pytest.fixture(scope="module")
-def bundle(default_project, tmp_path_factory) -> Path:
-    """A copy of the default model's intel-cpu int8 bundle, away from the project."""
-    proj, _ = default_project
-    dest = tmp_path_factory.mktemp("device") / "roadseg-intel-cpu-int8"
-    shutil.copytree(proj / "dist" / "intel-cpu-int8", dest)
-    return dest
-
-
 def runner(python: Path, bundle: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(python), "runner.py", *args], cwd=bundle, capture_output=True, text=True,
                           env=device_env(), timeout=timeout)

@@ -8,6 +8,7 @@ import queue
 import numpy as np
 
 from edgeport.runner.core import ThreadedAsync
+from edgeport.runner.manifest import RunnerError
 
 
 class OpenVINODeviceRuntime(object):
@@ -24,7 +25,7 @@ class OpenVINODeviceRuntime(object):
         core = ov.Core()
         device = device or rt["device"]
         if device not in core.available_devices and device != "AUTO":
-            raise RuntimeError("OpenVINO device %s is not present here (found: %s); pass --device CPU to run on "
+            raise RunnerError("OpenVINO device %s is not present here (found: %s); pass --device CPU to run on "
                                "the CPU" % (device, ", ".join(core.available_devices)))
         config = {"PERFORMANCE_HINT": rt.get("performance_hint", "LATENCY")}
         if device in ("CPU", "GPU"):
@@ -99,6 +100,9 @@ class OpenVINOAsync(ThreadedAsync):
 
     def _release(self, item):
         self.free.put(item[0])
+
+
+RUNTIME_OPTIONS = ("device", "threads")  # the runner options this runtime honours (the core refuses the others)
 
 
 def open_runtime(manifest, bundle_dir, device=None, threads=None):

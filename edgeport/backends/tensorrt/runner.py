@@ -13,6 +13,8 @@ import threading
 
 import numpy as np
 
+from edgeport.runner.manifest import RunnerError
+
 
 class PyCudaMemory(object):
     """CUDA memory and streams through pycuda (JetPack 4.6: pip install pycuda)."""
@@ -120,7 +122,7 @@ def cuda_memory():
             return cls()
         except ImportError as e:
             errors.append(str(e))
-    raise RuntimeError("neither pycuda nor cuda-python is installed: pip3 install pycuda (JetPack 4.x/5.x) or "
+    raise RunnerError("neither pycuda nor cuda-python is installed: pip3 install pycuda (JetPack 4.x/5.x) or "
                        "pip3 install cuda-python (JetPack 6): %s" % "; ".join(errors))
 
 
@@ -131,7 +133,7 @@ class TensorRTDeviceRuntime(object):
         try:
             import tensorrt as trt
         except ImportError:
-            raise RuntimeError("TensorRT's Python module is missing; on a Jetson it comes with JetPack "
+            raise RunnerError("TensorRT's Python module is missing; on a Jetson it comes with JetPack "
                                "(python3-libnvinfer)") from None
         if bundle_dir not in sys.path:
             sys.path.insert(0, bundle_dir)
@@ -142,7 +144,7 @@ class TensorRTDeviceRuntime(object):
         with open(path, "rb") as f:
             self.engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise RuntimeError("cannot deserialize %s (built by another TensorRT?); run build_engine.py --rebuild"
+            raise RunnerError("cannot deserialize %s (built by another TensorRT?); run build_engine.py --rebuild"
                                % path)
         self.context = self.engine.create_execution_context()
         self.mem = cuda_memory()
@@ -166,7 +168,7 @@ class TensorRTDeviceRuntime(object):
     def _add(self, name, is_input, shape, dtype):
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
-            raise RuntimeError("tensor %s has a dynamic shape %s; build the bundle with static shapes" % (name, shape))
+            raise RunnerError("tensor %s has a dynamic shape %s; build the bundle with static shapes" % (name, shape))
         host = self.mem.pinned(shape, dtype)
         self.io.append((name, is_input, shape, host, self.mem.device(host.nbytes)))
 
@@ -192,6 +194,9 @@ class TensorRTDeviceRuntime(object):
         self.mem.synchronize(self.stream)
         return dict((name, np.array(host, np.float32)) for name, is_input, shape, host, dev in self.io
                     if not is_input)
+
+
+RUNTIME_OPTIONS = ()  # the runner options this runtime honours (the core refuses the others)
 
 
 def open_runtime(manifest, bundle_dir, device=None, threads=None):

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from edgeport.runner.manifest import RunnerError
+
 
 def load_interpreter_class():
     """(Interpreter class, package name): ai-edge-litert, then tflite_runtime, then tensorflow."""
@@ -26,7 +28,7 @@ def load_interpreter_class():
         import tensorflow as tf
         return tf.lite.Interpreter, "tensorflow"
     except ImportError:
-        raise RuntimeError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime, or tensorflow)") \
+        raise RunnerError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime, or tensorflow)") \
             from None
 
 
@@ -72,6 +74,9 @@ class TFLiteDeviceRuntime(object):
             it.set_tensor(info["index"], quantize(feeds[info["name"]], info))
         it.invoke()
         return dict((info["name"], dequantize(it.get_tensor(info["index"]), info)) for info in self.outputs)
+
+
+RUNTIME_OPTIONS = ("threads",)  # the runner options this runtime honours (the core refuses the others)
 
 
 def open_runtime(manifest, bundle_dir, device=None, threads=None):
