@@ -124,7 +124,7 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     """
     import shutil
 
-    from edgeport.cache import folder_lock, sweep_stale, writable_folder
+    from edgeport.cache import TMP_PREFIX, folder_lock, sweep_stale, writable_folder
     from edgeport.calibration import SYNTHETIC
     from edgeport.calibration import check_source as check_calibration
     from edgeport.export import choose_opset
@@ -155,7 +155,12 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     if dest.is_dir():
         raise ConfigError(f"--out {dest} is a folder; give an ONNX file name")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stage.dir / "model.onnx", dest)
+    part = dest.with_name(f"{TMP_PREFIX}{dest.name}.part")
+    try:  # copied under a temporary name, then renamed: an interrupted export never leaves half an ONNX
+        shutil.copyfile(stage.dir / "model.onnx", part)
+        part.replace(dest)
+    finally:
+        part.unlink(missing_ok=True)
     return {"onnx": str(dest), "opset": chosen, "parity": info["parity"], "cached": cached}
 
 

@@ -65,7 +65,6 @@ class BuildReport:
     seconds: float
     reference_metrics: dict[str, float] | None = None
     validation_source: str | None = None
-    swept: int = 0  # leftovers of interrupted builds removed first
 
     @property
     def ok(self) -> bool:
@@ -514,7 +513,9 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     output folder, are locked for the build: a second build on them waits. What an interrupted build
     left there is removed first. ``given`` holds the flags set on the command line (for the checks).
     """
-    from edgeport.cache import folder_lock, sweep_stale, writable_folder
+    from edgeport.cache import folder_lock, writable_folder
+    from edgeport.calibration import check_source as check_calibration
+    from edgeport.export import choose_opset
     from edgeport.flagcheck import check_build_flags
     from edgeport.model import check_source
 
@@ -522,26 +523,6 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     chosen = resolve_targets(targets, precision, cfg.root)
     check_build_flags(cfg, chosen, given or {})
     check_source(cfg.model.source, cfg.model.weights, cfg.root)
-    build_dir = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")
-    out_dir = writable_folder(cfg.resolve(cfg.build.out), "--out", create=False)
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(folder_lock(build_dir))
-        swept = sweep_stale(build_dir)
-        report = _build_locked(cfg, chosen, build_dir, out_dir, given or {}, locks)
-        report.seconds = time.time() - t_start
-        report.swept += swept
-        if report.swept:
-            log.info("removed %d leftover(s) of an interrupted build", report.swept)
-        return report
-
-
-def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], build_dir: Path, out_dir: Path,
-                  given: dict[str, Any], locks: contextlib.ExitStack) -> BuildReport:
-    from edgeport.cache import folder_lock, sweep_stale, writable_folder
-    from edgeport.export import choose_opset
-
-    t_start = time.time()
-    spec = cfg.input
     opset = choose_opset([t.opset_max for t, _ in chosen], cfg.export.opset)
     needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
     source = cfg.calibration.source
@@ -551,9 +532,32 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], build_di
         raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
     if source is not None:
-        from edgeport.calibration import check_source as check_calibration
+        check_calibration(source, cfg.root)
+    build_dir = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")
+    out_dir = writable_folder(cfg.resolve(cfg.build.out), "--out", create=False)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(folder_lock(build_dir))
+        _sweep(build_dir)
+        report = _build_locked(cfg, chosen, opset, source, needs_calib, build_dir, out_dir, given or {}, locks)
+    report.seconds = time.time() - t_start
+    return report
 
-        check_calibration(source, cfg.root)  # a missing or unusable source fails now, not after the export
+
+def _sweep(folder: Path) -> None:
+    """Remove what an interrupted build left in ``folder`` (the caller holds its lock), and say so."""
+    from edgeport.cache import sweep_stale
+
+    swept = sweep_stale(folder)
+    if swept:
+        log.info("removed %d leftover(s) of an interrupted build from %s", swept, folder)
+
+
+def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: int, source: str | None,
+                  needs_calib: list[str], build_dir: Path, out_dir: Path, given: dict[str, Any],
+                  locks: contextlib.ExitStack) -> BuildReport:
+    from edgeport.cache import folder_lock, writable_folder
+
+    spec = cfg.input
     val_data = None
     if cfg.validation.images:  # read before the expensive stages, so a bad path fails at once
         from edgeport.evaluate import load_labelled
@@ -581,7 +585,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], build_di
     # The output folder is made and locked only now, so a build that failed above leaves none behind.
     writable_folder(out_dir, "--out")
     locks.enter_context(folder_lock(out_dir))
-    swept = sweep_stale(out_dir)
+    _sweep(out_dir)
     results = []
     for target, prec in chosen:
         t0 = time.time()
@@ -619,8 +623,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], build_di
                                     time.time() - t0, "; ".join(verdict["reasons"]), info.get("accuracy"),
                                     verdict["status"]))
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
-                       time.time() - t_start, val.metrics if val is not None else None,
-                       val.data.source if val is not None else None, swept)
+                       0.0, val.metrics if val is not None else None, val.data.source if val is not None else None)
 
 
 def parity_table(report: BuildReport) -> str:
