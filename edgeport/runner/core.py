@@ -168,6 +168,10 @@ class FolderSource(object):
         self.i = 0
         self.corrupt = self.reconnects = 0
 
+    def rewind(self):
+        self.i, self.corrupt = 0, 0
+        return True
+
     def read(self):
         while self.i < len(self.files):
             img = cv2.imread(self.files[self.i])
@@ -283,6 +287,14 @@ class CaptureSource(object):
             return None
         return None
 
+    def rewind(self):
+        """Back to the first frame of a file (False when the container cannot seek: reopen it instead)."""
+        if self.live or not self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            return False
+        self.corrupt = self.read_frames = 0
+        self.truncated = None
+        return int(self.cap.get(cv2.CAP_PROP_POS_FRAMES) or 0) == 0
+
     def _reopen(self):
         self.cap.release()
         delay = 0.5
@@ -350,8 +362,10 @@ class LoopSource(object):
         frame = self.inner.read()
         if frame is None and self.got and not self.truncated and not getattr(self.inner, "stopping", False):
             self.corrupt_before += getattr(self.inner, "corrupt", 0)
-            self.inner.release()
-            self.inner = self.opener()
+            # Rewinding keeps the decoder: reopening it every pass churns FFmpeg's allocations.
+            if not (hasattr(self.inner, "rewind") and self.inner.rewind()):
+                self.inner.release()
+                self.inner = self.opener()
             self.loops += 1
             self.got = 0
             frame = self.inner.read()

@@ -387,6 +387,10 @@ RUNNER_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("camera-missing", lambda d: ["/dev/video97", "--headless"], "camera /dev/video97 does not exist"),
     ("csi-no-gstreamer", lambda d: ["csi://0", "--headless"], "csi:// needs OpenCV built with GStreamer"),
     ("csi-bad-sensor", lambda d: ["csi://front", "--headless"], "GStreamer"),
+    ("topk-on-segmentation", lambda d: ["synthetic://", "--headless", "--topk", "3"],
+     "--topk has no effect on a segmentation model"),
+    ("decode-threads-on-synthetic", lambda d: ["synthetic://", "--headless", "--decode-threads", "2"],
+     "--decode-threads has no effect on synthetic://"),
     ("abbreviated-option", lambda d: ["synthetic://", "--headles", "--max-frames", "2"],
      "unrecognized arguments: --headles"),
 ]
