@@ -228,17 +228,19 @@ def test_service_unit_and_parallel_hosts(sshd, bundles, openvino_venv, tmp_path)
     assert "WantedBy=" in unit and str(openvino_venv) in unit
 
 
-def test_failed_bundle_is_refused_unless_forced_and_the_force_is_recorded(sshd, bundles, openvino_venv, tmp_path):
+def test_failed_bundle_is_refused_unless_forced_and_the_force_is_recorded(sshd, bundles, openvino_venv, default_project,
+                                                                        tmp_path):
+    """A bundle that really failed its parity gate at build time (INT8 under an FP32-like tolerance)."""
     subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd['port']}", "-f", str(sshd["known_hosts"])],
                    capture_output=True)
+    proj = tmp_path / "proj"
+    shutil.copytree(default_project[0] / "build", proj / "build")
+    (proj / "edgeport.toml").write_text('[validation.tolerance."*@int8"]\nmin_cosine = 0.99999\n')
+    built = run_cli("build", "--target", "intel-cpu", cwd=proj)
+    assert built.returncode == 3, built.stderr[-2000:]
+    failed = proj / "dist" / "failed" / "intel-cpu-int8"
+    version = f"intel-cpu-int8-{json.loads((failed / 'manifest.json').read_text())['build_key']}"
     root = tmp_path / "device"
-    failed = tmp_path / "failed" / "intel-cpu-int8"
-    shutil.copytree(bundles["a"], failed)
-    m = json.loads((failed / "manifest.json").read_text())
-    m["verdict"] = {"status": "failed", "reasons": ["output 'output': cosine 0.61 < 0.98 vs PyTorch"],
-                    "checked": "openvino on the build host against PyTorch", "gates": {}}
-    m["build_key"] = "failed0000000000"
-    (failed / "manifest.json").write_text(json.dumps(m))
     res = _flash(sshd, root, str(failed), "--accept-fingerprint", sshd["fingerprint"], python=openvino_venv)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
@@ -248,9 +250,10 @@ def test_failed_bundle_is_refused_unless_forced_and_the_force_is_recorded(sshd, 
     assert ok.returncode == 0, ok.stdout + ok.stderr
     res = _flash(sshd, root, str(failed), "--force", python=openvino_venv)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert _links(root)[0] == "intel-cpu-int8-failed0000000000"
+    assert _links(root)[0] == version
     history = (root / "roadseg" / "history.log").read_text().splitlines()
-    assert "forced: the build FAILED its gates (output 'output': cosine 0.61" in history[-1]
+    assert "forced: the build FAILED its gates (output 'output': cosine" in history[-1], history
+    assert "device selftest: FAIL" in history[-1]  # its golden checks fail on the device too, as recorded
     assert "forced" not in history[0]
     # devices status counts version folders, not the current/previous links
     status = run_cli("devices", "status", "--host", f"{sshd['host']}:{sshd['port']}", "--identity",
