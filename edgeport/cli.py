@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     from edgeport import api
 
     if args.command == "build":
-        from edgeport.pipeline import parity_table, raise_on_failure, summary_line
+        from edgeport.pipeline import parity_table, raise_on_failure, stage_table, summary_line
 
         kw = {k: getattr(args, k) for k in _BUILD_KEYS + _QUANT_KEYS}
         report = api.build(precision=args.precision, **kw)
@@ -224,6 +224,8 @@ def _run(args: argparse.Namespace) -> int:
             print(api.to_json(to_json(report)))
         else:
             print(parity_table(report))
+            print()
+            print(stage_table(report))
         if args.report:
             from edgeport.report import write_reports
 

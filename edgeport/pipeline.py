@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from edgeport import __version__
+from edgeport import artifacts as art
+from edgeport.artifacts import GOLDEN_CASES, StageTime
 from edgeport.backends import get_backend
-from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
@@ -28,12 +28,9 @@ from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.progress import working_on
-from edgeport.runner.metrics import compare
 from edgeport.target import Target, get_target
 
 log = logging.getLogger("edgeport")
-GOLDEN_CASES = 4
-FAILED_DIR = "failed"  # dist/failed/<bundle>: bundles that failed their gates, kept apart and never archived
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "road-synth"
 
 
@@ -65,6 +62,9 @@ class BuildReport:
     seconds: float
     reference_metrics: dict[str, float] | None = None
     validation_source: str | None = None
+    stages: list[StageTime] = field(default_factory=list)
+    compiles: int = 0  # artifact compiles that ran (not from the cache)
+    artifacts: int = 0  # distinct artifacts the selected targets need
 
     @property
     def ok(self) -> bool:
@@ -224,117 +224,6 @@ def _check_input_dependence(cfg: ProjectConfig, x: np.ndarray, ref: dict[str, np
                      f"reference; {todo}")
 
 
-def _artifacts_to_dict(a: Artifacts, base: Path) -> dict[str, Any]:
-    d = {"backend": a.backend, "target": a.target, "precision": a.precision,
-         "files": {k: str(v.relative_to(base)) for k, v in a.files.items()},
-         "inputs": [vars(i) for i in a.inputs], "outputs": [vars(o) for o in a.outputs],
-         "spec": a.spec.to_dict(), "runtime": a.runtime, "info": a.info, "host_runnable": a.host_runnable}
-    return d
-
-
-def _artifacts_from_dict(d: dict[str, Any], base: Path) -> Artifacts:
-    return Artifacts(d["backend"], d["target"], d["precision"], {k: base / v for k, v in d["files"].items()},
-                     [TensorInfo(**i) for i in d["inputs"]], [TensorInfo(**o) for o in d["outputs"]],
-                     InputSpec.from_dict(d["spec"]), d["runtime"], d["info"], d["host_runnable"])
-
-
-def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """A 4-D array from layout ``src`` (NCHW or NHWC) to ``dst``; other ranks pass through."""
-    if src == dst or arr.ndim != 4:
-        return arr
-    return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)
-
-
-# Bumped when what a target stage stores changes shape (golden.npz, info keys), so old caches are not read.
-STAGE_FORMAT = 2
-
-
-def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: list[str],
-                host: bool = False) -> dict[str, dict[str, Any]]:
-    """Per output: the target's tolerance for ``precision`` (vs PyTorch, or vs the host artifact when
-    ``host``), overridden by the project's [validation.tolerance] entries (the same as `edgeport validate`)."""
-    if host:
-        return {name: target.host_tolerances(precision) for name in outputs}
-    return {name: cfg.validation.tolerance_for(name, precision, target.tolerances(precision)) for name in outputs}
-
-
-def _target_stage(cfg: ProjectConfig, target: Target, precision: str, export_stage: Stage,
-                  export_info: dict[str, Any], calib: CalibrationSet | None, spec: InputSpec,
-                  build_dir: Path, val: ValidationRef | None) -> tuple[Stage, dict[str, Any], bool]:
-    backend = get_backend(target.backend)
-    from edgeport.bundle import RUNNER_PARTS
-
-    code = source_hash(*Path(backend.runner_part()).parent.glob("*.py"), *RUNNER_PARTS)
-    quant = Quantization(cfg.quantize, val.data if val is not None else None) if calib is not None else None
-    tol = _tolerances(cfg, target, precision, export_info["outputs"])
-    settings = {"onnx": export_info["onnx_sha256"], "target": target.fingerprint(), "precision": precision,
-                "calib": calib.sha256 if calib is not None else None, "backend": backend.versions_key(),
-                "quant": quant.key() if quant is not None else None,
-                "val": val.data.sha256 if val is not None else None, "tolerance": tol,
-                "code": code, "edgeport": __version__, "format": STAGE_FORMAT}
-    stage = Stage(build_dir, f"target/{target.name}-{precision}", settings)
-
-    def run(tmp: Path) -> dict[str, Any]:
-        t0 = time.time()
-        art = backend.compile(export_stage.dir / "model.onnx", target, precision, calib, tmp, spec, quant)
-        with np.load(export_stage.dir / "reference.npz") as z:
-            inputs = z["inputs"]
-            ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
-        parity: dict[str, Any] = {}
-        accuracy = None
-        host = None
-        if art.host_runnable:
-            with backend.open(art) as rt:
-                got = rt.run_batches(to_layout(inputs, spec.layout, art.spec.layout))
-                if val is not None:
-                    accuracy = _val_accuracy(rt, art, spec, val)
-            for name, r in ref.items():
-                g = to_layout(got[name], art.spec.layout, spec.layout) if got[name].ndim == 4 and \
-                    got[name].shape != r.shape else got[name]
-                parity[name] = compare(r, g, spec.task, tol[name])
-            if not art.info.get("emulated"):
-                host = got
-        # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device;
-        # where the host ran the real runtime its outputs go beside them, for a tight device-vs-host check.
-        golden = {f"ref:{k}": to_layout(v, spec.layout, art.spec.layout)[:GOLDEN_CASES] for k, v in ref.items()}
-        if host is not None:
-            golden.update({f"host:{k}": v[:GOLDEN_CASES] for k, v in host.items()})
-        np.savez(tmp / "golden.npz", **golden)
-        return {"artifacts": _artifacts_to_dict(art, tmp), "parity": parity, "compile_seconds": time.time() - t0,
-                "tolerance": tol, "host_tolerance": _tolerances(cfg, target, precision, list(ref), host=True)
-                if host is not None else None, "accuracy": accuracy}
-
-    info, cached = stage.run(run)
-    return stage, info, cached
-
-
-def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[str, Any]:
-    """The build's verdict on one artifact: its gates (parity per output, the task metric) and where they ran.
-
-    ``status`` is "passed", "failed" (with ``reasons``) or "device-only" (nothing could run on the build
-    host; the device's ``runner.py --selftest`` against PyTorch is the gate).
-    """
-    reasons = [f"output '{n}': {', '.join(m['failed'])} vs PyTorch" for n, m in info["parity"].items() if not m["ok"]]
-    acc = info.get("accuracy")
-    if acc and acc["drop"] is not None:
-        acc["ok"] = not (precision == "int8" and acc["drop"] > max_drop)
-        if not acc["ok"]:
-            reasons.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
-                           f"max_drop {max_drop:g}")
-    art = info["artifacts"]
-    if not art["host_runnable"]:
-        checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"
-    elif art["info"].get("emulated"):
-        checked = ("INT8 emulated in ONNX Runtime (Q/DQ model) against PyTorch; runner.py --selftest checks the "
-                   "engine on the device")
-    else:
-        checked = f"{art['backend']} on the build host against PyTorch"
-    status = "failed" if reasons else ("passed" if art["host_runnable"] else "device-only")
-    gates = {"parity": {n: "passed" if m["ok"] else "failed" for n, m in info["parity"].items()},
-             "metric": None if not acc or acc["drop"] is None else ("passed" if acc["ok"] else "failed")}
-    return {"status": status, "reasons": reasons, "checked": checked, "gates": gates}
-
-
 @dataclass
 class ValidationRef:
     """The labelled validation set with the FP32 reference's outputs and metrics on it."""
@@ -371,137 +260,6 @@ def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: S
 
 def _fmt_metrics(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "count")
-
-
-def _val_accuracy(rt: Any, art: Artifacts, spec: InputSpec, val: ValidationRef) -> dict[str, Any]:
-    """The artifact's task metric on the labelled set, its drop from FP32, and its agreement with FP32."""
-    from edgeport.evaluate import primary, task_metrics
-    from edgeport.runner.metrics import task_agreement
-
-    got = rt.run_batches(to_layout(val.data.inputs, spec.layout, art.spec.layout))[art.outputs[0].name]
-    got = to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
-    metrics = task_metrics(got, val.data, spec.layout)
-    key, value = primary(metrics)
-    drop = val.metrics[key] - value if value is not None else None
-    return {"metrics": metrics, "reference": val.metrics, "metric": key, "drop": drop,
-            "agreement": task_agreement(val.outputs, got, spec.task), "source": val.data.source,
-            "count": len(val.data)}
-
-
-def bundle_dest(out_dir: Path, name: str, status: str) -> Path:
-    """Where a bundle goes: dist/<name>, or dist/failed/<name> when it failed its gates."""
-    return out_dir / FAILED_DIR / name if status == "failed" else out_dir / name
-
-
-def _bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
-            export_stage: Stage, export_info: dict[str, Any], calib: CalibrationSet | None,
-            samples: CalibrationSet, spec: InputSpec, out_dir: Path, verdict: dict[str, Any]) -> tuple[Path, bool]:
-    """Write the bundle unless it is already there intact (folder and archive); returns (folder, cached).
-
-    A bundle that passed goes to dist/<target>-<precision> with its .tar.gz; one that failed goes to
-    dist/failed/<target>-<precision>, without an archive, its manifest saying why; whatever the other
-    place held for that name is removed, so dist/ only ever shows what this build proved.
-    """
-    from edgeport.bundle import archive_matches, assemble_runner, remove_bundle, write_archive, write_bundle
-
-    name = f"{target.name}-{precision}"
-    dest = bundle_dest(out_dir, name, verdict["status"])
-    other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
-    if remove_bundle(other):
-        log.info("%s: removed the %s bundle of an earlier build from %s", name,
-                 "shippable" if verdict["status"] == "failed" else "failed", other.parent)
-    if _is_current(dest, stage.key, verdict):
-        if verdict["status"] != "failed" and not archive_matches(dest):
-            log.info("%s: the archive did not match its folder (an interrupted build); rewriting it", name)
-            write_archive(dest)
-        return dest, True
-    backend = get_backend(target.backend)
-    art = _artifacts_from_dict(info["artifacts"], stage.dir)
-    with np.load(export_stage.dir / "reference.npz") as z:
-        inputs = to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, art.spec.layout)
-    with np.load(stage.dir / "golden.npz") as z:
-        reference = {k[4:]: z[k] for k in z.files if k.startswith("ref:")}
-        host = {k[5:]: z[k] for k in z.files if k.startswith("host:")} or None
-    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
-    manifest = {
-        "build_key": stage.key,
-        "verdict": verdict,
-        "model": {"name": export_info["model"], "source": cfg.model.source, "onnx_sha256": export_info["onnx_sha256"],
-                  "seed": cfg.model.seed, "root": str(cfg.root),
-                  "source_fingerprint": source_fingerprint(cfg.model.source, cfg.root),
-                  "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None,
-                  "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
-                  "task": spec.task, "labels": spec.labels, "palette": [list(p) for p in spec.palette]},
-        "target": target.name, "backend": target.backend, "precision": precision,
-        "target_profile": target.to_dict(),
-        "inputs": [i.to_dict() for i in art.inputs], "outputs": [o.to_dict() for o in art.outputs],
-        "preprocess": art.spec.to_dict(), "runtime": art.runtime, "requires": target.runtime,
-        "camera": target.camera,
-        "provenance": {"edgeport": __version__, "torch": _dist_version("torch"), "onnx": _dist_version("onnx"),
-                       "opset": export_info["opset"], "optimize": export_info["optimize"], **art.info,
-                       "calibration": calib.summary() if calib is not None else None,
-                       "samples": samples.summary()},
-        "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
-                   "tolerance": info["tolerance"], "accuracy": info.get("accuracy")},
-    }
-    runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
-    reqs = list(target.requirements.get("pip", []))
-    readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
-    extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
-    write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
-                 golden=(samples.frames[:GOLDEN_CASES], inputs, reference, host, info["tolerance"],
-                         info.get("host_tolerance")),
-                 readme=readme, requirements=reqs, extra=extra, archive=verdict["status"] != "failed")
-    return dest, False
-
-
-def _is_current(dest: Path, key: str, verdict: dict[str, Any]) -> bool:
-    """Whether ``dest`` already holds this build's bundle, intact, with this verdict."""
-    from edgeport.bundle import verify_bundle
-
-    try:
-        m = json.loads((dest / "manifest.json").read_text())
-        return m.get("build_key") == key and m.get("verdict") == verdict and not verify_bundle(dest)
-    except (OSError, ValueError, EdgeportError):  # absent or unreadable: rewritten
-        return False
-
-
-def _device_readme(target: Target, precision: str, model: str, runner: bool, verdict: dict[str, Any]) -> str:
-    reqs = target.requirements
-    lines = [f"# {model} for {target.name} ({precision})", "", target.description, ""]
-    if verdict["status"] == "failed":
-        lines += ["**This bundle FAILED its build gates and must not be deployed:**", "",
-                  *[f"- {r}" for r in verdict["reasons"]], "",
-                  "runner.py, `edgeport inspect` and `edgeport flash` refuse it unless forced (--force).", ""]
-    lines += [
-             "Built by edgeport. `manifest.json` describes the model, its inputs and outputs, the",
-             "preprocessing, the runtime settings and the sha256 of every file.", ""]
-    if reqs.get("system"):
-        lines += ["## On the device", "", "System packages: " + ", ".join(reqs["system"]), ""]
-    if runner and target.backend == "tensorrt":
-        lines += ["## Run on the Jetson", "", "```", "python3 -m pip install -r requirements.txt   # pycuda; "
-                  "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
-                  "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
-                  f"python3 runner.py {target.camera.get('source', 'csi://0')}",
-                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
-                  "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
-                  "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
-    elif runner:
-        lines += ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
-                  "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
-                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
-                  "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
-                  "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
-    else:
-        lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app and",
-                  "apply the preprocessing in manifest.json exactly (`preprocess`: resize mode, colour order,",
-                  "scale, mean, std, layout). Class names are in labels.txt. Where an input or output has",
-                  "`quant` in the manifest it is integer: feed q = clip(round(x / scale) + zero_point) and read",
-                  "f = scale * (q - zero_point). golden/ holds inputs and the outputs this model gave for them.",
-                  ""]
-    for note in target.notes:
-        lines += [f"Note: {note}", ""]
-    return "\n".join(lines)
 
 
 def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
@@ -569,15 +327,24 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                               "(segmentation: --val-labels DIR of label maps; classification: one sub-folder per "
                               "class)")
     calib = None
+    clock: list[StageTime] = []
+    t0 = time.time()
     if source is not None:
         calib, cached = _calibration_stage(cfg, source, spec, build_dir, None if needs_calib else 1)
         log.info("calibration set: %d images from %s%s", len(calib), source, " (cached)" if cached else "")
         samples = calib
     else:
         n = max(cfg.export.parity_samples, GOLDEN_CASES)
-        samples, _ = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
+        samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
+    clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
+    t0 = time.time()
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir)
+    clock.append(StageTime("ONNX export + parity", f"opset {opset}", time.time() - t0, export_cached))
+    t0 = time.time()
     val = _validation_stage(val_data, spec, export_stage, export_info, build_dir)
+    if val is not None:
+        clock.append(StageTime("FP32 reference on the validation set", f"{len(val.data)} images",
+                               time.time() - t0, False))
     par = export_info["parity"]
     worst = max(v["max_rel"] for v in par.values())
     log.info("ONNX export%s: opset %d, max error %.2e of output range vs PyTorch",
@@ -586,44 +353,105 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     writable_folder(out_dir, "--out")
     locks.enter_context(folder_lock(out_dir))
     _sweep(out_dir)
-    results = []
+    results: dict[tuple[str, str], TargetResult] = {}
     for target, prec in chosen:
+        av = get_backend(target.backend).available()
+        if not av.installed:
+            results[target.name, prec] = TargetResult(target.name, target.backend, prec, "skipped",
+                                                      message=f"{av.reason}; {av.install}")
+    runnable = [(t, p) for t, p in chosen if (t.name, p) not in results]
+    groups = art.group_targets(cfg, runnable, export_info["onnx_sha256"], calib, val)
+    memo = _memo(build_dir, clock)
+    compiles = 0
+    for group in groups:
         t0 = time.time()
-        name = f"{target.name}-{prec}"
-        backend = get_backend(target.backend)
-        if not backend.available().installed:
-            av = backend.available()
-            results.append(TargetResult(target.name, target.backend, prec, "skipped",
-                                        message=f"{av.reason}; {av.install}"))
-            continue
+        mark = len(clock)  # shared sub-stages (ranges) the compile runs are listed under it
         try:
-            with working_on(f"{target.name} {prec}"):
-                stage, info, cached = _target_stage(cfg, target, prec, export_stage, export_info,
-                                                    calib if backend.calibration_needed(prec) else None, spec,
-                                                    build_dir, val)
-                verdict = verdict_of(info, prec, cfg.quantize.max_drop)
-                dest, bundle_cached = _bundle(cfg, target, prec, stage, info, export_stage, export_info,
-                                              calib, samples, spec, out_dir, verdict)
+            with working_on(group.label):
+                stage, info, cached = art.compile_group(cfg, group, export_stage.dir / "model.onnx",
+                                                        export_stage.dir / "reference.npz", calib, spec, build_dir,
+                                                        val, memo)
+                accuracy = None
+                if val is not None and info["artifacts"]["host_runnable"]:
+                    accuracy, _ = art.evaluate_group(group, stage, info, spec, build_dir, val)
         except EdgeportError as e:
-            from edgeport.bundle import remove_bundle
-
-            for old in (bundle_dest(out_dir, name, "passed"), bundle_dest(out_dir, name, "failed")):
-                if remove_bundle(old):
-                    log.info("%s: removed the bundle of an earlier build from %s (this build of it failed)",
-                             name, old.parent)
-            results.append(TargetResult(target.name, target.backend, prec, "failed", seconds=time.time() - t0,
-                                        message=str(e)))
+            for target in group.targets:
+                _drop_stale(out_dir, f"{target.name}-{group.precision}")
+                results[target.name, group.precision] = TargetResult(
+                    target.name, target.backend, group.precision, "failed", seconds=time.time() - t0, message=str(e))
+            clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", _serves(group),
+                                         time.time() - t0, False))
             continue
-        status = "failed" if verdict["status"] == "failed" else ("cached" if cached and bundle_cached else "built")
-        art_info = info["artifacts"]["info"]
-        label = f"{target.backend} (emulated)" if art_info.get("emulated") else target.backend
-        if not info["artifacts"]["host_runnable"]:
-            label = f"{target.backend} (device only)"
-        results.append(TargetResult(target.name, label, prec, status, str(dest), info["parity"],
-                                    time.time() - t0, "; ".join(verdict["reasons"]), info.get("accuracy"),
-                                    verdict["status"]))
-    return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, results,
-                       0.0, val.metrics if val is not None else None, val.data.source if val is not None else None)
+        compiles += not cached
+        clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", _serves(group), time.time() - t0,
+                                     cached))
+        for i, target in enumerate(group.targets):
+            t1 = time.time()
+            name = f"{target.name}-{group.precision}"
+            try:
+                with working_on(f"{target.name} {group.precision}"):
+                    tinfo = art.target_parity(cfg, target, group.precision, stage, info,
+                                              export_stage.dir / "reference.npz", spec)
+                    tinfo["accuracy"] = dict(accuracy) if accuracy else None
+                    verdict = art.verdict_of(tinfo, group.precision, cfg.quantize.max_drop)
+                    dest, bundle_cached = art.write_target_bundle(cfg, target, group.precision, stage, tinfo,
+                                                                  export_stage, export_info, calib, samples, spec,
+                                                                  out_dir, build_dir, verdict)
+            except EdgeportError as e:
+                _drop_stale(out_dir, name)
+                results[target.name, group.precision] = TargetResult(
+                    target.name, target.backend, group.precision, "failed", seconds=time.time() - t1, message=str(e))
+                continue
+            clock.append(StageTime(f"bundle {name}", verdict["status"], time.time() - t1, bundle_cached))
+            status = "failed" if verdict["status"] == "failed" else ("cached" if cached and bundle_cached else "built")
+            art_info = info["artifacts"]["info"]
+            label = f"{target.backend} (emulated)" if art_info.get("emulated") else target.backend
+            if not info["artifacts"]["host_runnable"]:
+                label = f"{target.backend} (device only)"
+            spent = time.time() - t1 + (t1 - t0 if i == 0 else 0.0)  # the first target carries the compile
+            results[target.name, group.precision] = TargetResult(
+                target.name, label, group.precision, status, str(dest), tinfo["parity"], spent,
+                "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"])
+    ordered = [results[t.name, p] for t, p in chosen]
+    return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, ordered,
+                       0.0, val.metrics if val is not None else None, val.data.source if val is not None else None,
+                       clock, compiles, len(groups))
+
+
+def _serves(group: art.Group) -> str:
+    return ", ".join(t.name for t in group.targets)
+
+
+def _drop_stale(out_dir: Path, name: str) -> None:
+    """Remove an earlier build's bundle of a target whose build failed now: dist/ shows only what this build made."""
+    from edgeport.bundle import remove_bundle
+
+    for old in (art.bundle_dest(out_dir, name, "passed"), art.bundle_dest(out_dir, name, "failed")):
+        if remove_bundle(old):
+            log.info("%s: removed the bundle of an earlier build from %s (this build of it failed)", name, old.parent)
+
+
+def _memo(build_dir: Path, clock: list[StageTime]) -> Any:
+    """The build cache for results compiles share (TensorRT's activation ranges): one stage per kind and key."""
+    def memo(kind: str, key: dict[str, Any], compute: Any) -> Any:
+        t0 = time.time()
+        stage = Stage(build_dir, kind, key)
+        info, cached = stage.run(lambda tmp: {"value": compute()})
+        what = f"  of which {kind}" + (f" ({key['method']})" if "method" in key else "")
+        clock.append(StageTime(what, f"{key['images']} images" if "images" in key else "", time.time() - t0, cached))
+        return info["value"]
+    return memo
+
+
+def stage_table(report: BuildReport) -> str:
+    """Where the build's time went: one row per stage, what it served, its seconds, cached or run."""
+    from edgeport.tables import text_table
+
+    rows = [[s.stage, s.serves, f"{s.seconds:.1f}s", "cached" if s.cached else "ran"] for s in report.stages]
+    lines = text_table(["stage", "serves", "time", ""], rows)
+    lines.append(f"{report.compiles} compile(s) run for {len(report.targets)} bundle(s) ({report.artifacts} distinct "
+                 "artifact(s))")
+    return "\n".join(lines)
 
 
 def parity_table(report: BuildReport) -> str:

@@ -45,7 +45,8 @@ def to_json(report: BuildReport) -> dict[str, Any]:
     return {"model": report.model, "onnx": report.onnx, "seconds": report.seconds, "ok": report.ok,
             "export_parity": report.export_parity, "reference_metrics": report.reference_metrics,
             "validation_source": report.validation_source,
-            "targets": [vars(t) for t in report.targets], "cases": cases(report)}
+            "targets": [vars(t) for t in report.targets], "cases": cases(report),
+            "stages": [vars(s) for s in report.stages], "compiles": report.compiles, "artifacts": report.artifacts}
 
 
 def junit_xml(title: str, all_cases: list[dict[str, Any]]) -> str:

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from edgeport.artifacts import to_layout
 from edgeport.backends.base import Artifacts, Runtime, TensorInfo
 from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
-from edgeport.pipeline import to_layout
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,10 +22,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class Quantization:
-    """What INT8 compiles get beyond the calibration set: settings and labelled validation data."""
+    """What INT8 compiles get beyond the calibration set: settings, labelled validation data, and ``memo``,
+    the build cache for intermediate results several compiles share (activation ranges):
+    ``memo(kind, key, compute)`` returns ``compute()``'s JSON-able result, computed once per key."""
 
     settings: QuantizeConfig
     val: LabelledSet | None = None
+    memo: Callable[[str, dict[str, Any], Callable[[], Any]], Any] | None = None
+
+    def cached(self, kind: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """``compute()`` through the build cache when there is one."""
+        return self.memo(kind, key, compute) if self.memo is not None else compute()
 
     @property
     def accuracy_control(self) -> bool:
@@ -32,12 +40,19 @@ class Quantization:
         on = self.settings.accuracy_control
         return self.val is not None and self.val.labelled if on is None else bool(on)
 
-    def key(self) -> dict[str, Any]:
-        """Cache-key form."""
+    def key(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
+        """Cache-key form; with ``fields``, only those settings (the ones a backend reads), and the validation
+        data only when that backend's accuracy control uses it."""
         import dataclasses
 
-        return {**dataclasses.asdict(self.settings), "val": self.val.sha256 if self.val is not None else None,
-                "accuracy_control": self.accuracy_control}
+        settings = dataclasses.asdict(self.settings)
+        if fields is None:
+            return {**settings, "val": self.val.sha256 if self.val is not None else None,
+                    "accuracy_control": self.accuracy_control}
+        uses_val = "accuracy_control" in fields and self.accuracy_control
+        return {**{k: v for k, v in settings.items() if k in fields},
+                "val": self.val.sha256 if uses_val and self.val is not None else None,
+                "accuracy_control": self.accuracy_control if "accuracy_control" in fields else None}
 
 
 @dataclass
@@ -166,8 +181,12 @@ class Backend(Protocol):
 
     def calibration_needed(self, precision: str) -> bool: ...
 
+    def artifact_settings(self, target: Target, precision: str) -> dict[str, Any]: ...
+
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts: ...
+
+    def for_target(self, artifacts: Artifacts, target: Target, out: Path) -> Artifacts: ...
 
     def open(self, artifacts: Artifacts) -> Runtime: ...
 
@@ -197,6 +216,23 @@ class DeviceBackend:
     def calibration_needed(self, precision: str) -> bool:
         """Only INT8 needs calibration data (dynamic-range quantises weights alone)."""
         return precision == "int8"
+
+    def artifact_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """The profile settings ``compile`` reads, i.e. all that can make two targets' artifacts differ (and
+        their host outputs): targets that agree on them share one compile. None by default."""
+        return {}
+
+    def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """What the target's runner is told in the manifest's ``runtime`` (device, threads, hints)."""
+        return {}
+
+    def for_target(self, artifacts: Artifacts, target: Target, out: Path) -> Artifacts:
+        """The shared artifact as one target's bundle takes it: that target's runtime settings, plus any file of
+        its own, written into ``out`` (TensorRT: the calibration cache for the target's TensorRT version)."""
+        import dataclasses
+
+        return dataclasses.replace(artifacts, target=target.name,
+                                   runtime=self.runtime_settings(target, artifacts.precision))
 
     def runner_part(self) -> Path:
         """This backend's part of the assembled runner.py: runner.py beside its backend module."""

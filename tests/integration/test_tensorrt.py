@@ -200,12 +200,16 @@ def test_runner_on_a_host_without_tensorrt_says_so(jetson, openvino_venv):
 
 
 def test_range_methods_differ_and_entropy_clips():
-    from edgeport.backends.tensorrt.ranges import BINS, entropy_amax, percentile_amax
+    from edgeport.backends.tensorrt.ranges import BINS, _Percentile, entropy_amax
 
     rng = np.random.default_rng(0)
-    x = np.abs(np.concatenate([rng.normal(0, 1, 200_000), [40.0]]))  # one outlier sets the max
-    amax = float(x.max())
-    hist = np.histogram(x, bins=BINS, range=(0, amax))[0]
-    p = percentile_amax(hist, amax)
+    x = np.concatenate([rng.normal(0, 1, 200_000), [40.0]]).astype(np.float32)  # one outlier sets the max
+    amax = float(np.abs(x).max())
+    hist = np.histogram(np.abs(x), bins=BINS, range=(0, amax))[0]
+    collector = _Percentile(len(x))
+    for chunk in np.array_split(x, 7):  # in pieces, as images arrive
+        collector.add(chunk)
+    p = collector.result()
+    assert p == float(np.quantile(np.abs(x), 0.9999, method="inverted_cdf"))
     e = entropy_amax(hist, amax)
     assert 3.0 < p < 6.0 and 2.0 < e < 10.0 and amax == 40.0

@@ -120,18 +120,29 @@ class OpenVINOBackend(DeviceBackend):
             info["nncf"] = self.available().versions.get("nncf", "")
         xml = out / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
-        runtime = {
-            "device": device,
-            "performance_hint": str(target.options.get("performance_hint", "LATENCY")),
-            "inference_precision": inference_precision(precision, device),
-            "async_requests": int(target.options.get("async_requests", 2)),
-        }
+        runtime = self.runtime_settings(target, precision)
         inputs = [TensorInfo(p.get_any_name(), [int(d) for d in p.get_shape()], "float32", spec.layout)
                   for p in model.inputs]
         outputs = [TensorInfo(p.get_any_name(), [int(d) for d in p.get_shape()], "float32")
                    for p in model.outputs]
         return Artifacts(self.name, target.name, precision, {"model": xml, "weights": out / "model.bin"},
                          inputs, outputs, spec, runtime, info)
+
+    def artifact_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """INT8: NNCF's target device and preset come from the profile; every precision: the inference precision
+        the host validates with (f16 on a GPU/NPU for FP16)."""
+        device = str(target.options.get("device", "CPU"))
+        settings: dict[str, Any] = {"inference_precision": inference_precision(precision, device)}
+        if precision == "int8":
+            settings.update(device=device, nncf_preset=target.options.get("nncf_preset"))
+        return settings
+
+    def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """Device, performance hint, pinned inference precision and infer requests for the runner."""
+        device = str(target.options.get("device", "CPU"))
+        return {"device": device, "performance_hint": str(target.options.get("performance_hint", "LATENCY")),
+                "inference_precision": inference_precision(precision, device),
+                "async_requests": int(target.options.get("async_requests", 2))}
 
     def _quantize(self, model: Any, calib: CalibrationSet | None, spec: InputSpec, target: Target, device: str,
                   quant: Quantization) -> tuple[Any, dict[str, Any]]:

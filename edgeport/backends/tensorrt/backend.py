@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
+from edgeport.config import QuantizeConfig
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -58,45 +59,67 @@ class TensorRTBackend(DeviceBackend):
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
-        """ONNX (+ Q/DQ ONNX + calibration cache for INT8) and build_engine.py for the device."""
+        """ONNX (+ Q/DQ ONNX for INT8) and build_engine.py: the same for every Jetson profile (the profile's
+        TensorRT version only shapes its calibration cache, which ``for_target`` writes)."""
         from edgeport.backends.tensorrt import ranges as rg
+        from edgeport.model import file_sha256
 
         self.available().require()
         target.check_precision(precision)
-        trt_version = str(target.runtime.get("tensorrt", ""))
-        if not trt_version:
-            raise ConversionError(f"profile {target.name} names no TensorRT version ([runtime] tensorrt = \"8.6.2\")")
         model = out / "model.onnx"
         shutil.copyfile(onnx, model)
         shutil.copyfile(BUILD_ENGINE, out / "build_engine.py")
         files = {"model": model, "build_engine": out / "build_engine.py"}
-        info: dict[str, Any] = {"tensorrt_target": trt_version, "engine": "built on the device by build_engine.py"}
-        major_minor = tuple(int(p) for p in trt_version.split(".")[:2])
+        info: dict[str, Any] = {"engine": "built on the device by build_engine.py"}
         if precision == "int8":
             if calib is None:
                 raise ConversionError("TensorRT INT8 needs a calibration set (--calib)")
-            settings = quant.settings if quant is not None else None
-            method = settings.method if settings is not None else "percentile"
-            n = min(len(calib), settings.subset_size if settings is not None else 300)
-            log.info("TensorRT INT8: %s activation ranges from %d calibration images", method, n)
-            amax = rg.collect_ranges(onnx, calib.data[:n], method)
-            keep = rg.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns,
-                                    settings.ignored_types) if settings is not None else set()
+            quant = quant or Quantization(QuantizeConfig())
+            settings = quant.settings
+            method, n = settings.method, min(len(calib), settings.subset_size)
+            key = {"onnx": file_sha256(onnx), "calib": calib.sha256, "method": method, "images": n,
+                   "code": rg.CODE_VERSION}
+            amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
+                onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
+            keep = rg.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns, settings.ignored_types)
             counts = rg.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             files["qdq"] = out / "model_qdq.onnx"
-            if major_minor[0] == 8:
-                rg.write_cache(amax, trt_version, out / "calib.cache")
-                files["calib_cache"] = out / "calib.cache"
             info.update({"emulated": True, "ranges": {"method": method, "images": n, "tensors": len(amax)},
-                         "qdq": counts, "int8_mode_default": "cache" if major_minor < (8, 5) else "qdq"})
+                         "qdq": counts, "amax": amax})
         inputs, outputs = _onnx_io(model)
         for t in inputs:
             t.layout = spec.layout
-        runtime = {"precision": precision, "tensorrt": trt_version,
-                   "workspace_mb": int(target.options.get("workspace_mb", 1024)),
-                   "dla_core": int(target.options.get("dla_core", -1))}
-        return Artifacts(self.name, target.name, precision, files, inputs, outputs, spec, runtime, info,
-                         host_runnable=precision == "int8")
+        return Artifacts(self.name, target.name, precision, files, inputs, outputs, spec,
+                         {"precision": precision}, info, host_runnable=precision == "int8")
+
+    def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """Precision, the profile's TensorRT version, builder workspace and DLA core for build_engine.py."""
+        return {"precision": precision, "tensorrt": str(target.runtime.get("tensorrt", "")),
+                "workspace_mb": int(target.options.get("workspace_mb", 1024)),
+                "dla_core": int(target.options.get("dla_core", -1))}
+
+    def for_target(self, artifacts: Artifacts, target: Target, out: Path) -> Artifacts:
+        """The profile's TensorRT version: for 8.x INT8 a calibration cache with that exact version in its header
+        (a cache of another version may be silently ignored, NVIDIA/TensorRT#1378), and the INT8 form its
+        build_engine.py picks by default."""
+        import dataclasses
+
+        from edgeport.backends.tensorrt import ranges as rg
+
+        trt_version = str(target.runtime.get("tensorrt", ""))
+        if not trt_version:
+            raise ConversionError(f"profile {target.name} names no TensorRT version ([runtime] tensorrt = \"8.6.2\")")
+        major_minor = tuple(int(p) for p in trt_version.split(".")[:2])
+        files, info = dict(artifacts.files), dict(artifacts.info)
+        amax = info.pop("amax", None)
+        info["tensorrt_target"] = trt_version
+        if artifacts.precision == "int8":
+            if major_minor[0] == 8 and amax:
+                rg.write_cache(amax, trt_version, out / "calib.cache")
+                files["calib_cache"] = out / "calib.cache"
+            info["int8_mode_default"] = "cache" if major_minor < (8, 5) else "qdq"
+        return dataclasses.replace(artifacts, target=target.name, files=files, info=info,
+                                   runtime=self.runtime_settings(target, artifacts.precision))
 
     def open(self, artifacts: Artifacts) -> Runtime:
         """INT8 emulation: ONNX Runtime on the Q/DQ model (FP16/FP32 have no host runtime)."""

@@ -30,6 +30,8 @@ import numpy as np
 BINS = 2048
 QUANT_LEVELS = 128
 PERCENTILE = 99.99
+METHODS = ("max", "percentile", "entropy")
+CODE_VERSION = 2  # bumped whenever a method's numbers change, so cached ranges are measured again
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -51,13 +53,12 @@ def _float_tensors(model: Any) -> list[str]:
     return names
 
 
-def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
-                   progress_desc: str = "measuring activation ranges") -> dict[str, float]:
-    """{tensor name: amax} over ``data`` (N, ...) preprocessed inputs, by ``method``."""
+def _instrumented(onnx_path: Path) -> tuple[Any, str, list[str], list[str]]:
+    """(session, input name, exposed tensors, float tensors) for the FP32 ONNX with every float tensor exposed
+    as an output and graph optimisations off (a fused pair would hide the tensor between them). One image
+    per run: batches of 2 to 8 (a symbolic batch dimension) were no faster on this 2-core host."""
     import onnx
     import onnxruntime as ort
-
-    from edgeport.progress import progress
 
     model = onnx.load(str(onnx_path))
     names = _float_tensors(model)
@@ -67,96 +68,190 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
-    out_names = [o.name for o in sess.get_outputs()]
-    wanted = [n for n in out_names if n in set(names)]
+    wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+    return sess, sess.get_inputs()[0].name, wanted, names
 
-    def run(i: int) -> dict[str, np.ndarray]:
-        outs = sess.run(wanted, {in_name: data[i:i + 1]})
-        res = dict(zip(wanted, outs))
-        if in_name in names:
-            res[in_name] = data[i:i + 1]
-        return res
 
-    amax = {n: 0.0 for n in names}
-    for i in progress(range(len(data)), progress_desc):
-        for n, v in run(i).items():
-            amax[n] = max(amax[n], float(np.abs(v).max()) if v.size else 0.0)
+class _Max:
+    """The largest |x| seen (from the maximum and the minimum: no |x| array is written)."""
+
+    def __init__(self) -> None:
+        self.amax = 0.0
+
+    def add(self, v: np.ndarray) -> None:
+        if v.size:
+            self.amax = max(self.amax, float(v.max()), -float(v.min()))
+
+    def result(self) -> float:
+        return self.amax
+
+
+class _Percentile:
+    """The q-th percentile of |x| over every value seen, exactly: the K largest values are kept (K is what lies
+    above the percentile, 3,000 of 30 million at 99.99); once K are kept a batch costs one comparison per
+    value against the K-th largest, and a first batch of millions is cut down through a threshold estimated
+    on a sample of it (then checked) instead of being partitioned whole."""
+
+    def __init__(self, total: int, q: float = PERCENTILE) -> None:
+        self.k = max(1, total - int(np.ceil(q / 100.0 * total)) + 1)
+        self.top = np.empty(0, np.float32)
+        self.floor = -np.inf  # the K-th largest value once K are kept
+
+    def add(self, v: np.ndarray) -> None:
+        if self.top.size >= self.k:
+            a = np.abs(v[(v > self.floor) | (v < -self.floor)])
+        else:
+            a = None
+            if v.size > 8 * self.k:  # keep ~4K candidates: the (1 - 4K/n) quantile of every 64th |x|
+                sample = np.abs(v[::64])
+                cut = int(sample.size * (1.0 - 4.0 * self.k / v.size))
+                if 0 < cut < sample.size:
+                    thr = np.partition(sample, cut)[cut]
+                    candidates = np.abs(v[(v >= thr) | (v <= -thr)])
+                    if candidates.size + self.top.size >= self.k:  # enough above the estimate: still exact
+                        a = candidates
+            if a is None:
+                a = np.abs(v)
+        if not a.size:
+            return
+        both = np.concatenate([self.top, a])
+        cut = both.size - self.k
+        self.top = np.partition(both, cut)[cut:] if cut > 0 else both
+        if self.top.size >= self.k:
+            self.floor = float(self.top.min())
+
+    def result(self) -> float:
+        return float(self.top.min()) if self.top.size else 0.0
+
+
+class _Histogram:
+    """A BINS-bin histogram of |x| over [0, amax], amax from a first pass (the bins TensorRT's calibrator
+    uses; a range grown during a single pass moved entropy thresholds by 10 % and more on the CamVid model).
+    The scale is a hair under BINS / amax, so amax itself lands in the last bin without a clip."""
+
+    def __init__(self, amax: float) -> None:
+        self.hist = np.zeros(BINS, np.int64)
+        self.amax = amax
+        self.scale = np.float32((BINS - 1e-3) / amax) if amax > 0.0 else np.float32(0.0)
+
+    def add(self, v: np.ndarray) -> None:
+        if self.amax > 0.0:
+            self.hist += np.bincount(np.multiply(np.abs(v), self.scale).astype(np.intp), minlength=BINS)
+
+    def result(self) -> float:
+        return entropy_amax(self.hist, self.amax) if self.amax > 0.0 else 0.0
+
+
+def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
+                   progress_desc: str = "measuring activation ranges") -> dict[str, float]:
+    """{tensor name: amax} over ``data`` (N, ...) preprocessed inputs, by ``method``.
+
+    ``max``: the largest |x| (one pass); ``percentile``: the 99.99th percentile of |x|, an exact order
+    statistic (one pass); ``entropy``: TensorRT's KL-divergence threshold over a 2048-bin histogram of
+    [0, max] (two passes: the maxima, then the histograms; the threshold searches run two at a time).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown range method {method!r}")
+    session = _instrumented(onnx_path)
+    names = session[3]
     if method == "max":
-        return amax
-    hists = {n: np.zeros(BINS, np.int64) for n in names}
-    for i in progress(range(len(data)), f"{progress_desc} (histograms)"):
-        for n, v in run(i).items():
-            if amax[n] > 0:
-                hists[n] += np.histogram(np.abs(v), bins=BINS, range=(0.0, amax[n]))[0]
-    if method == "percentile":
-        return {n: percentile_amax(hists[n], amax[n]) for n in names}
-    if method == "entropy":
-        return {n: entropy_amax(hists[n], amax[n]) for n in names}
-    raise ValueError(f"unknown range method {method!r}")
+        found = _pass(session, data, {}, lambda name, per_image: _Max(), progress_desc)
+    elif method == "percentile":
+        found = _pass(session, data, {}, lambda name, per_image: _Percentile(per_image * len(data)), progress_desc)
+    else:
+        amax = _pass(session, data, {}, lambda name, per_image: _Max(), f"{progress_desc} (maxima)")
+        hists = _pass(session, data, {}, lambda name, per_image: _Histogram(amax.get(name, 0.0)),
+                      f"{progress_desc} (histograms)", results=False)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the KL searches are large array operations: no GIL
+            found = dict(zip(hists, pool.map(lambda h: h.result(), hists.values())))
+    return {n: float(found.get(n, 0.0)) for n in names}
 
 
-def percentile_amax(hist: np.ndarray, amax: float, q: float = PERCENTILE) -> float:
-    """The q-th percentile of |x| from its histogram over [0, amax]."""
-    total = hist.sum()
+def _pass(session: tuple[Any, str, list[str], list[str]], data: np.ndarray, collectors: dict[str, Any],
+          make: Any, desc: str, results: bool = True) -> dict[str, Any]:
+    """One ONNX Runtime pass over ``data``, every exposed tensor fed to its collector (made by
+    ``make(name, values per image)``); {name: result} (or the collectors themselves)."""
+    from edgeport.progress import progress
+
+    sess, in_name, wanted, names = session
+    for i in progress(range(len(data)), desc):
+        x = np.ascontiguousarray(data[i:i + 1])
+        outs = dict(zip(wanted, sess.run(wanted, {in_name: x})))
+        if in_name in names:
+            outs[in_name] = x
+        for name, v in outs.items():
+            if name not in collectors:
+                collectors[name] = make(name, v.size)
+            collectors[name].add(v.ravel())
+    return {n: c.result() for n, c in collectors.items()} if results else collectors
+
+
+def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS, eps: float = 1e-4) -> float:
+    """TensorRT's entropy calibration: the threshold minimising KL(P || Q) over bins [levels, len(hist)].
+
+    For a candidate of i bins, P is the histogram up to it with the outliers folded into its last bin; Q is
+    that histogram quantised into ``levels`` bins (i // levels bins each, the last taking the remainder) and
+    spread back over P's nonzero bins; both are normalised and smoothed (empty bins get ``eps``, taken from
+    the others, as MXNet and TensorRT do) before the divergence. The candidates that merge the same number
+    of bins are evaluated together, in arrays: no Python loop over bins or candidates.
+    """
+    hist = np.asarray(hist, np.float64)
+    n, total = len(hist), float(hist.sum())
     if total == 0 or amax == 0:
         return amax
-    cdf = np.cumsum(hist) / total
-    idx = int(np.searchsorted(cdf, q / 100.0))
-    return float(min(idx + 1, len(hist)) * amax / len(hist))
-
-
-def _smooth(dist: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
-    """Give empty bins a little mass taken from the others, so KL stays finite (as MXNet/TensorRT do)."""
-    zero = dist == 0
-    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
-    if n_nonzero == 0:
-        return None
-    eps1 = eps * n_zero / n_nonzero
-    if eps1 >= 1.0:
-        return None
-    out = dist.astype(np.float64).copy()
-    out[zero] = eps
-    out[~zero] -= eps1
-    return out
-
-
-def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS) -> float:
-    """TensorRT's entropy calibration: the threshold minimising KL(P || Q) over bins [levels, BINS).
-
-    P is the histogram up to the candidate threshold with the outliers folded into its last bin;
-    Q is that histogram quantised into ``levels`` bins and spread back over the nonzero bins;
-    both are normalised and smoothed before the divergence.
-    """
-    hist = hist.astype(np.float64)
-    if hist.sum() == 0 or amax == 0:
-        return amax
-    n = len(hist)
-    width = amax / n
+    csum = np.concatenate([[0.0], np.cumsum(hist)])
+    cnz = np.concatenate([[0], np.cumsum(hist != 0)])
     best_kl, best_i = np.inf, n
-    for i in range(levels, n + 1):
-        sliced = hist[:i]
-        p = sliced.copy()
-        p[i - 1] += hist[i:].sum()  # clip outliers into the last bin
-        nonzero = p != 0
-        merged = i // levels  # each quantised bin merges this many bins; the last takes the remainder
-        q = np.zeros(i)
-        for k in range(levels):
-            a = k * merged
-            b = i if k == levels - 1 else a + merged
-            nz = nonzero[a:b]
-            if nz.any():
-                q[a:b][nz] = sliced[a:b].sum() / nz.sum()
-        q[~nonzero] = 0
-        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum()) if q.sum() > 0 else None
-        if ps is None or qs is None:
+    for m in range(1, n // levels + 1):  # candidates whose quantised bins merge m bins each
+        cand = np.arange(levels * m, min(levels * (m + 1), n + 1))
+        if not cand.size:
             continue
-        kl = float(np.sum(ps * np.log(ps / qs)))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return float((best_i + 0.5) * width)
+        width = int(cand[-1])
+        j = np.arange(width)
+        inside = j[None, :] < cand[:, None]
+        rows = np.arange(len(cand))
+        tail = total - csum[cand]
+        p = np.where(inside, hist[None, :width], 0.0)
+        p[rows, cand - 1] += tail
+        nonzero = p != 0
+        level = np.minimum(j // m, levels - 1)
+        starts = np.arange(levels) * m
+        ends = np.broadcast_to(np.minimum(starts + m, width), (len(cand), levels)).copy()
+        ends[:, -1] = cand  # the last level runs to the candidate
+        level_sum = csum[ends] - csum[starts][None, :]
+        level_nz = (cnz[ends] - cnz[starts][None, :]).astype(np.float64)
+        level_nz[:, -1] += (hist[cand - 1] == 0) & (tail > 0)  # a last bin nonzero only through the outliers
+        share = np.divide(level_sum, level_nz, out=np.zeros_like(level_sum), where=level_nz > 0)
+        q = np.where(nonzero, share[:, level], 0.0)
+        qsum = q.sum(1, keepdims=True)
+        kl = _kl_rows(p / total, np.divide(q, qsum, out=np.zeros_like(q), where=qsum > 0), inside, cand, eps)
+        kl[qsum[:, 0] <= 0] = np.inf
+        k = int(np.argmin(kl))
+        if kl[k] < best_kl:
+            best_kl, best_i = float(kl[k]), int(cand[k])
+    return float((best_i + 0.5) * amax / n)
+
+
+def _kl_rows(p: np.ndarray, q: np.ndarray, inside: np.ndarray, lengths: np.ndarray, eps: float) -> np.ndarray:
+    """KL(smooth(p) || smooth(q)) per row over each row's first ``lengths`` bins; inf where smoothing fails."""
+    def smooth(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        zero = (d == 0) & inside
+        n_zero = zero.sum(1)
+        n_nonzero = lengths - n_zero
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = eps * n_zero / n_nonzero
+        return np.where(zero, eps, d - shift[:, None]), (n_nonzero > 0) & (shift < 1.0)
+
+    ps, ok_p = smooth(p)
+    qs, ok_q = smooth(q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(inside, ps * np.log(ps / qs), 0.0).sum(1)
+    kl[~(ok_p & ok_q) | ~np.isfinite(kl)] = np.inf
+    return kl
 
 
 # ---------------------------------------------------------------- calibration cache (TensorRT 8.x)

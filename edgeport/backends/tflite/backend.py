@@ -183,7 +183,8 @@ class TFLiteBackend(DeviceBackend):
             if padded:
                 log.info("made %d MaxPool padding(s) explicit zeros for onnx2tf (exact after ReLU)", padded)
             job: dict[str, Any] = {"work": str(work), "onnx": str(work / "model.onnx"), "precision": precision,
-                                   "out": str(dest), "pseudo_ops": self._pseudo_ops(onnx)}
+                                   "out": str(dest), "pseudo_ops": self._pseudo_ops(onnx),
+                                   "outputs": self._output_names(onnx)}
             if calib is not None:
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
@@ -195,11 +196,12 @@ class TFLiteBackend(DeviceBackend):
             (work / "job.json").write_text(json.dumps(job))
             log.info("converting to TFLite %s with onnx2tf (a child process)", precision)
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
-            proc = run_child([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
-                             cwd=work, env=env)
-            for line in proc.stderr.splitlines():
+            def show(line: str) -> None:  # the child's progress, as it happens
                 if line.startswith("[tflite]"):
                     log.info("%s", line[len("[tflite] "):])
+
+            proc = run_child([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
+                             cwd=work, env=env, on_line=show)
             if proc.returncode != 0:
                 log.debug("conversion output:\n%s\n%s", proc.stdout, proc.stderr)
                 raise ConversionError(f"TFLite conversion failed: {_failure(proc.stdout + proc.stderr)}")
@@ -210,7 +212,6 @@ class TFLiteBackend(DeviceBackend):
         outputs = [TensorInfo(d["name"], d["shape"], d["dtype"], "NHWC" if len(d["shape"]) == 4 else None,
                               d["quant"], d["index"]) for d in result["outputs"]]
         self._check_io(inputs, spec, nhwc)
-        threads = int(target.options.get("num_threads", 4))
         info = {"onnx2tf": self.available().versions.get("onnx2tf", ""),
                 "tensorflow": self.available().versions.get("tensorflow-cpu", ""),
                 "layout_change": "NCHW -> NHWC (onnx2tf)", "size_mb": round(dest.stat().st_size / 1e6, 3)}
@@ -218,7 +219,17 @@ class TFLiteBackend(DeviceBackend):
             info["quantization"] = {"kind": "full-integer", "io": "int8", "weights": "per-channel",
                                     "subset_size": min(len(calib), job["subset_size"]) if calib else 0}
         return Artifacts(self.name, target.name, precision, {"model": dest}, inputs, outputs, nhwc,
-                         {"num_threads": threads}, info)
+                         self.runtime_settings(target, precision), info)
+
+    def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
+        """The interpreter's thread count (the model file is the same for every ARM target)."""
+        return {"num_threads": int(target.options.get("num_threads", 4))}
+
+    @staticmethod
+    def _output_names(onnx: Path) -> list[str]:
+        import onnx as onnx_lib
+
+        return [o.name for o in onnx_lib.load(str(onnx), load_external_data=False).graph.output]
 
     @staticmethod
     def _pseudo_ops(onnx: Path) -> list[str]:

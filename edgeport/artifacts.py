@@ -1,0 +1,368 @@
+"""Artifacts: one compile per distinct artifact, then one bundle per target.
+
+Targets whose artifact would be byte-identical share one compile: the key is what determines the
+artifact (the ONNX, backend, precision, the profile settings that backend's compile reads, the
+calibration set and the [quantize] settings it reads, toolchain versions), not the target's name.
+The four TFLite INT8 targets compile once; so do the three TensorRT INT8 profiles. Each target
+still gets its own parity row (under its own tolerances, from the shared host outputs), its own
+verdict, and its own bundle: manifest, runtime settings, runner, and any file of its own (the
+calibration cache of its TensorRT version), through the backend's ``for_target``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeport import __version__
+from edgeport.backends import get_backend
+from edgeport.backends.base import Artifacts, Quantization, TensorInfo
+from edgeport.cache import TMP_PREFIX, Stage, key_of, source_hash
+from edgeport.errors import EdgeportError
+from edgeport.model import file_sha256, source_fingerprint
+from edgeport.preprocess import InputSpec
+from edgeport.runner.metrics import compare
+
+if TYPE_CHECKING:
+    from edgeport.calibration import CalibrationSet
+    from edgeport.config import ProjectConfig
+    from edgeport.pipeline import ValidationRef
+    from edgeport.target import Target
+
+log = logging.getLogger("edgeport")
+GOLDEN_CASES = 4
+FAILED_DIR = "failed"  # dist/failed/<bundle>: bundles that failed their gates, kept apart and never archived
+
+
+@dataclass
+class Group:
+    """Targets (with one precision) whose artifact is the same: one compile serves them all."""
+
+    backend: str
+    precision: str
+    settings: dict[str, Any]  # the artifact stage's key settings
+    targets: list[Target] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """'tflite int8: android-arm64, raspberry-pi-5', for log lines and the stage table."""
+        return f"{self.backend} {self.precision}: {', '.join(t.name for t in self.targets)}"
+
+
+@dataclass
+class StageTime:
+    """One stage of a build, what it served and what it cost (the build's stage table)."""
+
+    stage: str
+    serves: str
+    seconds: float
+    cached: bool
+
+
+def _artifacts_to_dict(a: Artifacts, base: Path) -> dict[str, Any]:
+    d = {"backend": a.backend, "target": a.target, "precision": a.precision,
+         "files": {k: str(v.relative_to(base)) for k, v in a.files.items()},
+         "inputs": [vars(i) for i in a.inputs], "outputs": [vars(o) for o in a.outputs],
+         "spec": a.spec.to_dict(), "runtime": a.runtime, "info": a.info, "host_runnable": a.host_runnable}
+    return d
+
+
+def _artifacts_from_dict(d: dict[str, Any], base: Path) -> Artifacts:
+    return Artifacts(d["backend"], d["target"], d["precision"], {k: base / v for k, v in d["files"].items()},
+                     [TensorInfo(**i) for i in d["inputs"]], [TensorInfo(**o) for o in d["outputs"]],
+                     InputSpec.from_dict(d["spec"]), d["runtime"], d["info"], d["host_runnable"])
+
+
+def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """A 4-D array from layout ``src`` (NCHW or NHWC) to ``dst``; other ranks pass through."""
+    if src == dst or arr.ndim != 4:
+        return arr
+    return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)
+
+
+# Bumped when what an artifact stage stores changes shape (outputs.npz, info keys), so old caches are not read.
+STAGE_FORMAT = 3
+
+
+def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: list[str],
+                host: bool = False) -> dict[str, dict[str, Any]]:
+    """Per output: the target's tolerance for ``precision`` (vs PyTorch, or vs the host artifact when
+    ``host``), overridden by the project's [validation.tolerance] entries (the same as `edgeport validate`)."""
+    if host:
+        return {name: target.host_tolerances(precision) for name in outputs}
+    return {name: cfg.validation.tolerance_for(name, precision, target.tolerances(precision)) for name in outputs}
+
+
+def group_targets(cfg: ProjectConfig, chosen: list[tuple[Target, str]], onnx_sha256: str,
+                  calib: CalibrationSet | None, val: ValidationRef | None) -> list[Group]:
+    """The selected (target, precision) pairs grouped by the artifact they need, in selection order."""
+    groups: dict[str, Group] = {}
+    for target, precision in chosen:
+        backend = get_backend(target.backend)
+        settings = artifact_settings(cfg, backend, target, precision, onnx_sha256, calib, val)
+        key = key_of(settings)
+        groups.setdefault(key, Group(target.backend, precision, settings)).targets.append(target)
+    return list(groups.values())
+
+
+def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precision: str, onnx_sha256: str,
+                      calib: CalibrationSet | None, val: ValidationRef | None) -> dict[str, Any]:
+    """What determines one artifact: the cache key of its compile."""
+    needs_calib = backend.calibration_needed(precision)
+    quant = Quantization(cfg.quantize, val.data if val is not None else None) if needs_calib else None
+    return {"onnx": onnx_sha256, "backend": backend.name, "precision": precision,
+            "target": backend.artifact_settings(target, precision),
+            "calib": calib.sha256 if needs_calib and calib is not None else None,
+            "quant": quant.key(backend.int8_settings) if quant is not None else None,
+            "versions": backend.versions_key(),
+            "code": source_hash(*Path(backend.runner_part()).parent.glob("*.py")),
+            "edgeport": __version__, "format": STAGE_FORMAT}
+
+
+def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Path, calib: CalibrationSet | None,
+                  spec: InputSpec, build_dir: Path, val: ValidationRef | None,
+                  memo: Any) -> tuple[Stage, dict[str, Any], bool]:
+    """Compile the group's artifact once (for its first target) and run it on the host on the reference
+    samples: outputs.npz holds those outputs, every target's parity comes from them."""
+    backend = get_backend(group.backend)
+    stage = Stage(build_dir, f"artifact/{group.backend}-{group.precision}", group.settings)
+    needs_calib = backend.calibration_needed(group.precision)
+    quant = Quantization(cfg.quantize, val.data if val is not None else None, memo) if needs_calib else None
+
+    def run(tmp: Path) -> dict[str, Any]:
+        t0 = time.time()
+        log.info("compiling (one artifact for %d target(s))", len(group.targets))
+        art = backend.compile(onnx, group.targets[0], group.precision, calib if needs_calib else None, tmp, spec,
+                              quant)
+        if art.host_runnable:
+            with np.load(reference) as z:
+                inputs = z["inputs"]
+            with backend.open(art) as rt:
+                got = rt.run_batches(to_layout(inputs, spec.layout, art.spec.layout))
+            np.savez(tmp / "outputs.npz", **got)
+        return {"artifacts": _artifacts_to_dict(art, tmp), "compile_seconds": time.time() - t0,
+                "serves": [t.name for t in group.targets]}
+
+    info, cached = stage.run(run)
+    return stage, info, cached
+
+
+def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: InputSpec, build_dir: Path,
+                   val: ValidationRef) -> tuple[dict[str, Any], bool]:
+    """The artifact's task metric on the labelled set, its drop from FP32 and agreement with FP32 (cached by the
+    artifact and the set: a new validation set does not recompile)."""
+    backend = get_backend(group.backend)
+    ev = Stage(build_dir, f"evaluation/{group.backend}-{group.precision}",
+               {"artifact": stage.key, "val": val.data.sha256, "format": STAGE_FORMAT})
+
+    def run(tmp: Path) -> dict[str, Any]:
+        from edgeport.evaluate import primary, task_metrics
+        from edgeport.runner.metrics import task_agreement
+
+        art = _artifacts_from_dict(info["artifacts"], stage.dir)
+        with backend.open(art) as rt:
+            got = rt.run_batches(to_layout(val.data.inputs, spec.layout, art.spec.layout))[art.outputs[0].name]
+        got = to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
+        metrics = task_metrics(got, val.data, spec.layout)
+        key, value = primary(metrics)
+        return {"metrics": metrics, "reference": val.metrics, "metric": key,
+                "drop": val.metrics[key] - value if value is not None else None,
+                "agreement": task_agreement(val.outputs, got, spec.task), "source": val.data.source,
+                "count": len(val.data)}
+
+    return ev.run(run)
+
+
+def target_parity(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
+                  reference: Path, spec: InputSpec) -> dict[str, Any]:
+    """One target's view of the shared artifact: parity per output under its own tolerances, the tolerances,
+    and the host tolerance where the host ran the real runtime."""
+    with np.load(reference) as z:
+        ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
+    art = info["artifacts"]
+    tol = _tolerances(cfg, target, precision, list(ref))
+    parity: dict[str, Any] = {}
+    host = art["host_runnable"] and not art["info"].get("emulated")
+    if art["host_runnable"]:
+        layout = art["spec"]["layout"]
+        with np.load(stage.dir / "outputs.npz") as z:
+            for name, r in ref.items():
+                g = z[name]
+                g = to_layout(g, layout, spec.layout) if g.ndim == 4 and g.shape != r.shape else g
+                parity[name] = compare(r, g, spec.task, tol[name])
+    return {"artifacts": art, "parity": parity, "tolerance": tol,
+            "host_tolerance": _tolerances(cfg, target, precision, list(ref), host=True) if host else None}
+
+
+def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[str, Any]:
+    """The build's verdict on one artifact: its gates (parity per output, the task metric) and where they ran.
+
+    ``status`` is "passed", "failed" (with ``reasons``) or "device-only" (nothing could run on the build
+    host; the device's ``runner.py --selftest`` against PyTorch is the gate).
+    """
+    reasons = [f"output '{n}': {', '.join(m['failed'])} vs PyTorch" for n, m in info["parity"].items() if not m["ok"]]
+    acc = info.get("accuracy")
+    if acc and acc["drop"] is not None:
+        acc["ok"] = not (precision == "int8" and acc["drop"] > max_drop)
+        if not acc["ok"]:
+            reasons.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
+                           f"max_drop {max_drop:g}")
+    art = info["artifacts"]
+    if not art["host_runnable"]:
+        checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"
+    elif art["info"].get("emulated"):
+        checked = ("INT8 emulated in ONNX Runtime (Q/DQ model) against PyTorch; runner.py --selftest checks the "
+                   "engine on the device")
+    else:
+        checked = f"{art['backend']} on the build host against PyTorch"
+    status = "failed" if reasons else ("passed" if art["host_runnable"] else "device-only")
+    gates = {"parity": {n: "passed" if m["ok"] else "failed" for n, m in info["parity"].items()},
+             "metric": None if not acc or acc["drop"] is None else ("passed" if acc["ok"] else "failed")}
+    return {"status": status, "reasons": reasons, "checked": checked, "gates": gates}
+
+
+def bundle_dest(out_dir: Path, name: str, status: str) -> Path:
+    """Where a bundle goes: dist/<name>, or dist/failed/<name> when it failed its gates."""
+    return out_dir / FAILED_DIR / name if status == "failed" else out_dir / name
+
+
+def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
+                        export_stage: Stage, export_info: dict[str, Any], calib: CalibrationSet | None,
+                        samples: CalibrationSet, spec: InputSpec, out_dir: Path, build_dir: Path,
+                        verdict: dict[str, Any]) -> tuple[Path, bool]:
+    """Write one target's bundle unless it is already there intact (folder and archive); (folder, cached).
+
+    ``info`` is target_parity's result with the accuracy. A bundle that passed goes to dist/<target>-<precision>
+    with its .tar.gz; one that failed goes to dist/failed/<target>-<precision>, without an archive, its manifest
+    saying why; whatever the other place held for that name is removed, so dist/ only ever shows what this
+    build proved.
+    """
+    from edgeport.bundle import (
+        RUNNER_PARTS,
+        archive_matches,
+        assemble_runner,
+        remove_bundle,
+        write_archive,
+        write_bundle,
+    )
+    from edgeport.pipeline import _dist_version
+
+    backend = get_backend(target.backend)
+    name = f"{target.name}-{precision}"
+    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
+    key = key_of({"artifact": stage.key, "target": target.fingerprint(), "tolerance": info["tolerance"],
+                  "host_tolerance": info["host_tolerance"], "accuracy": info.get("accuracy"), "verdict": verdict,
+                  "runner": source_hash(backend.runner_part(), *RUNNER_PARTS), "root": str(cfg.root),
+                  "weights": str(weights), "samples": samples.sha256, "edgeport": __version__})
+    dest = bundle_dest(out_dir, name, verdict["status"])
+    other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
+    if remove_bundle(other):
+        log.info("removed the %s bundle of an earlier build from %s", "shippable" if verdict["status"] == "failed"
+                 else "failed", other.parent)
+    if _is_current(dest, key, verdict):
+        if verdict["status"] != "failed" and not archive_matches(dest):
+            log.info("the archive did not match its folder (an interrupted build); rewriting it")
+            write_archive(dest)
+        return dest, True
+    shared = _artifacts_from_dict(info["artifacts"], stage.dir)
+    with np.load(export_stage.dir / "reference.npz") as z:
+        inputs = to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, shared.spec.layout)
+        # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device;
+        # where the host ran the real runtime, its outputs go beside them for a tight device-vs-host check.
+        reference = {k[4:]: to_layout(z[k], spec.layout, shared.spec.layout)[:GOLDEN_CASES]
+                     for k in z.files if k.startswith("out:")}
+    host = None
+    if info["host_tolerance"] is not None:
+        with np.load(stage.dir / "outputs.npz") as z:
+            host = {k: z[k][:GOLDEN_CASES] for k in z.files}
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{name}-", dir=build_dir) as own:
+        art = backend.for_target(shared, target, Path(own))
+        manifest = {
+            "build_key": key,
+            "verdict": verdict,
+            "model": {"name": export_info["model"], "source": cfg.model.source,
+                      "onnx_sha256": export_info["onnx_sha256"], "seed": cfg.model.seed, "root": str(cfg.root),
+                      "source_fingerprint": source_fingerprint(cfg.model.source, cfg.root),
+                      "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None,
+                      "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
+                      "task": spec.task, "labels": spec.labels, "palette": [list(p) for p in spec.palette]},
+            "target": target.name, "backend": target.backend, "precision": precision,
+            "target_profile": target.to_dict(),
+            "inputs": [i.to_dict() for i in art.inputs], "outputs": [o.to_dict() for o in art.outputs],
+            "preprocess": art.spec.to_dict(), "runtime": art.runtime, "requires": target.runtime,
+            "camera": target.camera,
+            "provenance": {"edgeport": __version__, "torch": _dist_version("torch"), "onnx": _dist_version("onnx"),
+                           "opset": export_info["opset"], "optimize": export_info["optimize"], **art.info,
+                           "artifact_key": stage.key,  # bundles with the same key hold the same compile
+                           "calibration": calib.summary() if calib is not None else None,
+                           "samples": samples.summary()},
+            "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
+                       "tolerance": info["tolerance"], "accuracy": info.get("accuracy")},
+        }
+        runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
+        reqs = list(target.requirements.get("pip", []))
+        readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
+        extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
+        write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
+                     golden=(samples.frames[:GOLDEN_CASES], inputs, reference, host, info["tolerance"],
+                             info["host_tolerance"]),
+                     readme=readme, requirements=reqs, extra=extra, archive=verdict["status"] != "failed")
+    return dest, False
+
+
+def _is_current(dest: Path, key: str, verdict: dict[str, Any]) -> bool:
+    """Whether ``dest`` already holds this build's bundle, intact, with this verdict."""
+    from edgeport.bundle import verify_bundle
+
+    try:
+        m = json.loads((dest / "manifest.json").read_text())
+        return m.get("build_key") == key and m.get("verdict") == verdict and not verify_bundle(dest)
+    except (OSError, ValueError, EdgeportError):  # absent or unreadable: rewritten
+        return False
+
+
+def _device_readme(target: Target, precision: str, model: str, runner: bool, verdict: dict[str, Any]) -> str:
+    reqs = target.requirements
+    lines = [f"# {model} for {target.name} ({precision})", "", target.description, ""]
+    if verdict["status"] == "failed":
+        lines += ["**This bundle FAILED its build gates and must not be deployed:**", "",
+                  *[f"- {r}" for r in verdict["reasons"]], "",
+                  "runner.py, `edgeport inspect` and `edgeport flash` refuse it unless forced (--force).", ""]
+    lines += [
+             "Built by edgeport. `manifest.json` describes the model, its inputs and outputs, the",
+             "preprocessing, the runtime settings and the sha256 of every file.", ""]
+    if reqs.get("system"):
+        lines += ["## On the device", "", "System packages: " + ", ".join(reqs["system"]), ""]
+    if runner and target.backend == "tensorrt":
+        lines += ["## Run on the Jetson", "", "```", "python3 -m pip install -r requirements.txt   # pycuda; "
+                  "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
+                  "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
+                  f"python3 runner.py {target.camera.get('source', 'csi://0')}",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                  "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
+                  "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
+    elif runner:
+        lines += ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
+                  "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
+                  "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                  "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
+                  "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
+    else:
+        lines += ["## Use", "", "Load the model file named in manifest.json's files_by_role in your app and",
+                  "apply the preprocessing in manifest.json exactly (`preprocess`: resize mode, colour order,",
+                  "scale, mean, std, layout). Class names are in labels.txt. Where an input or output has",
+                  "`quant` in the manifest it is integer: feed q = clip(round(x / scale) + zero_point) and read",
+                  "f = scale * (q - zero_point). golden/ holds inputs and the outputs this model gave for them.",
+                  ""]
+    for note in target.notes:
+        lines += [f"Note: {note}", ""]
+    return "\n".join(lines)
+
+

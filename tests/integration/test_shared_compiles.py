@@ -1,0 +1,122 @@
+"""Each distinct artifact is compiled once: targets that share it share the compile, and a setting one target
+reads rebuilds only what it changes (its bundle, or its compile)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, has, needs_openvino, needs_torch, run_cli
+
+pytestmark = [needs_torch, needs_openvino]
+TFLITE = ["raspberry-pi-4:int8", "raspberry-pi-5:int8", "arm64-linux:int8"] if has("onnx2tf") else []
+TARGETS = [*TFLITE, "jetson-orin-nano:int8", "jetson-xavier-nx:int8", "intel-cpu:int8", "intel-npu:int8"]
+
+
+def _build(proj: Path) -> dict:
+    res = run_cli("build", *[a for t in TARGETS for a in ("--target", t)], "--json", cwd=proj)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def _status(report: dict) -> dict[str, str]:
+    return {f"{t['target']}-{t['precision']}": t["status"] for t in report["targets"]}
+
+
+def _profile(proj: Path, name: str, old: str, new: str) -> None:
+    """A project profile that overrides the built-in one with one setting changed."""
+    (proj / "targets").mkdir(exist_ok=True)
+    text = (ROOT / "targets" / f"{name}.toml").read_text()
+    assert old in text
+    (proj / "targets" / f"{name}.toml").write_text(text.replace(old, new))
+
+
+def test_shared_artifacts_compile_once_and_a_setting_rebuilds_only_its_target(default_project, tmp_path):
+    proj = tmp_path / "proj"
+    for stage in ("calibration", "export"):  # the shared stages come from the cache
+        shutil.copytree(default_project[0] / "build" / stage, proj / "build" / stage)
+    first = _build(proj)
+    distinct = 3 + bool(TFLITE)  # TFLite INT8 (3 ARM targets), TensorRT INT8 (2 Jetsons), OpenVINO CPU and NPU
+    assert first["compiles"] == first["artifacts"] == distinct, first["stages"]
+    assert set(_status(first).values()) == {"built"} and len(first["targets"]) == len(TARGETS)
+    ranges = [s for s in first["stages"] if "ranges" in s["stage"]]
+    assert len(ranges) == 1 and not ranges[0]["cached"]  # measured once for both TensorRT profiles
+
+    dist = proj / "dist"
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in dist.glob("*/manifest.json")}
+    if TFLITE:
+        arm = [manifests[t.replace(":", "-")] for t in TFLITE]
+        assert len({m["provenance"]["artifact_key"] for m in arm}) == 1
+        assert len({m["files"]["model_int8.tflite"] for m in arm}) == 1  # the same model, byte for byte
+        assert {m["runtime"]["num_threads"] for m in arm} == {4}
+    orin, xavier = manifests["jetson-orin-nano-int8"], manifests["jetson-xavier-nx-int8"]
+    assert orin["provenance"]["artifact_key"] == xavier["provenance"]["artifact_key"]
+    assert orin["files"]["model_qdq.onnx"] == xavier["files"]["model_qdq.onnx"]
+    # each keeps what is its own: the calibration cache of its TensorRT version (8.x only), its runtime
+    assert (dist / "jetson-xavier-nx-int8" / "calib.cache").read_text().startswith("TRT-8502-EntropyCalibration2")
+    assert "calib.cache" not in orin["files"] and orin["runtime"]["tensorrt"] == "10.3.0"
+    assert orin["provenance"]["int8_mode_default"] == "qdq" and xavier["provenance"]["int8_mode_default"] == "qdq"
+    cpu, npu = manifests["intel-cpu-int8"], manifests["intel-npu-int8"]
+    assert cpu["provenance"]["artifact_key"] != npu["provenance"]["artifact_key"]  # NNCF's target device differs
+
+    assert _build(proj)["compiles"] == 0  # warm: nothing compiled, nothing rebuilt
+
+    if TFLITE:  # a runtime setting of one target: its bundle only
+        _profile(proj, "raspberry-pi-5", "num_threads = 4", "num_threads = 2")
+        report = _build(proj)
+        assert report["compiles"] == 0, report["stages"]
+        changed = {k for k, v in _status(report).items() if v != "cached"}
+        assert changed == {"raspberry-pi-5-int8"}, _status(report)
+        assert json.loads((dist / "raspberry-pi-5-int8" / "manifest.json").read_text())["runtime"]["num_threads"] == 2
+
+    # a setting one target's compile reads: that compile and that bundle only
+    _profile(proj, "intel-cpu", 'performance_hint = "LATENCY"', 'performance_hint = "LATENCY"\nnncf_preset = "mixed"')
+    report = _build(proj)
+    assert report["compiles"] == 1, report["stages"]
+    assert {k for k, v in _status(report).items() if v != "cached"} == {"intel-cpu-int8"}, _status(report)
+    m = json.loads((dist / "intel-cpu-int8" / "manifest.json").read_text())
+    assert m["provenance"]["quantization"]["preset"] == "mixed"
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy"])
+def test_ranges_match_a_plain_reference(tmp_path, method):
+    """The one-pass collectors give what the definitions give, on a real ONNX with real frames."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from edgeport.backends.tensorrt.ranges import BINS, _float_tensors, collect_ranges, entropy_amax
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), input_names=["x"], dynamo=False)
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(60, 3, 16, 16)).astype(np.float32)
+    got = collect_ranges(path, data, method)
+    model = onnx.load(str(path))
+    names = _float_tensors(model)
+    for n in names:
+        if n not in {o.name for o in model.graph.output}:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    every = {n: [] for n in names}
+    for i in range(len(data)):
+        values = dict(zip(outs, sess.run(outs, {"x": data[i:i + 1]})))
+        values["x"] = data[i:i + 1]
+        for n in names:
+            every[n].append(np.abs(values[n]).ravel())
+    for n in names:
+        a = np.concatenate(every[n])
+        if method == "max":
+            want = float(a.max())
+        elif method == "percentile":
+            want = float(np.quantile(a, 0.9999, method="inverted_cdf"))
+        else:
+            want = entropy_amax(np.histogram(a, bins=BINS, range=(0.0, float(a.max())))[0], float(a.max()))
+        assert got[n] == pytest.approx(want, rel=1e-6 if method != "entropy" else 2e-3), n
