@@ -40,15 +40,12 @@ class Quantization:
         on = self.settings.accuracy_control
         return self.val is not None and self.val.labelled if on is None else bool(on)
 
-    def key(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
-        """Cache-key form; with ``fields``, only those settings (the ones a backend reads), and the validation
-        data only when that backend's accuracy control uses it."""
+    def key(self, fields: frozenset[str]) -> dict[str, Any]:
+        """Cache-key form: the settings in ``fields`` (those a backend reads), and the validation data only
+        when that backend's accuracy control uses it."""
         import dataclasses
 
         settings = dataclasses.asdict(self.settings)
-        if fields is None:
-            return {**settings, "val": self.val.sha256 if self.val is not None else None,
-                    "accuracy_control": self.accuracy_control}
         uses_val = "accuracy_control" in fields and self.accuracy_control
         return {**{k: v for k, v in settings.items() if k in fields},
                 "val": self.val.sha256 if uses_val and self.val is not None else None,
