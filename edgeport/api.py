@@ -152,8 +152,8 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
         samples, _ = _calibration_stage(cfg, source, cfg.input, build_path, 1)
         stage, info, cached = _export_stage(cfg, cfg.input, samples, chosen, build_path)
     dest = Path(out) if out else Path(f"{info['model']}.onnx")
-    if dest.is_dir():
-        raise ConfigError(f"--out {dest} is a folder; give an ONNX file name")
+    if dest.is_dir():  # the default name, known only now (a given --out was checked above)
+        raise ConfigError(f"{dest} is a folder; give --out an ONNX file name")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{TMP_PREFIX}{dest.name}.part")
     try:  # copied under a temporary name, then renamed: an interrupted export never leaves half an ONNX
@@ -180,10 +180,10 @@ def validate(paths: list[str] | None = None, *, config: str | None = None, model
     Example: validate(["dist"], val_images="camvid/val", val_labels="camvid/valannot", bench=True)
     """
     from edgeport.config import CONFIG_NAME
+    from edgeport.flagcheck import check_val_labels
     from edgeport.validate import config_from_manifests, run_validate
 
-    if val_labels is not None and val_images is None:
-        raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
+    check_val_labels(val_labels, val_images)
     base = None
     if config is None and model is None and not (Path.cwd() / CONFIG_NAME).is_file():
         base = config_from_manifests(list(paths or []), build_dir)
@@ -229,14 +229,14 @@ def inspect(path: str) -> dict[str, Any]:
         from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 
         m = read_manifest(p)
-        problems = verify_bundle(p)
-        problems += [f"FAILED its build gates: {r}" for r in failed_gates(m)]
+        damaged = verify_bundle(p)
+        problems = damaged + [f"FAILED its build gates: {r}" for r in failed_gates(m)]
         return {"kind": "bundle", "path": str(p), "model": m["model"]["name"], "source": m["model"].get("source"),
                 "seed": m["model"].get("seed"), "target": m["target"], "backend": m["backend"],
                 "precision": m["precision"], "verdict": m.get("verdict"), "inputs": m["inputs"],
                 "outputs": m["outputs"], "preprocess": m["preprocess"], "runtime": m["runtime"],
                 "parity": m.get("parity"), "files": len(m["files"]), "build_key": m.get("build_key"),
-                "edgeport": m.get("edgeport"), "problems": problems}
+                "edgeport": m.get("edgeport"), "damaged": damaged, "problems": problems}
     if p.suffix == ".onnx" and p.is_file():
         import onnx
 
@@ -304,8 +304,7 @@ def inspect_text(res: dict[str, Any]) -> list[str]:
     if acc and acc.get("drop") is not None:
         rows.append(("accuracy", f"{acc['metric']} {acc['metrics'][acc['metric']]:.2f} ({-acc['drop']:+.2f} vs "
                                  f"FP32) on {acc['source']}"))
-    rows.append(("files", f"{res['files']}, " + ("all sha256 match" if not any(
-        not p.startswith("FAILED") for p in res["problems"]) else "DAMAGED")))
+    rows.append(("files", f"{res['files']}, " + ("DAMAGED" if res["damaged"] else "all sha256 match")))
     rows.append(("built", f"edgeport {res.get('edgeport')}, build key {res.get('build_key')}"))
     lines = [f"{k:11} {v}" for k, v in rows]
     lines += [f"problem     {p}" for p in res["problems"]]

@@ -26,7 +26,6 @@ from edgeport.backends import get_backend
 from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import TMP_PREFIX, Stage, key_of, source_hash
 from edgeport.errors import EdgeportError
-from edgeport.model import file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.runner.metrics import compare
 
@@ -51,9 +50,28 @@ class Group:
     targets: list[Target] = field(default_factory=list)
 
     @property
+    def names(self) -> str:
+        """'android-arm64, raspberry-pi-5': the targets it serves."""
+        return ", ".join(t.name for t in self.targets)
+
+    @property
     def label(self) -> str:
-        """'tflite int8: android-arm64, raspberry-pi-5', for log lines and the stage table."""
-        return f"{self.backend} {self.precision}: {', '.join(t.name for t in self.targets)}"
+        """'tflite int8: android-arm64, raspberry-pi-5', for log lines."""
+        return f"{self.backend} {self.precision}: {self.names}"
+
+
+@dataclass
+class Reference:
+    """The export's samples and PyTorch's outputs for them (reference.npz), read once per build."""
+
+    inputs: np.ndarray
+    outputs: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        """From the export stage's reference.npz."""
+        with np.load(path) as z:
+            return cls(z["inputs"], {k[4:]: z[k] for k in z.files if k.startswith("out:")})
 
 
 @dataclass
@@ -126,8 +144,8 @@ def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precisio
             "edgeport": __version__, "format": STAGE_FORMAT}
 
 
-def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Path, calib: CalibrationSet | None,
-                  spec: InputSpec, build_dir: Path, val: ValidationRef | None,
+def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Reference,
+                  calib: CalibrationSet | None, spec: InputSpec, build_dir: Path, val: ValidationRef | None,
                   memo: Any) -> tuple[Stage, dict[str, Any], bool]:
     """Compile the group's artifact once (for its first target) and run it on the host on the reference
     samples: outputs.npz holds those outputs, every target's parity comes from them."""
@@ -142,16 +160,21 @@ def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Path,
         art = backend.compile(onnx, group.targets[0], group.precision, calib if needs_calib else None, tmp, spec,
                               quant)
         if art.host_runnable:
-            with np.load(reference) as z:
-                inputs = z["inputs"]
             with backend.open(art) as rt:
-                got = rt.run_batches(to_layout(inputs, spec.layout, art.spec.layout))
+                got = rt.run_batches(to_layout(reference.inputs, spec.layout, art.spec.layout))
             np.savez(tmp / "outputs.npz", **got)
-        return {"artifacts": _artifacts_to_dict(art, tmp), "compile_seconds": time.time() - t0,
-                "serves": [t.name for t in group.targets]}
+        return {"artifacts": _artifacts_to_dict(art, tmp), "compile_seconds": time.time() - t0}
 
     info, cached = stage.run(run)
     return stage, info, cached
+
+
+def host_outputs(stage: Stage, info: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The artifact's outputs on the reference samples, as the build host ran it (None when it cannot)."""
+    if not info["artifacts"]["host_runnable"]:
+        return None
+    with np.load(stage.dir / "outputs.npz") as z:
+        return {k: z[k] for k in z.files}
 
 
 def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: InputSpec, build_dir: Path,
@@ -180,25 +203,21 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
     return ev.run(run)
 
 
-def target_parity(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
-                  reference: Path, spec: InputSpec) -> dict[str, Any]:
+def target_parity(cfg: ProjectConfig, target: Target, precision: str, info: dict[str, Any], reference: Reference,
+                  host: dict[str, np.ndarray] | None, spec: InputSpec) -> dict[str, Any]:
     """One target's view of the shared artifact: parity per output under its own tolerances, the tolerances,
     and the host tolerance where the host ran the real runtime."""
-    with np.load(reference) as z:
-        ref = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
     art = info["artifacts"]
-    tol = _tolerances(cfg, target, precision, list(ref))
+    outputs = list(reference.outputs)
+    tol = _tolerances(cfg, target, precision, outputs)
     parity: dict[str, Any] = {}
-    host = art["host_runnable"] and not art["info"].get("emulated")
-    if art["host_runnable"]:
-        layout = art["spec"]["layout"]
-        with np.load(stage.dir / "outputs.npz") as z:
-            for name, r in ref.items():
-                g = z[name]
-                g = to_layout(g, layout, spec.layout) if g.ndim == 4 and g.shape != r.shape else g
-                parity[name] = compare(r, g, spec.task, tol[name])
+    for name, r in reference.outputs.items() if host is not None else ():
+        g = host[name]
+        g = to_layout(g, art["spec"]["layout"], spec.layout) if g.ndim == 4 and g.shape != r.shape else g
+        parity[name] = compare(r, g, spec.task, tol[name])
+    real = host is not None and not art["info"].get("emulated")
     return {"artifacts": art, "parity": parity, "tolerance": tol,
-            "host_tolerance": _tolerances(cfg, target, precision, list(ref), host=True) if host else None}
+            "host_tolerance": _tolerances(cfg, target, precision, outputs, host=True) if real else None}
 
 
 def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[str, Any]:
@@ -234,15 +253,16 @@ def bundle_dest(out_dir: Path, name: str, status: str) -> Path:
 
 
 def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stage: Stage, info: dict[str, Any],
-                        export_stage: Stage, export_info: dict[str, Any], calib: CalibrationSet | None,
-                        samples: CalibrationSet, spec: InputSpec, out_dir: Path, build_dir: Path,
+                        reference: Reference, host: dict[str, np.ndarray] | None, record: dict[str, Any],
+                        export_info: dict[str, Any], calib: CalibrationSet | None, samples: CalibrationSet,
+                        spec: InputSpec, out_dir: Path, build_dir: Path,
                         verdict: dict[str, Any]) -> tuple[Path, bool]:
     """Write one target's bundle unless it is already there intact (folder and archive); (folder, cached).
 
-    ``info`` is target_parity's result with the accuracy. A bundle that passed goes to dist/<target>-<precision>
-    with its .tar.gz; one that failed goes to dist/failed/<target>-<precision>, without an archive, its manifest
-    saying why; whatever the other place held for that name is removed, so dist/ only ever shows what this
-    build proved.
+    ``info`` is target_parity's result with the accuracy; ``record`` is pipeline.model_record. A bundle
+    that passed goes to dist/<target>-<precision> with its .tar.gz; one that failed goes to
+    dist/failed/<target>-<precision>, without an archive, its manifest saying why; whatever the other place
+    held for that name is removed, so dist/ only ever shows what this build proved.
     """
     from edgeport.bundle import (
         RUNNER_PARTS,
@@ -256,11 +276,10 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
 
     backend = get_backend(target.backend)
     name = f"{target.name}-{precision}"
-    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
     key = key_of({"artifact": stage.key, "target": target.fingerprint(), "tolerance": info["tolerance"],
                   "host_tolerance": info["host_tolerance"], "accuracy": info.get("accuracy"), "verdict": verdict,
-                  "runner": source_hash(backend.runner_part(), *RUNNER_PARTS), "root": str(cfg.root),
-                  "weights": str(weights), "samples": samples.sha256, "edgeport": __version__})
+                  "runner": source_hash(backend.runner_part(), *RUNNER_PARTS), "model": record,
+                  "samples": samples.sha256, "edgeport": __version__})
     dest = bundle_dest(out_dir, name, verdict["status"])
     other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
     if remove_bundle(other):
@@ -272,25 +291,18 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
             write_archive(dest)
         return dest, True
     shared = _artifacts_from_dict(info["artifacts"], stage.dir)
-    with np.load(export_stage.dir / "reference.npz") as z:
-        inputs = to_layout(z["inputs"][:GOLDEN_CASES], spec.layout, shared.spec.layout)
-        # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device;
-        # where the host ran the real runtime, its outputs go beside them for a tight device-vs-host check.
-        reference = {k[4:]: to_layout(z[k], spec.layout, shared.spec.layout)[:GOLDEN_CASES]
-                     for k in z.files if k.startswith("out:")}
-    host = None
-    if info["host_tolerance"] is not None:
-        with np.load(stage.dir / "outputs.npz") as z:
-            host = {k: z[k][:GOLDEN_CASES] for k in z.files}
+    layout = shared.spec.layout
+    inputs = to_layout(reference.inputs[:GOLDEN_CASES], spec.layout, layout)
+    # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device; where
+    # the host ran the real runtime, its outputs go beside them for a tight device-vs-host check.
+    golden = {k: to_layout(v, spec.layout, layout)[:GOLDEN_CASES] for k, v in reference.outputs.items()}
+    host_golden = {k: v[:GOLDEN_CASES] for k, v in host.items()} if info["host_tolerance"] is not None else None
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{name}-", dir=build_dir) as own:
         art = backend.for_target(shared, target, Path(own))
         manifest = {
             "build_key": key,
             "verdict": verdict,
-            "model": {"name": export_info["model"], "source": cfg.model.source,
-                      "onnx_sha256": export_info["onnx_sha256"], "seed": cfg.model.seed, "root": str(cfg.root),
-                      "source_fingerprint": source_fingerprint(cfg.model.source, cfg.root),
-                      "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None,
+            "model": {"name": export_info["model"], "onnx_sha256": export_info["onnx_sha256"], **record,
                       "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
                       "task": spec.task, "labels": spec.labels, "palette": [list(p) for p in spec.palette]},
             "target": target.name, "backend": target.backend, "precision": precision,
@@ -311,7 +323,7 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
         readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
         extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
         write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
-                     golden=(samples.frames[:GOLDEN_CASES], inputs, reference, host, info["tolerance"],
+                     golden=(samples.frames[:GOLDEN_CASES], inputs, golden, host_golden, info["tolerance"],
                              info["host_tolerance"]),
                      readme=readme, requirements=reqs, extra=extra, archive=verdict["status"] != "failed")
     return dest, False

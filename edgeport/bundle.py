@@ -222,13 +222,17 @@ def archive_matches(bundle: Path) -> bool:
     return seen == want
 
 
+def _aside(folder: Path) -> Path:
+    """Rename ``folder`` to a fresh temporary name beside it (one atomic step); returns the new path."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{folder.name}-old-", dir=folder.parent))
+    aside.rmdir()
+    folder.rename(aside)
+    return aside
+
+
 def _swap(new: Path, dest: Path) -> None:
     """Put folder ``new`` at ``dest``; an existing ``dest`` is renamed aside first, then removed."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
-        old.rmdir()
-        dest.rename(old)
+    old = _aside(dest) if dest.exists() else None
     try:
         new.rename(dest)
     except BaseException:
@@ -246,10 +250,7 @@ def remove_bundle(bundle: Path) -> bool:
         archive_of(bundle).unlink()
         found = True
     if bundle.is_dir():
-        aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{bundle.name}-old-", dir=bundle.parent))
-        aside.rmdir()
-        bundle.rename(aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(_aside(bundle), ignore_errors=True)
         found = True
     return found
 

@@ -80,44 +80,36 @@ def writable_folder(path: Path, flag: str, create: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def folder_lock(*folders: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]:
-    """Hold an exclusive lock on each folder (flock on its .edgeport.lock) for the block.
+def folder_lock(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock on its .edgeport.lock) for the block.
 
-    Folders are locked in a fixed order, so two builds never deadlock. A second build waits, saying
-    which process holds the lock; with ``wait`` False it fails with one line instead. The kernel
-    releases the lock when the process dies, however it dies.
+    A second build waits, saying which process holds the lock; with ``wait`` False it fails with one line
+    instead. The kernel releases the lock when the process dies, however it dies. A build takes its build
+    folder's lock first and its output folder's second, always in that order, so two builds cannot deadlock.
     """
-    handles = []
-    try:
-        for folder in sorted({f.resolve() for f in folders}):
-            path = folder / LOCK_NAME
-            fh = open(path, "a+")
-            handles.append(fh)
-            said = False
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another process"
-                    if not wait:
-                        raise ConfigError(f"{folder} is in use by another edgeport build ({holder}); wait for it "
-                                          "or use another --build-dir / --out") from None
-                    if not said:
-                        log.info("waiting for another edgeport build (%s) that is using %s", holder, folder)
-                        said = True
-                    time.sleep(poll)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
+    with open(folder / LOCK_NAME, "a+") as fh:  # closing releases the flock
+        said = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                if not wait:
+                    raise ConfigError(f"{folder} is in use by another edgeport build ({holder}); wait for it or "
+                                      "use another --build-dir / --out") from None
+                if not said:
+                    log.info("waiting for another edgeport build (%s) that is using %s", holder, folder)
+                    said = True
+                time.sleep(poll)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
         yield
-    finally:
-        for fh in reversed(handles):
-            fh.close()  # closing releases the flock
 
 
 def key_of(settings: dict[str, Any]) -> str:

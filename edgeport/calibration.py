@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlparse
 
 import numpy as np
 
+from edgeport.config import resolve_path
 from edgeport.errors import CalibrationError
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
@@ -146,9 +147,7 @@ def load_calibration(source: str, spec: InputSpec, *, max_images: int = RECOMMEN
 
         h.update(Path(scene.__file__).read_bytes())
     else:
-        path = Path(source).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = root / path
+        path = resolve_path(source, root)
         if not path.exists():
             raise CalibrationError(f"calibration source {path} does not exist")
         if path.is_dir():
@@ -201,9 +200,7 @@ def check_source(source: str, root: Path | None = None) -> None:
     """CalibrationError for a source that cannot be read at all (checked before any expensive stage)."""
     if source.startswith(SYNTHETIC):
         return
-    path = Path(source).expanduser()
-    if not path.is_absolute() and root is not None:
-        path = root / path
+    path = resolve_path(source, root)
     if not path.exists():
         raise CalibrationError(f"calibration source {path} does not exist")
     if path.is_file() and path.suffix.lower() not in (".npy", *VIDEO_EXTS):
@@ -223,9 +220,7 @@ def fingerprint(source: str, root: Path | None = None) -> str:
 
         h.update(Path(scene.__file__).read_bytes())
         return h.hexdigest()
-    path = Path(source).expanduser()
-    if not path.is_absolute() and root is not None:
-        path = root / path
+    path = resolve_path(source, root)
     if path.is_dir():
         for p in sorted(path.rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTS:

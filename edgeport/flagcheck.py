@@ -48,8 +48,7 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
             raise ConfigError(f"{flag} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
                               f"float; build it separately without {flag}")
     val_images = given.get("val_images") or cfg.validation.images
-    if given.get("val_labels") and not val_images:
-        raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
+    check_val_labels(given.get("val_labels"), val_images)
     if given.get("val_labels") and cfg.input.task == "classification":
         raise ConfigError("--val-labels is for segmentation label maps; a classification set is labelled by its "
                           "folders (--val-images DIR with one sub-folder per class)")
@@ -59,6 +58,12 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
     if given.get("accuracy_control") and not val_images:
         raise ConfigError("--accuracy-control needs labelled validation data: pass --val-images (and --val-labels "
                           "for segmentation)")
+
+
+def check_val_labels(val_labels: str | None, val_images: str | None) -> None:
+    """ConfigError for label maps given without the images they belong to (build and validate alike)."""
+    if val_labels and not val_images:
+        raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
 
 
 def _who_reads(field: str) -> str:

@@ -369,9 +369,9 @@ def _switch(ssh: SSH, model_dir: str, version: str, previous: str, note: str = "
     ssh.run(" && ".join(parts), step="switch")
 
 
-def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool, force: bool = False) -> str:
+def _setup(ssh: SSH, manifest: dict[str, Any], vdir: str, install: bool, forced: bool = False) -> str:
     py = shlex.quote(ssh.host.python)
-    force = " --force" if force and failed_gates(manifest) else ""
+    force = " --force" if forced else ""
     backend = manifest["backend"]
     module = {"openvino": "openvino", "tflite": "ai_edge_litert", "tensorrt": "tensorrt"}.get(backend, backend)
     probe = (f"{py} -c 'import numpy, cv2, {module}'" if backend != "tflite" else

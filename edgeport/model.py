@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from edgeport.config import resolve_path
 from edgeport.errors import ModelError
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w.]*$")
@@ -58,9 +59,9 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
         if path.is_file():
             h.update(file_sha256(path).encode())
     elif kind == "module":
-        origin = _module_origin(target, root)
-        if origin is not None and origin.is_file():
-            h.update(file_sha256(origin).encode())
+        spec = _module_spec(target, root)
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            h.update(file_sha256(Path(spec.origin)).encode())
     elif kind == "default":  # the files, not the module: importing it would import torch (a second, warm)
         zoo = Path(__file__).with_name("zoo")
         for part in (zoo / "net.py", zoo / "roadseg.pt"):
@@ -69,21 +70,18 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _module_origin(target: str, root: Path | None = None) -> Path | None:
-    """The file of ``package.module`` (looking in ``root`` first, as _factory does), or None when not found."""
+def _module_spec(target: str, root: Path | None = None) -> Any:
+    """importlib's spec of ``package.module`` (looking in ``root`` first, as _factory does), or None."""
     added = root is not None and str(root) not in sys.path
     if added:
         sys.path.insert(0, str(root))
     try:
-        spec = importlib.util.find_spec(target.split(":")[0])
+        return importlib.util.find_spec(target.split(":")[0])
     except (ImportError, ValueError):
         return None
     finally:
         if added:
             sys.path.remove(str(root))
-    if spec is None:
-        return None
-    return Path(spec.origin) if spec.origin and Path(spec.origin).is_file() else Path(".")
 
 
 def classify(source: str) -> tuple[str, str]:
@@ -112,17 +110,14 @@ def check_source(source: str, weights: str | None, root: Path | None = None) -> 
     if kind == "default" and rest != "roadseg":
         raise ModelError(f"--model {source!r}: the embedded model is edgeport:roadseg")
     if kind in ("file", "torchscript", "export"):
-        path = Path(rest.rpartition(":")[0] if kind == "file" else rest)
-        path = path if path.is_absolute() else root / path
+        path = resolve_path(rest.rpartition(":")[0] if kind == "file" else rest, root)
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist")
-    elif kind == "module" and _module_origin(rest.rpartition(":")[0], root) is None:
+    elif kind == "module" and _module_spec(rest.rpartition(":")[0], root) is None:
         raise ModelError(f"--model {source!r}: no module named '{rest.rpartition(':')[0]}' (looked in {root} and on "
                          "sys.path)")
-    if weights:
-        wpath = Path(weights) if Path(weights).is_absolute() else root / weights
-        if not wpath.is_file():
-            raise ModelError(f"weights file {wpath} does not exist")
+    if weights and not resolve_path(weights, root).is_file():
+        raise ModelError(f"weights file {resolve_path(weights, root)} does not exist")
 
 
 def default_name(source: str) -> str:

@@ -143,12 +143,20 @@ def _calibration_stage(cfg: ProjectConfig, source: str, spec: InputSpec, build_d
     return cs, cached
 
 
+def model_record(cfg: ProjectConfig) -> dict[str, Any]:
+    """Where the model comes from, hashed once per build: the export's cache key and every manifest's record."""
+    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
+    return {"source": cfg.model.source, "seed": cfg.model.seed, "root": str(cfg.root),
+            "source_fingerprint": source_fingerprint(cfg.model.source, cfg.root),
+            "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None}
+
+
 def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
-                  build_dir: Path) -> tuple[Stage, dict[str, Any], bool]:
-    weights = cfg.model.weights
+                  build_dir: Path, record: dict[str, Any] | None = None) -> tuple[Stage, dict[str, Any], bool]:
+    record = record or model_record(cfg)
     settings = {
-        "model": source_fingerprint(cfg.model.source, cfg.root), "seed": cfg.model.seed,
-        "weights": file_sha256(cfg.resolve(weights)) if weights and cfg.resolve(weights).is_file() else weights,
+        "model": record["source_fingerprint"], "seed": cfg.model.seed,
+        "weights": record["weights"]["sha256"] if record["weights"] else None,
         "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
         "export": dataclasses.asdict(cfg.export), "opset": opset, "samples": samples.sha256,
         "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
@@ -338,7 +346,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
     t0 = time.time()
-    export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir)
+    record = model_record(cfg)
+    export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record)
+    reference = art.Reference.load(export_stage.dir / "reference.npz")
     clock.append(StageTime("ONNX export + parity", f"opset {opset}", time.time() - t0, export_cached))
     t0 = time.time()
     val = _validation_stage(val_data, spec, export_stage, export_info, build_dir)
@@ -368,9 +378,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         mark = len(clock)  # shared sub-stages (ranges) the compile runs are listed under it
         try:
             with working_on(group.label):
-                stage, info, cached = art.compile_group(cfg, group, export_stage.dir / "model.onnx",
-                                                        export_stage.dir / "reference.npz", calib, spec, build_dir,
-                                                        val, memo)
+                stage, info, cached = art.compile_group(cfg, group, export_stage.dir / "model.onnx", reference,
+                                                        calib, spec, build_dir, val, memo)
+                host = art.host_outputs(stage, info)
                 accuracy = None
                 if val is not None and info["artifacts"]["host_runnable"]:
                     accuracy, _ = art.evaluate_group(group, stage, info, spec, build_dir, val)
@@ -379,24 +389,23 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                 _drop_stale(out_dir, f"{target.name}-{group.precision}")
                 results[target.name, group.precision] = TargetResult(
                     target.name, target.backend, group.precision, "failed", seconds=time.time() - t0, message=str(e))
-            clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", _serves(group),
+            clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", group.names,
                                          time.time() - t0, False))
             continue
         compiles += not cached
-        clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", _serves(group), time.time() - t0,
+        clock.insert(mark, StageTime(f"compile {group.backend} {group.precision}", group.names, time.time() - t0,
                                      cached))
         for i, target in enumerate(group.targets):
             t1 = time.time()
             name = f"{target.name}-{group.precision}"
             try:
                 with working_on(f"{target.name} {group.precision}"):
-                    tinfo = art.target_parity(cfg, target, group.precision, stage, info,
-                                              export_stage.dir / "reference.npz", spec)
+                    tinfo = art.target_parity(cfg, target, group.precision, info, reference, host, spec)
                     tinfo["accuracy"] = dict(accuracy) if accuracy else None
                     verdict = art.verdict_of(tinfo, group.precision, cfg.quantize.max_drop)
                     dest, bundle_cached = art.write_target_bundle(cfg, target, group.precision, stage, tinfo,
-                                                                  export_stage, export_info, calib, samples, spec,
-                                                                  out_dir, build_dir, verdict)
+                                                                  reference, host, record, export_info, calib,
+                                                                  samples, spec, out_dir, build_dir, verdict)
             except EdgeportError as e:
                 _drop_stale(out_dir, name)
                 results[target.name, group.precision] = TargetResult(
@@ -416,10 +425,6 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, ordered,
                        0.0, val.metrics if val is not None else None, val.data.source if val is not None else None,
                        clock, compiles, len(groups))
-
-
-def _serves(group: art.Group) -> str:
-    return ", ".join(t.name for t in group.targets)
 
 
 def _drop_stale(out_dir: Path, name: str) -> None:

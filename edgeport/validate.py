@@ -28,6 +28,7 @@ from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.config import DEFAULT_MODEL, ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
+from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
@@ -164,7 +165,7 @@ class Reference:
     def __init__(self, cfg: ProjectConfig) -> None:
         import torch
 
-        from edgeport.model import default_name, first_forward, load_model
+        from edgeport.model import first_forward, load_model
         from edgeport.optimize import optimize
 
         self.cfg = cfg
@@ -205,19 +206,15 @@ class Reference:
         return f"pytorch {torch.__version__}"
 
 
-def _other_model(manifest: dict[str, Any], cfg: ProjectConfig) -> str:
-    """Why a bundle's model is not the reference's (source, weights, seed), or ''."""
+def _other_model(manifest: dict[str, Any], cfg: ProjectConfig, weights_sha256: str | None) -> str:
+    """Why a bundle's model is not the reference's (source, weights, seed), or ''. ``weights_sha256`` is the
+    reference's weights file's hash (hashed once for all bundles)."""
     m = manifest["model"]
     if m.get("source") != cfg.model.source:
         return "another model source"
     w = m.get("weights")
-    if w and cfg.model.weights:
-        path = cfg.resolve(cfg.model.weights)
-        if path.is_file():
-            from edgeport.model import file_sha256
-
-            if file_sha256(path) != w["sha256"]:
-                return f"the weights differ ({path} vs the {Path(w['path']).name} it was built with)"
+    if w and weights_sha256 and weights_sha256 != w["sha256"]:
+        return f"the weights differ ({cfg.model.weights} vs the {Path(w['path']).name} it was built with)"
     if not w and not cfg.model.weights and m.get("seed", 0) != cfg.model.seed:
         return f"random-init weights of another seed ({m.get('seed')} vs {cfg.model.seed})"
     return ""
@@ -228,7 +225,6 @@ def config_from_manifests(paths: list[str], build_dir: str | None = None) -> Pro
     preprocessing and optimisation. ConfigError when the bundles hold different models or the recorded
     weights are gone or changed."""
     from edgeport.config import ModelConfig, OptimizeConfig
-    from edgeport.model import file_sha256, source_fingerprint
 
     bundles = find_bundles(paths or ["dist"])
     manifests = [(b, read_manifest(b)) for b in bundles]
@@ -308,12 +304,12 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     from edgeport.evaluate import load_labelled, task_metrics
 
     t_start = time.time()
-    from edgeport.model import default_name
-
     bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
     manifests = [read_manifest(b) for b in bundles]
+    weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
+    weights_sha256 = file_sha256(weights) if weights is not None and weights.is_file() else None
     for b, m in zip(bundles, manifests):
-        why = _other_model(m, cfg)
+        why = _other_model(m, cfg, weights_sha256)
         if why:
             raise ConfigError(f"{b} holds model '{m['model'].get('name')}' ({m['model'].get('source')}), but the "
                               f"reference is '{cfg.model.name or default_name(cfg.model.source)}' "

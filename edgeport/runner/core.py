@@ -7,6 +7,7 @@ manifest.json. The functions it uses from those files are defined before it ther
 """
 import argparse
 import json
+import math
 import os
 import queue
 import signal
@@ -344,15 +345,11 @@ class LoopSource(object):
     def __init__(self, opener):
         self.opener = opener
         self.inner = opener()
-        self.got, self.loops, self.corrupt_before = 0, 0, 0
+        self.got, self.corrupt_before = 0, 0
 
     @property
     def corrupt(self):
         return self.corrupt_before + getattr(self.inner, "corrupt", 0)
-
-    @property
-    def reconnects(self):
-        return 0
 
     @property
     def truncated(self):
@@ -366,7 +363,6 @@ class LoopSource(object):
             if not (hasattr(self.inner, "rewind") and self.inner.rewind()):
                 self.inner.release()
                 self.inner = self.opener()
-            self.loops += 1
             self.got = 0
             frame = self.inner.read()
         if frame is not None:
@@ -574,11 +570,11 @@ class LatencyStats(object):
         self.counts = np.zeros(self.BINS, np.int64)
         self.count, self.total = 0, 0.0
         self.min, self.max = float("inf"), 0.0
-        self._log_ratio = np.log(self.RATIO)
+        self._log_ratio = math.log(self.RATIO)
 
     def add(self, ms):
         ms = float(ms)
-        i = int(np.log(max(ms, self.LOW) / self.LOW) / self._log_ratio)
+        i = int(math.log(max(ms, self.LOW) / self.LOW) / self._log_ratio)  # math, not numpy: per frame
         self.counts[min(max(i, 0), self.BINS - 1)] += 1
         self.count += 1
         self.total += ms

@@ -183,8 +183,7 @@ class TFLiteBackend(DeviceBackend):
             if padded:
                 log.info("made %d MaxPool padding(s) explicit zeros for onnx2tf (exact after ReLU)", padded)
             job: dict[str, Any] = {"work": str(work), "onnx": str(work / "model.onnx"), "precision": precision,
-                                   "out": str(dest), "pseudo_ops": self._pseudo_ops(onnx),
-                                   "outputs": self._output_names(onnx)}
+                                   "out": str(dest), **self._graph_facts(onnx)}
             if calib is not None:
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
@@ -226,18 +225,14 @@ class TFLiteBackend(DeviceBackend):
         return {"num_threads": int(target.options.get("num_threads", 4))}
 
     @staticmethod
-    def _output_names(onnx: Path) -> list[str]:
+    def _graph_facts(onnx: Path) -> dict[str, Any]:
+        """The job's view of the graph: its output names (the converter's signature numbers them), and the
+        ops onnx2tf must replace: Erf has no TFLite builtin (it would become FlexErf)."""
         import onnx as onnx_lib
 
-        return [o.name for o in onnx_lib.load(str(onnx), load_external_data=False).graph.output]
-
-    @staticmethod
-    def _pseudo_ops(onnx: Path) -> list[str]:
-        """Erf has no TFLite builtin (it would become FlexErf): onnx2tf rewrites it when asked."""
-        import onnx as onnx_lib
-
-        ops = {n.op_type for n in onnx_lib.load(str(onnx), load_external_data=False).graph.node}
-        return [op for op in ("Erf", "GeLU") if op in ops]
+        graph = onnx_lib.load(str(onnx), load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        return {"pseudo_ops": [op for op in ("Erf", "GeLU") if op in ops], "outputs": [o.name for o in graph.output]}
 
     @staticmethod
     def _check_io(inputs: list[TensorInfo], spec: InputSpec, nhwc: InputSpec) -> None:
