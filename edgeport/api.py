@@ -8,6 +8,7 @@ from typing import Any
 
 from edgeport.config import DEFAULT_MODEL, ProjectConfig, load_config, make_spec, parse_shape, read_labels
 from edgeport.errors import ConfigError
+from edgeport.tables import points
 
 
 def _configure(config: str | None, model: str | None, weights: str | None, input: str | None,
@@ -302,7 +303,9 @@ def inspect_text(res: dict[str, Any]) -> list[str]:
                                f"{100 * m['agreement']:.2f}% vs PyTorch" + ("" if m["ok"] else " FAILED")))
     acc = parity.get("accuracy")
     if acc and acc.get("drop") is not None:
-        rows.append(("accuracy", f"{acc['metric']} {acc['metrics'][acc['metric']]:.2f} ({-acc['drop']:+.2f} vs "
+        lim = acc.get("max_drop")
+        rows.append(("accuracy", f"{acc['metric']} {acc['metrics'][acc['metric']]:.2f} "
+                                 f"({points(-acc['drop'], -lim if lim is not None else None, signed=True)} vs "
                                  f"FP32) on {acc['source']}"))
     rows.append(("files", f"{res['files']}, " + ("DAMAGED" if res["damaged"] else "all sha256 match")))
     rows.append(("built", f"edgeport {res.get('edgeport')}, build key {res.get('build_key')}"))

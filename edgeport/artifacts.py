@@ -28,6 +28,7 @@ from edgeport.cache import TMP_PREFIX, Stage, key_of, source_hash
 from edgeport.errors import EdgeportError
 from edgeport.preprocess import InputSpec
 from edgeport.runner.metrics import compare
+from edgeport.tables import points
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -230,9 +231,10 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[st
     acc = info.get("accuracy")
     if acc and acc["drop"] is not None:
         acc["ok"] = not (precision == "int8" and acc["drop"] > max_drop)
+        acc["max_drop"] = max_drop
         if not acc["ok"]:
-            reasons.append(f"INT8 loses {acc['drop']:.2f} {acc['metric']} points on {acc['source']}, more than "
-                           f"max_drop {max_drop:g}")
+            reasons.append(f"INT8 loses {points(acc['drop'], max_drop)} {acc['metric']} points on {acc['source']}, "
+                           f"more than max_drop {max_drop:g}")
     art = info["artifacts"]
     if not art["host_runnable"]:
         checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"

@@ -156,8 +156,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--int8-subset", type=_positive, metavar="N", help="calibration images used (default 300)")
     q.add_argument("--int8-ignore", action="append", metavar="REGEX",
                    help="keep layers whose name matches in float (OpenVINO, TensorRT); repeatable")
-    q.add_argument("--calib-method", choices=["max", "percentile", "entropy"],
-                   help="activation-range method for TensorRT INT8 (default percentile)")
+    q.add_argument("--calib-method", choices=["max", "percentile", "entropy", "mse"],
+                   help="activation-range method for TensorRT INT8 (default percentile; mse: least squared error)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
     _model_flags(e)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")

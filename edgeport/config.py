@@ -123,7 +123,7 @@ class QuantizeConfig:
 
 
 PRESETS = ("mixed", "performance")
-RANGE_METHODS = ("max", "percentile", "entropy")
+RANGE_METHODS = ("max", "percentile", "entropy", "mse")
 PRECISIONS = ("fp32", "fp16", "int8", "dynamic-range")
 TOLERANCE_KEYS = ("max_abs", "max_rel", "min_cosine", "min_sqnr_db", "min_agreement")
 

@@ -1,8 +1,8 @@
 """Flags that cannot take effect are errors, never silently ignored (STYLE.md rule 16).
 
 Checked before any expensive stage: a build with ``--calib-method entropy`` and no TensorRT INT8
-target, or ``--int8-ignore`` with a TFLite INT8 target (which cannot keep layers in float), stops
-at once with one line naming the flag and what would make it apply.
+target, or ``--int8-ignore`` (or a config's ``[quantize] ignored_*``) with a TFLite INT8 target (which
+cannot keep layers in float), stops at once with one line naming the flag and what would make it apply.
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
         if field in EVERY_TARGET and deaf:
             raise ConfigError(f"{flag} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
                               f"float; build it separately without {flag}")
+    for field in ("ignored_names", "ignored_patterns", "ignored_types"):  # from the config file: never silently
+        deaf = [f"{t.name}:int8 ({t.backend})" for t, b in int8 if field not in b.int8_settings]
+        if getattr(cfg.quantize, field) and deaf:
+            raise ConfigError(f"[quantize] {field} cannot take effect on {', '.join(deaf)}: that backend cannot "
+                              "keep layers in float; build those targets with a config without it")
     val_images = given.get("val_images") or cfg.validation.images
     check_val_labels(given.get("val_labels"), val_images)
     if given.get("val_labels") and cfg.input.task == "classification":

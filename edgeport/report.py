@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeport.pipeline import BuildReport
+from edgeport.tables import points
 
 
 def cases(report: BuildReport) -> list[dict[str, Any]]:
@@ -89,7 +90,8 @@ def to_markdown(report: BuildReport) -> str:
         metric = "-"
         if a and a.get("drop") is not None:
             key = a["metric"]
-            metric = f"{key} {a['metrics'][key]:.2f} ({-a['drop']:+.2f})"
+            lim = a.get("max_drop")
+            metric = f"{key} {a['metrics'][key]:.2f} ({points(-a['drop'], -lim if lim is not None else None, True)})"
         cells = [r.target, r.backend, r.precision]
         cells += [f"{m['max_rel']:.1e}", f"{m['cosine']:.6f}", f"{100 * m['agreement']:.2f}%"] if m else ["-"] * 3
         rows.append([*cells, metric, r.status])

@@ -32,7 +32,7 @@ from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
-from edgeport.tables import md_table, text_table
+from edgeport.tables import md_table, points, text_table
 
 log = logging.getLogger("edgeport")
 DEFAULT_SYNTHETIC = "synthetic://?n=32"
@@ -375,6 +375,9 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     problems = verify_bundle(bundle)
     res.cases.append(Case(name, manifest["backend"], precision, "files", "failed" if problems else "passed",
                           {"problems": problems}, "; ".join(problems)))
+    qdq_file = (manifest.get("files_by_role") or {}).get("qdq")
+    if manifest["backend"] == "tensorrt" and qdq_file and not problems:
+        res.cases.append(_lint_case(bundle / qdq_file, manifest))
     failed = failed_gates(manifest)
     if failed:
         res.cases.append(Case(name, manifest["backend"], precision, "build verdict", "failed", {"reasons": failed},
@@ -444,8 +447,9 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             ok = drop <= drop_limit
             acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
                    "max_drop": drop_limit, "agreement": task_agreement(ref_data[first], g, ref.spec.task)}
-            msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is {drop:.2f} points "
-                                 f"below PyTorch's {ref_metrics[key]:.2f} (max drop {drop_limit:g})")
+            msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is "
+                                 f"{points(drop, drop_limit)} points below PyTorch's {ref_metrics[key]:.2f} "
+                                 f"(max drop {drop_limit:g})")
             res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
         if localize and res.status == "failed" and any(c.check in names and c.status == "failed" for c in res.cases):
             from edgeport.localize import localize_bundle
@@ -463,6 +467,19 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
         if c.status == "failed" and differs and c.check != "files":
             c.message += f" (the manifest's preprocess differs from the project's: {'; '.join(differs)})"
     return res
+
+
+def _lint_case(path: Path, manifest: dict[str, Any]) -> Case:
+    """The bundle's Q/DQ model against TensorRT's placement rules (edgeport.backends.tensorrt.qdq)."""
+    from edgeport.backends.tensorrt.qdq import RULES, lint
+
+    kept = (manifest.get("provenance") or {}).get("kept_float")
+    findings = lint(path, kept)
+    msg = "; ".join(map(str, findings[:5])) + (f" (and {len(findings) - 5} more)" if len(findings) > 5 else "")
+    return Case(path.parent.name, manifest["backend"], manifest["precision"], "qdq lint",
+                "failed" if findings else "passed",
+                {"rules": len(RULES), "findings": [str(f) for f in findings]},
+                f"{path.name} breaks TensorRT's Q/DQ placement rules: {msg}" if findings else "")
 
 
 def preprocess_diff(bundle_spec: dict[str, Any], project: InputSpec) -> list[str]:
@@ -491,12 +508,12 @@ def case_rows(report: ValidateReport) -> list[list[str]]:
     rows = []
     for c in report.cases:
         m = c.metrics
-        if c.check in ("files", "host run", "load", "build verdict"):
+        if c.check in ("files", "host run", "load", "build verdict", "qdq lint"):
             values = ["-"] * 5
         elif "drop" in m:
             key = m["metric"]
             values = ["-", "-", "-", f"{100 * m['agreement']:.2f}%",
-                      f"{key} {m['metrics'][key]:.2f} ({-m['drop']:+.2f})"]
+                      f"{key} {m['metrics'][key]:.2f} ({points(-m['drop'], -m['max_drop'], signed=True)})"]
         else:
             values = [_fmt(m.get("max_abs"), ".3g"), _fmt(m.get("cosine"), ".6f"), _fmt(m.get("sqnr_db"), ".1f"),
                       f"{100 * m['agreement']:.2f}%" if "agreement" in m else "-", "-"]

@@ -80,7 +80,7 @@ def test_shared_artifacts_compile_once_and_a_setting_rebuilds_only_its_target(de
     assert m["provenance"]["quantization"]["preset"] == "mixed"
 
 
-@pytest.mark.parametrize("method", ["max", "percentile", "entropy"])
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
 def test_ranges_match_a_plain_reference(tmp_path, method):
     """The one-pass collectors give what the definitions give, on a real ONNX with real frames."""
     import numpy as np
@@ -89,7 +89,7 @@ def test_ranges_match_a_plain_reference(tmp_path, method):
     import torch
     from torch import nn
 
-    from edgeport.backends.tensorrt.ranges import BINS, _float_tensors, collect_ranges, entropy_amax
+    from edgeport.backends.tensorrt.ranges import BINS, _float_tensors, collect_ranges, entropy_amax, mse_amax
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
@@ -117,6 +117,9 @@ def test_ranges_match_a_plain_reference(tmp_path, method):
             want = float(a.max())
         elif method == "percentile":
             want = float(np.quantile(a, 0.9999, method="inverted_cdf"))
-        else:
+        elif method == "entropy":
             want = entropy_amax(np.histogram(a, bins=BINS, range=(0.0, float(a.max())))[0], float(a.max()))
-        assert got[n] == pytest.approx(want, rel=1e-6 if method != "entropy" else 2e-3), n
+        else:
+            want = mse_amax(np.histogram(a, bins=BINS, range=(0.0, float(a.max())))[0], float(a.max()),
+                            int(np.count_nonzero(a == 0)))
+        assert got[n] == pytest.approx(want, rel=1e-6 if method in ("max", "percentile") else 2e-3), n

@@ -82,13 +82,30 @@ def _negate_onnx_weight(path: Path, name: str) -> None:
     onnx.save(model, str(path))
 
 
+def _naive_qdq(bundle: Path) -> None:
+    """The bundle's Q/DQ model replaced by a Q/DQ pair before every input of every node (scales from its own)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeport.backends.tensorrt.qdq import naive_qdq
+    from edgeport.backends.tensorrt.ranges import _float_tensors
+
+    qdq = onnx.load(str(bundle / "model_qdq.onnx"))
+    scales = {i.name[:-len("_edgeport_scale")]: float(numpy_helper.to_array(i)) * 127.0
+              for i in qdq.graph.initializer if i.name.endswith("_edgeport_scale")}
+    names = _float_tensors(onnx.load(str(bundle / "model.onnx")))
+    naive_qdq(bundle / "model.onnx", {n: scales.get(n, 4.0) for n in names}, bundle / "model_qdq.onnx")
+
+
 def test_good_bundles_pass_and_junit_matches_the_table(project):
     res = run_cli("validate", "--report", "reports", "--bench", cwd=project)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     rows = _table(res.stdout)
     bundles = sorted(p.name for p in (project / "dist").iterdir() if (p / "manifest.json").is_file())
-    # files + output + mIoU (synthetic scenes are the default model's labelled set) per bundle
-    assert len(rows) == 3 * len(bundles)
+    # files + output + mIoU (synthetic scenes are the default model's labelled set) per bundle, and the Q/DQ
+    # lint of each TensorRT INT8 bundle
+    assert len(rows) == 3 * len(bundles) + sum(b.endswith("-int8") and b.startswith("jetson") for b in bundles)
+    assert any(r[0] == "jetson-orin-nano-int8" and r[4:6] == ["qdq", "lint"] and r[-1] == "passed" for r in rows), rows
     assert {r[0] for r in rows} == set(bundles) and all(r[-1] == "passed" for r in rows)
     assert "tensorrt (emulated)" in res.stdout
     root, cases = _junit(project / "reports" / "validate.junit.xml")
@@ -119,6 +136,7 @@ def test_broken_bundles_fail_naming_backend_and_output(project, tmp_path):
         "weight-qdq": ("jetson-orin-nano-int8",
                        lambda b: (_negate_onnx_weight(b / "model_qdq.onnx", "enc2.0.0.0.weight"), _rehash(b))),
         "tampered": ("intel-igpu-fp16", lambda b: _negate_openvino_weight(b, 4)),  # hashes left stale
+        "naive-qdq": ("jetson-orin-nano-int8", lambda b: (_naive_qdq(b), _rehash(b))),
     }
     for name, (src, damage) in cases.items():
         shutil.copytree(dist / src, broken / name)
@@ -132,6 +150,8 @@ def test_broken_bundles_fail_naming_backend_and_output(project, tmp_path):
         assert f"{name}: {backend} output 'output':" in out, (name, out[-3000:])
     assert "color 'BGR' vs 'RGB'" in out and "mean [0.5, 0.5, 0.5] vs" in out
     assert "tampered: model.bin: sha256 mismatch" in out
+    naive = next(ln for ln in out.splitlines() if ln.startswith("naive-qdq: model_qdq.onnx breaks"))
+    assert "QDQ006" in naive or "QDQ007" in naive, naive
     # --localize names the layer whose weights were negated, and blames preprocessing for the swap
     assert "weight-qdq: first diverging layer: Conv '/enc2.0.0.0/Conv'" in out
     ov_line = next(ln for ln in out.splitlines() if ln.startswith("weight-ov: first diverging layer"))

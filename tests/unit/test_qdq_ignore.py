@@ -28,7 +28,8 @@ def test_ignored_layers_stay_float(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edgeport.backends.tensorrt.ranges import collect_ranges, ignored_nodes, write_qdq
+    from edgeport.backends.tensorrt.qdq import ignored_nodes, write_qdq
+    from edgeport.backends.tensorrt.ranges import collect_ranges
 
     src = tmp_path / "m.onnx"
     _two_convs(src)
@@ -37,8 +38,9 @@ def test_ignored_layers_stay_float(tmp_path):
     assert ignored_nodes(src, [], [r"^/head/"], []) == {"/head/conv2"}
     assert ignored_nodes(src, ["/enc/conv1"], [], ["Relu"]) == {"/enc/conv1", "/enc/relu1"}
     full, part = tmp_path / "full.onnx", tmp_path / "part.onnx"
-    assert write_qdq(src, amax, full) == {"activations": 2, "weights": 2, "kept_float": 0}
-    assert write_qdq(src, amax, part, {"/head/conv2"}) == {"activations": 1, "weights": 1, "kept_float": 1}
+    assert write_qdq(src, amax, full) == {"activations": 2, "weights": 2, "residuals": 0, "kept_float": 0}
+    assert write_qdq(src, amax, part, {"/head/conv2"}) == {"activations": 1, "weights": 1, "residuals": 0,
+                                                           "kept_float": 1}
     conv2 = next(n for n in onnx.load(str(part)).graph.node if n.name == "/head/conv2")
     assert list(conv2.input) == ["r1", "w2"]  # untouched: float input and weight
 

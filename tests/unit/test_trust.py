@@ -209,6 +209,17 @@ def test_flags_that_cannot_take_effect_are_errors(targets, given, words):
     assert words in str(e.value)
 
 
+@pytest.mark.parametrize("field", ["ignored_names", "ignored_patterns", "ignored_types"])
+def test_config_ignored_layers_on_tflite_are_refused_not_dropped(field):
+    from edgeport.flagcheck import check_build_flags
+    from edgeport.pipeline import resolve_targets
+
+    chosen = resolve_targets(["intel-cpu:int8", "raspberry-pi-5:int8"], None, ROOT)
+    with pytest.raises(ConfigError, match=rf"\[quantize\] {field} cannot take effect on raspberry-pi-5:int8"):
+        check_build_flags(_cfg(**{field: ["Conv"]}), chosen, {})
+    check_build_flags(_cfg(**{field: ["Conv"]}), chosen[:1], {})  # OpenVINO alone honours it
+
+
 def test_flags_that_take_effect_pass():
     from edgeport.flagcheck import check_build_flags
     from edgeport.pipeline import resolve_targets

@@ -57,10 +57,18 @@ class TensorRTBackend(DeviceBackend):
             av.versions["tensorrt"] = "on the device (engines build there; INT8 emulated here)"
         return av
 
+    def versions_key(self) -> str:
+        """The toolchain, plus the Q/DQ placement and range code's versions (a cached Q/DQ model of older rules
+        is written again)."""
+        from edgeport.backends.tensorrt import qdq, ranges
+
+        return f"{super().versions_key()} qdq {qdq.PLACEMENT_VERSION} ranges {ranges.CODE_VERSION}"
+
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
         """ONNX (+ Q/DQ ONNX for INT8) and build_engine.py: the same for every Jetson profile (the profile's
         TensorRT version only shapes its calibration cache, which ``for_target`` writes)."""
+        from edgeport.backends.tensorrt import qdq
         from edgeport.backends.tensorrt import ranges as rg
         from edgeport.model import file_sha256
 
@@ -81,11 +89,16 @@ class TensorRTBackend(DeviceBackend):
                    "code": rg.CODE_VERSION}
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
-            keep = rg.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns, settings.ignored_types)
-            counts = rg.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
+            keep = qdq.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns, settings.ignored_types)
+            counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
+            findings = qdq.lint(out / "model_qdq.onnx", keep)
+            if findings:  # our own placement broke TensorRT's rules: a bug, never a bundle
+                raise ConversionError(f"the Q/DQ model breaks TensorRT's placement rules: {findings[0]}"
+                                      + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""))
             files["qdq"] = out / "model_qdq.onnx"
             info.update({"emulated": True, "ranges": {"method": method, "images": n, "tensors": len(amax)},
-                         "qdq": counts, "amax": amax})
+                         "qdq": counts, "qdq_lint": f"passed {len(qdq.RULES)} rules",
+                         "kept_float": sorted(keep), "amax": amax})
         inputs, outputs = _onnx_io(model)
         for t in inputs:
             t.layout = spec.layout
