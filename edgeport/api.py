@@ -306,7 +306,7 @@ def inspect_text(res: dict[str, Any]) -> list[str]:
         lim = acc.get("max_drop")
         rows.append(("accuracy", f"{acc['metric']} {acc['metrics'][acc['metric']]:.2f} "
                                  f"({points(-acc['drop'], -lim if lim is not None else None, signed=True)} vs "
-                                 f"FP32) on {acc['source']}"))
+                                 f"FP32) on the report half of {acc['source']}"))
     rows.append(("files", f"{res['files']}, " + ("DAMAGED" if res["damaged"] else "all sha256 match")))
     rows.append(("built", f"edgeport {res.get('edgeport')}, build key {res.get('build_key')}"))
     lines = [f"{k:11} {v}" for k, v in rows]

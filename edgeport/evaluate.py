@@ -269,7 +269,10 @@ def segmentation_metrics(masks: list[np.ndarray], ds: LabelledSet, n_classes: in
 
 
 def primary(metrics: dict[str, float]) -> tuple[str, float | None]:
-    """The headline metric: ('miou', v) or ('top1', v); (None-valued) for unlabelled data."""
+    """The headline metric: ('miou', v) or ('top1', v); ('agreement', v) where agreement with FP32 stands in
+    for a metric (unlabelled data under accuracy control), else ('agreement', None) for unlabelled data."""
     if "miou" in metrics:
         return "miou", metrics["miou"]
-    return ("top1", metrics["top1"]) if "top1" in metrics else ("agreement", None)
+    if "top1" in metrics:
+        return "top1", metrics["top1"]
+    return "agreement", metrics.get("agreement")

@@ -6,6 +6,11 @@ and the Q/DQ model of a TensorRT bundle keeps them on the original nodes. Tensor
 the ONNX graph's topological order; the first one beyond tolerance is named, together with the
 layer that adds the most error by itself (often the one to keep in higher precision).
 TFLite is not covered: onnx2tf renames and re-lays-out every tensor.
+
+When only the task metric fails (every output within tolerance, the metric more than max_drop
+below FP32), ``metric_costs`` says which layers cost the metric: for a TensorRT bundle, each of the
+layers that add the most error is taken out of INT8 alone (its Q/DQ inputs rewired to the float
+tensors) and the labelled set is scored again; the metric each one wins back is its cost.
 """
 from __future__ import annotations
 
@@ -130,3 +135,56 @@ def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, 
     return {"summary": summary, "first": first, "worst": worst, "compared": len(steps), "onnx": str(onnx_path),
             "steps": steps}
 
+
+
+def _without_qdq(model: Any, node_name: str) -> Any:
+    """A copy of a Q/DQ model whose node ``node_name`` reads float tensors (its DequantizeLinear inputs bypassed,
+    activation and weight): that layer alone out of INT8."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    producer = {o: n for n in copy.graph.node for o in n.output}
+    for node in copy.graph.node:
+        if node.name != node_name:
+            continue
+        for k, t in enumerate(node.input):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+    return copy
+
+
+def metric_costs(bundle: Path, manifest: dict[str, Any], steps: list[dict[str, Any]], data: Any, spec: Any,
+                 top: int = 5) -> dict[str, Any]:
+    """The task metric each of the ``top`` layers adding the most error costs (module docstring); TensorRT
+    bundles only (a Q/DQ model can take one layer out of INT8 without a rebuild)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeport.evaluate import primary, task_metrics
+
+    files = manifest["files_by_role"]
+    if manifest["backend"] != "tensorrt" or "qdq" not in files:
+        return {"costs": [], "costs_summary": "per-layer metric cost is measured for TensorRT Q/DQ bundles only"}
+    model = onnx.load(str(bundle / files["qdq"]))
+    weighted = {n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    candidates = [s for s in sorted(steps, key=lambda s: -s["added"]) if s["node"] in weighted][:top]
+
+    def score(m: Any) -> float:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        out = np.concatenate([sess.run(None, {name: data.inputs[i:i + 1]})[0] for i in range(len(data))])
+        return float(primary(task_metrics(out, data, spec.layout))[1] or 0.0)
+
+    base = score(model)
+    key = "mIoU" if spec.task == "segmentation" else "top-1"
+    costs = sorted(({"node": c["node"], "op": c["op"], "cost": score(_without_qdq(model, c["node"])) - base}
+                    for c in candidates), key=lambda c: -c["cost"])
+    text = ", ".join(f"{c['op']} '{c['node']}' {c['cost']:+.2f}" for c in costs[:3])
+    return {"costs": costs, "metric_int8": base,
+            "costs_summary": f"layers that cost the most {key} (each taken out of INT8 alone, {len(data)} images): "
+                             f"{text or 'none measured'}"}

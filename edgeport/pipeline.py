@@ -48,6 +48,7 @@ class TargetResult:
     message: str = ""
     accuracy: dict[str, Any] | None = None  # task metric on labelled data, drop and agreement vs FP32
     verdict: str | None = None  # passed | failed | device-only (the manifest's verdict.status)
+    fallback: dict[str, Any] | None = None  # accuracy-aware INT8: layers kept in float, drop before and after
 
 
 @dataclass
@@ -234,11 +235,35 @@ def _check_input_dependence(cfg: ProjectConfig, x: np.ndarray, ref: dict[str, np
 
 @dataclass
 class ValidationRef:
-    """The labelled validation set with the FP32 reference's outputs and metrics on it."""
+    """The labelled validation set with the FP32 reference's outputs and metrics on it.
+
+    Honest selection: the set is split deterministically (in its sorted order, even positions form the
+    selection half, odd positions the report half). Whatever is tuned (accuracy control, the float fallback)
+    sees only the selection half; the INT8 gate and the headline figures use the report half, which chose
+    nothing. A set of one image is not split (both halves are that image, and the report says so)."""
 
     data: LabelledSet
     outputs: np.ndarray  # first output of the exported ONNX (= PyTorch within export parity), (N, ...)
     metrics: dict[str, float]
+
+    def halves(self) -> dict[str, list[int]]:
+        """{"selection": indices, "report": indices} into the set."""
+        n = len(self.data)
+        if n < 2:
+            return {"selection": list(range(n)), "report": list(range(n))}
+        return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
+
+    @property
+    def selection(self) -> LabelledSet:
+        """The half that tuning may look at."""
+        return self.data.subset(self.halves()["selection"])
+
+    def report_metrics(self, layout: str) -> dict[str, float]:
+        """The FP32 reference's metrics on the report half (what the table's drops are measured from)."""
+        from edgeport.evaluate import task_metrics
+
+        idx = self.halves()["report"]
+        return task_metrics(self.outputs[idx], self.data.subset(idx), layout)
 
 
 def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: Stage,
@@ -331,9 +356,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         val_data = load_labelled(cfg.validation.images, cfg.validation.labels, spec,
                                  max_images=cfg.validation.max_images, root=cfg.root)
         if given.get("accuracy_control") and not val_data.labelled:
-            raise ConfigError(f"--accuracy-control needs labelled validation data; {val_data.source} has no labels "
-                              "(segmentation: --val-labels DIR of label maps; classification: one sub-folder per "
-                              "class)")
+            log.info("%s has no labels: accuracy-aware INT8 holds agreement with FP32 (top-1 or pixel, in percent) "
+                     "within max_drop points", val_data.source)
     calib = None
     clock: list[StageTime] = []
     t0 = time.time()
@@ -383,7 +407,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                 host = art.host_outputs(stage, info)
                 accuracy = None
                 if val is not None and info["artifacts"]["host_runnable"]:
-                    accuracy, _ = art.evaluate_group(group, stage, info, spec, build_dir, val)
+                    accuracy, _ = art.evaluate_group(group, stage, info, spec, build_dir, val,
+                                                     agreement_gate=cfg.quantize.accuracy_control is True)
         except EdgeportError as e:
             for target in group.targets:
                 _drop_stale(out_dir, f"{target.name}-{group.precision}")
@@ -420,10 +445,11 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
             spent = time.time() - t1 + (t1 - t0 if i == 0 else 0.0)  # the first target carries the compile
             results[target.name, group.precision] = TargetResult(
                 target.name, label, group.precision, status, str(dest), tinfo["parity"], spent,
-                "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"])
+                "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"], art.fallback_summary(art_info))
     ordered = [results[t.name, p] for t, p in chosen]
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, ordered,
-                       0.0, val.metrics if val is not None else None, val.data.source if val is not None else None,
+                       0.0, val.report_metrics(spec.layout) if val is not None else None,
+                       f"{val.data.source} (report half)" if val is not None else None,
                        clock, compiles, len(groups))
 
 
@@ -481,7 +507,7 @@ def parity_table(report: BuildReport) -> str:
         if has_acc:
             a = r.accuracy
             cells += [f"{100 * a['agreement']:.2f}%" if a else "-",
-                      f"{_metric_cell(a['metrics'])} ({-a['drop']:+.2f})" if a and a["drop"] is not None else "-"]
+                      f"{_metric_cell(a['metrics'])} ({_signed_drop(a)})" if a and a["drop"] is not None else "-"]
         rows.append(tuple(cells + [r.status, f"{r.seconds:.1f}s"]))
     from edgeport.tables import text_table
 
@@ -489,15 +515,40 @@ def parity_table(report: BuildReport) -> str:
     if has_acc:
         lines.append(f"metric on {report.validation_source}; onnx row = FP32 reference")
     for r in report.targets:
+        if r.fallback:
+            lines.append(f"{r.target}-{r.precision}: {fallback_line(r.fallback)}")
+    for r in report.targets:
         if r.message:
             lines.append(f"{r.target}-{r.precision}: {r.message}")
     return "\n".join(lines)
 
 
+def fallback_line(fb: dict[str, Any]) -> str:
+    """One line for an accuracy-aware INT8 result: what was kept in float and the drop before and after."""
+    from edgeport.tables import points
+
+    lim = fb["max_drop"]
+    drops = (f"{fb['metric']} drop {points(fb['drop_before'], lim)} -> {points(fb['drop_after'], lim)}"
+             if fb.get("drop_before") is not None and fb.get("drop_after") is not None else "drop not measured")
+    kept = ", ".join(fb["kept_float"]) if fb["kept_float"] else "nothing"
+    return (f"accuracy-aware INT8 ({fb['by']}) kept in float: {kept}; {drops} on the selection half "
+            f"({fb['images']} images, max_drop {lim:g})" + ("" if fb.get("met", True) else ", NOT met"))
+
+
+def _signed_drop(a: dict[str, Any]) -> str:
+    """The change from FP32 (minus the drop), with the digits that tell it from -max_drop."""
+    from edgeport.tables import points
+
+    lim = a.get("max_drop")
+    return points(-a["drop"], -lim if lim is not None else None, signed=True)
+
+
 def _metric_cell(m: dict[str, float] | None) -> str:
     if not m:
         return "-"
-    return f"mIoU {m['miou']:.2f}" if "miou" in m else f"top1 {m['top1']:.2f}"
+    if "miou" in m:
+        return f"mIoU {m['miou']:.2f}"
+    return f"top1 {m['top1']:.2f}" if "top1" in m else f"agree {m['agreement']:.2f}" if "agreement" in m else "-"
 
 
 def summary_line(report: BuildReport) -> str:

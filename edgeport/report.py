@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from edgeport.pipeline import BuildReport
+from edgeport.pipeline import BuildReport, fallback_line
 from edgeport.tables import points
 
 
@@ -97,6 +97,9 @@ def to_markdown(report: BuildReport) -> str:
         rows.append([*cells, metric, r.status])
     head = ["target", "backend", "precision", "max_rel", "cosine", "agreement", "metric (drop)", "status"]
     lines = [f"## edgeport: {report.model}", "", *md_table(head, rows), ""]
+    fallbacks = [f"- {r.target}-{r.precision}: {fallback_line(r.fallback)}" for r in report.targets if r.fallback]
+    if fallbacks:
+        lines += [*fallbacks, ""]
     if report.reference_metrics:
         lines += [f"Task metric on {report.validation_source}; FP32 reference: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in report.reference_metrics.items() if k != "count"), ""]

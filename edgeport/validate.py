@@ -451,11 +451,16 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
                                  f"{points(drop, drop_limit)} points below PyTorch's {ref_metrics[key]:.2f} "
                                  f"(max drop {drop_limit:g})")
             res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
-        if localize and res.status == "failed" and any(c.check in names and c.status == "failed" for c in res.cases):
-            from edgeport.localize import localize_bundle
+        metric_failed = any(c.check not in names and "drop" in c.metrics and c.status == "failed" for c in res.cases)
+        if localize and res.status == "failed" and \
+                (metric_failed or any(c.check in names and c.status == "failed" for c in res.cases)):
+            from edgeport.localize import localize_bundle, metric_costs
 
             frame_x = ref.inputs(frames[:1]) if frames else to_layout(golden_inputs[:1], spec["layout"], ref_layout)
             res.localize = localize_bundle(bundle, manifest, cfg, frame_x, base_tol)
+            if metric_failed and data is not None and res.localize.get("steps"):
+                res.localize.update(metric_costs(bundle, manifest, res.localize["steps"], data, ref.spec))
+                res.localize["summary"] += "; " + res.localize["costs_summary"]
         if bench:
             from edgeport.bench import measure
 

@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="the project's edgeport.toml (built once before)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated range methods")
     ap.add_argument("--images", type=int, default=300, help="calibration images for the ranges (default 300)")
+    ap.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
+                    help="also score a Q/DQ ONNX another producer wrote (e.g. NVIDIA Model Optimizer) and lint it")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     cfg = load_config(Path(args.config))
@@ -82,7 +84,17 @@ def main() -> None:
             print(f"{method:<12}{got['selection']:>10.2f}{got['report']:>10.2f}"
                   f"{base['selection'] - got['selection']:>10.2f}{base['report'] - got['report']:>10.2f}"
                   f"{seconds:>10.1f}")
-    best = max(rows[1:], key=lambda r: r["selection"])
+    ours = list(rows[1:])
+    for item in args.external:
+        name, _, path = item.partition("=")
+        got = score(_run(Path(path), data.inputs))
+        findings = qdq.lint(Path(path))
+        rows.append({"method": name, **got, "seconds": 0.0, "lint": [str(f) for f in findings]})
+        rules = sorted({f.rule for f in findings})
+        print(f"{name:<12}{got['selection']:>10.2f}{got['report']:>10.2f}"
+              f"{base['selection'] - got['selection']:>10.2f}{base['report'] - got['report']:>10.2f}"
+              f"{'':>10}  lint: {len(findings)} finding(s) {', '.join(rules)}")
+    best = max(ours, key=lambda r: r["selection"])
     print(f"chosen on the selection half: {best['method']} (report half {best['report']:.2f}, "
           f"{base['report'] - best['report']:+.2f} below FP32's {base['report']:.2f})")
     if args.json:

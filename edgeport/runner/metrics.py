@@ -87,3 +87,18 @@ def compare(ref, got, task, tol):
     m["ok"] = not failed
     m["failed"] = failed
     return m
+
+
+def channel_error(got, ref, axis):
+    """Mean over channels (``axis``) of each channel's relative squared error: a tensor whose small channels
+    were rounded away by a shared INT8 scale scores near 1, however well its one large channel came through
+    (a whole-tensor relative error hides exactly that)."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if ref.ndim < 2:
+        return float(np.sum((got - ref) ** 2) / (np.sum(ref ** 2) or 1e-30))
+    axes = tuple(a for a in range(ref.ndim) if a != axis % ref.ndim)
+    num = np.sum((got - ref) ** 2, axis=axes)
+    den = np.sum(ref ** 2, axis=axes)
+    live = den > 1e-12 * (den.max() if den.size else 0.0)
+    return float(np.mean(num[live] / den[live])) if np.any(live) else 0.0

@@ -247,8 +247,9 @@ BUILD_CASES = [
      "--val-labels has no effect without --val-images", "calibration"),
     ("accuracy-control-no-val", None, ["--target", "intel-cpu:int8", "--accuracy-control"],
      "--accuracy-control needs labelled validation data", "calibration"),
-    ("accuracy-control-unlabelled", "val-folder", ["--target", "intel-cpu:int8", "--accuracy-control",
-                                                   "--val-images", "val"], "has no labels", "calibration"),
+    ("accuracy-control-no-int8", None, ["--target", "intel-igpu:fp16", "--accuracy-control", "--val-images",
+                                        "synthetic://?n=8"], "--accuracy-control has no effect: no selected target "
+                                                             "builds INT8", "calibration"),
     ("int8-subset-zero", None, ["--target", "intel-cpu:int8", "--int8-subset", "0"], "0 is not 1 or more",
      "calibration"),
     ("max-drop-zero", None, ["--target", "intel-cpu:int8", "--max-drop", "0", "--val-images", "synthetic://?n=8"],

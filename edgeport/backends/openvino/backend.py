@@ -87,6 +87,47 @@ class OpenVINORuntime(Runtime):
         self.compiled = None
 
 
+def _cpu(model: Any) -> Any:
+    """``model`` compiled for the CPU plugin in f32 (host-side scoring)."""
+    import openvino as ov
+
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _outputs(compiled: Any, inputs: np.ndarray, idx: Any) -> np.ndarray:
+    """The first output of ``compiled`` for ``inputs[i]``, i in ``idx``, stacked."""
+    return np.concatenate([np.asarray(compiled(inputs[i:i + 1])[0], np.float32) for i in idx], 0)
+
+
+WEIGHTED = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+PASS_THROUGH = ("Concat", "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "StridedSlice", "Split",
+                "VariadicSplit", "Interpolate", "Pad")
+
+
+def float_layers(model: Any) -> list[str]:
+    """The weighted layers of a quantized IR whose input is not quantized (walking back through layers FakeQuantize
+    moves through, such as Concat and MaxPool): the layers NNCF left, or put back, in float. Names are the ONNX
+    node names OpenVINO kept (its '/WithoutBiases' suffix dropped)."""
+    memo: dict[int, bool] = {}
+
+    def quantized(node: Any) -> bool:
+        key = id(node)
+        if key not in memo:
+            kind = node.get_type_name()
+            if kind == "FakeQuantize":
+                memo[key] = True
+            elif kind in PASS_THROUGH:
+                data = [node.input_value(i).get_node() for i in range(node.get_input_size())]
+                data = [d for d in data if d.get_type_name() != "Constant"]
+                memo[key] = bool(data) and all(quantized(d) for d in data)
+            else:
+                memo[key] = False
+        return memo[key]
+
+    return [op.get_friendly_name().removesuffix("/WithoutBiases") for op in model.get_ordered_ops()
+            if op.get_type_name() in WEIGHTED and not quantized(op.input_value(0).get_node())]
+
+
 class OpenVINOBackend(DeviceBackend):
     """The Intel backend (CPU, integrated GPU, NPU)."""
 
@@ -182,6 +223,7 @@ class OpenVINOBackend(DeviceBackend):
             raise ConversionError(f"NNCF quantization failed: {str(e).splitlines()[0]}") from e
         ops = [op.get_type_name() for op in qmodel.get_ops()]
         report["fake_quantize_nodes"] = ops.count("FakeQuantize")
+        report["kept_float"] = float_layers(qmodel)
         if report["fake_quantize_nodes"] == 0:
             raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
                                   "(check --int8-ignore)")
@@ -191,18 +233,54 @@ class OpenVINOBackend(DeviceBackend):
                   kwargs: dict[str, Any], report: dict[str, Any]) -> Any:
         q = quant.settings
         if quant.accuracy_control:
-            if quant.val is None or not quant.val.labelled:
-                raise ConversionError("accuracy-controlled INT8 needs labelled validation data "
-                                      "(--val-images, with --val-labels for segmentation)")
-            qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs)
-            report["accuracy_control"] = {"max_drop": q.max_drop, "validation": quant.val.summary()}
+            if quant.val is None:
+                raise ConversionError("accuracy-controlled INT8 needs validation data (--val-images)")
+            scores: list[tuple[int, float]] = []
+            fp32 = None if quant.val.labelled else _outputs(_cpu(model), quant.val.inputs, range(len(quant.val)))
+            qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs, scores, fp32)
+            full = [m for n, m in scores if n == len(quant.val)]
+            key, after = self._metric_of(qmodel, quant, spec, fp32)
+            report["accuracy_control"] = {
+                "max_drop": q.max_drop, "validation": quant.val.summary(), "half": "selection", "metric": key,
+                "reference": full[0] if full else None,
+                "drop_before": full[0] - full[1] if len(full) > 1 else None,
+                "drop_after": full[0] - after if full else None}
+            ac = report["accuracy_control"]
+            from edgeport.tables import points
+
+            log.info("accuracy-controlled INT8 (NNCF, selection half, %d images): drop %s -> %s (max_drop %g); "
+                     "kept in float: %s", len(quant.val),
+                     points(ac["drop_before"], q.max_drop) if ac["drop_before"] is not None else "?",
+                     points(ac["drop_after"], q.max_drop) if ac["drop_after"] is not None else "?", q.max_drop,
+                     ", ".join(float_layers(qmodel)) or "nothing")
             return qmodel
         return nncf.quantize(model, calib_ds, **kwargs)
 
-    def _accuracy_controlled(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
-                             kwargs: dict[str, Any]) -> Any:
-        """nncf.quantize_with_accuracy_control scored by the task metric on the labelled set."""
+    @staticmethod
+    def _metric_of(qmodel: Any, quant: Quantization, spec: InputSpec, fp32: np.ndarray | None) -> tuple[str, float]:
+        """(name, points) of the task metric of ``qmodel`` on the validation data, compiled for the CPU (agreement
+        with ``fp32``, the float model's outputs, on an unlabelled set)."""
         from edgeport.evaluate import primary, task_metrics
+
+        val = quant.val
+        assert val is not None
+        got = _outputs(_cpu(qmodel), val.inputs, range(len(val)))
+        if fp32 is not None:
+            from edgeport.runner.metrics import task_agreement
+
+            return "agreement", 100.0 * float(task_agreement(fp32, got, spec.task))
+        key, value = primary(task_metrics(got, val, spec.layout))
+        return key, float(value or 0.0)
+
+    def _accuracy_controlled(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
+                             kwargs: dict[str, Any], scores: list[tuple[int, float]],
+                             fp32: np.ndarray | None) -> Any:
+        """nncf.quantize_with_accuracy_control scored by the task metric on the labelled set (or, given the float
+        model's outputs ``fp32`` for an unlabelled set, by agreement with them in percent); every score NNCF asks
+        for lands in ``scores`` as (images, points): the first two on the whole set are the float model's and
+        the plainly quantized model's."""
+        from edgeport.evaluate import primary, task_metrics
+        from edgeport.runner.metrics import task_agreement
 
         val = quant.val
         assert val is not None
@@ -211,12 +289,16 @@ class OpenVINOBackend(DeviceBackend):
 
         def validate(compiled: Any, items: Any) -> float:
             idx = list(items)
-            outs = [np.asarray(compiled({name: val.inputs[i:i + 1]})[0], np.float32) for i in idx]
-            metric = primary(task_metrics(np.concatenate(outs, 0), val.subset(idx), spec.layout))[1]
+            got = _outputs(compiled, val.inputs, idx)
+            if fp32 is not None:
+                metric = 100.0 * float(task_agreement(fp32[idx], got, spec.task))
+            else:
+                metric = float(primary(task_metrics(got, val.subset(idx), spec.layout))[1] or 0.0)
+            scores.append((len(idx), metric))
             return metric / 100.0
 
-        log.info("accuracy-controlled INT8: max drop %.2f points on %d labelled images", quant.settings.max_drop,
-                 len(val))
+        log.info("accuracy-controlled INT8: max drop %.2f points of %s on %d images", quant.settings.max_drop,
+                 "agreement with FP32" if fp32 is not None else "the task metric", len(val))
         return nncf.quantize_with_accuracy_control(
             model, calib_ds, val_ds, validate, max_drop=quant.settings.max_drop / 100.0,
             drop_type=nncf.DropType.ABSOLUTE, **kwargs)

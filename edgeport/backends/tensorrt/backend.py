@@ -47,7 +47,8 @@ class TensorRTBackend(DeviceBackend):
 
     name = "tensorrt"
     # The [quantize] keys ranges and Q/DQ reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"method", "subset_size", "ignored_names", "ignored_patterns", "ignored_types"})
+    int8_settings = frozenset({"method", "subset_size", "ignored_names", "ignored_patterns", "ignored_types",
+                               "accuracy_control", "max_drop"})
 
     def available(self) -> Availability:
         """Host side needs only onnx and onnxruntime; TensorRT itself lives on the device."""
@@ -91,6 +92,11 @@ class TensorRTBackend(DeviceBackend):
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
             keep = qdq.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns, settings.ignored_types)
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
+            if quant.accuracy_control and quant.val is not None:
+                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec)
+                info["accuracy_fallback"] = fb
+                keep = keep | set(fb["kept_float"])
+                counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             findings = qdq.lint(out / "model_qdq.onnx", keep)
             if findings:  # our own placement broke TensorRT's rules: a bug, never a bundle
                 raise ConversionError(f"the Q/DQ model breaks TensorRT's placement rules: {findings[0]}"
@@ -104,6 +110,27 @@ class TensorRTBackend(DeviceBackend):
             t.layout = spec.layout
         return Artifacts(self.name, target.name, precision, files, inputs, outputs, spec,
                          {"precision": precision}, info, host_runnable=precision == "int8")
+
+    @staticmethod
+    def _fallback(onnx: Path, amax: dict[str, float], out: Path, keep: set[str], quant: Quantization,
+                  spec: InputSpec) -> dict[str, Any]:
+        """The accuracy-aware loop (fallback.py) on the selection half: the layers it keeps in float."""
+        from edgeport.backends.tensorrt import qdq
+        from edgeport.backends.tensorrt.fallback import accuracy_fallback
+        from edgeport.tables import points
+
+        weighted = qdq.weighted_nodes(onnx)
+
+        def write(kept: set[str]) -> set[str]:
+            qdq.write_qdq(onnx, amax, out, kept)
+            return weighted - kept
+
+        assert quant.val is not None
+        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, spec.task, quant.settings.max_drop)
+        log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in float: "
+                 "%s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
+                 points(fb["drop_after"], fb["max_drop"]), fb["max_drop"], ", ".join(fb["kept_float"]) or "nothing")
+        return fb
 
     def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
         """Precision, the profile's TensorRT version, builder workspace and DLA core for build_engine.py."""

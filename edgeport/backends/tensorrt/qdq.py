@@ -28,6 +28,9 @@ PLACEMENT_VERSION = 2  # bumped whenever placement changes, so cached Q/DQ model
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops Q/DQ commutes through or that have INT8 kernels in TensorRT: a DQ may feed them. Anything else
 # fed by a DQ (Relu, Sigmoid, Softmax, Mul, HardSwish, ReduceMean...) runs in float after a reformat.
+# Single-input ops TensorRT moves a DequantizeLinear through (a DQ -> Resize -> Concat input counts as quantized).
+COMMUTING = frozenset({"MaxPool", "Resize", "Upsample", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+                       "Slice", "Identity", "Pad", "DepthToSpace", "SpaceToDepth"})
 INT8_CONSUMERS = frozenset(WEIGHTED_OPS) | {
     "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample",
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Identity", "Pad",
@@ -82,6 +85,15 @@ def ignored_nodes(onnx_path: Path, names: Iterable[str], patterns: Iterable[str]
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     return {n.name for n in graph.node if n.name in names or n.op_type in types
             or any(r.search(n.name) for r in regexes)}
+
+
+def weighted_nodes(onnx_path: Path) -> set[str]:
+    """Names of the nodes ``write_qdq`` quantizes unless kept in float (weighted layers with float weights)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    return {n.name for n in graph.node if _is_weighted(n, inits)}
 
 
 def _is_weighted(node: Any, inits: dict[str, Any]) -> bool:
@@ -231,6 +243,20 @@ def lint(model_or_path: Any, kept_float: Iterable[str] | None = None) -> list[Fi
     def is_const(tensor: str) -> bool:
         return tensor in inits or tensor in consts
 
+    def dq_through(tensor: str) -> Any | None:
+        """The DequantizeLinear behind ``tensor``, through ops TensorRT moves it through."""
+        seen = 0
+        while seen < 64:
+            p = producer.get(tensor)
+            if p is None:
+                return None
+            if p.op_type == "DequantizeLinear":
+                return p
+            if p.op_type not in COMMUTING or not p.input:
+                return None
+            tensor, seen = p.input[0], seen + 1
+        return None
+
     # QDQ001-QDQ003 and QDQ008: the pairs themselves.
     q_by_tensor: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -296,7 +322,7 @@ def lint(model_or_path: Any, kept_float: Iterable[str] | None = None) -> list[Fi
     for n in graph.node:
         if n.op_type != "Concat":
             continue
-        dqs = [dq_of(t) for t in n.input]
+        dqs = [dq_through(t) for t in n.input]
         if any(d is not None for d in dqs):
             if any(d is None and not is_const(t) for d, t in zip(dqs, n.input)):
                 add("QDQ009", n, "some inputs are quantized and some are not (TensorRT cannot concatenate in INT8)")
@@ -311,7 +337,7 @@ def lint(model_or_path: Any, kept_float: Iterable[str] | None = None) -> list[Fi
         fused = [i for i, t in enumerate(n.input) if t in producer and producer[t].name in quantized_weighted]
         if fused:
             other = n.input[1 - fused[0]]
-            if not is_const(other) and dq_of(other) is None:
+            if not is_const(other) and dq_through(other) is None:
                 add("QDQ010", n, f"residual input {other} is float: TensorRT cannot fuse the Add into "
                                  f"{producer[n.input[fused[0]]].name}'s INT8 kernel")
     # QDQ011: weighted layers left in float without being asked to.

@@ -149,12 +149,36 @@ class TFLiteRuntime(Runtime):
         self.device = None  # type: ignore[assignment]
 
 
+def onnx_layer_names(onnx: Path, tf_names: list[str]) -> list[str]:
+    """ONNX node names for onnx2tf's convolution names (``model/tf.nn.convolution_3/convolution`` is the 4th
+    regular Conv in ONNX graph order, ``.../depthwise_conv2d_1/depthwise`` the 2nd depthwise one: onnx2tf
+    builds its TensorFlow ops in ONNX order and numbers each kind); a name it cannot place stays as it is."""
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    regular, depthwise = [], []
+    for n in graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        w = inits[n.input[1]]
+        (depthwise if group > 1 and len(w.dims) > 1 and w.dims[1] == 1 else regular).append(n.name)
+    out = []
+    for name in tf_names:
+        m = re.search(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/", name)
+        table = (regular if m and m.group(1) == "tf.nn.convolution" else depthwise) if m else []
+        k = int(m.group(2) or 0) if m else -1
+        out.append(table[k] if 0 <= k < len(table) else name)
+    return out
+
+
 class TFLiteBackend(DeviceBackend):
     """The ARM backend (Raspberry Pi, arm64 Linux, Android)."""
 
     name = "tflite"
     # The [quantize] keys the TFLite converter reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"subset_size"})
+    int8_settings = frozenset({"subset_size", "accuracy_control", "max_drop"})
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
@@ -188,6 +212,14 @@ class TFLiteBackend(DeviceBackend):
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
                 job["subset_size"] = quant.settings.subset_size if quant is not None else 300
+            if precision == "int8" and quant is not None and quant.accuracy_control and quant.val is not None:
+                import dataclasses
+                import pickle
+
+                with open(work / "val.pkl", "wb") as f:  # the selection half, for the child's float fallback
+                    pickle.dump(dataclasses.replace(quant.val, frames=[]), f)
+                job["fallback"] = {"val": str(work / "val.pkl"), "max_drop": quant.settings.max_drop,
+                                   "layout": spec.layout}
             frames = calib.frames if calib is not None and calib.frames else []
             if frames:
                 np.save(work / "frames.npy", np.stack([f for f in frames if f.shape == frames[0].shape]))
@@ -217,6 +249,18 @@ class TFLiteBackend(DeviceBackend):
         if precision == "int8":
             info["quantization"] = {"kind": "full-integer", "io": "int8", "weights": "per-channel",
                                     "subset_size": min(len(calib), job["subset_size"]) if calib else 0}
+            if "fallback" in result:
+                fb = result["fallback"]
+                info["accuracy_fallback"] = fb
+                info["quantization"]["kind"] = "full-integer, selective" if fb["kept_float"] else "full-integer"
+                fb["kept_float"] = onnx_layer_names(onnx, fb["kept_float"])
+                info["kept_float"] = fb["kept_float"]
+                from edgeport.tables import points
+
+                log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in "
+                         "float: %s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
+                         points(fb["drop_after"], fb["max_drop"]), fb["max_drop"],
+                         ", ".join(fb["kept_float"]) or "nothing")
         return Artifacts(self.name, target.name, precision, {"model": dest}, inputs, outputs, nhwc,
                          self.runtime_settings(target, precision), info)
 

@@ -99,11 +99,170 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         conv.inference_output_type = tf.int8
         _stage(f"full-integer INT8 from {n} calibration images")
     blob = conv.convert()
+    fallback = None
+    if precision == "int8" and job.get("fallback"):
+        conv._experimental_calibrate_only = True  # noqa: SLF001 (the float model with its calibration)
+        blob, fallback = accuracy_fallback(blob, conv.convert(), job["fallback"])
     out = Path(job["out"])
     out.write_bytes(blob)
     _stage(f"wrote {out.name} ({len(blob) / 1e6:.2f} MB) in {time.time() - t:.1f}s")
     check_scales(out)
-    return details(out, job.get("outputs"))
+    result = details(out, job.get("outputs"))
+    if fallback is not None:
+        result["fallback"] = fallback
+    return result
+
+
+# ---------------------------------------------------------------- accuracy-aware INT8 (float fallback)
+QUANTIZED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+RANK_IMAGES = 4
+
+
+def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=blob, experimental_preserve_all_tensors=keep_all)
+    it.allocate_tensors()
+    return it
+
+
+def _infer(it: Any, x: Any) -> Any:
+    """One NHWC float image through an interpreter whose input and output may be int8."""
+    import numpy as np
+
+    d = it.get_input_details()[0]
+    scale, zero = d["quantization"]
+    feed = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8) if d["dtype"] == np.int8 else x
+    it.set_tensor(d["index"], feed.astype(d["dtype"]))
+    it.invoke()
+    o = it.get_output_details()[0]
+    y = it.get_tensor(o["index"])
+    scale, zero = o["quantization"]
+    return (y.astype(np.float32) - zero) * scale if o["dtype"] == np.int8 else y.astype(np.float32)
+
+
+def _tensors(it: Any) -> dict[str, Any]:
+    """Every tensor of an interpreter run with preserve_all_tensors, dequantized, by name."""
+    import numpy as np
+
+    out = {}
+    for t in it.get_tensor_details():
+        try:
+            v = it.get_tensor(t["index"])
+        except ValueError:
+            continue
+        if v.dtype == np.int8:
+            scale, zero = t["quantization"]
+            if not scale:
+                continue
+            v = (v.astype(np.float32) - zero) * scale
+        elif v.dtype != np.float32:
+            continue
+        out[t["name"]] = v
+    return out
+
+
+def rank_ops(quantized: bytes, reference: bytes, images: Any, exclude: set[str]) -> list[tuple[str, str, float]]:
+    """[(output tensor name, op, error it adds)] for the ops that compute in int8 (convolutions, and also
+    hard-swish, the multiplications of squeeze-excite, pooling...), worst first: the per-channel relative squared
+    error of the op's output against the float model's tensor of the same name, minus the largest of its
+    inputs'."""
+    import numpy as np
+
+    from edgeport.runner.metrics import channel_error
+
+    err: dict[str, float] = {}
+    q_it, f_it = _interpreter(quantized, True), _interpreter(reference, True)
+    for x in images:
+        _infer(q_it, x[None])
+        _infer(f_it, x[None])
+        got, ref = _tensors(q_it), _tensors(f_it)
+        for name, r in ref.items():
+            if name in got and got[name].shape == r.shape:
+                err[name] = err.get(name, 0.0) + channel_error(got[name], r, -1)  # NHWC
+    details = {t["index"]: t for t in q_it.get_tensor_details()}
+    names = {i: t["name"] for i, t in details.items()}
+    ranked = []
+    for op in q_it._get_ops_details():  # noqa: SLF001 (the public API has no op list)
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") or not len(op["outputs"]) \
+                or details[op["outputs"][0]]["dtype"] != np.int8:
+            continue  # only ops that compute in int8 can be kept in float
+        out = names[op["outputs"][0]]
+        if out in exclude or out not in err:
+            continue
+        ins = [err.get(names[i], 0.0) for i in op["inputs"] if i >= 0 and i in names]
+        ranked.append((out, op["op_name"], err[out] - max(ins, default=0.0)))
+    return sorted(ranked, key=lambda r: -r[2])
+
+
+def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Keep the TFLite ops that add the most error in float (TensorFlow's selective quantization: the
+    quantizer's denylisted nodes, with QUANTIZE/DEQUANTIZE around them) until the task metric's drop from
+    the float model on the selection half is within max_drop; at most a quarter of the weighted ops (12)."""
+    import pickle
+
+    import numpy as np
+    from tensorflow.lite.python import convert as tfl_convert
+
+    from edgeport.evaluate import primary, task_metrics
+    from edgeport.runner.metrics import task_agreement
+
+    with open(job["val"], "rb") as f:
+        val = pickle.load(f)
+    images = val.inputs.transpose(0, 2, 3, 1) if job.get("layout", "NCHW") == "NCHW" else val.inputs
+    images = np.ascontiguousarray(images, np.float32)  # the model takes NHWC
+    max_drop = float(job["max_drop"])
+
+    def outputs(blob: bytes) -> Any:
+        it = _interpreter(blob)
+        return np.concatenate([_infer(it, images[i:i + 1]) for i in range(len(images))])
+
+    fp32 = outputs(calibrated)
+
+    def score(y: Any) -> tuple[str, float]:
+        if val.labelled:
+            key, value = primary(task_metrics(y, val, "NHWC"))
+            if value is not None:
+                return key, float(value)
+        return "agreement", 100.0 * float(task_agreement(fp32, y, val.task))
+
+    key, ref = score(fp32)
+    blob = plain
+    before = drop = ref - score(outputs(blob))[1]
+    n_weighted = sum(op["op_name"] in QUANTIZED_OPS for op in _interpreter(plain)._get_ops_details())  # noqa: SLF001
+    limit = min(12, max(1, n_weighted // 4))
+    kept: list[tuple[str, str]] = []
+    steps = [{"kept": [], "drop": before}]
+    _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images), "
+           f"max_drop {max_drop:g}")
+    while drop > max_drop and len(kept) < limit:
+        ranked = rank_ops(blob, calibrated, images[:RANK_IMAGES], {k for k, _ in kept})
+        if not ranked:
+            break
+        name, op, added = ranked[0]
+        kept.append((name, op))
+        blob = tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf_int8(), output_data_type=tf_int8(),
+                                         denylisted_nodes=[k for k, _ in kept])
+        drop = ref - score(outputs(blob))[1]
+        steps.append({"kept": [k for k, _ in kept], "drop": drop})
+        _stage(f"kept {op} {short_name(name)} in float (adds {added:.3g} relative error): drop {drop:.4f}")
+    return blob, {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
+                  "kept_float": [short_name(k) for k, _ in kept], "kept_tensors": [k for k, _ in kept],
+                  "ops": [op for _, op in kept], "steps": steps, "images": len(images), "met": drop <= max_drop,
+                  "labelled": val.labelled}
+
+
+def tf_int8() -> Any:
+    import tensorflow as tf
+
+    return tf.int8
+
+
+def short_name(tensor: str) -> str:
+    """The TensorFlow op a fused TFLite tensor name ends in (``model/tf.nn.convolution_1/convolution``)."""
+    parts = [p for p in tensor.split(";") if "/" in p]
+    conv = [p for p in parts if "convolution" in p or "depthwise" in p or "MatMul" in p or "conv2d" in p]
+    return (conv or parts or [tensor])[-1]
 
 
 def check_scales(path: Path, limit: float = 1e6) -> None:

@@ -1,0 +1,102 @@
+"""Accuracy-aware INT8 for TensorRT: weighted layers kept in float until the drop is within max_drop.
+
+TensorRT runs a layer without Q/DQ in FP16/FP32 (explicit quantization), so keeping a layer in
+float means writing the Q/DQ model without it. The loop, on the selection half of the labelled set:
+
+1. write the Q/DQ model, run it in ONNX Runtime, measure the task metric's drop from the FP32 ONNX
+   (without labels: the drop of agreement with FP32, in points);
+2. while the drop exceeds max_drop, rank the quantized weighted layers by the error each adds by
+   itself (per-channel relative squared error of its output minus that of its input, both against
+   FP32, on a few images), keep the worst in float, and measure again;
+3. stop within max_drop, or after a quarter of the weighted layers (at most 12): what is kept, and
+   the drop before and after, go to the manifest whatever the outcome (the build's gate judges the
+   result on the report half).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edgeport.evaluate import LabelledSet
+
+log = logging.getLogger("edgeport")
+RANK_IMAGES = 4
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
+    with ORT.open_onnx(path) as rt:
+        outs = rt.run_batches(x)
+    return outs[next(iter(outs))]
+
+
+def _score(got: np.ndarray, fp32: np.ndarray, val: LabelledSet, layout: str, task: str) -> tuple[str, float]:
+    """(metric name, value in points): the task metric with labels, else agreement with FP32 in percent."""
+    from edgeport.evaluate import primary, task_metrics
+    from edgeport.runner.metrics import task_agreement
+
+    if val.labelled:
+        key, value = primary(task_metrics(got, val, layout))
+        if value is not None:
+            return key, float(value)
+    return "agreement", 100.0 * float(task_agreement(fp32, got, task))
+
+
+def rank_layers(onnx: Path, qdq: Path, x: np.ndarray, candidates: set[str]) -> list[tuple[str, float]]:
+    """[(node, error it adds)] for the ``candidates`` (weighted node names), worst first: the per-channel relative
+    squared error (``channel_error``) of the node's output in the Q/DQ model against the FP32 ONNX, minus that
+    of its float input."""
+    from edgeport.localize import ort_tensors
+    from edgeport.runner.metrics import channel_error
+
+    err: dict[str, float] = {}
+    nodes: list[tuple[str, str, list[str], list[str]]] = []
+    for i in range(len(x)):
+        ref, nodes = ort_tensors(onnx, x[i:i + 1])
+        got, _ = ort_tensors(qdq, x[i:i + 1])
+        for name, r in ref.items():
+            if name in got and got[name].shape == r.shape:
+                err[name] = err.get(name, 0.0) + channel_error(got[name], r, 1)  # NCHW
+    ranked = []
+    for name, _op, inputs, outputs in nodes:
+        if name in candidates and outputs and outputs[0] in err:
+            ranked.append((name, err[outputs[0]] - err.get(inputs[0], 0.0)))
+    return sorted(ranked, key=lambda r: -r[1])
+
+
+def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str, task: str,
+                      max_drop: float) -> dict[str, Any]:
+    """Keep the layers that cost most in float until the drop is within ``max_drop`` (module docstring).
+
+    ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
+    ``keep`` left in float. Returns the report: kept layers, drops before and after, every step."""
+    fp32 = _run(onnx, val.inputs)
+    key, ref = _score(fp32, fp32, val, layout, task)
+
+    def drop_of() -> float:
+        return ref - _score(_run(out, val.inputs), fp32, val, layout, task)[1]
+
+    quantized = write(keep)
+    before = drop = drop_of()
+    kept: list[str] = []
+    steps = [{"kept": [], "drop": before}]
+    limit = min(12, max(1, len(quantized) // 4))
+    while drop > max_drop and len(kept) < limit:
+        ranked = rank_layers(onnx, out, val.inputs[:RANK_IMAGES], quantized - set(kept))
+        if not ranked:
+            break
+        worst, added = ranked[0]
+        kept.append(worst)
+        log.info("accuracy fallback: %s %.4f points over max_drop %g; keeping %s in float (adds %.3g relative "
+                 "error)", key, drop - max_drop, max_drop, worst, added)
+        quantized = write(keep | set(kept))
+        drop = drop_of()
+        steps.append({"kept": list(kept), "drop": drop})
+    return {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
+            "kept_float": kept, "steps": steps, "images": len(val), "met": drop <= max_drop,
+            "labelled": val.labelled}
