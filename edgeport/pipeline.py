@@ -394,6 +394,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
             results[target.name, prec] = TargetResult(target.name, target.backend, prec, "skipped",
                                                       message=f"{av.reason}; {av.install}")
     runnable = [(t, p) for t, p in chosen if (t.name, p) not in results]
+    for backend in {get_backend(t.backend) for t, p in runnable if p == "int8"}:
+        backend.check_quantization(export_stage.dir / "model.onnx", cfg.quantize)  # one line, before any compile
     groups = art.group_targets(cfg, runnable, export_info["onnx_sha256"], calib, val)
     memo = _memo(build_dir, clock)
     compiles = 0

@@ -69,6 +69,37 @@ class Availability:
             raise BackendUnavailableError(f"backend {self.name} is not available ({self.reason}); {self.install}")
 
 
+def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
+    """ONNX node names matched by [quantize] ignored_names / ignored_patterns (re.search) / ignored_types
+    (``--int8-ignore``): the layers to keep in float. A setting that matches no node is an error, never
+    silently nothing."""
+    import re
+
+    import onnx
+
+    from edgeport.errors import ConversionError
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    nodes = [(n.name, n.op_type) for n in graph.node]
+    found: set[str] = set()
+    for name in quant.ignored_names:
+        if not any(n == name for n, _ in nodes):
+            raise ConversionError(f"[quantize] ignored_names: no layer of the model is named {name!r}")
+        found.add(name)
+    for pattern in quant.ignored_patterns:
+        hits = {n for n, _ in nodes if re.search(pattern, n)}
+        if not hits:
+            raise ConversionError(f"--int8-ignore / ignored_patterns {pattern!r} matches no layer of the model "
+                                  f"(the exported ONNX's node names, such as {nodes[0][0]!r})")
+        found |= hits
+    for kind in quant.ignored_types:
+        hits = {n for n, t in nodes if t == kind}
+        if not hits:
+            raise ConversionError(f"[quantize] ignored_types: the model has no {kind!r} layer")
+        found |= hits
+    return found
+
+
 def probe(name: str, extra: str, modules: dict[str, str]) -> Availability:
     """Availability from distribution versions, without importing the heavy modules.
 
@@ -176,6 +207,8 @@ class Backend(Protocol):
 
     def available(self) -> Availability: ...
 
+    def check_quantization(self, onnx: Path, quant: QuantizeConfig) -> None: ...
+
     def calibration_needed(self, precision: str) -> bool: ...
 
     def artifact_settings(self, target: Target, precision: str) -> dict[str, Any]: ...
@@ -209,6 +242,17 @@ class DeviceBackend:
     def versions_key(self) -> str:
         """Changes when the toolchain that compiles changes (part of the cache key)."""
         return repr(sorted(self.available().versions.items()))
+
+    def check_quantization(self, onnx: Path, quant: QuantizeConfig) -> None:
+        """ConfigError, before any compile, for INT8 settings this backend cannot honour on this model (by
+        default: ignored_* layers that match nothing)."""
+        from edgeport.errors import ConfigError
+
+        if quant.has_ignored and "ignored_patterns" in self.int8_settings:
+            try:
+                ignored_nodes(onnx, quant)
+            except EdgeportError as e:
+                raise ConfigError(str(e)) from None
 
     def calibration_needed(self, precision: str) -> bool:
         """Only INT8 needs calibration data (dynamic-range quantises weights alone)."""

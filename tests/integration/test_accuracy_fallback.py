@@ -45,6 +45,18 @@ def test_plain_int8_breaks_on_every_backend(project):
         assert any("INT8 loses" in r and "report half" in r for r in m["verdict"]["reasons"]), m["verdict"]
 
 
+def test_int8_ignore_keeps_the_named_convolutions_in_float_on_every_backend(project):
+    """--int8-ignore is honoured by all three: TFLite through selective quantization (convolutions only)."""
+    pattern = "^/stem[.]1[.][01][.]0/Conv$"
+    res = _build(project, "--no-accuracy-control", "--int8-ignore", pattern, "--out", "ignored")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in BUNDLES:
+        m = json.loads((project / "ignored" / name / "manifest.json").read_text())
+        assert m["parity"]["accuracy"]["drop"] <= 1.0, (name, m["parity"]["accuracy"])
+    tfl = json.loads((project / "ignored" / "raspberry-pi-5-int8" / "manifest.json").read_text())["provenance"]
+    assert tfl["kept_float"] == [PRODUCER, CONSUMER] and tfl["quantization"]["kind"] == "full-integer, selective"
+
+
 def test_localize_names_the_layer_that_costs_the_metric(project):
     bundle = project / "dist" / "failed" / "jetson-orin-nano-int8"
     assert bundle.is_dir(), "test_plain_int8_breaks_on_every_backend runs first"

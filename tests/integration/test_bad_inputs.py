@@ -270,10 +270,11 @@ BUILD_CASES = [
     ("build-dir-unwritable", None, ["--target", "intel-cpu:fp32", "--build-dir", "/proc/edgeport-cache"],
      "--build-dir /proc/edgeport-cache cannot be", "calibration"),
 ]
+BUILD_CASES.append(("int8-ignore-matches-nothing", None, ["--target", "jetson-orin-nano:int8", "--int8-ignore",
+                                                         "^/nothing/"], "matches no layer of the model", None))
 if has("onnx2tf"):
-    BUILD_CASES.append(("int8-ignore-on-tflite", None, ["--target", "intel-cpu:int8", "--target", "raspberry-pi-5:int8",
-                                                       "--int8-ignore", ".*head.*"],
-                        "cannot take effect on raspberry-pi-5:int8 (tflite)", "calibration"))
+    BUILD_CASES.append(("int8-ignore-non-conv-on-tflite", None, ["--target", "raspberry-pi-5:int8", "--int8-ignore",
+                                                                "Relu"], "can keep only convolutions in float", None))
 
 
 @pytest.fixture()

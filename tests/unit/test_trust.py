@@ -194,8 +194,6 @@ def _cfg(**quant):
     (["raspberry-pi-5:int8"], {"calib_method": "max"}, "--calib-method has no effect on the selected INT8 targets"),
     (["intel-cpu:int8"], {"calib_method": "entropy"}, "only tensorrt INT8 read it"),
     (["jetson-orin-nano:int8"], {"int8_preset": "mixed"}, "only openvino INT8 read it"),
-    (["intel-cpu:int8", "raspberry-pi-5:int8"], {"int8_ignore": [".*head.*"]},
-     "--int8-ignore cannot take effect on raspberry-pi-5:int8 (tflite)"),
     (["intel-cpu:int8"], {"max_drop": 0.5}, "--max-drop has no effect without labelled validation data"),
     (["intel-cpu:int8"], {"val_labels": "x"}, "--val-labels has no effect without --val-images"),
     (["intel-cpu:int8"], {"accuracy_control": True}, "--accuracy-control needs labelled validation data"),
@@ -210,14 +208,14 @@ def test_flags_that_cannot_take_effect_are_errors(targets, given, words):
 
 
 @pytest.mark.parametrize("field", ["ignored_names", "ignored_patterns", "ignored_types"])
-def test_config_ignored_layers_on_tflite_are_refused_not_dropped(field):
+def test_ignored_layers_are_read_by_every_int8_backend(field):
+    from edgeport.backends import get_backend
     from edgeport.flagcheck import check_build_flags
     from edgeport.pipeline import resolve_targets
 
-    chosen = resolve_targets(["intel-cpu:int8", "raspberry-pi-5:int8"], None, ROOT)
-    with pytest.raises(ConfigError, match=rf"\[quantize\] {field} cannot take effect on raspberry-pi-5:int8"):
-        check_build_flags(_cfg(**{field: ["Conv"]}), chosen, {})
-    check_build_flags(_cfg(**{field: ["Conv"]}), chosen[:1], {})  # OpenVINO alone honours it
+    chosen = resolve_targets(["intel-cpu:int8", "raspberry-pi-5:int8", "jetson-orin-nano:int8"], None, ROOT)
+    assert all(field in get_backend(t.backend).int8_settings for t, _ in chosen)
+    check_build_flags(_cfg(**{field: ["Conv"]}), chosen, {"int8_ignore": ["Conv"]})
 
 
 def test_flags_that_take_effect_pass():

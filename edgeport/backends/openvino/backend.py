@@ -156,7 +156,7 @@ class OpenVINOBackend(DeviceBackend):
         info: dict[str, Any] = {"openvino": ov.__version__.split("-")[0]}
         device = str(target.options.get("device", "CPU"))
         if precision == "int8":
-            model, info["quantization"] = self._quantize(model, calib, spec, target, device,
+            model, info["quantization"] = self._quantize(model, onnx, calib, spec, target, device,
                                                          quant or Quantization(QuantizeConfig()))
             info["nncf"] = self.available().versions.get("nncf", "")
         xml = out / "model.xml"
@@ -185,7 +185,8 @@ class OpenVINOBackend(DeviceBackend):
                 "inference_precision": inference_precision(precision, device),
                 "async_requests": int(target.options.get("async_requests", 2))}
 
-    def _quantize(self, model: Any, calib: CalibrationSet | None, spec: InputSpec, target: Target, device: str,
+    def _quantize(self, model: Any, onnx: Path, calib: CalibrationSet | None, spec: InputSpec, target: Target,
+                  device: str,
                   quant: Quantization) -> tuple[Any, dict[str, Any]]:
         if calib is None:
             raise ConversionError("INT8 needs a calibration set (--calib)")
@@ -205,14 +206,21 @@ class OpenVINOBackend(DeviceBackend):
             "target_device": getattr(nncf.TargetDevice, device, nncf.TargetDevice.ANY),
             "fast_bias_correction": q.fast_bias_correction,
         }
+        kept: list[str] = []
         if q.has_ignored:
-            kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(q.ignored_names), patterns=list(q.ignored_patterns),
-                                                        types=list(q.ignored_types), validate=False)
+            # The settings name ONNX nodes (as for TensorRT and TFLite); the IR keeps those names, a convolution's
+            # with a '/WithoutBiases' suffix: NNCF gets the IR's own op names, so nothing matched is dropped silently.
+            from edgeport.backends.base import ignored_nodes
+
+            kept = sorted(ignored_nodes(onnx, q))
+            ov_names = [op.get_friendly_name() for op in model.get_ops()
+                        if any(op.get_friendly_name() == n or op.get_friendly_name().startswith(n + "/") for n in kept)]
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=ov_names, validate=False)
         report: dict[str, Any] = {"preset": preset.lower(), "subset_size": kwargs["subset_size"],
                                   "fast_bias_correction": q.fast_bias_correction,
                                   "target_device": kwargs["target_device"].value,
                                   "ignored": {"names": q.ignored_names, "patterns": q.ignored_patterns,
-                                              "types": q.ignored_types}}
+                                              "types": q.ignored_types, "layers": kept}}
         try:
             # NNCF draws its progress bars with rich on sys.stdout; stdout carries the build's table and JSON.
             with contextlib.redirect_stdout(sys.stderr):

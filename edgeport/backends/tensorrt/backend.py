@@ -90,7 +90,7 @@ class TensorRTBackend(DeviceBackend):
                    "code": rg.CODE_VERSION}
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
-            keep = qdq.ignored_nodes(onnx, settings.ignored_names, settings.ignored_patterns, settings.ignored_types)
+            keep = qdq.ignored_nodes(onnx, settings)
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             if quant.accuracy_control and quant.val is not None:
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec)

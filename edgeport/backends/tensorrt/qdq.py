@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeport.backends.base import ignored_nodes
+
+__all__ = ["ignored_nodes", "lint", "naive_qdq", "weighted_nodes", "write_qdq"]
 PLACEMENT_VERSION = 2  # bumped whenever placement changes, so cached Q/DQ models are written again
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops Q/DQ commutes through or that have INT8 kernels in TensorRT: a DQ may feed them. Anything else
@@ -72,19 +75,6 @@ def weight_axis(node: Any) -> int:
     if node.op_type == "MatMul":
         return 1
     return 0
-
-
-def ignored_nodes(onnx_path: Path, names: Iterable[str], patterns: Iterable[str], types: Iterable[str]) -> set[str]:
-    """Node names matched by [quantize] ignored_names / ignored_patterns (re.search) / ignored_types."""
-    import re
-
-    import onnx
-
-    names, types = set(names), set(types)
-    regexes = [re.compile(p) for p in patterns]
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return {n.name for n in graph.node if n.name in names or n.op_type in types
-            or any(r.search(n.name) for r in regexes)}
 
 
 def weighted_nodes(onnx_path: Path) -> set[str]:

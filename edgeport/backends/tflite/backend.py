@@ -27,6 +27,7 @@ from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
+    from edgeport.config import QuantizeConfig
     from edgeport.preprocess import InputSpec
     from edgeport.target import Target
 
@@ -149,27 +150,37 @@ class TFLiteRuntime(Runtime):
         self.device = None  # type: ignore[assignment]
 
 
-def onnx_layer_names(onnx: Path, tf_names: list[str]) -> list[str]:
-    """ONNX node names for onnx2tf's convolution names (``model/tf.nn.convolution_3/convolution`` is the 4th
-    regular Conv in ONNX graph order, ``.../depthwise_conv2d_1/depthwise`` the 2nd depthwise one: onnx2tf
-    builds its TensorFlow ops in ONNX order and numbers each kind); a name it cannot place stays as it is."""
+TF_CONV = re.compile(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/")
+
+
+def conv_numbering(onnx: Path) -> dict[str, tuple[str, int]]:
+    """{ONNX Conv node: (kind, k)}: onnx2tf builds its TensorFlow ops in ONNX graph order and numbers each kind,
+    so the k-th regular Conv becomes ``tf.nn.convolution_k`` and the k-th depthwise one ``depthwise_conv2d_k``
+    (k = 0 unsuffixed) in the TFLite tensor names."""
     import onnx as onnx_lib
 
     graph = onnx_lib.load(str(onnx), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
-    regular, depthwise = [], []
+    counts = {"tf.nn.convolution": 0, "depthwise_conv2d": 0}
+    out = {}
     for n in graph.node:
         if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
             continue
         group = next((a.i for a in n.attribute if a.name == "group"), 1)
         w = inits[n.input[1]]
-        (depthwise if group > 1 and len(w.dims) > 1 and w.dims[1] == 1 else regular).append(n.name)
+        kind = "depthwise_conv2d" if group > 1 and len(w.dims) > 1 and w.dims[1] == 1 else "tf.nn.convolution"
+        out[n.name] = (kind, counts[kind])
+        counts[kind] += 1
+    return out
+
+
+def onnx_layer_names(onnx: Path, tf_names: list[str]) -> list[str]:
+    """ONNX node names for onnx2tf's convolution names (``conv_numbering``); a name it cannot place stays."""
+    back = {v: k for k, v in conv_numbering(onnx).items()}
     out = []
     for name in tf_names:
-        m = re.search(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/", name)
-        table = (regular if m and m.group(1) == "tf.nn.convolution" else depthwise) if m else []
-        k = int(m.group(2) or 0) if m else -1
-        out.append(table[k] if 0 <= k < len(table) else name)
+        m = TF_CONV.search(name)
+        out.append(back.get((m.group(1), int(m.group(2) or 0)), name) if m else name)
     return out
 
 
@@ -178,7 +189,8 @@ class TFLiteBackend(DeviceBackend):
 
     name = "tflite"
     # The [quantize] keys the TFLite converter reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"subset_size", "accuracy_control", "max_drop"})
+    int8_settings = frozenset({"subset_size", "accuracy_control", "max_drop", "ignored_names", "ignored_patterns",
+                               "ignored_types"})
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
@@ -212,6 +224,8 @@ class TFLiteBackend(DeviceBackend):
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
                 job["subset_size"] = quant.settings.subset_size if quant is not None else 300
+            if precision == "int8" and quant is not None and quant.settings.has_ignored:
+                job["keep_float"] = self._keep_float(onnx, quant.settings)
             if precision == "int8" and quant is not None and quant.accuracy_control and quant.val is not None:
                 import dataclasses
                 import pickle
@@ -249,12 +263,16 @@ class TFLiteBackend(DeviceBackend):
         if precision == "int8":
             info["quantization"] = {"kind": "full-integer", "io": "int8", "weights": "per-channel",
                                     "subset_size": min(len(calib), job["subset_size"]) if calib else 0}
+            if result.get("kept_float"):
+                info["kept_float"] = [n for _, _, n in job["keep_float"]]
+                info["quantization"]["kind"] = "full-integer, selective"
+                info["quantization"]["ignored"] = info["kept_float"]
             if "fallback" in result:
                 fb = result["fallback"]
                 info["accuracy_fallback"] = fb
                 info["quantization"]["kind"] = "full-integer, selective" if fb["kept_float"] else "full-integer"
                 fb["kept_float"] = onnx_layer_names(onnx, fb["kept_float"])
-                info["kept_float"] = fb["kept_float"]
+                info["kept_float"] = sorted(set(info.get("kept_float", [])) | set(fb["kept_float"]))
                 from edgeport.tables import points
 
                 log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in "
@@ -263,6 +281,33 @@ class TFLiteBackend(DeviceBackend):
                          ", ".join(fb["kept_float"]) or "nothing")
         return Artifacts(self.name, target.name, precision, {"model": dest}, inputs, outputs, nhwc,
                          self.runtime_settings(target, precision), info)
+
+    def check_quantization(self, onnx: Path, quant: QuantizeConfig) -> None:
+        """Besides the default check: TFLite keeps only convolutions in float."""
+        from edgeport.errors import ConfigError
+
+        super().check_quantization(onnx, quant)
+        try:
+            self._keep_float(onnx, quant)
+        except ConversionError as e:
+            raise ConfigError(str(e)) from None
+
+    @staticmethod
+    def _keep_float(onnx: Path, quant: QuantizeConfig) -> list[list[Any]]:
+        """[[kind, k, ONNX name]] of the layers [quantize] ignored_* keeps in float: TFLite keeps convolutions
+        (the quantizer's denylist, by onnx2tf's names); any other matched layer is refused in one line."""
+        from edgeport.backends.base import ignored_nodes
+
+        if not quant.has_ignored:
+            return []
+        numbering = conv_numbering(onnx)
+        keep = ignored_nodes(onnx, quant)
+        other = sorted(n for n in keep if n not in numbering)
+        if other:
+            raise ConversionError(f"TFLite INT8 can keep only convolutions in float; {', '.join(other[:3])}"
+                                  + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+                                  + " matched [quantize] ignored_* / --int8-ignore: narrow the match to Conv layers")
+        return [[*numbering[n], n] for n in sorted(keep)]
 
     def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
         """The interpreter's thread count (the model file is the same for every ARM target)."""

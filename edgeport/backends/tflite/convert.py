@@ -99,10 +99,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         conv.inference_output_type = tf.int8
         _stage(f"full-integer INT8 from {n} calibration images")
     blob = conv.convert()
-    fallback = None
-    if precision == "int8" and job.get("fallback"):
+    fallback, kept = None, []
+    if precision == "int8" and (job.get("fallback") or job.get("keep_float")):
         conv._experimental_calibrate_only = True  # noqa: SLF001 (the float model with its calibration)
-        blob, fallback = accuracy_fallback(blob, conv.convert(), job["fallback"])
+        calibrated = conv.convert()
+        if job.get("keep_float"):
+            kept = denylist(calibrated, job["keep_float"])
+            blob = quantize(calibrated, kept)
+            _stage(f"kept {len(kept)} convolution(s) in float ([quantize] ignored_*)")
+        if job.get("fallback"):
+            blob, fallback = accuracy_fallback(blob, calibrated, job["fallback"], kept)
     out = Path(job["out"])
     out.write_bytes(blob)
     _stage(f"wrote {out.name} ({len(blob) / 1e6:.2f} MB) in {time.time() - t:.1f}s")
@@ -110,7 +116,39 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     result = details(out, job.get("outputs"))
     if fallback is not None:
         result["fallback"] = fallback
+    result["kept_float"] = kept
     return result
+
+
+def quantize(calibrated: bytes, deny: list[str]) -> bytes:
+    """Full-integer INT8 (int8 input and output) from a calibrated model, the ``deny`` tensors' ops in float
+    (TensorFlow's selective quantization; private API of the converter, as its quantization debugger uses)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tfl_convert
+
+    return tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf.int8, output_data_type=tf.int8,
+                                     denylisted_nodes=deny or None)
+
+
+def denylist(calibrated: bytes, convs: list[list[Any]]) -> list[str]:
+    """The output tensor names of the convolutions ``[[kind, k, onnx name]]`` in the calibrated model."""
+    import re
+
+    want = {(kind, int(k)) for kind, k, _ in convs}
+    pattern = re.compile(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/")
+    it = _interpreter(calibrated)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    found = []
+    for op in it._get_ops_details():  # noqa: SLF001 (the public API has no op list)
+        if op["op_name"] in QUANTIZED_OPS and len(op["outputs"]):
+            name = names[op["outputs"][0]]
+            m = pattern.search(name)
+            if m and (m.group(1), int(m.group(2) or 0)) in want:
+                found.append(name)
+    if len(found) != len(want):
+        raise SystemExit(f"INT8 quantization broke: {len(want)} convolution(s) to keep in float, {len(found)} found "
+                         "by onnx2tf's names (this onnx2tf names its layers differently)")
+    return found
 
 
 # ---------------------------------------------------------------- accuracy-aware INT8 (float fallback)
@@ -195,14 +233,14 @@ def rank_ops(quantized: bytes, reference: bytes, images: Any, exclude: set[str])
     return sorted(ranked, key=lambda r: -r[2])
 
 
-def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
+                      given: list[str]) -> tuple[bytes, dict[str, Any]]:
     """Keep the TFLite ops that add the most error in float (TensorFlow's selective quantization: the
     quantizer's denylisted nodes, with QUANTIZE/DEQUANTIZE around them) until the task metric's drop from
     the float model on the selection half is within max_drop; at most a quarter of the weighted ops (12)."""
     import pickle
 
     import numpy as np
-    from tensorflow.lite.python import convert as tfl_convert
 
     from edgeport.evaluate import primary, task_metrics
     from edgeport.runner.metrics import task_agreement
@@ -236,13 +274,12 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any]) -> t
     _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images), "
            f"max_drop {max_drop:g}")
     while drop > max_drop and len(kept) < limit:
-        ranked = rank_ops(blob, calibrated, images[:RANK_IMAGES], {k for k, _ in kept})
+        ranked = rank_ops(blob, calibrated, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
         if not ranked:
             break
         name, op, added = ranked[0]
         kept.append((name, op))
-        blob = tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf_int8(), output_data_type=tf_int8(),
-                                         denylisted_nodes=[k for k, _ in kept])
+        blob = quantize(calibrated, given + [k for k, _ in kept])
         drop = ref - score(outputs(blob))[1]
         steps.append({"kept": [k for k, _ in kept], "drop": drop})
         _stage(f"kept {op} {short_name(name)} in float (adds {added:.3g} relative error): drop {drop:.4f}")
@@ -250,12 +287,6 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any]) -> t
                   "kept_float": [short_name(k) for k, _ in kept], "kept_tensors": [k for k, _ in kept],
                   "ops": [op for _, op in kept], "steps": steps, "images": len(images), "met": drop <= max_drop,
                   "labelled": val.labelled}
-
-
-def tf_int8() -> Any:
-    import tensorflow as tf
-
-    return tf.int8
 
 
 def short_name(tensor: str) -> str:
