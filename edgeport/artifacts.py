@@ -223,7 +223,7 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
                 metrics, reference = {"agreement": 100.0 * agreement}, {"agreement": 100.0}
             else:
                 metrics = task_metrics(got[idx], subset, spec.layout)
-                reference = task_metrics(val.outputs[idx], subset, spec.layout)
+                reference = val.half_metrics(half, spec.layout)
             key, value = primary(metrics)
             halves[half] = {"metrics": metrics, "reference": reference, "count": len(idx),
                             "drop": reference[key] - value if value is not None else None, "agreement": agreement}
@@ -269,8 +269,7 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[st
         acc["max_drop"] = max_drop
         if not acc["ok"]:
             reasons.append(f"INT8 loses {points(acc['drop'], max_drop)} {acc['metric']} points on the report half of "
-                           f"{acc['source']}, "
-                           f"more than max_drop {max_drop:g}")
+                           f"{acc['source']}, more than max_drop {max_drop:g}")
     art = info["artifacts"]
     if not art["host_runnable"]:
         checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"

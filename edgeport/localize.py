@@ -36,6 +36,13 @@ def _fp32_onnx(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig) -> Pa
 def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray],
                                                    list[tuple[str, str, list[str], list[str]]]]:
     """(every float tensor by name, [(node name, op type, inputs, outputs)] in graph order) for one input."""
+    per_image, nodes = ort_tensors_each(path, x)
+    return per_image[0], nodes
+
+
+def ort_tensors_each(path: Path, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]],
+                                                        list[tuple[str, str, list[str], list[str]]]]:
+    """``ort_tensors`` for each image of ``x`` (N, ...), through one session."""
     import onnx
     import onnxruntime as ort
 
@@ -55,8 +62,9 @@ def ort_tensors(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray],
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, {sess.get_inputs()[0].name: x})
-    return dict(zip(names, (np.asarray(v) for v in values))), nodes
+    feed = sess.get_inputs()[0].name
+    return [dict(zip(names, (np.asarray(v) for v in sess.run(names, {feed: x[i:i + 1]})))) for i in range(len(x))], \
+        nodes
 
 
 def openvino_tensors(xml: Path, x: np.ndarray, wanted: list[str], config: dict[str, Any]) -> dict[str, np.ndarray]:

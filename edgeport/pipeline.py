@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 import time
@@ -245,6 +246,7 @@ class ValidationRef:
     data: LabelledSet
     outputs: np.ndarray  # first output of the exported ONNX (= PyTorch within export parity), (N, ...)
     metrics: dict[str, float]
+    _memo: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
     def halves(self) -> dict[str, list[int]]:
         """{"selection": indices, "report": indices} into the set."""
@@ -253,17 +255,24 @@ class ValidationRef:
             return {"selection": list(range(n)), "report": list(range(n))}
         return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
 
-    @property
+    @functools.cached_property
     def selection(self) -> LabelledSet:
-        """The half that tuning may look at."""
+        """The half that tuning may look at (made once: every INT8 compile key and compile reads it)."""
         return self.data.subset(self.halves()["selection"])
+
+    def half_metrics(self, half: str, layout: str) -> dict[str, float]:
+        """The FP32 reference's metrics on one half (what each artifact's drop there is measured from), computed
+        once per build."""
+        from edgeport.evaluate import task_metrics
+
+        if (half, layout) not in self._memo:
+            idx = self.halves()[half]
+            self._memo[half, layout] = task_metrics(self.outputs[idx], self.data.subset(idx), layout)
+        return self._memo[half, layout]
 
     def report_metrics(self, layout: str) -> dict[str, float]:
         """The FP32 reference's metrics on the report half (what the table's drops are measured from)."""
-        from edgeport.evaluate import task_metrics
-
-        idx = self.halves()["report"]
-        return task_metrics(self.outputs[idx], self.data.subset(idx), layout)
+        return self.half_metrics("report", layout)
 
 
 def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: Stage,

@@ -232,6 +232,15 @@ class OpenVINOBackend(DeviceBackend):
         ops = [op.get_type_name() for op in qmodel.get_ops()]
         report["fake_quantize_nodes"] = ops.count("FakeQuantize")
         report["kept_float"] = float_layers(qmodel)
+        ac = report.get("accuracy_control")
+        if ac:
+            from edgeport.tables import points
+
+            log.info("accuracy-controlled INT8 (NNCF, selection half, %d images): drop %s -> %s (max_drop %g); "
+                     "kept in float: %s", ac["validation"]["count"],
+                     points(ac["drop_before"], q.max_drop) if ac["drop_before"] is not None else "?",
+                     points(ac["drop_after"], q.max_drop) if ac["drop_after"] is not None else "?", q.max_drop,
+                     ", ".join(report["kept_float"]) or "nothing")
         if report["fake_quantize_nodes"] == 0:
             raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
                                   "(check --int8-ignore)")
@@ -253,14 +262,6 @@ class OpenVINOBackend(DeviceBackend):
                 "reference": full[0] if full else None,
                 "drop_before": full[0] - full[1] if len(full) > 1 else None,
                 "drop_after": full[0] - after if full else None}
-            ac = report["accuracy_control"]
-            from edgeport.tables import points
-
-            log.info("accuracy-controlled INT8 (NNCF, selection half, %d images): drop %s -> %s (max_drop %g); "
-                     "kept in float: %s", len(quant.val),
-                     points(ac["drop_before"], q.max_drop) if ac["drop_before"] is not None else "?",
-                     points(ac["drop_after"], q.max_drop) if ac["drop_after"] is not None else "?", q.max_drop,
-                     ", ".join(float_layers(qmodel)) or "nothing")
             return qmodel
         return nncf.quantize(model, calib_ds, **kwargs)
 

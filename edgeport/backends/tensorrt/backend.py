@@ -91,12 +91,11 @@ class TensorRTBackend(DeviceBackend):
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
             keep = qdq.ignored_nodes(onnx, settings)
-            counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
-            if quant.accuracy_control and quant.val is not None:
+            if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec)
                 info["accuracy_fallback"] = fb
                 keep = keep | set(fb["kept_float"])
-                counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
+            counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             findings = qdq.lint(out / "model_qdq.onnx", keep)
             if findings:  # our own placement broke TensorRT's rules: a bug, never a bundle
                 raise ConversionError(f"the Q/DQ model breaks TensorRT's placement rules: {findings[0]}"

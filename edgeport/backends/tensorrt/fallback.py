@@ -47,18 +47,17 @@ def _score(got: np.ndarray, fp32: np.ndarray, val: LabelledSet, layout: str, tas
     return "agreement", 100.0 * float(task_agreement(fp32, got, task))
 
 
-def rank_layers(onnx: Path, qdq: Path, x: np.ndarray, candidates: set[str]) -> list[tuple[str, float]]:
+def rank_layers(reference: tuple[list[dict[str, np.ndarray]], list[Any]], qdq: Path, x: np.ndarray,
+                candidates: set[str]) -> list[tuple[str, float]]:
     """[(node, error it adds)] for the ``candidates`` (weighted node names), worst first: the per-channel relative
-    squared error (``channel_error``) of the node's output in the Q/DQ model against the FP32 ONNX, minus that
-    of its float input."""
-    from edgeport.localize import ort_tensors
+    squared error (``channel_error``) of the node's output in the Q/DQ model against the FP32 ONNX's tensors
+    ``reference`` (``ort_tensors_each`` on the same images ``x``), minus that of its float input."""
+    from edgeport.localize import ort_tensors_each
     from edgeport.runner.metrics import channel_error
 
+    refs, nodes = reference
     err: dict[str, float] = {}
-    nodes: list[tuple[str, str, list[str], list[str]]] = []
-    for i in range(len(x)):
-        ref, nodes = ort_tensors(onnx, x[i:i + 1])
-        got, _ = ort_tensors(qdq, x[i:i + 1])
+    for ref, got in zip(refs, ort_tensors_each(qdq, x)[0]):
         for name, r in ref.items():
             if name in got and got[name].shape == r.shape:
                 err[name] = err.get(name, 0.0) + channel_error(got[name], r, 1)  # NCHW
@@ -86,8 +85,13 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
     kept: list[str] = []
     steps = [{"kept": [], "drop": before}]
     limit = min(12, max(1, len(quantized) // 4))
+    reference = None  # the FP32 tensors on the ranking images: the same at every step
     while drop > max_drop and len(kept) < limit:
-        ranked = rank_layers(onnx, out, val.inputs[:RANK_IMAGES], quantized - set(kept))
+        if reference is None:
+            from edgeport.localize import ort_tensors_each
+
+            reference = ort_tensors_each(onnx, val.inputs[:RANK_IMAGES])
+        ranked = rank_layers(reference, out, val.inputs[:RANK_IMAGES], quantized - set(kept))
         if not ranked:
             break
         worst, added = ranked[0]

@@ -29,15 +29,13 @@ from edgeport.backends.base import ignored_nodes
 __all__ = ["ignored_nodes", "lint", "naive_qdq", "weighted_nodes", "write_qdq"]
 PLACEMENT_VERSION = 2  # bumped whenever placement changes, so cached Q/DQ models are written again
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Ops Q/DQ commutes through or that have INT8 kernels in TensorRT: a DQ may feed them. Anything else
-# fed by a DQ (Relu, Sigmoid, Softmax, Mul, HardSwish, ReduceMean...) runs in float after a reformat.
 # Single-input ops TensorRT moves a DequantizeLinear through (a DQ -> Resize -> Concat input counts as quantized).
 COMMUTING = frozenset({"MaxPool", "Resize", "Upsample", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
                        "Slice", "Identity", "Pad", "DepthToSpace", "SpaceToDepth"})
-INT8_CONSUMERS = frozenset(WEIGHTED_OPS) | {
-    "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample",
-    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Identity", "Pad",
-    "DepthToSpace", "SpaceToDepth"}
+# What a DQ may feed: weighted layers, layers with INT8 kernels, and the ops above. Anything else (Relu, Sigmoid,
+# Softmax, Mul, HardSwish, ReduceMean...) runs in float after a reformat.
+INT8_CONSUMERS = frozenset(WEIGHTED_OPS) | COMMUTING | {"Add", "Concat", "AveragePool", "GlobalAveragePool",
+                                                       "GlobalMaxPool", "Split"}
 RULES = {
     "QDQ001": "a QuantizeLinear feeds only its DequantizeLinear, with the same scale and zero point",
     "QDQ002": "symmetric: zero points are int8 zeros",

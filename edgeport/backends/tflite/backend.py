@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
+from edgeport.backends.tflite.convert import TF_CONV
 from edgeport.cache import TMP_PREFIX
 from edgeport.children import run_child
 from edgeport.errors import ConversionError
@@ -148,9 +149,6 @@ class TFLiteRuntime(Runtime):
 
     def close(self) -> None:
         self.device = None  # type: ignore[assignment]
-
-
-TF_CONV = re.compile(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/")
 
 
 def conv_numbering(onnx: Path) -> dict[str, tuple[str, int]]:
@@ -283,10 +281,10 @@ class TFLiteBackend(DeviceBackend):
                          self.runtime_settings(target, precision), info)
 
     def check_quantization(self, onnx: Path, quant: QuantizeConfig) -> None:
-        """Besides the default check: TFLite keeps only convolutions in float."""
+        """The ignored layers match something (``_keep_float`` through ``ignored_nodes``), and are convolutions:
+        TFLite keeps only those in float."""
         from edgeport.errors import ConfigError
 
-        super().check_quantization(onnx, quant)
         try:
             self._keep_float(onnx, quant)
         except ConversionError as e:

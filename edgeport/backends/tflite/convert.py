@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+# onnx2tf's convolution names in TFLite tensor names: the k-th regular / depthwise Conv (k = 0 unsuffixed).
+TF_CONV = re.compile(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/")
 
 
 def _block_network() -> None:
@@ -132,17 +135,14 @@ def quantize(calibrated: bytes, deny: list[str]) -> bytes:
 
 def denylist(calibrated: bytes, convs: list[list[Any]]) -> list[str]:
     """The output tensor names of the convolutions ``[[kind, k, onnx name]]`` in the calibrated model."""
-    import re
-
     want = {(kind, int(k)) for kind, k, _ in convs}
-    pattern = re.compile(r"(tf\.nn\.convolution|depthwise_conv2d)(?:_(\d+))?/")
     it = _interpreter(calibrated)
     names = {t["index"]: t["name"] for t in it.get_tensor_details()}
     found = []
     for op in it._get_ops_details():  # noqa: SLF001 (the public API has no op list)
         if op["op_name"] in QUANTIZED_OPS and len(op["outputs"]):
             name = names[op["outputs"][0]]
-            m = pattern.search(name)
+            m = TF_CONV.search(name)
             if m and (m.group(1), int(m.group(2) or 0)) in want:
                 found.append(name)
     if len(found) != len(want):
@@ -200,21 +200,31 @@ def _tensors(it: Any) -> dict[str, Any]:
     return out
 
 
-def rank_ops(quantized: bytes, reference: bytes, images: Any, exclude: set[str]) -> list[tuple[str, str, float]]:
+def all_tensors(blob: bytes, images: Any) -> list[dict[str, Any]]:
+    """Every tensor of the model, dequantized, for each image (the float reference for ``rank_ops``)."""
+    it = _interpreter(blob, True)
+    out = []
+    for x in images:
+        _infer(it, x[None])
+        out.append(_tensors(it))
+    return out
+
+
+def rank_ops(quantized: bytes, reference: list[dict[str, Any]], images: Any,
+             exclude: set[str]) -> list[tuple[str, str, float]]:
     """[(output tensor name, op, error it adds)] for the ops that compute in int8 (convolutions, and also
     hard-swish, the multiplications of squeeze-excite, pooling...), worst first: the per-channel relative squared
-    error of the op's output against the float model's tensor of the same name, minus the largest of its
-    inputs'."""
+    error of the op's output against the float model's tensor of the same name (``reference``: ``all_tensors``
+    of the float model on the same ``images``), minus the largest of its inputs'."""
     import numpy as np
 
     from edgeport.runner.metrics import channel_error
 
     err: dict[str, float] = {}
-    q_it, f_it = _interpreter(quantized, True), _interpreter(reference, True)
-    for x in images:
+    q_it = _interpreter(quantized, True)
+    for x, ref in zip(images, reference):
         _infer(q_it, x[None])
-        _infer(f_it, x[None])
-        got, ref = _tensors(q_it), _tensors(f_it)
+        got = _tensors(q_it)
         for name, r in ref.items():
             if name in got and got[name].shape == r.shape:
                 err[name] = err.get(name, 0.0) + channel_error(got[name], r, -1)  # NHWC
@@ -273,8 +283,10 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
     steps = [{"kept": [], "drop": before}]
     _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images), "
            f"max_drop {max_drop:g}")
+    reference = None  # the float model's tensors on the ranking images: the same at every step
     while drop > max_drop and len(kept) < limit:
-        ranked = rank_ops(blob, calibrated, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
+        reference = reference or all_tensors(calibrated, images[:RANK_IMAGES])
+        ranked = rank_ops(blob, reference, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
         if not ranked:
             break
         name, op, added = ranked[0]
