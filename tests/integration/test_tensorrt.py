@@ -200,7 +200,7 @@ def test_runner_on_a_host_without_tensorrt_says_so(jetson, openvino_venv):
 
 
 def test_range_methods_differ_and_entropy_clips():
-    from edgeport.backends.tensorrt.ranges import BINS, _Percentile, entropy_amax
+    from edgeport.backends.tensorrt.ranges import BINS, _Percentile, _Scratch, entropy_amax
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, 200_000), [40.0]]).astype(np.float32)  # one outlier sets the max
@@ -208,7 +208,7 @@ def test_range_methods_differ_and_entropy_clips():
     hist = np.histogram(np.abs(x), bins=BINS, range=(0, amax))[0]
     collector = _Percentile(len(x))
     for chunk in np.array_split(x, 7):  # in pieces, as images arrive
-        collector.add(chunk)
+        collector.add(chunk, _Scratch())
     p = collector.result()
     assert p == float(np.quantile(np.abs(x), 0.9999, method="inverted_cdf"))
     e = entropy_amax(hist, amax)
