@@ -55,9 +55,7 @@ def export_onnx(model: Any, example: Any, path: Path, *, opset: int, input_name:
     import torch
 
     with torch.inference_mode():
-        out = model(example)
-    n_out = len(out) if isinstance(out, (list, tuple)) else 1
-    output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+        output_names = [name for name, _ in named_outputs(model(example))]
     dynamic_axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic_batch else None
     buf = io.StringIO()
     try:
@@ -143,6 +141,23 @@ def get_metadata(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def named_outputs(out: Any) -> list[tuple[str, Any]]:
+    """A forward's outputs in the order the ONNX exporter flattens them, with the names edgeport gives them: a
+    tensor is ``output``; a list or tuple of several ``output0``, ``output1``, ...; a dict (torchvision's
+    segmentation models return ``{"out": ...}``) keeps its keys, so no wrapper is needed."""
+    if isinstance(out, dict):
+        named = []
+        for key, value in out.items():
+            name = re.sub(r"[^A-Za-z0-9_]", "_", str(key)) or "output"
+            named.append((name if name not in dict(named) else f"{name}_{len(named)}", value))
+        return named
+    if isinstance(out, (list, tuple)):
+        if len(out) == 1:
+            return [("output", out[0])]
+        return [(f"output{i}", o) for i, o in enumerate(out)]
+    return [("output", out)]
+
+
 def torch_outputs(model: Any, batch: np.ndarray, output_names: list[str]) -> dict[str, np.ndarray]:
     """Run the PyTorch model one sample at a time (static batch 1) and stack the outputs."""
     import torch
@@ -150,9 +165,8 @@ def torch_outputs(model: Any, batch: np.ndarray, output_names: list[str]) -> dic
     outs: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
     with torch.inference_mode():
         for i in range(len(batch)):
-            out = model(torch.from_numpy(batch[i:i + 1]))
-            out = list(out) if isinstance(out, (list, tuple)) else [out]
-            for name, o in zip(output_names, out):
+            out = named_outputs(model(torch.from_numpy(batch[i:i + 1])))
+            for name, (_, o) in zip(output_names, out):
                 outs[name].append(o.float().numpy())
     return {n: np.concatenate(v, 0) for n, v in outs.items()}
 

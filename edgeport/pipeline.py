@@ -203,7 +203,9 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
 
 def _check_class_names(spec: InputSpec, out: Any) -> None:
     """ConfigError when the class names do not match the classes of the model's first output."""
-    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values())) if isinstance(out, dict) else out
+    from edgeport.export import named_outputs
+
+    first = named_outputs(out)[0][1]
     if not spec.labels or getattr(first, "ndim", 0) < 2:
         return
     classes = int(first.shape[1] if spec.layout == "NCHW" or first.ndim == 2 else first.shape[-1])

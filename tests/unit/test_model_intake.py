@@ -100,3 +100,43 @@ def test_weights_mismatch_names_keys_and_shapes(factory_file, tmp_path):
 def test_bad_model_sources(source, match, factory_file):
     with pytest.raises(ModelError, match=match):
         load_model(source.format(f=factory_file))
+
+
+class _DictSeg(nn.Module):
+    """A segmentation model as torchvision writes them: a dict of outputs, the main one first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head, self.aux = nn.Conv2d(8, 5, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"out": self.head(f), "aux": self.aux(f)}
+
+
+def test_dict_outputs_are_taken_without_a_wrapper(tmp_path):
+    """A model returning {"out": ..., "aux": ...} exports with those output names, its BN folds, and the
+    PyTorch reference is read per key (this crashed with "'dict' object has no attribute 'float'")."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeport.export import export_onnx, torch_outputs
+    from edgeport.optimize import fold_bn
+
+    torch.manual_seed(0)
+    model = _DictSeg().eval()
+    example = torch.randn(1, 3, 16, 16)
+    folded, n, err = fold_bn(model, example)
+    assert n == 1 and err < 1e-5
+    names = export_onnx(folded, example, tmp_path / "m.onnx", opset=17, input_name="x")
+    assert names == ["out", "aux"]
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    ref = torch_outputs(model, x, names)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["out", "aux"]
+    for i in range(len(x)):
+        got = dict(zip(names, sess.run(names, {"x": x[i:i + 1]})))
+        for name in names:
+            np.testing.assert_allclose(got[name][0], ref[name][i], atol=1e-4)

@@ -29,6 +29,32 @@ def test_bn_folding_is_exact_enough():
     assert torch.allclose(fused(x), ref, atol=1e-4)
 
 
+class _Unstable(torch.nn.Module):
+    """Conv + BN, then a cancellation that turns float rounding into 1e-3 of the output: as ill-conditioned as
+    an untrained efficientnet_v2_s whose activations reach 1e6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return (self.bn(self.conv(x)) * 1e4 + 3e8) - 3e8
+
+
+def test_an_unstable_model_is_named_as_such_not_blamed_on_folding():
+    from edgeport.errors import ModelError
+    from edgeport.optimize import float32_error
+
+    torch.manual_seed(0)
+    model = _trained_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)))
+    unstable = _Unstable()
+    unstable.conv, unstable.bn = model[0], model[1]
+    x = torch.randn(1, 3, 120, 160)
+    assert float32_error(unstable, x) > 1e-4 and float32_error(model, x) < 1e-6
+    with pytest.raises(ModelError, match="numerically unstable in float32.*float64"):
+        fold_bn(unstable, x)
+
+
 def test_pruning_shrinks_the_model_and_keeps_the_head():
     pytest.importorskip("torch_pruning")
     model = _trained_bn(RoadSegNet())

@@ -116,12 +116,16 @@ def _failure(output: str) -> str:
     op = re.search(r"onnx_op_type:\s*(\S+)", clean)
     name = re.search(r"onnx_op_name:\s*(\S+)", clean)
     if op:
-        return f"onnx2tf cannot convert op {op.group(1)} (node '{name.group(1) if name else '?'}')"
+        return (f"onnx2tf cannot convert op {op.group(1)} (node '{name.group(1) if name else '?'}'); replace that op "
+                "in the model, or build it for an OpenVINO or TensorRT target, which take the ONNX as it is")
     flex = re.search(r"(?:Some ops are not supported by the native TFLite runtime|Flex)[^\n]*\n?[^\n]*", clean)
     if flex:
-        ops = re.findall(r"tf\.(\w+)", clean)
+        listed = re.search(r"TF Select ops:\s*([\w, ]+)", clean)  # the converter's own list of the ops
+        ops = ([o.strip() for o in listed.group(1).split(",") if o.strip()] if listed
+               else re.findall(r"\btf\.([A-Z]\w*)\(", clean))  # else op calls (tf.Erf(...)), not tf.math, tf.float32
         return ("the model needs TensorFlow ops that TFLite's builtins lack (Flex" +
-                (f": {', '.join(sorted(set(ops)))}" if ops else "") + "); LiteRT cannot run them")
+                (f": {', '.join(sorted(set(ops)))}" if ops else "") + "); LiteRT cannot run them: replace them in the "
+                "model, or build it for an OpenVINO or TensorRT target")
     lines = [ln.strip() for ln in clean.splitlines() if ln.strip()]
     errs = [ln for ln in lines if "Error" in ln or "ERROR" in ln]
     return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:400]
@@ -314,12 +318,16 @@ class TFLiteBackend(DeviceBackend):
     @staticmethod
     def _graph_facts(onnx: Path) -> dict[str, Any]:
         """The job's view of the graph: its output names (the converter's signature numbers them), and the
-        ops onnx2tf must replace: Erf has no TFLite builtin (it would become FlexErf)."""
+        ops onnx2tf must replace: Erf (GELU in convnext, vit, swin, maxvit) has no TFLite builtin and would
+        become FlexErf, which LiteRT refuses. onnx2tf matches these names in lower case; its command line
+        lowers them, its Python API does not (onnx2tf 1.28 onnx2tf.py, ops/Erf.py: ``"erf" in
+        replace_to_pseudo_operators``), so "Erf" from Python silently replaced nothing."""
         import onnx as onnx_lib
 
         graph = onnx_lib.load(str(onnx), load_external_data=False).graph
         ops = {n.op_type for n in graph.node}
-        return {"pseudo_ops": [op for op in ("Erf", "GeLU") if op in ops], "outputs": [o.name for o in graph.output]}
+        return {"pseudo_ops": [op.lower() for op in ("Erf", "Gelu") if op in ops],
+                "outputs": [o.name for o in graph.output]}
 
     @staticmethod
     def _check_io(inputs: list[TensorInfo], spec: InputSpec, nhwc: InputSpec) -> None:

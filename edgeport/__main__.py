@@ -1,0 +1,4 @@
+"""``python -m edgeport``: the same as the ``edgeport`` command."""
+from edgeport.cli import main
+
+raise SystemExit(main())
