@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,8 +79,10 @@ def test_gelu_goes_to_tflite_without_flex_ops(models):
     """Without the lower-case pseudo-op name the converter stops at FlexErf (LiteRT cannot run it)."""
     res = run_cli_offline("build", "--model", "models.py:gelu", "--input", "1x3x64x64", "--task", "classification",
                           "--calib", "synthetic://?n=16", "--target", "raspberry-pi-5:fp32", "--target",
-                          "intel-cpu:fp32", cwd=models)
+                          "intel-cpu:fp32", "-v", cwd=models)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    counted = re.search(r"onnx2tf: converting ops: (\d+) of (\d+)", res.stderr)  # onnx2tf's op counter, read
+    assert counted and counted.group(1) == counted.group(2) and int(counted.group(2)) > 5, res.stderr[-3000:]
     parity = _manifest(models, "raspberry-pi-5-fp32")["parity"]["artifact"]["output"]
     assert parity["max_rel"] < 1e-4, parity
 

@@ -25,6 +25,7 @@ from edgeport.backends.tflite.convert import TF_CONV
 from edgeport.cache import TMP_PREFIX
 from edgeport.children import run_child
 from edgeport.errors import ConversionError
+from edgeport.progress import progress
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -243,12 +244,27 @@ class TFLiteBackend(DeviceBackend):
             (work / "job.json").write_text(json.dumps(job))
             log.info("converting to TFLite %s with onnx2tf (a child process)", precision)
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
+            bars: dict[str, list[Any]] = {}  # what -> [bar, done]
+
             def show(line: str) -> None:  # the child's progress, as it happens
                 if line.startswith("[tflite]"):
                     log.info("%s", line[len("[tflite] "):])
+                elif line.startswith("[tflite-progress] "):
+                    done, total, what = line[len("[tflite-progress] "):].split(" ", 2)
+                    if what not in bars:
+                        bars[what] = [progress(None, what, total=int(total)), 0]
+                    bar = bars[what]
+                    bar[0].update(int(done) - bar[1])
+                    bar[1] = int(done)
+                    if done == total:
+                        log.debug("%s: %s of %s", what, done, total)
 
-            proc = run_child([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
-                             cwd=work, env=env, on_line=show)
+            try:
+                proc = run_child([sys.executable, "-m", "edgeport.backends.tflite.convert", str(work / "job.json")],
+                                 cwd=work, env=env, on_line=show)
+            finally:
+                for bar, _ in bars.values():
+                    bar.close()
             if proc.returncode != 0:
                 log.debug("conversion output:\n%s\n%s", proc.stdout, proc.stderr)
                 raise ConversionError(f"TFLite conversion failed: {_failure(proc.stdout + proc.stderr)}")

@@ -57,6 +57,48 @@ def _stage(msg: str) -> None:
     print(f"[tflite] {msg}", file=sys.stderr, flush=True)
 
 
+class _Progress:
+    """``[tflite-progress] DONE TOTAL WHAT`` lines for the parent's progress bar, at most five a second (and the
+    last one always)."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.last = what, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if done >= total or now - self.last >= 0.2:
+            self.last = now
+            print(f"[tflite-progress] {done} {total} {self.what}", file=sys.stderr, flush=True)
+
+
+def _count_onnx2tf_ops() -> None:
+    """Report onnx2tf's op counter as progress. onnx2tf prints "INFO: i / n" per op only at debug level, amid
+    pages of tensor details (onnx2tf/utils/common_functions.py, print_node_info); its wrapper asks
+    ``get_log_level`` and prints through ``debug``, both looked up in that module at call time, so the
+    counter is taken there and the rest dropped, while every other onnx2tf message stays at the error level
+    non_verbose sets. Without those names (another onnx2tf) there is simply no bar."""
+    import re
+
+    try:
+        from onnx2tf.utils import common_functions as cf
+        from onnx2tf.utils.logging import LOG_LEVELS
+    except ImportError:
+        return
+    if not (hasattr(cf, "debug") and hasattr(cf, "get_log_level")):
+        return
+    report = _Progress("onnx2tf: converting ops")
+    counter = re.compile(r"(\d+) / (\d+)")
+
+    def debug(*args: Any) -> None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(a) for a in args))
+        m = counter.fullmatch(text.replace("INFO:", "").strip())
+        if m:
+            report(int(m.group(1)), int(m.group(2)))
+
+    cf.debug = debug
+    cf.get_log_level = lambda: LOG_LEVELS["debug"]
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Convert per ``job``; returns the tensor details of the written model."""
     import numpy as np
@@ -69,6 +111,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     _stage("onnx2tf: building the TensorFlow graph")
     import onnx2tf
 
+    _count_onnx2tf_ops()
     # output_signaturedefs: onnx2tf then writes the saved_model through an ExportArchive endpoint instead of
     # tf.saved_model.save on the Keras model, whose metadata serialisation took 78 of the 84 s onnx2tf spent
     # on resnet18 here (5.5 s with it); the endpoint's outputs are output_0..n, renamed back in details().
@@ -92,8 +135,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         idx = np.linspace(0, len(calib) - 1, n).round().astype(int) if n < len(calib) else range(len(calib))
 
         def representative() -> Any:
-            for i in idx:
+            report = _Progress("calibrating activation ranges")
+            for done, i in enumerate(idx):
+                report(done, n)
                 yield [np.ascontiguousarray(calib[i:i + 1], np.float32)]
+            report(n, n)
 
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
