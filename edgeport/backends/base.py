@@ -184,7 +184,16 @@ class Runtime:
             arr = feeds[info.name]
             if list(arr.shape[1:]) != list(info.shape[1:]):
                 raise EdgeportError(f"input '{info.name}' has shape {list(arr.shape)}, the model takes {info.shape}")
-        return self._infer({k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})
+        try:
+            return self._infer({k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})
+        except EdgeportError:
+            raise
+        except Exception as e:  # the runtime refused the model at run time: that target fails, not the build
+            from edgeport.errors import ConversionError
+
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ConversionError(f"the model fails when run on the host ({type(self).__name__}): {first}; build "
+                                  "this target at another precision, or the model for another target") from e
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

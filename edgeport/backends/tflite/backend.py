@@ -22,6 +22,7 @@ import numpy as np
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
 from edgeport.backends.tflite.convert import TF_CONV
+from edgeport.backends.tflite.rewrite import rewrite_for_onnx2tf
 from edgeport.cache import TMP_PREFIX
 from edgeport.children import run_child
 from edgeport.errors import ConversionError
@@ -56,56 +57,6 @@ def unsupported_ops(onnx_path: Path) -> list[tuple[str, str]]:
         if node.op_type not in missing and not (ops_dir / f"{node.op_type}.py").is_file():
             missing[node.op_type] = node.name or "(unnamed)"
     return sorted(missing.items())
-
-
-_NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "Softplus"}
-
-
-def pad_maxpools(src: Path, dest: Path) -> int:
-    """Copy the ONNX with MaxPool padding made explicit where it can be zero; returns how many.
-
-    onnx2tf turns a padded MaxPool (ResNet's stem: k3 s2 p1) into PADV2 with -inf, whose INT8
-    scale becomes ~1e36 and breaks the model (XNNPACK refuses it, the reference kernels abort).
-    After a ReLU-like op the input is >= 0, so padding with 0 gives the same maximum exactly.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(src))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    count, new_nodes = 0, []
-    for node in model.graph.node:
-        attrs = {a.name: a for a in node.attribute}
-        pads = list(attrs["pads"].ints) if "pads" in attrs else []
-        src_node = producer.get(node.input[0]) if node.input else None
-        clip_ok = src_node is not None and src_node.op_type == "Clip" and len(src_node.input) > 1 and \
-            _const_min(model, src_node.input[1]) is not None and _const_min(model, src_node.input[1]) >= 0
-        if node.op_type == "MaxPool" and any(pads) and src_node is not None and \
-                (src_node.op_type in _NON_NEGATIVE or clip_ok):
-            half = len(pads) // 2
-            name = f"{node.name or node.output[0]}_edgeport_pad"
-            const = numpy_helper.from_array(np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64),
-                                            f"{name}_pads")
-            model.graph.initializer.append(const)
-            new_nodes.append(helper.make_node("Pad", [node.input[0], const.name], [f"{name}_out"], name=name,
-                                              mode="constant"))
-            node.input[0] = f"{name}_out"
-            attrs["pads"].ints[:] = [0] * len(pads)
-            count += 1
-        new_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    onnx.save(model, str(dest))
-    return count
-
-
-def _const_min(model: Any, name: str) -> float | None:
-    from onnx import numpy_helper
-
-    for init in model.graph.initializer:
-        if init.name == name:
-            return float(numpy_helper.to_array(init).min())
-    return None
 
 
 def _failure(output: str) -> str:
@@ -218,11 +169,14 @@ class TFLiteBackend(DeviceBackend):
         # with that folder (removed on an interruption, swept by the next build after a SIGKILL).
         with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}tflite-", dir=out) as tmp:
             work = Path(tmp)
-            padded = pad_maxpools(onnx, work / "model.onnx")  # a copy: onnx2tf rewrites its input in place
-            if padded:
-                log.info("made %d MaxPool padding(s) explicit zeros for onnx2tf (exact after ReLU)", padded)
+            done = rewrite_for_onnx2tf(onnx, work / "model.onnx")  # a copy: onnx2tf rewrites its input in place
+            if done["maxpool_pads"]:
+                log.info("made %d MaxPool padding(s) explicit zeros for onnx2tf (exact after ReLU)",
+                         done["maxpool_pads"])
+            if done["gelu"]:
+                log.info("%d exact GELU pattern(s) rewritten without Erf (TFLite has none)", done["gelu"])
             job: dict[str, Any] = {"work": str(work), "onnx": str(work / "model.onnx"), "precision": precision,
-                                   "out": str(dest), **self._graph_facts(onnx)}
+                                   "out": str(dest), **self._graph_facts(work / "model.onnx")}
             if calib is not None:
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
