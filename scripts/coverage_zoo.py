@@ -78,3 +78,10 @@ def _batch_norm_statistics(model: Any, batches: int = 4) -> None:
             model(torch.from_numpy(np.stack(frames).transpose(0, 3, 1, 2).astype(np.float32)))
     for bn in bns:
         bn.momentum = 0.1
+
+
+def __getattr__(name: str) -> Any:
+    """``coverage_zoo.resnet18`` and so on: a factory per model, for ``--model scripts/coverage_zoo.py:NAME``."""
+    if name in MODELS:
+        return lambda: make(name)
+    raise AttributeError(name)
