@@ -42,6 +42,54 @@ def test_maxpool_after_relu_gets_an_exact_zero_pad(tmp_path):
     np.testing.assert_array_equal(_run(tmp_path / "a.onnx", x), _run(tmp_path / "b.onnx", x))
 
 
+@pytest.mark.parametrize("size", [(10, 11), (9, 9), (8, 13)])
+def test_ceil_mode_maxpool_after_relu_gets_exact_zero_end_padding(tmp_path, size):
+    """googlenet's pools (k3 s2 ceil_mode=1): the end row/column ceil mode adds is padded with zeros, the pool runs
+    in floor mode, and the values are the same (onnx2tf padded it with -inf: scale 1.33e36 in INT8)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeport.backends.tflite.rewrite import rewrite_for_onnx2tf
+
+    h, w = size
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("MaxPool", ["a"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "a.onnx"))
+    assert rewrite_for_onnx2tf(tmp_path / "a.onnx", tmp_path / "b.onnx")["maxpool_pads"] == 1
+    pool = [n for n in onnx.load(str(tmp_path / "b.onnx")).graph.node if n.op_type == "MaxPool"][0]
+    assert {a.name: a.i for a in pool.attribute if a.name == "ceil_mode"} == {"ceil_mode": 0}
+    x = np.random.default_rng(0).normal(size=(1, 4, h, w)).astype(np.float32) - 1.0  # mostly negative
+    np.testing.assert_array_equal(_run(tmp_path / "a.onnx", x), _run(tmp_path / "b.onnx", x))
+
+
+def test_maxpool_after_a_concat_of_relus_is_padded_too(tmp_path):
+    """googlenet's inception pool (k3 s1 p1) reads a Concat of ReLU outputs: still >= 0, still exact."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeport.backends.tflite.rewrite import rewrite_for_onnx2tf
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x2"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 6, 7]) for n in ("x", "x2")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "a.onnx"))
+    assert rewrite_for_onnx2tf(tmp_path / "a.onnx", tmp_path / "b.onnx")["maxpool_pads"] == 1
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.normal(size=(1, 2, 6, 7)).astype(np.float32) - 1.0 for n in ("x", "x2")}
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for f in ("a.onnx", "b.onnx"))
+    np.testing.assert_array_equal(a, b)
+
+
 def test_maxpool_on_signed_input_is_left_alone(tmp_path):
     from edgeport.backends.tflite.rewrite import rewrite_for_onnx2tf
 

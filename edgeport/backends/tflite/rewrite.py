@@ -1,8 +1,8 @@
 """ONNX rewrites before onnx2tf: each an exact identity in float, each for one way onnx2tf's output fails.
 
-* ``pad_maxpools``: onnx2tf turns a padded MaxPool (ResNet's stem: k3 s2 p1) into PADV2 with -inf, whose INT8
-  scale becomes ~1e36 and breaks the model (XNNPACK refuses it, the reference kernels abort). After a
-  ReLU-like op the input is >= 0, so padding with 0 gives the same maximum exactly.
+* ``pad_maxpools``: onnx2tf turns a padded MaxPool (ResNet's stem: k3 s2 p1; googlenet's ceil-mode pools) into
+  PADV2 with -inf, whose INT8 scale becomes ~1e36 and breaks the model (XNNPACK refuses it, the reference
+  kernels abort). After a ReLU-like op the input is >= 0, so padding with 0 gives the same maximum exactly.
 * ``fuse_gelu``: torch exports exact GELU (convnext, vit, swin, maxvit) as x * 0.5 * (1 + Erf(x / sqrt 2)).
   TFLite has no builtin Erf (FlexErf, which LiteRT refuses); onnx2tf's pseudo-Erf divides by |x| + 1e-11,
   which full-integer INT8 quantizes to a zero divisor ("tflite/kernels/div.cc data[i] != zero_point",
@@ -42,34 +42,99 @@ def _constants(model: Any) -> dict[str, np.ndarray]:
 
 
 def pad_maxpools(model: Any) -> int:
-    """MaxPool padding made explicit zeros where the input cannot be negative; returns how many, in place."""
+    """MaxPool padding made explicit zeros where the input cannot be negative; returns how many, in place.
+
+    Both kinds of padding: the ``pads`` attribute, and the extra end row/column ``ceil_mode=1`` implies
+    (googlenet's pools), which onnx2tf also pads with -inf (scale 1.33e36 on googlenet's first conv). A
+    window of a ceil-mode pool always starts inside the input or its begin padding, so it holds a real value
+    >= 0 and zero padding leaves its maximum exact; the pool then runs in floor mode with no padding.
+    """
+    import onnx
     from onnx import helper, numpy_helper
 
     consts = _constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
+    shapes = _shapes(onnx.shape_inference.infer_shapes(model))
     count, new_nodes = 0, []
     for node in model.graph.node:
         attrs = {a.name: a for a in node.attribute}
-        pads = list(attrs["pads"].ints) if "pads" in attrs else []
-        src_node = producer.get(node.input[0]) if node.input else None
-        clip_ok = (src_node is not None and src_node.op_type == "Clip" and len(src_node.input) > 1
-                   and src_node.input[1] in consts and float(consts[src_node.input[1]].min()) >= 0)
-        if node.op_type == "MaxPool" and any(pads) and src_node is not None and \
-                (src_node.op_type in _NON_NEGATIVE or clip_ok):
-            half = len(pads) // 2
-            name = f"{node.name or node.output[0]}_edgeport_pad"
+        if node.op_type != "MaxPool" or not _non_negative(node.input[0], producer, consts, {}):
+            new_nodes.append(node)
+            continue
+        kernel = list(attrs["kernel_shape"].ints)
+        pads = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * len(kernel))
+        half = len(pads) // 2
+        ceil = "ceil_mode" in attrs and attrs["ceil_mode"].i == 1
+        if ceil:
+            dims = shapes.get(node.input[0])
+            if dims is None or any(d is None for d in dims[2:]):  # no static size: leave it to onnx2tf
+                new_nodes.append(node)
+                continue
+            strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * len(kernel)
+            dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * len(kernel)
+            for i, (size, k, st, dl) in enumerate(zip(dims[2:], kernel, strides, dilations)):
+                span = (k - 1) * dl + 1
+                out = -(-(size + pads[i] + pads[half + i] - span) // st) + 1
+                if (out - 1) * st >= size + pads[i]:  # the last window would start in the end padding
+                    out -= 1
+                pads[half + i] += max(0, (out - 1) * st + span - (size + pads[i] + pads[half + i]))
+        if not any(pads) and not ceil:
+            new_nodes.append(node)
+            continue
+        name = f"{node.name or node.output[0]}_edgeport_pad"
+        if any(pads):
             const = numpy_helper.from_array(np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64),
                                             f"{name}_pads")
             model.graph.initializer.append(const)
             new_nodes.append(helper.make_node("Pad", [node.input[0], const.name], [f"{name}_out"], name=name,
                                               mode="constant"))
             node.input[0] = f"{name}_out"
+        if "pads" in attrs:
             attrs["pads"].ints[:] = [0] * len(pads)
-            count += 1
+        if ceil:
+            attrs["ceil_mode"].i = 0
+        count += 1
         new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     return count
+
+
+# Ops whose output is >= 0 when their data input is: they move, pick or take the maximum of values.
+_KEEPS_SIGN = {"Concat", "MaxPool", "Reshape", "Transpose", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Slice",
+               "Split", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "GlobalMaxPool", "AveragePool",
+               "GlobalAveragePool"}
+
+
+def _non_negative(tensor: str, producer: dict[str, Any], consts: dict[str, np.ndarray], memo: dict[str, bool],
+                  depth: int = 0) -> bool:
+    """Whether ``tensor`` can never be negative: a ReLU-like op's output, a Clip with a minimum >= 0, or what
+    Concat, pooling and reshaping ops make of such tensors (googlenet's inception pools read a Concat of
+    ReLUs). Unknown means no."""
+    if tensor in memo:
+        return memo[tensor]
+    node = producer.get(tensor)
+    result = False
+    if node is not None and depth < 64:
+        if node.op_type in _NON_NEGATIVE:
+            result = True
+        elif node.op_type == "Clip":
+            result = len(node.input) > 1 and node.input[1] in consts and float(consts[node.input[1]].min()) >= 0
+        elif node.op_type in _KEEPS_SIGN:
+            data = node.input if node.op_type == "Concat" else node.input[:1]
+            result = bool(data) and all(_non_negative(t, producer, consts, memo, depth + 1) for t in data)
+    memo[tensor] = result
+    return result
+
+
+def _shapes(model: Any) -> dict[str, list[int | None]]:
+    """{tensor: dims} from the graph's inputs and value_info (None for a symbolic dimension)."""
+    found = {}
+    for info in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            found[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return found
 
 
 # Abramowitz & Stegun 7.1.26: erf(u) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-u^2), t = 1 / (1 + p u),
