@@ -146,10 +146,12 @@ def named_outputs(out: Any) -> list[tuple[str, Any]]:
     tensor is ``output``; a list or tuple of several ``output0``, ``output1``, ...; a dict (torchvision's
     segmentation models return ``{"out": ...}``) keeps its keys, so no wrapper is needed."""
     if isinstance(out, dict):
-        named = []
+        named, taken = [], set()
         for key, value in out.items():
             name = re.sub(r"[^A-Za-z0-9_]", "_", str(key)) or "output"
-            named.append((name if name not in dict(named) else f"{name}_{len(named)}", value))
+            name = name if name not in taken else f"{name}_{len(named)}"
+            taken.add(name)
+            named.append((name, value))
         return named
     if isinstance(out, (list, tuple)):
         if len(out) == 1:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edgeport.errors import BackendUnavailableError, EdgeportError
+from edgeport.errors import BackendUnavailableError, ConversionError, EdgeportError
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -76,8 +76,6 @@ def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
     import re
 
     import onnx
-
-    from edgeport.errors import ConversionError
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     nodes = [(n.name, n.op_type) for n in graph.node]
@@ -189,8 +187,6 @@ class Runtime:
         except EdgeportError:
             raise
         except Exception as e:  # the runtime refused the model at run time: that target fails, not the build
-            from edgeport.errors import ConversionError
-
             first = " ".join(str(e).split())[:300] or type(e).__name__
             raise ConversionError(f"the model fails when run on the host ({type(self).__name__}): {first}; build "
                                   "this target at another precision, or the model for another target") from e

@@ -54,11 +54,12 @@ def pad_maxpools(model: Any) -> int:
 
     consts = _constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    shapes = _shapes(onnx.shape_inference.infer_shapes(model))
+    shapes: dict[str, list[int | None]] | None = None  # inferred once, and only for a ceil-mode pool
+    memo: dict[str, bool] = {}
     count, new_nodes = 0, []
     for node in model.graph.node:
         attrs = {a.name: a for a in node.attribute}
-        if node.op_type != "MaxPool" or not _non_negative(node.input[0], producer, consts, {}):
+        if node.op_type != "MaxPool" or not _non_negative(node.input[0], producer, consts, memo):
             new_nodes.append(node)
             continue
         kernel = list(attrs["kernel_shape"].ints)
@@ -66,6 +67,8 @@ def pad_maxpools(model: Any) -> int:
         half = len(pads) // 2
         ceil = "ceil_mode" in attrs and attrs["ceil_mode"].i == 1
         if ceil:
+            if shapes is None:
+                shapes = _shapes(onnx.shape_inference.infer_shapes(model))
             dims = shapes.get(node.input[0])
             if dims is None or any(d is None for d in dims[2:]):  # no static size: leave it to onnx2tf
                 new_nodes.append(node)
