@@ -81,8 +81,11 @@ def test_shared_artifacts_compile_once_and_a_setting_rebuilds_only_its_target(de
 
 
 @pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
-def test_ranges_match_a_plain_reference(tmp_path, method):
-    """The one-pass collectors give what the definitions give, on a real ONNX with real frames."""
+@pytest.mark.parametrize("bias", [0.0, -2.0])
+def test_ranges_match_a_plain_reference(tmp_path, method, bias):
+    """The one-pass collectors give what the definitions give, on a real ONNX with real frames, for a Relu
+    output too (derived from its input's read: with ``bias`` -2 the input's negative side reaches further,
+    so the Relu has its own histogram range)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -93,12 +96,15 @@ def test_ranges_match_a_plain_reference(tmp_path, method):
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        net[0].bias += bias
     path = tmp_path / "net.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), input_names=["x"], dynamo=False)
     rng = np.random.default_rng(0)
     data = rng.normal(size=(60, 3, 16, 16)).astype(np.float32)
     got = collect_ranges(path, data, method)
     model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("Relu") == 1
     names = _float_tensors(model)
     for n in names:
         if n not in {o.name for o in model.graph.output}:
@@ -111,6 +117,10 @@ def test_ranges_match_a_plain_reference(tmp_path, method):
         values["x"] = data[i:i + 1]
         for n in names:
             every[n].append(np.abs(values[n]).ravel())
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    # both of the Relu's histogram paths: one range with its input's, or its own
+    assert (float(np.concatenate(every[relu.output[0]]).max()) == float(np.concatenate(every[relu.input[0]]).max())) \
+        == (bias == 0.0)
     for n in names:
         a = np.concatenate(every[n])
         if method == "max":

@@ -34,7 +34,7 @@ BINS = 2048
 QUANT_LEVELS = 128
 PERCENTILE = 99.99
 METHODS = ("max", "percentile", "entropy", "mse")
-CODE_VERSION = 4  # bumped whenever a method's numbers change, so cached ranges are measured again
+CODE_VERSION = 5  # bumped whenever a method's numbers change, so cached ranges are measured again
 
 
 def _float_tensors(model: Any) -> list[str]:
@@ -55,26 +55,61 @@ def _float_tensors(model: Any) -> list[str]:
     return names
 
 
-def _instrumented(onnx_path: Path) -> tuple[Any, str, list[str], list[str]]:
-    """(session, input name, exposed tensors, float tensors) for the FP32 ONNX with every float tensor exposed
-    as an output. ONNX Runtime's optimisations stay on: it fuses nothing whose intermediate is a graph output,
-    and the rest (NCHWc convolutions) made the instrumented pass 1.1 to 1.3x faster on resnet18 than with
-    them off; values differ from the unoptimised graph's by float rounding (5e-7 relative). One image per run:
-    batches of 2 to 8 (a symbolic batch dimension) were no faster on this 2-core host."""
-    import onnx
-    import onnxruntime as ort
+class _Instrumented:
+    """The FP32 ONNX in ONNX Runtime with its float tensors exposed as outputs, written into buffers that are
+    reused from image to image (fresh output arrays cost a page fault per 4 KiB, as much as the model's own
+    pass on the CamVid model).
 
-    model = onnx.load(str(onnx_path))
-    names = _float_tensors(model)
-    existing = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in existing:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
-    return sess, sess.get_inputs()[0].name, wanted, names
+    A Relu's output is not exposed when its input is: its statistics come from the input in the same read
+    (``derived``: {Relu output: its input}), which halves what Conv-ReLU networks copy out and scan.
+    ONNX Runtime's optimisations stay on: it fuses nothing whose intermediate is a graph output, and the rest
+    (NCHWc convolutions) made the instrumented pass 1.1 to 1.3x faster on resnet18 than with them off; values
+    differ from the unoptimised graph's by float rounding (5e-7 relative). One image per run: batches of 2 to
+    8 (a symbolic batch dimension) were no faster on this 2-core host."""
+
+    def __init__(self, onnx_path: Path) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(onnx_path))
+        self.names = _float_tensors(model)
+        existing = {o.name for o in model.graph.output}
+        self.derived: dict[str, str] = {}
+        for node in model.graph.node:
+            if (node.op_type == "Relu" and node.input[0] in self.names and node.input[0] not in self.derived
+                    and node.output[0] in self.names and node.output[0] not in existing):
+                self.derived[node.output[0]] = node.input[0]
+        for n in self.names:
+            if n not in existing and n not in self.derived:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.wanted = [o.name for o in self.session.get_outputs() if o.name in set(self.names)]
+        self._binding: Any = None
+        self._x = np.empty(0, np.float32)
+        self._outs: dict[str, np.ndarray] = {}
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """{exposed tensor: value} for one input; the arrays are overwritten by the next call."""
+        import onnxruntime as ort
+
+        if self._binding is None:
+            outs = dict(zip(self.wanted, self.session.run(self.wanted, {self.input: x})))
+            self._x = np.empty_like(x)
+            self._binding = self.session.io_binding()
+            self._binding.bind_cpu_input(self.input, self._x)
+            for name, v in outs.items():
+                self._outs[name] = np.empty_like(v)
+                self._binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(self._outs[name]))
+        else:
+            np.copyto(self._x, x)
+            self.session.run_with_iobinding(self._binding)
+            outs = dict(self._outs)
+        if self.input in self.names:
+            outs[self.input] = x
+        return outs
 
 
 class _Scratch:
@@ -100,43 +135,52 @@ class _Scratch:
         np.copyto(out, a, casting="unsafe")
         return out
 
+    def mask(self, n: int) -> np.ndarray:
+        """A boolean buffer of ``n`` values."""
+        if self._m.size < n:
+            self._m = np.empty(n, bool)
+        return self._m[:n]
+
     def above(self, a: np.ndarray, floor: float) -> np.ndarray:
         """The values of ``a`` greater than ``floor`` (a copy)."""
-        if self._m.size < a.size:
-            self._m = np.empty(a.size, bool)
-        return a[np.greater(a, floor, out=self._m[:a.size])]
+        return a[np.greater(a, floor, out=self.mask(a.size))]
 
 
 class _Max:
-    """The largest |x| seen (from the maximum and the minimum: no |x| array is written)."""
+    """The largest |x| seen, from the maximum and the minimum (no |x| array is written); ``relu()`` is the
+    largest value of the tensor's Relu, from the same two."""
 
     def __init__(self) -> None:
-        self.amax = 0.0
+        self.hi, self.lo = 0.0, 0.0
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
         if v.size:
-            self.amax = max(self.amax, float(v.max()), -float(v.min()))
+            self.hi, self.lo = max(self.hi, float(v.max())), min(self.lo, float(v.min()))
 
     def result(self) -> float:
-        return self.amax
+        return max(self.hi, -self.lo)
+
+    def relu(self) -> float:
+        return self.hi
 
 
 class _Percentile:
-    """The q-th percentile of |x| over every value seen, exactly: the K largest values are kept (K is what lies
-    above the percentile, 3,000 of 30 million at 99.99); once K are kept a batch costs one comparison per
-    value against the K-th largest, and a first batch of millions is cut down through a threshold estimated
-    on a sample of it (then checked) instead of being partitioned whole."""
+    """The q-th percentile of |x| (or, ``signed``, of x) over every value seen, exactly: the K largest values
+    are kept (K is what lies above the percentile, 3,000 of 30 million at 99.99); once K are kept a batch
+    costs one comparison per value against the K-th largest, and a first batch of millions is cut down
+    through a threshold estimated on a sample of it (then checked) instead of being partitioned whole."""
 
-    def __init__(self, total: int, q: float = PERCENTILE) -> None:
+    def __init__(self, total: int, q: float = PERCENTILE, signed: bool = False) -> None:
         self.k = max(1, total - int(np.ceil(q / 100.0 * total)) + 1)
         self.top = np.empty(0, np.float32)
         self.floor = -np.inf  # the K-th largest value once K are kept
+        self.signed = signed
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
-        a = scratch.absolute(v)
+        a = v if self.signed else scratch.absolute(v)
         if self.top.size >= self.k:
             a = scratch.above(a, self.floor)
-        elif a.size > 8 * self.k:  # keep ~4K candidates: the (1 - 4K/n) quantile of every 64th |x|
+        elif a.size > 8 * self.k:  # keep ~4K candidates: the (1 - 4K/n) quantile of every 64th value
             sample = a[::64].copy()
             cut = int(sample.size * (1.0 - 4.0 * self.k / a.size))
             if 0 < cut < sample.size:
@@ -152,35 +196,99 @@ class _Percentile:
             self.floor = float(self.top.min())
 
     def result(self) -> float:
-        return float(self.top.min()) if self.top.size else 0.0
+        return max(float(self.top.min()), 0.0) if self.top.size else 0.0
+
+
+class _WithRelu:
+    """A tensor's percentile and its Relu's, from one read: the Relu's K largest values are the tensor's K
+    largest signed values (or 0)."""
+
+    def __init__(self, total: int) -> None:
+        self.own, self.positive = _Percentile(total), _Percentile(total, signed=True)
+
+    def add(self, v: np.ndarray, scratch: _Scratch) -> None:
+        self.own.add(v, scratch)
+        self.positive.add(v, scratch)
+
+    def result(self) -> float:
+        return self.own.result()
+
+    def relu(self) -> float:
+        return self.positive.result()
 
 
 class _Histogram:
     """A BINS-bin histogram of |x| over [0, amax], amax from a first pass (the bins TensorRT's calibrator
     uses; a range grown during a single pass moved entropy thresholds by 10 % and more on the CamVid model).
     The scale is a hair under BINS / amax, so amax itself lands in the last bin; anything past it (a second
-    pass that rounded differently) is counted there too."""
+    pass that rounded differently) is counted there too.
 
-    def __init__(self, amax: float, method: str = "entropy") -> None:
-        self.hist = np.zeros(BINS, np.int64)
-        self.amax, self.method, self.zeros = amax, method, 0
-        self.scale = np.float32((BINS - 1e-3) / amax) if amax > 0.0 else np.float32(0.0)
+    With ``relu_amax`` it also keeps the histogram of the tensor's Relu over [0, relu_amax]. When both ranges
+    are the same (the positive side reaches further) one signed bincount gives both, since trunc(x * s) has
+    the sign of x and the size of trunc(|x| * s); otherwise the positive values are binned again."""
+
+    def __init__(self, amax: float, method: str = "entropy", relu_amax: float | None = None) -> None:
+        self.amax, self.method = amax, method
+        self.hist, self.zeros = np.zeros(BINS, np.int64), 0
+        self.scale = self._scale(amax)
+        self.relu_amax = relu_amax
+        self.relu_hist, self.relu_zeros = np.zeros(BINS, np.int64), 0
+
+    @staticmethod
+    def _scale(amax: float) -> np.float32:
+        return np.float32((BINS - 1e-3) / amax) if amax > 0.0 else np.float32(0.0)
+
+    @staticmethod
+    def _fold(counts: np.ndarray, into: np.ndarray) -> None:
+        into += counts[:BINS]
+        into[-1] += counts[BINS:].sum()
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
-        if self.amax > 0.0:
+        if self.amax <= 0.0:
+            return
+        if self.relu_amax is None:
             a = scratch.absolute(v)
-            counts = np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)), minlength=BINS)
-            self.hist += counts[:BINS]
-            self.hist[-1] += counts[BINS:].sum()
-            if self.method == "mse":
-                self.zeros += v.size - int(np.count_nonzero(v))  # exact zeros (after ReLU) quantise exactly
+            self._fold(np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)), minlength=BINS), self.hist)
+        elif self.relu_amax == self.amax:
+            self._signed(v, scratch)
+        else:
+            a = scratch.absolute(v)
+            self._fold(np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)), minlength=BINS), self.hist)
+            if self.relu_amax > 0.0:
+                p = scratch.above(v, 0.0)
+                p *= self._scale(self.relu_amax)
+                counts = np.bincount(p.astype(np.intp), minlength=BINS)
+                counts[0] += v.size - p.size
+                self._fold(counts, self.relu_hist)
+        if self.method == "mse":
+            self.zeros += v.size - int(np.count_nonzero(v))  # exact zeros (after ReLU) quantise exactly
+            if self.relu_amax is not None:
+                self.relu_zeros += v.size - int(np.count_nonzero(np.greater(v, 0.0, out=scratch.mask(v.size))))
+
+    def _signed(self, v: np.ndarray, scratch: _Scratch) -> None:
+        """Both histograms from one bincount of trunc(x * s) offset by 2 * BINS (room for any rounding)."""
+        a = scratch.absolute(v)
+        np.multiply(v, self.scale, out=a)
+        idx = scratch.indices(a)
+        idx += 2 * BINS
+        c = np.bincount(idx, minlength=4 * BINS + 1)
+        mid = 2 * BINS
+        positive = c[mid + 1:]  # bins 1, 2, ... of the positive values
+        self._fold(np.concatenate([c[mid:mid + 1], positive + c[mid - 1::-1]]), self.hist)
+        self._fold(np.concatenate([[v.size - positive.sum()], positive]), self.relu_hist)
 
     def result(self) -> float:
-        if self.amax <= 0.0:
+        return self._threshold(self.hist, self.amax, self.zeros)
+
+    def relu(self) -> float:
+        return self._threshold(self.relu_hist, self.relu_amax or 0.0, self.relu_zeros)
+
+    def _threshold(self, hist: np.ndarray, amax: float, zeros: int) -> float:
+        if amax <= 0.0:
             return 0.0
         if self.method == "mse":
-            return mse_amax(self.hist, self.amax, self.zeros)
-        return entropy_amax(self.hist, self.amax)
+            return mse_amax(hist, amax, zeros)
+        return entropy_amax(hist, amax)
 
 
 def _workers() -> int:
@@ -201,30 +309,37 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     """
     if method not in METHODS:
         raise ValueError(f"unknown range method {method!r}")
-    session = _instrumented(onnx_path)
-    names = session[3]
+    inst = _Instrumented(onnx_path)
+    with_relu = set(inst.derived.values())
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         if method == "max":
-            found = _pass(session, data, pool, lambda name, per_image: _Max(), progress_desc)
+            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: _Max(), progress_desc), pool)
         elif method == "percentile":
-            found = _pass(session, data, pool, lambda name, per_image: _Percentile(per_image * len(data)),
-                          progress_desc)
+            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: (
+                _WithRelu if name in with_relu else _Percentile)(per_image * len(data)), progress_desc), pool)
         else:
-            amax = _pass(session, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)")
-            hists = _pass(session, data, pool, lambda name, per_image: _Histogram(amax.get(name, 0.0), method),
-                          f"{progress_desc} (histograms)", results=False)
-            found = dict(zip(hists, pool.map(lambda h: h.result(), hists.values())))
-    return {n: float(found.get(n, 0.0)) for n in names}
+            maxima = _pass(inst, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)")
+            hists = _pass(inst, data, pool, lambda name, per_image: _Histogram(
+                maxima[name].result(), method, maxima[name].relu() if name in with_relu else None),
+                f"{progress_desc} (histograms)")
+            found = _results(inst, hists, pool)
+    return {n: float(found.get(n, 0.0)) for n in inst.names}
 
 
-def _pass(session: tuple[Any, str, list[str], list[str]], data: np.ndarray, pool: ThreadPoolExecutor,
-          make: Any, desc: str, results: bool = True) -> dict[str, Any]:
+def _results(inst: _Instrumented, collectors: dict[str, Any], pool: ThreadPoolExecutor) -> dict[str, float]:
+    """{tensor: amax} from each exposed tensor's collector and, for a derived Relu output, from its input's
+    (the threshold searches run in parallel)."""
+    jobs = [(n, c.result) for n, c in collectors.items()]
+    jobs += [(relu, collectors[src].relu) for relu, src in inst.derived.items() if src in collectors]
+    return dict(zip([n for n, _ in jobs], pool.map(lambda job: job[1](), jobs)))
+
+
+def _pass(inst: _Instrumented, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str) -> dict[str, Any]:
     """One ONNX Runtime pass over ``data``, every exposed tensor fed to its collector (made by
-    ``make(name, values per image)``); {name: result} (or the collectors themselves). The tensors are split
-    into one share per worker, balanced by size, once, on the first image."""
+    ``make(name, values per image)``); {name: collector}. The tensors are split into one share per worker,
+    balanced by size, once, on the first image."""
     from edgeport.progress import progress
 
-    sess, in_name, wanted, names = session
     collectors: dict[str, Any] = {}
     shares: list[list[str]] = []
     scratch = [_Scratch() for _ in range(_workers())]
@@ -234,10 +349,7 @@ def _pass(session: tuple[Any, str, list[str], list[str]], data: np.ndarray, pool
             collectors[name].add(outs[name].ravel(), scratch[k])
 
     for i in progress(range(len(data)), desc):
-        x = np.ascontiguousarray(data[i:i + 1])
-        outs = dict(zip(wanted, sess.run(wanted, {in_name: x})))
-        if in_name in names:
-            outs[in_name] = x
+        outs = inst.run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32))
         if not shares:
             collectors.update({name: make(name, v.size) for name, v in outs.items()})
             shares = [[] for _ in scratch]
@@ -248,7 +360,7 @@ def _pass(session: tuple[Any, str, list[str], list[str]], data: np.ndarray, pool
                 load[k] += outs[name].size
         for f in [pool.submit(work, k, outs) for k in range(len(shares))]:
             f.result()
-    return {n: c.result() for n, c in collectors.items()} if results else collectors
+    return collectors
 
 
 def mse_amax(hist: np.ndarray, amax: float, zeros: int = 0, levels: int = 127) -> float:
