@@ -302,10 +302,10 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
     held for that name is removed, so dist/ only ever shows what this build proved.
     """
     from edgeport.bundle import (
-        RUNNER_PARTS,
         archive_matches,
         assemble_runner,
         remove_bundle,
+        runner_parts,
         write_archive,
         write_bundle,
     )
@@ -315,7 +315,7 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
     name = f"{target.name}-{precision}"
     key = key_of({"artifact": stage.key, "target": target.fingerprint(), "tolerance": info["tolerance"],
                   "host_tolerance": info["host_tolerance"], "accuracy": info.get("accuracy"), "verdict": verdict,
-                  "runner": source_hash(backend.runner_part(), *RUNNER_PARTS), "model": record,
+                  "runner": source_hash(*runner_parts(backend.runner_part(), spec.task)), "model": record,
                   "samples": samples.sha256, "edgeport": __version__})
     dest = bundle_dest(out_dir, name, verdict["status"])
     other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
@@ -355,7 +355,8 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
             "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
                        "tolerance": info["tolerance"], "accuracy": info.get("accuracy")},
         }
-        runner = assemble_runner(backend.runner_part()) if target.options.get("python_runner", True) else None
+        python_runner = target.options.get("python_runner", True)
+        runner = assemble_runner(backend.runner_part(), spec.task) if python_runner else None
         reqs = list(target.requirements.get("pip", []))
         readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
         extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None

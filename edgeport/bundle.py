@@ -29,7 +29,9 @@ RUNNER_PARTS = [
     _PKG / "runner" / "manifest.py",
     _PKG / "zoo" / "scene.py",
     _PKG / "runner" / "preprocess.py",
+    _PKG / "runner" / "task.py",
     _PKG / "runner" / "metrics.py",
+    # the task part(s) go here (edgeport.tasks.runner_part)
     _PKG / "runner" / "core.py",
 ]
 
@@ -56,11 +58,21 @@ def _split(path: Path) -> tuple[list[str], str]:
     return imports, body
 
 
-def assemble_runner(backend_part: Path) -> str:
-    """One self-contained runner.py: shared parts + the backend's part, Python 3.6 syntax."""
+def runner_parts(backend_part: Path, task: str | None = None) -> list[Path]:
+    """The files of one runner.py in order: the shared parts with the task's part (every task's when
+    ``task`` is None) before the core, then the backend's part."""
+    from edgeport.tasks import NAMES, runner_part
+
+    core = RUNNER_PARTS.index(_PKG / "runner" / "core.py")
+    tasks = [runner_part(t) for t in ([task] if task else NAMES)]
+    return [*RUNNER_PARTS[:core], *tasks, *RUNNER_PARTS[core:], backend_part]
+
+
+def assemble_runner(backend_part: Path, task: str | None = None) -> str:
+    """One self-contained runner.py: shared parts, the task's part and the backend's part, Python 3.6 syntax."""
     imports: list[str] = []
     bodies = []
-    for part in [*RUNNER_PARTS, backend_part]:
+    for part in runner_parts(backend_part, task):
         imp, body = _split(part)
         imports += [i for i in imp if i not in imports]
         rel = part.relative_to(_PKG).as_posix()

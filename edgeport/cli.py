@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from edgeport import __version__
 from edgeport.errors import EdgeportError
+from edgeport.tasks import NAMES as TASK_NAMES
 
 EXAMPLES = {
     "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:resnet18 --input 1x3x224x224 "
@@ -48,7 +49,7 @@ def _model_flags(p: argparse.ArgumentParser, validate: bool = False) -> None:
     g.add_argument("--weights", help="state_dict or training checkpoint to load")
     g.add_argument("--name", help="model name used in bundles")
     g.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224")
-    g.add_argument("--task", choices=["classification", "segmentation"])
+    g.add_argument("--task", choices=TASK_NAMES)
     g.add_argument("--class-names", metavar="FILE", help="class names, one per line (as many as the model has "
                                                          "classes)")
     g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])

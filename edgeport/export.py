@@ -183,7 +183,7 @@ def check_parity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
 
     results, failures = {}, []
     for name, ref in reference.items():
-        m = compare(ref, candidate[name], "none", {"max_rel": tolerance})
+        m = compare(ref, candidate[name], None, {"max_rel": tolerance})
         results[name] = {k: m[k] for k in ("max_abs", "max_rel", "cosine")}
         if not m["ok"]:
             failures.append(f"{name}: max error {m['max_abs']:.3g} = {m['max_rel']:.2e} of range > {tolerance:g}")

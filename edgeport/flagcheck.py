@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from edgeport.errors import ConfigError
+from edgeport.tasks import get as get_task
 
 if TYPE_CHECKING:
     from edgeport.config import ProjectConfig
@@ -54,9 +55,9 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
                               "keep layers in float; build those targets with a config without it")
     val_images = given.get("val_images") or cfg.validation.images
     check_val_labels(given.get("val_labels"), val_images)
-    if given.get("val_labels") and cfg.input.task == "classification":
-        raise ConfigError("--val-labels is for segmentation label maps; a classification set is labelled by its "
-                          "folders (--val-images DIR with one sub-folder per class)")
+    task = get_task(cfg.input.task)
+    if given.get("val_labels") and not task.label_folder:
+        raise ConfigError(f"--val-labels is for segmentation label maps; {task.labelled_how}")
     if given.get("max_drop") is not None and not val_images:
         raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images (and "
                           "--val-labels), whose task metric it limits")

@@ -22,6 +22,7 @@ import numpy as np
 from edgeport.config import ProjectConfig
 from edgeport.model import file_sha256
 from edgeport.runner.metrics import compare
+from edgeport.tasks import get as get_task
 
 
 def _fp32_onnx(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig) -> Path | None:
@@ -121,7 +122,7 @@ def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, 
         for t in outs:
             if t not in ref or t not in got or ref[t].shape != got[t].shape:
                 continue
-            m = compare(ref[t], got[t], "none", check)
+            m = compare(ref[t], got[t], None, check)
             cos_of[t] = m["cosine"]
             before = min([cos_of[i] for i in ins if i in cos_of] or [1.0])
             step = {"node": name, "op": op, "tensor": t, "cosine": m["cosine"], "max_rel": m["max_rel"],
@@ -189,7 +190,7 @@ def metric_costs(bundle: Path, manifest: dict[str, Any], steps: list[dict[str, A
         return float(primary(task_metrics(out, data, spec.layout))[1] or 0.0)
 
     base = score(model)
-    key = "mIoU" if spec.task == "segmentation" else "top-1"
+    key = get_task(spec.task).label
     costs = sorted(({"node": c["node"], "op": c["op"], "cost": score(_without_qdq(model, c["node"])) - base}
                     for c in candidates), key=lambda c: -c["cost"])
     text = ", ".join(f"{c['op']} '{c['node']}' {c['cost']:+.2f}" for c in costs[:3])

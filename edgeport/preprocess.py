@@ -13,11 +13,11 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeport.errors import ConfigError
+from edgeport.tasks import NAMES
 
 Resize = Literal["stretch", "letterbox", "shorter-crop"]
-Task = Literal["classification", "segmentation"]
 RESIZES = ("stretch", "letterbox", "shorter-crop")
-TASKS = ("classification", "segmentation")
+TASKS = NAMES
 LAYOUTS = ("NCHW", "NHWC")
 COLORS = ("RGB", "BGR")
 INTERPOLATIONS = ("linear", "nearest", "area", "cubic")

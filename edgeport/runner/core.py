@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 
 from edgeport.runner.manifest import RunnerError, load_manifest, refusal, schema_problem, verify_files
-from edgeport.runner.metrics import class_argmax, compare
+from edgeport.runner.metrics import compare
 from edgeport.runner.preprocess import preprocess
+from edgeport.runner.task import task_part
 from edgeport.zoo.scene import render_scene
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -34,6 +35,8 @@ def open_runtime(manifest, bundle_dir, device=None, threads=None):
 # The open_runtime options the bundle's runtime honours; the backend part redefines it after this file.
 RUNTIME_OPTIONS = ("device", "threads")
 FFMPEG_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://")
+# Options only some tasks read (a task part lists the ones it honours in cli_options), with what they do.
+TASK_OPTIONS = (("topk", "it lists the top classes of a classifier"),)
 
 
 def _decode_threads(args):
@@ -48,75 +51,14 @@ def check_options(args, manifest):
             raise RunnerError("--%s has no effect on a %s bundle (its runtime takes only: %s)"
                               % (option, backend, ", ".join("--" + o for o in RUNTIME_OPTIONS) or "neither"))
     task = manifest["preprocess"].get("task")
-    if args.topk is not None and task != "classification":
-        raise RunnerError("--topk has no effect on a %s model (it lists the top classes of a classifier)" % task)
+    honoured = task_part(task).cli_options
+    for option, why in TASK_OPTIONS:
+        if getattr(args, option) is not None and option not in honoured:
+            raise RunnerError("--%s has no effect on a %s model (%s)" % (option, task, why))
     src = args.source or ""
     if args.decode_threads is not None and not (src.startswith(FFMPEG_PREFIXES) or os.path.isfile(src)):
         raise RunnerError("--decode-threads has no effect on %s (it sets FFmpeg's decoder threads for video files "
                           "and streams)" % src)
-
-
-# ---------------------------------------------------------------- postprocessing
-def softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def classify(logits, labels, k=5):
-    """[(label, probability)] of the top k classes of one (1, C) output."""
-    scores = logits.reshape(-1)
-    if scores.min() < 0 or abs(float(scores.sum()) - 1.0) > 1e-3:
-        scores = softmax(scores)
-    order = np.argsort(-scores)[:k]
-    return [(labels[i] if i < len(labels) else str(i), float(scores[i])) for i in order]
-
-
-def segment(logits, layout_nhwc):
-    """Class-id map (H, W) of one segmentation output (np.argmax over the class axis, ties to the first)."""
-    return class_argmax(logits[0], -1 if layout_nhwc else 0).astype(np.uint8)
-
-
-def mask_to_frame(mask, geometry, frame_hw):
-    """Resize a model-space class map back onto the frame (undoing letterbox or crop)."""
-    h, w = frame_hw
-    left, top, right, bottom = geometry["box"]
-    if geometry["mode"] == "letterbox":
-        mask = mask[int(top):int(bottom), int(left):int(right)]
-        return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-    if geometry["mode"] == "shorter-crop":
-        full = np.zeros((h, w), np.uint8)
-        x0, y0, x1, y1 = [int(round(v)) for v in (left, top, right, bottom)]
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        full[y0:y1, x0:x1] = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
-        return full
-    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-
-
-def class_areas(mask, labels):
-    """{label: percent of pixels} for the classes present in a class map."""
-    counts = np.bincount(mask.ravel(), minlength=len(labels)).tolist()
-    per_pct = mask.size / 100.0
-    return dict((labels[i] if i < len(labels) else str(i), round(c / per_pct, 2)) for i, c in enumerate(counts) if c)
-
-
-def draw_segmentation(frame, mask, palette, labels, areas, alpha=0.45):
-    colours = np.array([[c[2], c[1], c[0]] for c in palette] or [[0, 0, 0]], np.uint8)  # RGB -> BGR
-    colour = colours[np.clip(mask, 0, len(colours) - 1)]
-    out = cv2.addWeighted(frame, 1 - alpha, colour, alpha, 0)
-    y = 18
-    for name, pct in sorted(areas.items(), key=lambda kv: -kv[1])[:8]:
-        idx = labels.index(name) if name in labels else 0
-        cv2.rectangle(out, (5, y - 10), (15, y), tuple(int(c) for c in colours[idx]), -1)
-        cv2.putText(out, "%s %.1f%%" % (name, pct), (20, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
-        y += 14
-    return out
-
-
-def draw_classes(frame, top):
-    out = frame.copy()
-    for i, (name, p) in enumerate(top):
-        cv2.putText(out, "%s %.2f" % (name, p), (8, 20 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 0), 1)
-    return out
 
 
 # ---------------------------------------------------------------- sources
@@ -648,39 +590,6 @@ def _print_table(rows, out):
     out.flush()
 
 
-class Post(object):
-    """Turns one output into a JSON record and, when needed, an annotated frame."""
-
-    def __init__(self, manifest, args, draw):
-        spec = manifest["preprocess"]
-        self.spec = spec
-        self.labels = spec.get("labels") or []
-        self.palette = spec.get("palette") or []
-        self.task = spec["task"]
-        self.out_name = manifest["outputs"][0]["name"]
-        self.nhwc = manifest["outputs"][0].get("layout") == "NHWC" or spec["layout"] == "NHWC"
-        self.topk = args.topk or 5
-        self.draw = draw
-
-    def __call__(self, outs, frame, geom, record):
-        if self.task == "classification":
-            top = classify(outs[self.out_name], self.labels, self.topk)
-            record["top"] = [[n, round(p, 4)] for n, p in top]
-            return draw_classes(frame, top) if self.draw else None
-        mask = segment(outs[self.out_name], self.nhwc)
-        # Areas from the model-space map inside the frame's box: the frame-sized map's areas up to
-        # resize rounding, for a tenth of the cost. The full-size map is made only to draw.
-        left, top, right, bottom = [int(round(v)) for v in geom["box"]]
-        if geom["mode"] == "letterbox":
-            record["areas"] = class_areas(mask[max(top, 0):bottom, max(left, 0):right], self.labels)
-        else:
-            record["areas"] = class_areas(mask, self.labels)
-        if not self.draw:
-            return None
-        full = mask_to_frame(mask, geom, frame.shape[:2])
-        return draw_segmentation(frame, full, self.palette, self.labels, record["areas"])
-
-
 class Outputs(object):
     """Window, video file and JSON lines; all optional."""
 
@@ -746,7 +655,7 @@ def run_loop(args, manifest, rt, quiet=False):
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
     out = Outputs(args)
-    post = Post(manifest, args, out.draw)
+    post = task_part(spec["task"])(manifest, args)
     done = queue.Queue()
     engine = make_async(rt, lambda userdata, outs, ms=None: done.put((userdata, outs, time.time(), ms)), args.requests)
     meta, ready = {}, {}
@@ -772,7 +681,7 @@ def run_loop(args, manifest, rt, quiet=False):
             lat.add(ms)
             record = {"frame": seq, "timestamp": round(t_cap, 3), "latency_ms": round(ms, 2)}
             t_post = time.time()
-            vis = post(outs, frame, geom, record)
+            vis = post(outs, frame, geom, record, out.draw)
             e2e_ms = (time.time() - t_cap) * 1000.0
             e2e.add(e2e_ms)
             record["e2e_ms"] = round(e2e_ms, 2)

@@ -4,17 +4,13 @@ Python 3.6 syntax, numpy only (embedded into runner.py).
 """
 import numpy as np
 
+from edgeport.runner.task import task_part
+
 
 def task_agreement(ref, got, task):
-    """Top-1 (classification) or pixel (segmentation) agreement between two logit arrays.
-
-    Class scores are on axis 1 for NCHW-like outputs and on the last axis for NHWC ones;
-    the caller passes both in the same layout.
-    """
-    if ref.ndim < 2:
-        return 1.0
-    axis = 1 if task == "classification" or ref.ndim == 2 else class_axis(ref)
-    return float(np.mean(class_argmax(ref, axis) == class_argmax(got, axis)))
+    """The share of the reference's decisions that ``got`` repeats, by task ``task``'s own measure (top-1
+    agreement, pixel agreement, ...); both raw outputs in the same layout."""
+    return task_part(task).agreement(ref, got)
 
 
 def class_argmax(arr, axis):
@@ -48,7 +44,8 @@ def compare(ref, got, task, tol):
     """Compare one output; returns a dict of metrics with 'ok' and 'failed' (the checks that failed).
 
     tol keys: max_abs, max_rel (max |ref-got| over ref's range), min_cosine, min_sqnr_db,
-    min_agreement; a missing or None key is not checked.
+    min_agreement; a missing or None key is not checked. ``task`` None (an intermediate tensor, not a
+    model output) measures no agreement.
     """
     # float32 arithmetic with float64 accumulation: the same figures as a float64 copy at a quarter of
     # the memory traffic (a validation set's outputs are hundreds of MB in float64).
@@ -68,11 +65,11 @@ def compare(ref, got, task, tol):
         "max_rel": float(diff.max()) / span,
         "cosine": float(np.sum(ref * got, dtype=np.float64) / denom) if denom else (1.0 if noise == 0 else 0.0),
         "sqnr_db": float(10 * np.log10(power / noise)) if noise > 0 else float("inf"),
-        "agreement": task_agreement(ref, got, task),
     }
-    if task == "classification" and ref.ndim == 2 and ref.shape[1] >= 5:
-        top5 = np.argsort(-got, axis=1)[:, :5]
-        m["top5_agreement"] = float(np.mean([r in t for r, t in zip(np.argmax(ref, 1), top5)]))
+    agreement = None if task is None else task_agreement(ref, got, task)
+    if agreement is not None:  # None: a task whose single outputs carry no decisions (detection)
+        m["agreement"] = agreement
+        m.update(task_part(task).extra_agreement(ref, got))
     failed = []
     if tol.get("max_abs") is not None and m["max_abs"] > tol["max_abs"]:
         failed.append("max_abs %.3g > %.3g" % (m["max_abs"], tol["max_abs"]))
@@ -82,7 +79,7 @@ def compare(ref, got, task, tol):
         failed.append("cosine %.7f < %.7f" % (m["cosine"], tol["min_cosine"]))
     if tol.get("min_sqnr_db") is not None and m["sqnr_db"] < tol["min_sqnr_db"]:
         failed.append("sqnr %.1f dB < %.1f dB" % (m["sqnr_db"], tol["min_sqnr_db"]))
-    if tol.get("min_agreement") is not None and m["agreement"] < tol["min_agreement"]:
+    if tol.get("min_agreement") is not None and "agreement" in m and m["agreement"] < tol["min_agreement"]:
         failed.append("agreement %.4f < %.4f" % (m["agreement"], tol["min_agreement"]))
     m["ok"] = not failed
     m["failed"] = failed

@@ -27,7 +27,7 @@ def test_metrics_and_each_tolerance_key():
 
 
 def test_fast_segment_equals_argmax_including_ties():
-    from edgeport.runner.core import segment
+    from edgeport.tasks.segmentation.runner import segment
 
     rng = np.random.default_rng(3)
     for shape in [(1, 7, 120, 160), (1, 11, 9, 13), (1, 2, 4, 4)]:
