@@ -1,0 +1,113 @@
+"""The detection runner part: decoders, NMS (against torchvision's), mapping boxes back to the frame through
+each resize mode, matching, and the record it writes."""
+from __future__ import annotations
+
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeport.runner.manifest import RunnerError
+from edgeport.runner.preprocess import preprocess
+from edgeport.tasks.detection.runner import (
+    DetectionPart,
+    boxes_to_frame,
+    decode,
+    detection_options,
+    match_rate,
+    nms,
+    output_roles,
+    postprocess,
+)
+
+
+def _random_boxes(rng, n, size=100.0):
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(5, size / 3, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_keeps_what_torchvision_keeps(seed):
+    torch = pytest.importorskip("torch")
+    from torchvision.ops import batched_nms
+    from torchvision.ops import nms as tv_nms
+
+    rng = np.random.default_rng(seed)
+    boxes = _random_boxes(rng, 300)
+    scores = rng.uniform(0, 1, 300).astype(np.float32)
+    ours = nms(boxes, scores, 0.5, 10_000)
+    theirs = tv_nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    assert ours.tolist() == theirs.tolist()
+    # class-aware, through the score threshold, as postprocess runs it
+    classes = rng.integers(0, 4, 300)
+    onehot = np.zeros((300, 4), np.float32)
+    onehot[np.arange(300), classes] = scores
+    kept_boxes, kept_cls, kept_scores = postprocess(boxes, onehot, {"score_threshold": 0.0, "iou_threshold": 0.5,
+                                                                    "max_detections": 10_000, "agnostic": False})
+    ref = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes), 0.5).numpy()
+    assert np.array_equal(kept_boxes, boxes[ref]) and kept_cls.tolist() == classes[ref].tolist()
+    assert np.array_equal(kept_scores, scores[ref])
+
+
+def test_yolo_rows_either_way_round_and_pixel_boxes_normalised():
+    opts = detection_options({"task_options": {"decoder": "yolo"}})
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.uniform(10, 50, (20, 4)), rng.uniform(0, 1, (20, 3))], 1).astype(np.float32)
+    a = decode({"y": rows.T[None]}, {"raw": "y"}, opts, (64, 128))
+    b = decode({"y": rows[None]}, {"raw": "y"}, opts, (64, 128))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    cx, cy, w, h = rows[0, :4]
+    assert np.allclose(a[0][0], [(cx - w / 2) / 128, (cy - h / 2) / 64, (cx + w / 2) / 128, (cy + h / 2) / 64])
+    assert a[1].shape == (20, 3)
+
+
+def test_decoder_mismatch_names_the_choices_and_shapes():
+    with pytest.raises(RunnerError, match=r"decoder 'boxes' does not fit .*out \[1, 84, 8400\].*yolo"):
+        output_roles("boxes", {"out": [1, 84, 8400]})
+    with pytest.raises(RunnerError, match=r"declared decoder .*yolo, boxes, got None"):
+        detection_options({"task_options": {}})
+    assert output_roles("boxes", {"b": [1, 100, 4], "s": [1, 100, 3]}) == {"boxes": "b", "scores": "s"}
+    assert output_roles("yolo", {"y": [1, 7, 100]}) == {"raw": "y"}
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "shorter-crop"])
+def test_boxes_come_back_onto_the_frame_through_each_resize(resize):
+    frame = np.zeros((360, 480, 3), np.uint8)
+    x1, y1, x2, y2 = 200, 120, 320, 240
+    frame[y1:y2, x1:x2] = 255
+    spec = {"shape": [1, 3, 160, 160], "layout": "NCHW", "resize": resize, "interpolation": "nearest",
+            "pad_value": 0, "color": "BGR", "scale": 1.0, "mean": [0, 0, 0], "std": [1, 1, 1], "dtype": "float32"}
+    x, geom = preprocess(frame, spec)
+    ys, xs = np.nonzero(x[0, 0] > 127)
+    model_box = np.array([[xs.min() / 160, ys.min() / 160, (xs.max() + 1) / 160, (ys.max() + 1) / 160]], np.float32)
+    back = boxes_to_frame(model_box, geom, (160, 160), frame.shape[:2])[0]
+    assert np.allclose(back, [x1, y1, x2, y2], atol=3.5), back
+
+
+def test_match_rate_needs_the_class_and_the_overlap():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+    cls = np.array([0, 1])
+    assert match_rate((boxes, cls), (boxes.copy(), cls.copy())) == 1.0
+    assert match_rate((boxes, cls), (boxes + [0, 0, 2, 0], cls)) == 0.5  # the small box moved below IoU 0.9
+    assert match_rate((boxes, cls), (boxes, cls[::-1])) == 0.0
+    assert match_rate((boxes[:0], cls[:0]), (boxes[:0], cls[:0])) == 1.0
+
+
+def test_the_part_writes_detections_in_frame_pixels_and_draws_them():
+    manifest = {"preprocess": {"task": "detection", "labels": ["car", "person"], "palette": [],
+                               "layout": "NCHW", "shape": [1, 3, 100, 200],
+                               "task_options": {"decoder": "boxes", "score_threshold": 0.5}},
+                "outputs": [{"name": "boxes", "shape": [1, 3, 4]}, {"name": "scores", "shape": [1, 3, 2]}]}
+    part = DetectionPart(manifest, argparse.Namespace())
+    outs = {"boxes": np.array([[[0.1, 0.1, 0.3, 0.5], [0.11, 0.1, 0.3, 0.5], [0.5, 0.5, 0.9, 0.9]]], np.float32),
+            "scores": np.array([[[0.9, 0.1], [0.8, 0.1], [0.2, 0.7]]], np.float32)}
+    frame = np.zeros((200, 400, 3), np.uint8)
+    record = {}
+    vis = part(outs, frame, {"mode": "stretch", "box": [0, 0, 200, 100]}, record, True)
+    assert record["counts"] == {"car": 1, "person": 1}  # the second car box is suppressed
+    assert record["detections"][0] == {"box": [40.0, 20.0, 120.0, 100.0], "class": 0, "label": "car", "score": 0.9}
+    assert vis.shape == frame.shape and vis.any() and not frame.any()
+    assert part(outs, frame, {"mode": "stretch", "box": [0, 0, 200, 100]}, {}, False) is None
+    cv2.imencode(".png", vis)  # a drawable image
