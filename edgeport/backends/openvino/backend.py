@@ -24,6 +24,7 @@ from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
+    from edgeport.evaluate import LabelledSet
     from edgeport.preprocess import InputSpec
     from edgeport.target import Target
 
@@ -42,13 +43,27 @@ def inference_precision(precision: str, device: str) -> str:
     return "f32"
 
 
+def _keep_output_names(model: Any, onnx: Path) -> None:
+    """Give each output tensor exactly its ONNX output name. The frontend keeps every name a tensor had, so an
+    output that is also a node's named intermediate ('/Transpose_output_0' and 'scores') reported either
+    through get_any_name(), and the host and the runner looked the output up by the wrong one."""
+    import onnx as onnx_lib
+
+    names = [o.name for o in onnx_lib.load(str(onnx), load_external_data=False).graph.output]
+    if len(names) == len(model.outputs):
+        for port, name in zip(model.outputs, names):
+            port.get_tensor().set_names({name})
+
+
 def convert(onnx: Path) -> Any:
     """ov.convert_model, with a failure turned into one line naming the operations it could not take."""
     import openvino as ov
 
     root_level = logging.getLogger().level
     try:
-        return ov.convert_model(str(onnx))
+        model = ov.convert_model(str(onnx))
+        _keep_output_names(model, onnx)
+        return model
     except Exception as e:
         text = str(e)
         m = re.search(r"No conversion rule found for operations: ([^\n]+)", text)
@@ -73,14 +88,19 @@ class OpenVINORuntime(Runtime):
         if device not in core.available_devices:
             device = "CPU"
         self.device = device
-        self.compiled = core.compile_model(str(xml), device, config)
+        model = core.read_model(str(xml))
+        # The IR's own output names, by position: compiling can merge a fused node's name into an output's
+        # names, and get_any_name() on the compiled port may then give that one.
+        self.names = [p.get_any_name() for p in model.outputs]
+        self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
         self.inputs = [TensorInfo(p.get_any_name(), list(p.get_shape()), "float32") for p in self.compiled.inputs]
-        self.outputs = [TensorInfo(p.get_any_name(), list(p.get_shape()), "float32") for p in self.compiled.outputs]
+        self.outputs = [TensorInfo(n, list(p.get_shape()), "float32") for n, p in zip(self.names,
+                                                                                      self.compiled.outputs)]
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = self.request.infer(feeds)
-        return {p.get_any_name(): np.asarray(res[p], np.float32) for p in self.compiled.outputs}
+        return {n: np.asarray(res[p], np.float32) for n, p in zip(self.names, self.compiled.outputs)}
 
     def close(self) -> None:
         self.request = None
@@ -94,9 +114,15 @@ def _cpu(model: Any) -> Any:
     return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def _outputs(compiled: Any, inputs: np.ndarray, idx: Any) -> np.ndarray:
-    """The first output of ``compiled`` for ``inputs[i]``, i in ``idx``, stacked."""
-    return np.concatenate([np.asarray(compiled(inputs[i:i + 1])[0], np.float32) for i in idx], 0)
+def _outputs(compiled: Any, val: LabelledSet, idx: Any) -> np.ndarray:
+    """The outputs of ``compiled`` for ``val.inputs[i]``, i in ``idx``, stacked and packed as the set's task reads
+    them (by the IR's output names, in order)."""
+    from edgeport.evaluate import pack
+
+    names = [p.get_any_name() for p in compiled.outputs]
+    runs = [compiled(val.inputs[i:i + 1]) for i in idx]
+    return pack({n: np.concatenate([np.asarray(r[k], np.float32) for r in runs], 0) for k, n in enumerate(names)},
+                val)
 
 
 WEIGHTED = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
@@ -253,7 +279,7 @@ class OpenVINOBackend(DeviceBackend):
             if quant.val is None:
                 raise ConversionError("accuracy-controlled INT8 needs validation data (--val-images)")
             scores: list[tuple[int, float]] = []
-            fp32 = None if quant.val.labelled else _outputs(_cpu(model), quant.val.inputs, range(len(quant.val)))
+            fp32 = None if quant.val.labelled else _outputs(_cpu(model), quant.val, range(len(quant.val)))
             qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs, scores, fp32)
             full = [m for n, m in scores if n == len(quant.val)]
             key, after = self._metric_of(qmodel, quant, spec, fp32)
@@ -269,17 +295,12 @@ class OpenVINOBackend(DeviceBackend):
     def _metric_of(qmodel: Any, quant: Quantization, spec: InputSpec, fp32: np.ndarray | None) -> tuple[str, float]:
         """(name, points) of the task metric of ``qmodel`` on the validation data, compiled for the CPU (agreement
         with ``fp32``, the float model's outputs, on an unlabelled set)."""
-        from edgeport.evaluate import primary, task_metrics
+        from edgeport.evaluate import score
 
         val = quant.val
         assert val is not None
-        got = _outputs(_cpu(qmodel), val.inputs, range(len(val)))
-        if fp32 is not None:
-            from edgeport.runner.metrics import task_agreement
-
-            return "agreement", 100.0 * float(task_agreement(fp32, got, spec.task))
-        key, value = primary(task_metrics(got, val, spec.layout))
-        return key, float(value or 0.0)
+        got = _outputs(_cpu(qmodel), val, range(len(val)))
+        return score(got, got if fp32 is None else fp32, val, spec.layout)
 
     def _accuracy_controlled(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
                              kwargs: dict[str, Any], scores: list[tuple[int, float]],
@@ -288,8 +309,7 @@ class OpenVINOBackend(DeviceBackend):
         model's outputs ``fp32`` for an unlabelled set, by agreement with them in percent); every score NNCF asks
         for lands in ``scores`` as (images, points): the first two on the whole set are the float model's and
         the plainly quantized model's."""
-        from edgeport.evaluate import primary, task_metrics
-        from edgeport.runner.metrics import task_agreement
+        from edgeport.evaluate import score
 
         val = quant.val
         assert val is not None
@@ -298,11 +318,8 @@ class OpenVINOBackend(DeviceBackend):
 
         def validate(compiled: Any, items: Any) -> float:
             idx = list(items)
-            got = _outputs(compiled, val.inputs, idx)
-            if fp32 is not None:
-                metric = 100.0 * float(task_agreement(fp32[idx], got, spec.task))
-            else:
-                metric = float(primary(task_metrics(got, val.subset(idx), spec.layout))[1] or 0.0)
+            got = _outputs(compiled, val, idx)
+            metric = score(got, got if fp32 is None else fp32[idx], val.subset(idx), spec.layout)[1]
             scores.append((len(idx), metric))
             return metric / 100.0
 

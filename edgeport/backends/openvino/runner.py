@@ -44,7 +44,8 @@ class OpenVINODeviceRuntime(object):
             self.compiled = core.compile_model(model, device, config)
             self.threads = self._cpu_threads()
         self.request = self.compiled.create_infer_request()
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        # The IR's names by position (compiling can add a fused node's name to an output's names).
+        self.output_names = [p.get_any_name() for p in model.outputs]
         self.name = "openvino %s on %s" % (ov.__version__.split("-")[0], device)
         if self.threads:
             self.name += ", %d thread%s" % (self.threads, "" if self.threads == 1 else "s")
