@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgeport.config import DEFAULT_MODEL, ProjectConfig, load_config, make_spec, parse_shape, read_labels
+from edgeport.config import ProjectConfig, load_config, make_spec, parse_shape, read_labels
 from edgeport.errors import ConfigError
 from edgeport.tables import points
+from edgeport.zoo import embedded_calibration, embedded_name, embedded_spec
 
 
 def _configure(config: str | None, model: str | None, weights: str | None, input: str | None,
@@ -21,7 +22,8 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
     if model and model != cfg.model.source:
         cfg.model = dataclasses.replace(cfg.model, source=model, weights=None, name=None)
         if cfg.input == ProjectConfig().input:  # the default model's spec does not carry over
-            cfg.input = make_spec({"name": "input"})
+            embedded = embedded_name(model)
+            cfg.input = embedded_spec(embedded) if embedded else make_spec({"name": "input"})
     if weights is not None:
         cfg.model.weights = _here(weights)
     if name is not None:
@@ -130,7 +132,7 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     from edgeport.calibration import check_source as check_calibration
     from edgeport.export import choose_opset
     from edgeport.model import check_source
-    from edgeport.pipeline import GOLDEN_CASES, _calibration_stage, _export_stage, default_calibration_source
+    from edgeport.pipeline import GOLDEN_CASES, _calibration_stage, _export_stage
     from edgeport.target import get_target
 
     cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
@@ -144,7 +146,8 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     check_source(cfg.model.source, cfg.model.weights, cfg.root)
     source = cfg.calibration.source
     if source is None:
-        source = default_calibration_source() if cfg.model.source == DEFAULT_MODEL else \
+        embedded = embedded_name(cfg.model.source)
+        source = embedded_calibration(embedded) if embedded else \
             f"{SYNTHETIC}?n={max(cfg.export.parity_samples, GOLDEN_CASES)}"
     check_calibration(source, cfg.root)
     build_path = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")

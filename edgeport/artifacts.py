@@ -29,6 +29,7 @@ from edgeport.errors import EdgeportError
 from edgeport.preprocess import InputSpec
 from edgeport.runner.metrics import compare
 from edgeport.tables import points
+from edgeport.tasks import get as get_task
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -116,7 +117,8 @@ def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: lis
     ``host``), overridden by the project's [validation.tolerance] entries (the same as `edgeport validate`)."""
     if host:
         return {name: target.host_tolerances(precision) for name in outputs}
-    return {name: cfg.validation.tolerance_for(name, precision, target.tolerances(precision)) for name in outputs}
+    base = get_task(cfg.input.task).tolerance(precision, target.tolerances(precision))
+    return {name: cfg.validation.tolerance_for(name, precision, base) for name in outputs}
 
 
 def group_targets(cfg: ProjectConfig, chosen: list[tuple[Target, str]], onnx_sha256: str,
@@ -209,16 +211,17 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
 
     def run(tmp: Path) -> dict[str, Any]:
         from edgeport.evaluate import primary, task_metrics
-        from edgeport.runner.metrics import task_agreement
 
         art = _artifacts_from_dict(info["artifacts"], stage.dir)
+        task = get_task(spec.task)
         with backend.open(art) as rt:
-            got = rt.run_batches(to_layout(val.data.inputs, spec.layout, art.spec.layout))[art.outputs[0].name]
+            outs = rt.run_batches(to_layout(val.data.inputs, spec.layout, art.spec.layout))
+        got = task.pack(outs, [o.name for o in art.outputs], spec)
         got = to_layout(got, art.spec.layout, spec.layout) if got.shape != val.outputs.shape else got
         halves = {}
         for half, idx in val.halves().items():
             subset = val.data.subset(idx)
-            agreement = task_agreement(val.outputs[idx], got[idx], spec.task)
+            agreement = task.agreement(val.outputs[idx], got[idx], spec)
             if agreement_gate and not val.data.labelled:
                 metrics, reference = {"agreement": 100.0 * agreement}, {"agreement": 100.0}
             else:
@@ -247,10 +250,16 @@ def target_parity(cfg: ProjectConfig, target: Target, precision: str, info: dict
     outputs = list(reference.outputs)
     tol = _tolerances(cfg, target, precision, outputs)
     parity: dict[str, Any] = {}
+    fixed = {}
     for name, r in reference.outputs.items() if host is not None else ():
         g = host[name]
-        g = to_layout(g, art["spec"]["layout"], spec.layout) if g.ndim == 4 and g.shape != r.shape else g
+        fixed[name] = g = to_layout(g, art["spec"]["layout"], spec.layout) if g.ndim == 4 and g.shape != r.shape else g
         parity[name] = compare(r, g, spec.task, tol[name])
+    if any("agreement" not in m for m in parity.values()):  # outputs without decisions of their own (detection)
+        task = get_task(spec.task)
+        agreement = task.agreement(task.pack(reference.outputs, outputs, spec), task.pack(fixed, outputs, spec), spec)
+        for m in parity.values():
+            m.setdefault("agreement", agreement)
     real = host is not None and not art["info"].get("emulated")
     return {"artifacts": art, "parity": parity, "tolerance": tol,
             "host_tolerance": _tolerances(cfg, target, precision, outputs, host=True) if real else None}

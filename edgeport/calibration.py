@@ -125,13 +125,15 @@ def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], in
 
 
 def _synthetic(source: str, spec: InputSpec, limit: int) -> tuple[list[np.ndarray], list[str]]:
-    from edgeport.zoo.scene import render_scene
+    """Road scenes (``objects=1``: with pedestrians and signs, as the detector sees them)."""
+    from edgeport.zoo.scene import render_scene, render_scene_boxes
 
     q = dict(parse_qsl(urlparse(source).query))
     n = min(int(q.get("n", limit)), limit)
     seed = int(q.get("seed", 1_000_000))
     h, w = int(q.get("height", spec.hw[0])), int(q.get("width", spec.hw[1]))
-    frames = [render_scene(seed + i, h, w)[0] for i in progress(range(n), "rendering synthetic frames")]
+    render = render_scene_boxes if q.get("objects") == "1" else render_scene
+    frames = [render(seed + i, h, w)[0] for i in progress(range(n), "rendering synthetic frames")]
     return frames, [f"synthetic-{seed + i}" for i in range(n)]
 
 

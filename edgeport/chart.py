@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeport.tasks import metric_keys, metric_label
+
 if TYPE_CHECKING:
     from edgeport.validate import ValidateReport
 
@@ -23,7 +25,7 @@ def bench_chart(report: ValidateReport, path: Path) -> Path:
 
     rows = []
     ref_metric = report.reference_metrics or {}
-    key = "miou" if "miou" in ref_metric else "top1" if "top1" in ref_metric else None
+    key = next((k for k in metric_keys() if k in ref_metric), None)
     rows.append(("pytorch fp32 (reference)", report.reference_latency, ref_metric.get(key) if key else None,
                  "reference"))
     for b in report.bundles:
@@ -42,7 +44,7 @@ def bench_chart(report: ValidateReport, path: Path) -> Path:
     m_hi = max(metrics) + 1.0 if metrics else 1.0
     x_fps, x_met = label_w, label_w + panel_w + 20
     cv2.putText(img, "FPS (1 / median latency)", (x_fps, 50), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, f"{'mIoU' if key == 'miou' else 'top-1' if key else 'metric'} "
+    cv2.putText(img, f"{metric_label(key) if key else 'metric'} "
                      f"(axis from {m_lo:.0f})", (x_met, 50), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for i, (label, lat, metric, status) in enumerate(rows):
         y = top + i * row_h

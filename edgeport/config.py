@@ -30,6 +30,8 @@ import tomllib
 
 from edgeport.errors import ConfigError, close_match
 from edgeport.preprocess import InputSpec, default_spec
+from edgeport.tasks import all_option_keys
+from edgeport.zoo import embedded_name, embedded_spec
 
 CONFIG_NAME = "edgeport.toml"
 DEFAULT_MODEL = "edgeport:roadseg"
@@ -282,7 +284,7 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     _check_keys(data.get("input", {}), _INPUT_KEYS, where, "input")
     _check_keys(data.get("preprocess", {}), _PRE_KEYS, where, "preprocess")
     task = dict(data.get("task", {}))
-    _check_keys(task, _TASK_KEYS, where, "task")
+    _check_keys(task, _TASK_KEYS + all_option_keys(), where, "task")
     spec_args.update(data.get("input", {}))
     spec_args.update(data.get("preprocess", {}))
     if "type" in task:
@@ -290,16 +292,22 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     if "labels_file" in task:
         labels_path = cfg.resolve(task.pop("labels_file"))
         spec_args["labels"] = read_labels(labels_path)
+    options = {k: task.pop(k) for k in list(task) if k not in _TASK_KEYS}
+    if options:
+        spec_args["task_options"] = options
     spec_args.update(task)
+    embedded = embedded_name(cfg.model.source)
+    if embedded and cfg.model.source != DEFAULT_MODEL:
+        cfg.input = embedded_spec(embedded)
     if spec_args:
-        cfg.input = make_spec(spec_args, base=None if cfg.model.source != DEFAULT_MODEL else cfg.input,
-                              where=where)
+        cfg.input = make_spec(spec_args, base=cfg.input if embedded else None, where=where)
     return cfg
 
 
 def make_spec(overrides: dict[str, Any], base: InputSpec | None = None, where: str = "input") -> InputSpec:
     """An InputSpec from ``base`` (or the generic defaults) with ``overrides`` applied."""
     d = (base or InputSpec()).to_dict()
+    d.setdefault("task_options", {})
     for key, value in overrides.items():
         if key not in d:
             raise ConfigError(f"{where}: unknown input setting '{key}'{close_match(key, d)}")

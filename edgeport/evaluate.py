@@ -41,6 +41,7 @@ class LabelledSet:
     ignore_index: int | None = None
     skipped: int = 0
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    spec: InputSpec | None = field(default=None, repr=False)  # what the inputs were made with (tasks read it)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -55,7 +56,7 @@ class LabelledSet:
         t = [self.targets[i] for i in idx] if isinstance(self.targets, list) else \
             None if self.targets is None else np.asarray(self.targets)[idx]
         return LabelledSet(self.source, self.task, self.inputs[idx], t, [self.geometries[i] for i in idx],
-                           [self.names[i] for i in idx], self.sha256, self.ignore_index, 0, [])
+                           [self.names[i] for i in idx], self.sha256, self.ignore_index, 0, [], self.spec)
 
     def summary(self) -> dict[str, Any]:
         """Manifest form."""
@@ -78,12 +79,15 @@ def load_labelled(images: str, labels: str | None, spec: InputSpec, *, max_image
                   root: Path | None = None) -> LabelledSet:
     """Load a labelled set for ``spec``'s task; CalibrationError naming what is wrong."""
     if images.startswith(SYNTHETIC):
-        return get_task(spec.task).synthetic(images, spec, max_images)
-    img_dir = resolve_path(images, root)
-    if not img_dir.is_dir():
-        raise CalibrationError(f"validation images {img_dir}: not a folder")
-    found = get_task(spec.task).load(img_dir, resolve_path(labels, root) if labels else None, spec, max_images)
-    return found if found is not None else _unlabelled(img_dir, spec, max_images)
+        found = get_task(spec.task).synthetic(images, spec, max_images)
+    else:
+        img_dir = resolve_path(images, root)
+        if not img_dir.is_dir():
+            raise CalibrationError(f"validation images {img_dir}: not a folder")
+        found = get_task(spec.task).load(img_dir, resolve_path(labels, root) if labels else None, spec, max_images)
+        found = found if found is not None else _unlabelled(img_dir, spec, max_images)
+    found.spec = spec
+    return found
 
 
 def pick(items: list[Any], limit: int) -> list[Any]:
@@ -154,3 +158,21 @@ def primary(metrics: dict[str, float]) -> tuple[str, float | None]:
         if key in metrics:
             return key, metrics[key]
     return "agreement", metrics.get("agreement")
+
+
+def pack(outs: dict[str, np.ndarray], ds: LabelledSet) -> np.ndarray:
+    """A model's outputs (all of them, by name, in the model's order) as the set's task reads them: the first
+    output for classification and segmentation, boxes and scores together for detection."""
+    assert ds.spec is not None, "load_labelled sets the spec"
+    return get_task(ds.task).pack(outs, list(outs), ds.spec)
+
+
+def score(got: np.ndarray, fp32: np.ndarray, ds: LabelledSet, layout: str) -> tuple[str, float]:
+    """(metric key, points) of packed outputs ``got``: the task metric on a labelled set, else agreement with the
+    float model's packed outputs ``fp32`` in percent (what accuracy-aware INT8 holds within max_drop)."""
+    if ds.labelled:
+        key, value = primary(task_metrics(got, ds, layout))
+        if value is not None:
+            return key, float(value)
+    assert ds.spec is not None, "load_labelled sets the spec"
+    return "agreement", 100.0 * float(get_task(ds.task).agreement(fp32, got, ds.spec))

@@ -172,7 +172,7 @@ def metric_costs(bundle: Path, manifest: dict[str, Any], steps: list[dict[str, A
     import onnx
     import onnxruntime as ort
 
-    from edgeport.evaluate import primary, task_metrics
+    from edgeport.evaluate import pack, primary, task_metrics
 
     files = manifest["files_by_role"]
     if manifest["backend"] != "tensorrt" or "qdq" not in files:
@@ -186,7 +186,9 @@ def metric_costs(bundle: Path, manifest: dict[str, Any], steps: list[dict[str, A
         opts.log_severity_level = 3
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        out = np.concatenate([sess.run(None, {name: data.inputs[i:i + 1]})[0] for i in range(len(data))])
+        names = [o.name for o in sess.get_outputs()]
+        runs = [sess.run(None, {name: data.inputs[i:i + 1]}) for i in range(len(data))]
+        out = pack({n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}, data)
         return float(primary(task_metrics(out, data, spec.layout))[1] or 0.0)
 
     base = score(model)

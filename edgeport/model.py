@@ -1,7 +1,8 @@
 """Model intake: every form of --model, plus --weights, into an nn.Module in eval mode.
 
 Forms:
-    edgeport:roadseg                      the embedded default
+    edgeport:roadseg                      the embedded default (road segmentation)
+    edgeport:roaddet                      the embedded detector (cars, pedestrians, signs)
     torchvision:resnet18?num_classes=10   torchvision builder with keyword arguments
     path/to/file.py:factory               a callable in a Python file returning an nn.Module
     package.module:factory                the same, importable by name
@@ -22,6 +23,7 @@ from urllib.parse import parse_qsl
 
 from edgeport.config import resolve_path
 from edgeport.errors import ModelError
+from edgeport.zoo import EMBEDDED, embedded_files, embedded_name
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w.]*$")
 
@@ -62,9 +64,8 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
         spec = _module_spec(target, root)
         if spec is not None and spec.origin and Path(spec.origin).is_file():
             h.update(file_sha256(Path(spec.origin)).encode())
-    elif kind == "default":  # the files, not the module: importing it would import torch (a second, warm)
-        zoo = Path(__file__).with_name("zoo")
-        for part in (zoo / "net.py", zoo / "roadseg.pt"):
+    elif kind == "default" and embedded_name(source):  # the files, not the module: importing it imports torch
+        for part in embedded_files(target):
             if part.is_file():
                 h.update(file_sha256(part).encode())
     return h.hexdigest()[:16]
@@ -82,6 +83,15 @@ def _module_spec(target: str, root: Path | None = None) -> Any:
     finally:
         if added:
             sys.path.remove(str(root))
+
+
+def _embedded(source: str) -> str:
+    """The embedded model's name; ModelError naming the embedded models for any other edgeport: name."""
+    name = embedded_name(source)
+    if name is None:
+        raise ModelError(f"--model {source!r}: the embedded models are "
+                         f"{', '.join('edgeport:' + n for n in EMBEDDED)}")
+    return name
 
 
 def classify(source: str) -> tuple[str, str]:
@@ -107,8 +117,8 @@ def check_source(source: str, weights: str | None, root: Path | None = None) -> 
     fails on it before any expensive stage runs."""
     root = root or Path.cwd()
     kind, rest = classify(source)
-    if kind == "default" and rest != "roadseg":
-        raise ModelError(f"--model {source!r}: the embedded model is edgeport:roadseg")
+    if kind == "default":
+        _embedded(source)
     if kind in ("file", "torchscript", "export"):
         path = resolve_path(rest.rpartition(":")[0] if kind == "file" else rest, root)
         if not path.is_file():
@@ -153,11 +163,8 @@ def _load_model(source: str, weights: str | None, root: Path) -> Any:
 
     kind, rest = classify(source)
     if kind == "default":
-        if rest != "roadseg":
-            raise ModelError(f"--model {source!r}: the embedded model is edgeport:roadseg")
-        from edgeport.zoo.net import roadseg
-
-        model = roadseg(pretrained=weights is None)
+        module, _, factory = EMBEDDED[_embedded(source)][0].partition(":")
+        model = getattr(importlib.import_module(module), factory)(pretrained=weights is None)
     elif kind == "torchvision":
         model = _torchvision(rest)
     elif kind in ("file", "module"):

@@ -23,16 +23,18 @@ from edgeport.artifacts import GOLDEN_CASES, StageTime
 from edgeport.backends import get_backend
 from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
-from edgeport.config import DEFAULT_MODEL, ProjectConfig
+from edgeport.config import ProjectConfig
 from edgeport.errors import ConfigError, EdgeportError, ParityError
 from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.progress import working_on
 from edgeport.target import Target, get_target
+from edgeport.tasks import get as get_task
+from edgeport.tasks import metric_cell
+from edgeport.zoo import embedded_calibration, embedded_name
 
 log = logging.getLogger("edgeport")
-DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "road-synth"
 
 
 @dataclass
@@ -177,7 +179,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         log.info("loading model %s", cfg.model.source)
         model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.from_numpy(samples.data[:1].copy())
-        _check_class_names(spec, first_forward(model, example))
+        _check_outputs(spec, first_forward(model, example))
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec)
         name = cfg.model.name or default_name(cfg.model.source)
@@ -201,17 +203,12 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
     return stage, info, cached
 
 
-def _check_class_names(spec: InputSpec, out: Any) -> None:
-    """ConfigError when the class names do not match the classes of the model's first output."""
+def _check_outputs(spec: InputSpec, out: Any) -> None:
+    """ConfigError when the model's outputs do not fit the task's settings (class names, decoder), before export."""
     from edgeport.export import named_outputs
 
-    first = named_outputs(out)[0][1]
-    if not spec.labels or getattr(first, "ndim", 0) < 2:
-        return
-    classes = int(first.shape[1] if spec.layout == "NCHW" or first.ndim == 2 else first.shape[-1])
-    if len(spec.labels) != classes:
-        raise ConfigError(f"{len(spec.labels)} class name(s) are given (--class-names / [task] labels), but the "
-                          f"model's output has {classes} classes; give one name per class, in class order")
+    shapes = {name: list(getattr(v, "shape", ())) for name, v in named_outputs(out)}
+    get_task(spec.task).check_outputs(spec, shapes)
 
 
 def _check_input_dependence(cfg: ProjectConfig, x: np.ndarray, ref: dict[str, np.ndarray]) -> None:
@@ -246,7 +243,7 @@ class ValidationRef:
     nothing. A set of one image is not split (both halves are that image, and the report says so)."""
 
     data: LabelledSet
-    outputs: np.ndarray  # first output of the exported ONNX (= PyTorch within export parity), (N, ...)
+    outputs: np.ndarray  # the exported ONNX's outputs as the task packs them (= PyTorch within export parity)
     metrics: dict[str, float]
     _memo: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -291,7 +288,7 @@ def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: S
         from edgeport.backends.onnxruntime.backend import BACKEND as ORT
 
         with ORT.open_onnx(export_stage.dir / "model.onnx") as rt:
-            out = rt.run_batches(data.inputs)[export_info["outputs"][0]]
+            out = get_task(spec.task).pack(rt.run_batches(data.inputs), export_info["outputs"], spec)
         np.save(tmp / "reference.npy", out)
         return {"metrics": task_metrics(out, data, spec.layout)}
 
@@ -328,8 +325,8 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     opset = choose_opset([t.opset_max for t, _ in chosen], cfg.export.opset)
     needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
     source = cfg.calibration.source
-    if source is None and cfg.model.source == DEFAULT_MODEL:
-        source = default_calibration_source()
+    if source is None and embedded_name(cfg.model.source):
+        source = embedded_calibration(embedded_name(cfg.model.source))
     if needs_calib and source is None:
         raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
@@ -559,9 +556,7 @@ def _signed_drop(a: dict[str, Any]) -> str:
 def _metric_cell(m: dict[str, float] | None) -> str:
     if not m:
         return "-"
-    if "miou" in m:
-        return f"mIoU {m['miou']:.2f}"
-    return f"top1 {m['top1']:.2f}" if "top1" in m else f"agree {m['agreement']:.2f}" if "agreement" in m else "-"
+    return metric_cell(m) or (f"agree {m['agreement']:.2f}" if "agreement" in m else "-")
 
 
 def summary_line(report: BuildReport) -> str:
@@ -591,8 +586,4 @@ def raise_on_failure(report: BuildReport) -> None:
         raise ParityError(f"{len(bad)} target(s) failed: {', '.join(bad)} (see the table above); nothing of them "
                           "ships")
 
-
-def default_calibration_source() -> str:
-    """Where the default model's calibration comes from."""
-    return str(DEFAULT_CALIB) if DEFAULT_CALIB.is_dir() else SYNTHETIC
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeport.errors import ConfigError
 from edgeport.tasks import NAMES
+from edgeport.tasks import get as get_task
 
 Resize = Literal["stretch", "letterbox", "shorter-crop"]
 RESIZES = ("stretch", "letterbox", "shorter-crop")
@@ -49,6 +50,7 @@ class InputSpec:
     labels: list[str] = field(default_factory=list)
     palette: list[tuple[int, int, int]] = field(default_factory=list)
     ignore_index: int | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)  # the task's own settings (edgeport.tasks)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -83,6 +85,7 @@ class InputSpec:
             raise ConfigError(f"{where}: dtype {self.dtype!r} must be float32 or float16")
         if self.palette and self.labels and len(self.palette) != len(self.labels):
             raise ConfigError(f"{where}: {len(self.labels)} labels but {len(self.palette)} palette colours")
+        self.task_options = get_task(self.task).check_options(dict(self.task_options), where)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -103,6 +106,8 @@ class InputSpec:
         d["shape"] = list(self.shape)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["palette"] = [list(p) for p in self.palette]
+        if not self.task_options:  # tasks without options keep the manifest (and every hash) they always had
+            del d["task_options"]
         return d
 
     @classmethod

@@ -25,7 +25,7 @@ import numpy as np
 from edgeport.artifacts import to_layout
 from edgeport.backends.base import Artifacts, Runtime, TensorInfo
 from edgeport.bundle import failed_gates, read_manifest, verify_bundle
-from edgeport.config import DEFAULT_MODEL, ProjectConfig
+from edgeport.config import ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
@@ -33,9 +33,11 @@ from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
 from edgeport.tables import md_table, points, text_table
+from edgeport.tasks import get as get_task
+from edgeport.tasks import metric_cell
+from edgeport.zoo import EMBEDDED, embedded_name
 
 log = logging.getLogger("edgeport")
-DEFAULT_SYNTHETIC = "synthetic://?n=32"
 
 
 @dataclass
@@ -317,8 +319,8 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
                               "(the bundles' manifests then name the model)")
     ref = Reference(cfg)
     source = images or cfg.validation.images
-    if source is None and cfg.model.source == DEFAULT_MODEL:
-        source = DEFAULT_SYNTHETIC
+    if source is None and embedded_name(cfg.model.source):
+        source = EMBEDDED[embedded_name(cfg.model.source)][2]
     lab = labels if images else (labels or cfg.validation.labels)
     data: LabelledSet | None = None
     ref_metrics, ref_data = None, None
@@ -328,9 +330,9 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         if not data.frames:
             raise ConfigError(f"{source}: validation needs raw images (a folder, or synthetic://)")
         names = [o["name"] for o in manifests[0]["outputs"]]
-        first = names[0]
         ref_data = ref.outputs(data.frames, names)
-        ref_metrics = task_metrics(ref_data[first], data, ref.spec.layout) or None
+        ref_metrics = task_metrics(get_task(ref.spec.task).pack(ref_data, names, ref.spec), data, ref.spec.layout) \
+            or None
         if ref_metrics:
             log.info("PyTorch on %s: %s", data.source, ", ".join(f"{k} {v:.2f}" for k, v in ref_metrics.items()
                                                                  if k != "count"))
@@ -364,7 +366,6 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
                      ref_metrics: dict[str, float] | None, drop_limit: float, localize: bool, bench: bool,
                      bench_iters: int) -> BundleResult:
     from edgeport.evaluate import primary, task_metrics
-    from edgeport.runner.metrics import task_agreement
     from edgeport.target import DEFAULT_TOLERANCES, get_target
 
     t0 = time.time()
@@ -402,6 +403,7 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
         base_tol = dict(DEFAULT_TOLERANCES[precision])
     if label == "tensorrt (onnx)":
         base_tol = dict(DEFAULT_TOLERANCES["fp32"])  # the ONNX runs in FP32 here
+    base_tol = get_task(ref.spec.task).tolerance(precision, base_tol)
     spec = manifest["preprocess"]
     ref_layout = ref.spec.layout
     names = [o["name"] for o in manifest["outputs"]]
@@ -440,13 +442,14 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             res.cases.append(Case(name, label, precision, out, "passed" if m["ok"] else "failed", m, msg))
         if ref_metrics and got_data is not None and ref_data is not None:
             first = names[0]
-            g = got_data[first]
+            task = get_task(ref.spec.task)
+            g, r = task.pack(got_data, names, ref.spec), task.pack(ref_data, names, ref.spec)
             res.metrics = task_metrics(g, data, ref.spec.layout)
             key, value = primary(res.metrics)
             drop = ref_metrics[key] - value if value is not None else 0.0
             ok = drop <= drop_limit
             acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
-                   "max_drop": drop_limit, "agreement": task_agreement(ref_data[first], g, ref.spec.task)}
+                   "max_drop": drop_limit, "agreement": task.agreement(r, g, ref.spec)}
             msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is "
                                  f"{points(drop, drop_limit)} points below PyTorch's {ref_metrics[key]:.2f} "
                                  f"(max drop {drop_limit:g})")
@@ -536,7 +539,7 @@ def bench_rows(report: ValidateReport) -> list[list[str]]:
     def metric(m: dict[str, float] | None) -> str:
         if not m:
             return "-"
-        return f"mIoU {m['miou']:.2f}" if "miou" in m else f"top1 {m['top1']:.2f}" if "top1" in m else "-"
+        return metric_cell(m) or "-"
 
     def lat(x: dict[str, float] | None) -> list[str]:
         return [f"{x['median_ms']:.2f}", f"{x['p99_ms']:.2f}", f"{x['fps']:.0f}"] if x else ["-"] * 3
@@ -570,7 +573,9 @@ def text(report: ValidateReport) -> str:
     src = f"golden frames + {report.dataset}" if report.dataset else "golden frames"
     lines.append(f"reference: {report.model} in {report.reference}; frames: {src}")
     if report.reference_metrics:
-        key = "miou" if "miou" in report.reference_metrics else "top1"
+        from edgeport.evaluate import primary
+
+        key = primary(report.reference_metrics)[0]
         lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
     if any(b.latency for b in report.bundles):
         lines += ["", *text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]

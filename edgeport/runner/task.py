@@ -58,6 +58,14 @@ class TaskPart(object):
         """Further agreement figures for the comparison table ({name: 0..1}); none by default."""
         return {}
 
+    def selftest_rows(self, what, pairs, tolerance):
+        """Extra selftest rows [(name, ok, detail)] comparing what the task reports for the golden reference's
+        outputs and this runtime's over every golden case (``pairs``: [(reference outputs, this runtime's
+        outputs)], all outputs by name); ``what`` is 'vs pytorch' or 'vs build host'; ``tolerance`` the golden
+        tolerance by output. None by default: the per-output comparison covers tasks whose outputs are their
+        decisions."""
+        return []
+
     def __call__(self, outs, frame, geom, record, draw):
         """Fill ``record`` (the JSON line) from ``outs``; the annotated frame when ``draw``, else None."""
         raise NotImplementedError

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from edgeport.tasks.base import Task
 
-NAMES = ("classification", "segmentation")
+NAMES = ("classification", "segmentation", "detection")
+# The [task] settings each task reads besides type, labels, palette and ignore_index (data, so the config
+# reader need not import the tasks).
+OPTION_KEYS = {"detection": ("decoder", "score_threshold", "iou_threshold", "max_detections", "agnostic",
+                             "box_format", "normalized")}
 _HERE = Path(__file__).resolve().parent
 
 
@@ -31,6 +35,28 @@ def runner_part(name: str) -> Path:
     return _HERE / name / "runner.py"
 
 
+def all_option_keys() -> tuple[str, ...]:
+    """Every task's settings, for the config reader (each task then refuses the ones it does not read)."""
+    return tuple(k for keys in OPTION_KEYS.values() for k in keys)
+
+
 def metric_keys() -> list[str]:
     """Every task's headline metric key, e.g. 'top1', 'miou'."""
     return [get(n).primary for n in NAMES]
+
+
+def metric_cell(metrics: dict[str, float]) -> str | None:
+    """'mIoU 54.08', 'top1 71.20', 'mAP 40.10': the headline metric as table cells show it (None if none)."""
+    for n in NAMES:
+        task = get(n)
+        if task.primary in metrics:
+            return f"{task.short} {metrics[task.primary]:.2f}"
+    return None
+
+
+def metric_label(key: str) -> str:
+    """How a metric key reads in a chart or message: 'miou' -> 'mIoU', 'top1' -> 'top-1', 'map' -> 'mAP'."""
+    for n in NAMES:
+        if get(n).primary == key:
+            return get(n).label
+    return key or "metric"

@@ -23,9 +23,56 @@ class Task:
 
     name = ""
     primary = ""  # the headline metric's key in metrics(), e.g. "miou"
-    label = ""  # how tables name it, e.g. "mIoU"
+    label = ""  # how messages name it, e.g. "mIoU"
+    short = ""  # how table cells name it, e.g. "mIoU"
     label_folder = False  # takes a separate folder of labels (--val-labels)
     labelled_how = ""  # how a labelled set of this task is laid out, for error messages
+
+    @property
+    def option_keys(self) -> tuple[str, ...]:
+        """The [task] settings it reads besides type and labels (edgeport.tasks.OPTION_KEYS)."""
+        from edgeport.tasks import OPTION_KEYS
+
+        return OPTION_KEYS.get(self.name, ())
+
+    def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        """The task's settings, checked (ConfigError naming the first bad one) and with defaults where the task
+        has them; a task without settings takes none."""
+        from edgeport.errors import ConfigError
+
+        for key in options:
+            if key not in self.option_keys:
+                takes = ", ".join(self.option_keys) or "none"
+                raise ConfigError(f"{where}: task setting '{key}' is not one {self.name} reads (it reads: {takes})")
+        return options
+
+    def check_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> None:
+        """ConfigError when the model's outputs (name: shape, in the model's order) do not fit the spec: by default,
+        class names that do not match the classes of the first output."""
+        from edgeport.errors import ConfigError
+
+        first = next(iter(shapes.values()), [])
+        if not spec.labels or len(first) < 2:
+            return
+        classes = int(first[1] if spec.layout == "NCHW" or len(first) == 2 else first[-1])
+        if len(spec.labels) != classes:
+            raise ConfigError(f"{len(spec.labels)} class name(s) are given (--class-names / [task] labels), but the "
+                              f"model's output has {classes} classes; give one name per class, in class order")
+
+    def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
+        """The per-output tolerance this task's outputs are held to at ``precision``, from the target's."""
+        return tol
+
+    def pack(self, outputs: dict[str, np.ndarray], names: list[str], spec: InputSpec) -> np.ndarray:
+        """The one array (N, ...) the task's metric and agreement read from a model's outputs by name (in the
+        model's order): the first output, unless the task needs more."""
+        return outputs[names[0]]
+
+    def agreement(self, ref: np.ndarray, got: np.ndarray, spec: InputSpec) -> float:
+        """Share (0..1) of the reference's decisions that ``got`` repeats, from two packed outputs."""
+        from edgeport.runner.metrics import task_agreement
+
+        return float(task_agreement(ref, got, self.name))
 
     def load(self, img_dir: Path, labels: Path | None, spec: InputSpec, limit: int) -> LabelledSet | None:
         """This task's labelled set from ``img_dir`` (and ``labels``), or None when the folder holds no

@@ -183,7 +183,7 @@ BUILD_CASES = [
      "never downloads weights", None),
     ("torchvision-kwarg", None, ["--model", "torchvision:resnet18?num_clases=3", *BASE], "num_clases", None),
     ("model-form", None, ["--model", "just-a-name", *BASE], "expected torchvision:<name>", None),
-    ("embedded-typo", None, ["--model", "edgeport:roadsge"], "the embedded model is edgeport:roadseg",
+    ("embedded-typo", None, ["--model", "edgeport:roadsge"], "the embedded models are edgeport:roadseg",
      "calibration"),
     ("torchscript-garbage", "garbage-pt", ["--model", "model.pt", *BASE], "cannot load", None),
     ("unsupported-op", None, ["--model", "net.py:fft", *BASE], "aten::fft_rfft2", None),

@@ -135,7 +135,7 @@ def test_model_sources_are_checked_without_torch(tmp_path):
     check_source("mine:make", None, tmp_path)  # a module in the project folder is found
     with pytest.raises(ModelError, match="weights file .*w.pth does not exist"):
         check_source("edgeport:roadseg", "w.pth", tmp_path)
-    with pytest.raises(ModelError, match="the embedded model is edgeport:roadseg"):
+    with pytest.raises(ModelError, match="the embedded models are edgeport:roadseg, edgeport:roaddet"):
         check_source("edgeport:roadsge", None, tmp_path)
 
 

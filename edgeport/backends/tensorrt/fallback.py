@@ -27,24 +27,13 @@ log = logging.getLogger("edgeport")
 RANK_IMAGES = 4
 
 
-def _run(path: Path, x: np.ndarray) -> np.ndarray:
+def _run(path: Path, val: LabelledSet) -> np.ndarray:
+    """The model's outputs on the set's inputs, packed as its task reads them."""
     from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+    from edgeport.evaluate import pack
 
     with ORT.open_onnx(path) as rt:
-        outs = rt.run_batches(x)
-    return outs[next(iter(outs))]
-
-
-def _score(got: np.ndarray, fp32: np.ndarray, val: LabelledSet, layout: str, task: str) -> tuple[str, float]:
-    """(metric name, value in points): the task metric with labels, else agreement with FP32 in percent."""
-    from edgeport.evaluate import primary, task_metrics
-    from edgeport.runner.metrics import task_agreement
-
-    if val.labelled:
-        key, value = primary(task_metrics(got, val, layout))
-        if value is not None:
-            return key, float(value)
-    return "agreement", 100.0 * float(task_agreement(fp32, got, task))
+        return pack(rt.run_batches(val.inputs), val)
 
 
 def rank_layers(reference: tuple[list[dict[str, np.ndarray]], list[Any]], qdq: Path, x: np.ndarray,
@@ -68,23 +57,60 @@ def rank_layers(reference: tuple[list[dict[str, np.ndarray]], list[Any]], qdq: P
     return sorted(ranked, key=lambda r: -r[1])
 
 
+def last_weighted(onnx: Path) -> set[str]:
+    """The weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose outputs reach no other weighted node: a model's
+    heads, where a detector's box regression and class scores come out."""
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx), load_external_data=False).graph
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    memo: dict[str, bool] = {}
+
+    def reaches(tensor: str) -> bool:
+        if tensor not in memo:
+            memo[tensor] = False
+            memo[tensor] = any(n.op_type in weighted or any(reaches(o) for o in n.output)
+                               for n in readers.get(tensor, []))
+        return memo[tensor]
+
+    return {n.name for n in graph.node if n.op_type in weighted and not any(reaches(o) for o in n.output)}
+
+
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str, task: str,
                       max_drop: float) -> dict[str, Any]:
     """Keep the layers that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
     ``keep`` left in float. Returns the report: kept layers, drops before and after, every step."""
-    fp32 = _run(onnx, val.inputs)
-    key, ref = _score(fp32, fp32, val, layout, task)
+    from edgeport.evaluate import score
+
+    fp32 = _run(onnx, val)
+    key, ref = score(fp32, fp32, val, layout)
 
     def drop_of() -> float:
-        return ref - _score(_run(out, val.inputs), fp32, val, layout, task)[1]
+        return ref - score(_run(out, val), fp32, val, layout)[1]
 
     quantized = write(keep)
     before = drop = drop_of()
     kept: list[str] = []
     steps = [{"kept": [], "drop": before}]
     limit = min(12, max(1, len(quantized) // 4))
+    heads = sorted(last_weighted(onnx) & quantized)
+    if drop > max_drop and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
+        trial = write(keep | set(heads))
+        trial_drop = drop_of()
+        if trial_drop < drop:
+            kept, quantized, drop = list(heads), trial, trial_drop
+            steps.append({"kept": list(kept), "drop": drop})
+            log.info("accuracy fallback: kept the last weighted layers (%s) in float: drop %.4f", ", ".join(heads),
+                     drop)
+            limit += len(heads)
+        else:
+            quantized = write(keep)
     reference = None  # the FP32 tensors on the ranking images: the same at every step
     while drop > max_drop and len(kept) < limit:
         if reference is None:

@@ -169,13 +169,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def quantize(calibrated: bytes, deny: list[str]) -> bytes:
+def quantize(calibrated: bytes, deny: list[str], float_outputs: bool = False) -> bytes:
     """Full-integer INT8 (int8 input and output) from a calibrated model, the ``deny`` tensors' ops in float
-    (TensorFlow's selective quantization; private API of the converter, as its quantization debugger uses)."""
+    (TensorFlow's selective quantization; private API of the converter, as its quantization debugger uses);
+    with ``float_outputs`` the outputs stay float32 (a head kept in float is not rounded to 256 levels at the
+    very end: a box coordinate in [0, 1] would move by up to 1/510 of the frame)."""
     import tensorflow as tf
     from tensorflow.lite.python import convert as tfl_convert
 
-    return tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf.int8, output_data_type=tf.int8,
+    return tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf.int8,
+                                     output_data_type=tf.float32 if float_outputs else tf.int8,
                                      denylisted_nodes=deny or None)
 
 
@@ -208,6 +211,28 @@ def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
     it = Interpreter(model_content=blob, experimental_preserve_all_tensors=keep_all)
     it.allocate_tensors()
     return it
+
+
+def _infer_all(it: Any, x: Any, onnx_outputs: list[str] | None) -> dict[str, Any]:
+    """Every output of one NHWC float image through an interpreter, dequantized, by ONNX name in the ONNX order
+    (the signature numbers them output_0..n in that order, see ``details``)."""
+    import numpy as np
+
+    d = it.get_input_details()[0]
+    scale, zero = d["quantization"]
+    feed = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8) if d["dtype"] == np.int8 else x
+    it.set_tensor(d["index"], feed.astype(d["dtype"]))
+    it.invoke()
+    sig = it.get_signature_runner().get_output_details()
+    ordered = sorted(sig, key=lambda n: int(n[7:]) if n.startswith("output_") and n[7:].isdigit() else 0)
+    out = {}
+    for k, name in enumerate(ordered):
+        o = sig[name]
+        y = it.get_tensor(o["index"])
+        scale, zero = o["quantization"]
+        y = (y.astype(np.float32) - zero) * scale if o["dtype"] == np.int8 else y.astype(np.float32)
+        out[onnx_outputs[k] if onnx_outputs and k < len(onnx_outputs) else name] = y
+    return out
 
 
 def _infer(it: Any, x: Any) -> Any:
@@ -298,8 +323,8 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
 
     import numpy as np
 
-    from edgeport.evaluate import primary, task_metrics
-    from edgeport.runner.metrics import task_agreement
+    from edgeport.evaluate import pack
+    from edgeport.evaluate import score as task_score
 
     with open(job["val"], "rb") as f:
         val = pickle.load(f)
@@ -309,16 +334,13 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
 
     def outputs(blob: bytes) -> Any:
         it = _interpreter(blob)
-        return np.concatenate([_infer(it, images[i:i + 1]) for i in range(len(images))])
+        runs = [_infer_all(it, images[i:i + 1], job.get("outputs")) for i in range(len(images))]
+        return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, val)
 
     fp32 = outputs(calibrated)
 
     def score(y: Any) -> tuple[str, float]:
-        if val.labelled:
-            key, value = primary(task_metrics(y, val, "NHWC"))
-            if value is not None:
-                return key, float(value)
-        return "agreement", 100.0 * float(task_agreement(fp32, y, val.task))
+        return task_score(y, fp32, val, "NHWC")
 
     key, ref = score(fp32)
     blob = plain
@@ -329,22 +351,70 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
     steps = [{"kept": [], "drop": before}]
     _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images), "
            f"max_drop {max_drop:g}")
+    tail = decode_tail(calibrated)
+    if drop > max_drop and tail:  # the heads and what follows them (a detector's box decoding): as one step
+        trial = quantize(calibrated, given + tail, float_outputs=True)
+        trial_drop = ref - score(outputs(trial))[1]
+        if trial_drop < drop:
+            blob, drop = trial, trial_drop
+            kept += [(t, "decode tail") for t in tail]
+            steps.append({"kept": list(tail), "drop": drop})
+            _stage(f"kept the last weighted layers and the {len(tail)} op(s) from them on in float: drop {drop:.4f}")
     reference = None  # the float model's tensors on the ranking images: the same at every step
-    while drop > max_drop and len(kept) < limit:
+    while drop > max_drop and len(kept) < limit + len(tail):
         reference = reference or all_tensors(calibrated, images[:RANK_IMAGES])
         ranked = rank_ops(blob, reference, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
         if not ranked:
             break
         name, op, added = ranked[0]
         kept.append((name, op))
-        blob = quantize(calibrated, given + [k for k, _ in kept])
+        with_tail = any(op == "decode tail" for _, op in kept)
+        blob = quantize(calibrated, given + [k for k, _ in kept], float_outputs=with_tail)
         drop = ref - score(outputs(blob))[1]
         steps.append({"kept": [k for k, _ in kept], "drop": drop})
         _stage(f"kept {op} {short_name(name)} in float (adds {added:.3g} relative error): drop {drop:.4f}")
     return blob, {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
-                  "kept_float": [short_name(k) for k, _ in kept], "kept_tensors": [k for k, _ in kept],
+                  "kept_float": _kept_names(kept), "kept_tensors": [k for k, _ in kept],
                   "ops": [op for _, op in kept], "steps": steps, "images": len(images), "met": drop <= max_drop,
                   "labelled": val.labelled}
+
+
+def _kept_names(kept: list[tuple[str, str]]) -> list[str]:
+    """What the report names as kept in float: the decode tail as one entry, then each op the loop chose."""
+    tail = sum(op == "decode tail" for _, op in kept)
+    return ([f"the heads and the {tail} op(s) from them on"] if tail else []) + \
+        [short_name(k) for k, op in kept if op != "decode tail"]
+
+
+def decode_tail(blob: bytes) -> list[str]:
+    """The output tensor names of the last weighted layers (the heads) and the ops after them: no convolution or
+    fully-connected op reads anything they compute (a detector's box decoding and score activation, a
+    segmenter's last resize).
+    Full-integer INT8 gives them one scale per tensor, which a box decode (exp, multiplications, coordinates
+    in one tensor) does not survive."""
+    it = _interpreter(blob)
+    ops = it._get_ops_details()  # noqa: SLF001 (the public API has no op list)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    readers: dict[int, list[int]] = {}
+    for k, op in enumerate(ops):
+        for t in op["inputs"]:
+            readers.setdefault(int(t), []).append(k)
+    memo: dict[int, bool] = {}
+
+    def feeds_weighted(k: int) -> bool:
+        if k not in memo:
+            memo[k] = False  # no cycles in a TFLite graph; guards re-entry
+            memo[k] = any(ops[r]["op_name"] in QUANTIZED_OPS or feeds_weighted(r)
+                          for t in ops[k]["outputs"] for r in readers.get(int(t), []))
+        return memo[k]
+
+    tail = []
+    for k, op in enumerate(ops):
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") or not len(op["outputs"]):
+            continue
+        if not feeds_weighted(k):  # the last weighted layers themselves (the heads) too
+            tail.append(names[int(op["outputs"][0])])
+    return tail
 
 
 def short_name(tensor: str) -> str:

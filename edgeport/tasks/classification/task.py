@@ -22,6 +22,7 @@ class Classification(Task):
     name = "classification"
     primary = "top1"
     label = "top-1"
+    short = "top1"
     label_folder = False
     labelled_how = "a classification set is labelled by its folders (--val-images DIR with one sub-folder per class)"
 

@@ -202,6 +202,24 @@ class DetectionPart(TaskPart):
         detections after NMS are compared instead (``match_rate``), from all outputs."""
         return None
 
+    def selftest_rows(self, what, pairs, tolerance):
+        """The detections after NMS against the golden ones, pooled over the golden frames: the share repeated with
+        the same class, held to the first output's min_agreement (0.9 where it has none). Against the build host
+        (the same runtime) at IoU >= 0.9; against PyTorch at IoU >= 0.5, the usual match of a detection: INT8
+        moves box edges by a pixel or two, which the build's mAP gate has already measured."""
+        need = (tolerance.get(self.out_name) or {}).get("min_agreement") or 0.9
+        iou = 0.9 if "host" in what else 0.5
+        hits = total = found = 0
+        for ref_outs, got_outs in pairs:
+            ref, got = self.detect(ref_outs), self.detect(got_outs)
+            hits += match_rate(ref[:2], got[:2], iou) * len(ref[0])
+            total += len(ref[0])
+            found += len(got[0])
+        rate = hits / total if total else (1.0 if not found else 0.0)
+        detail = "%d reference detection(s) on %d frame(s), %.1f%% repeated (IoU >= %.1f, same class; limit %.1f%%); " \
+                 "%d found" % (total, len(pairs), 100 * rate, iou, 100 * need, found)
+        return [("detections %s" % what, rate >= need, detail)]
+
     def __call__(self, outs, frame, geom, record, draw):
         boxes, classes, scores = self.detect(outs)
         px = boxes_to_frame(boxes, geom, self.in_hw, frame.shape[:2])

@@ -32,6 +32,7 @@ class Segmentation(Task):
     name = "segmentation"
     primary = "miou"
     label = "mIoU"
+    short = "mIoU"
     label_folder = True
     labelled_how = "segmentation label maps go in --val-labels, matched to --val-images by file stem"
 

@@ -1,0 +1,106 @@
+"""Detection end to end: the embedded detector (edgeport:roaddet) built for OpenVINO, TFLite and TensorRT at INT8
+with no other flag than its validation scenes, every INT8 artifact within 1.0 mAP point of FP32 on scenes it
+never saw, `edgeport validate` passing, and the runner drawing boxes and writing detections on a real video, in
+venvs holding only numpy, OpenCV and one runtime, selftests included."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import device_env, has, run_cli
+
+pytestmark = pytest.mark.skipif(not (has("openvino") and has("onnx2tf") and has("pycocotools")),
+                                reason="needs the openvino, tflite and detection extras")
+TARGETS = ("intel-cpu:int8", "raspberry-pi-5:int8", "jetson-orin-nano:int8")
+VAL = "synthetic://?objects=1&n=200"
+
+
+@pytest.fixture(scope="module")
+def roaddet(tmp_path_factory):
+    proj = tmp_path_factory.mktemp("roaddet")
+    args = ["build", "--model", "edgeport:roaddet", "--val-images", VAL]
+    for t in TARGETS:
+        args += ["--target", t]
+    res = run_cli(*args, cwd=proj, timeout=1500)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return proj, res
+
+
+@pytest.fixture(scope="module")
+def scene_video(tmp_path_factory):
+    """An MJPG .avi of 40 road scenes with pedestrians and signs (320x240)."""
+    import cv2
+
+    from edgeport.zoo.scene import render_scene_boxes
+
+    path = tmp_path_factory.mktemp("video") / "scenes.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 240))
+    for i in range(40):
+        writer.write(render_scene_boxes(7_000_000 + i, 240, 320)[0])
+    writer.release()
+    return path
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_every_int8_artifact_keeps_its_map(roaddet):
+    proj, res = roaddet
+    assert "mAP" in res.stdout
+    for t in TARGETS:
+        m = _manifest(proj / "dist" / t.replace(":", "-"))
+        assert m["model"]["task"] == "detection"
+        assert m["preprocess"]["task_options"]["decoder"] == "boxes"
+        assert [o["name"] for o in m["outputs"]] == ["boxes", "scores"]
+        acc = m["parity"]["accuracy"]
+        assert acc["metric"] == "map" and acc["count"] == 100  # the report half of 200 scenes
+        assert acc["reference"]["map"] > 30.0, acc  # the detector works on scenes it never saw
+        assert acc["drop"] <= 1.0, (t, acc)
+        assert acc["agreement"] > 0.5, (t, acc)  # detections repeated at IoU >= 0.9 with the same class
+
+
+def test_validate_passes_on_the_detection_bundles(roaddet):
+    proj, _ = roaddet
+    res = run_cli("validate", cwd=proj, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "map" in res.stdout
+
+
+@pytest.mark.parametrize("target,venv", [("intel-cpu-int8", "openvino_venv"), ("raspberry-pi-5-int8", "tflite_venv")])
+def test_runner_draws_boxes_and_writes_detections_with_only_its_runtime(roaddet, scene_video, target, venv, request,
+                                                                       tmp_path):
+    import cv2
+
+    proj, _ = roaddet
+    python = request.getfixturevalue(venv)
+    bundle = tmp_path / target
+    shutil.copytree(proj / "dist" / target, bundle)
+    st = subprocess.run([str(python), "runner.py", "--selftest"], cwd=bundle, capture_output=True, text=True,
+                        env=device_env(), timeout=300)
+    assert st.returncode == 0 and "selftest: PASS" in st.stdout, st.stdout + st.stderr
+    assert "detections vs pytorch" in st.stdout and "detections vs build host" in st.stdout
+    res = subprocess.run([str(python), "runner.py", str(scene_video), "--headless", "--jsonl", "out.jsonl",
+                          "--save", "out.avi"], cwd=bundle, capture_output=True, text=True, env=device_env(),
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [json.loads(ln) for ln in (bundle / "out.jsonl").read_text().splitlines()]
+    assert len(lines) == 40
+    dets = [d for ln in lines for d in ln["detections"]]
+    assert len(dets) >= 40  # cars, people and signs in 40 busy scenes
+    for d in dets:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= 320 and 0 <= y1 < y2 <= 240 and d["label"] in ("car", "pedestrian", "sign")
+        assert 0.25 <= d["score"] <= 1.0
+    assert sum(sum(ln["counts"].values()) for ln in lines) == len(dets)
+    video = cv2.VideoCapture(str(bundle / "out.avi"))
+    ok, frame = video.read()
+    assert ok and frame.shape == (240, 320, 3)
+    raw = cv2.VideoCapture(str(scene_video))
+    _, src = raw.read()
+    assert np.abs(frame.astype(int) - src.astype(int)).max() > 100  # boxes and labels drawn over the frame
