@@ -21,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "datasets" / "camvid"
 CLASSES = {8: "car", 9: "pedestrian", 10: "bicyclist"}  # CamVid id -> detection class, in this order
+MIN_AREA = 150  # pixels at 480x360; smaller components (a few pixels at the detector's 176x240) are dropped
 
 
 def boxes_of(label: np.ndarray, min_area: int) -> list[tuple[int, float, float, float, float]]:
@@ -39,7 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--camvid", type=Path, default=CAMVID)
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "camvid-boxes")
-    ap.add_argument("--min-area", type=int, default=60, help="smallest component kept, in pixels (default 60)")
+    ap.add_argument("--min-area", type=int, default=MIN_AREA,
+                    help=f"smallest component kept, in pixels (default {MIN_AREA})")
     args = ap.parse_args()
     (args.out / "names.txt").parent.mkdir(parents=True, exist_ok=True)
     (args.out / "names.txt").write_text("\n".join(CLASSES.values()) + "\n")

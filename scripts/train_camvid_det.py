@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from camvid_boxes import CAMVID, boxes_of  # noqa: E402
+from camvid_boxes import CAMVID, MIN_AREA, boxes_of  # noqa: E402
 
 from edgeport.preprocess import InputSpec  # noqa: E402
 from edgeport.zoo.det import CAMVID_DET_CLASSES, CAMVID_DET_HW, camvid_det  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--min-area", type=int, default=60)
+    ap.add_argument("--min-area", type=int, default=MIN_AREA)
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "camvid-det.pt")
     args = ap.parse_args()
 

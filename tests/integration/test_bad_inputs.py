@@ -108,6 +108,11 @@ def _setup(p: Path, what: str) -> None:
         (p / "model.pt").write_bytes(b"PK\x03\x04 not a torchscript archive")
     elif what == "names-3":
         (p / "names.txt").write_text("cat\ndog\nbird\n")
+    elif what in ("det-no-decoder", "det-threshold", "det-setting", "det-mismatch"):
+        task = {"det-no-decoder": "", "det-threshold": 'decoder = "boxes"\nscore_threshold = 1.5\n',
+                "det-setting": 'decoder = "boxes"\nanchors = [1, 2]\n', "det-mismatch": 'decoder = "boxes"\n'}[what]
+        (p / "edgeport.toml").write_text('[model]\nsource = "net.py:make"\n[input]\nshape = [1, 3, 32, 32]\n'
+                                         f'[task]\ntype = "detection"\n{task}')
     elif what in ("config-unknown-key", "config-section", "config-toml", "config-type", "config-prune",
                   "config-tolerance"):
         text = {"config-unknown-key": '[model]\nsource = "net.py:make"\nwieghts = "w.pth"\n',
@@ -202,6 +207,12 @@ BUILD_CASES = [
     ("task-choice", None, ["--task", "detection"], "invalid choice: 'detection'", "calibration"),
     # config files
     ("config-unknown-key", "config-unknown-key", [], "did you mean 'weights'", "calibration"),
+    ("detection-no-decoder", "det-no-decoder", [], "detection needs a decoder ([task] decoder = one of yolo, boxes",
+     "calibration"),
+    ("detection-threshold", "det-threshold", [], "score_threshold = 1.5 must be a number from 0 to 1", "calibration"),
+    ("detection-setting", "det-setting", [], "unknown key 'task.anchors'", "calibration"),
+    ("detection-decoder-misfit", "det-mismatch", ["--target", "intel-cpu:fp32"],
+     "decoder 'boxes' does not fit this model's outputs (output [1, 2]); the decoders are: yolo", None),
     ("config-unknown-section", "config-section", [], "unknown section 'modle'", "calibration"),
     ("config-bad-toml", "config-toml", [], "not valid TOML", "calibration"),
     ("config-bad-type", "config-type", [], "'quantize.subset_size' = 'ten'", "calibration"),
