@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,44 @@ def test_runner_draws_boxes_and_writes_detections_with_only_its_runtime(roaddet,
     raw = cv2.VideoCapture(str(scene_video))
     _, src = raw.read()
     assert np.abs(frame.astype(int) - src.astype(int)).max() > 100  # boxes and labels drawn over the frame
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def camvid_det(tmp_path_factory, camvid):
+    """The CamVid detector recipe built for OpenVINO and TFLite INT8, scored on CamVid val's derived boxes."""
+    if not (ROOT / "models" / "camvid-det.pt").is_file():
+        pytest.fail("models/camvid-det.pt is missing; run scripts/train_camvid_det.py")
+    boxes = tmp_path_factory.mktemp("camvid-boxes")
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "camvid_boxes.py"), "--camvid", str(camvid),
+                           "--out", str(boxes)], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    proj = tmp_path_factory.mktemp("camvid-det")
+    res = run_cli("build", "--config", str(ROOT / "examples" / "camvid-det" / "edgeport.toml"),
+                  "--val-labels", str(boxes / "val"), "--target", "intel-cpu:int8", "--target", "raspberry-pi-5:int8",
+                  "--out", str(proj / "dist"), "--build-dir", str(proj / "build"), cwd=proj, timeout=1500)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return proj
+
+
+def test_camvid_detector_int8_keeps_its_map_and_runs_on_a_camvid_video(camvid_det, camvid_video, openvino_venv,
+                                                                       tmp_path):
+    for name in ("intel-cpu-int8", "raspberry-pi-5-int8"):
+        acc = _manifest(camvid_det / "dist" / name)["parity"]["accuracy"]
+        assert acc["metric"] == "map" and acc["count"] == 50 and acc["drop"] <= 1.0, (name, acc)
+    bundle = tmp_path / "intel-cpu-int8"
+    shutil.copytree(camvid_det / "dist" / "intel-cpu-int8", bundle)
+    st = subprocess.run([str(openvino_venv), "runner.py", "--selftest"], cwd=bundle, capture_output=True, text=True,
+                        env=device_env(), timeout=300)
+    assert st.returncode == 0 and "selftest: PASS" in st.stdout, st.stdout + st.stderr
+    res = subprocess.run([str(openvino_venv), "runner.py", str(camvid_video), "--headless", "--jsonl", "out.jsonl",
+                          "--max-frames", "60"], cwd=bundle, capture_output=True, text=True, env=device_env(),
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [json.loads(ln) for ln in (bundle / "out.jsonl").read_text().splitlines()]
+    dets = [d for ln in lines for d in ln["detections"]]
+    assert len(lines) == 60 and len(dets) >= 30, len(dets)
+    assert {d["label"] for d in dets} <= {"car", "pedestrian", "bicyclist"}
+    assert all(0 <= d["box"][0] < d["box"][2] <= 480 and 0 <= d["box"][1] < d["box"][3] <= 360 for d in dets)

@@ -78,10 +78,17 @@ class Detection(Task):
         return out
 
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
-        """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most,
-        2.3 % of the range in FP16 on the embedded detector while its detections held): the cosine per output, the
-        detections' agreement and the mAP drop are. FP32 keeps max_rel (export and conversion bugs show there)."""
-        return tol if precision == "fp32" else {**tol, "max_rel": None}
+        """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most:
+        2.3 % of the range in FP16 on the embedded detector while its detections held), and in INT8 the cosine of
+        the score output is set by thousands of near-zero background scores (0.979 for the CamVid detector in
+        TFLite INT8, whose mAP moved by 0.16): the detections' agreement and the mAP drop are the gates there, the
+        cosine floor drops to 0.95. FP32 keeps every check (export and conversion bugs show there)."""
+        if precision == "fp32":
+            return tol
+        out = {**tol, "max_rel": None}
+        if precision == "int8" and out.get("min_cosine") is not None:
+            out["min_cosine"] = min(out["min_cosine"], 0.95)
+        return out
 
     def check_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> None:
         """ConfigError when the declared decoder does not fit the outputs, or the labels not their classes."""
