@@ -18,7 +18,8 @@ NAMES = ("classification", "segmentation", "detection")
 # The [task] settings each task reads besides type, labels, palette and ignore_index (data, so the config
 # reader need not import the tasks).
 OPTION_KEYS = {"detection": ("decoder", "score_threshold", "iou_threshold", "max_detections", "agnostic",
-                             "box_format", "normalized")}
+                             "box_format", "normalized", "anchors", "box_coder_weights", "score_activation",
+                             "background")}
 _HERE = Path(__file__).resolve().parent
 
 

@@ -66,7 +66,7 @@ def test_yolo_rows_either_way_round_and_pixel_boxes_normalised():
 def test_decoder_mismatch_names_the_choices_and_shapes():
     with pytest.raises(RunnerError, match=r"decoder 'boxes' does not fit .*out \[1, 84, 8400\].*yolo"):
         output_roles("boxes", {"out": [1, 84, 8400]})
-    with pytest.raises(RunnerError, match=r"declared decoder .*yolo, boxes, got None"):
+    with pytest.raises(RunnerError, match=r"declared decoder .*yolo, boxes, anchors, got None"):
         detection_options({"task_options": {}})
     assert output_roles("boxes", {"b": [1, 100, 4], "s": [1, 100, 3]}) == {"boxes": "b", "scores": "s"}
     assert output_roles("yolo", {"y": [1, 7, 100]}) == {"raw": "y"}
@@ -111,3 +111,33 @@ def test_the_part_writes_detections_in_frame_pixels_and_draws_them():
     assert vis.shape == frame.shape and vis.any() and not frame.any()
     assert part(outs, frame, {"mode": "stretch", "box": [0, 0, 200, 100]}, {}, False) is None
     cv2.imencode(".png", vis)  # a drawable image
+
+
+def test_anchors_decoder_decodes_as_torchvision_ssd_does():
+    """SSDlite (random init, no download) raw head outputs: the anchors decoder gives torchvision's BoxCoder boxes
+    and softmax scores, the background class scoring 0."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+    from torchvision.models.detection.image_list import ImageList
+
+    from edgeport.tasks.detection.runner import candidates
+
+    torch.manual_seed(0)
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5).eval()
+    images = torch.rand(1, 3, 320, 320) * 2 - 1
+    with torch.no_grad():
+        features = list(model.backbone(images).values())
+        head = model.head(features)
+        anchors = model.anchor_generator(ImageList(images, [(320, 320)]), features)[0]
+        ref_boxes = model.box_coder.decode_single(head["bbox_regression"][0], anchors)
+        ref_scores = torch.softmax(head["cls_logits"][0], -1)
+    opts = {"decoder": "anchors", "anchors": anchors.numpy().tolist(), "score_activation": "softmax",
+            "box_coder_weights": list(model.box_coder.weights), "background": 0}
+    boxes, scores = candidates({"b": head["bbox_regression"].numpy(), "s": head["cls_logits"].numpy()},
+                               {"boxes": "b", "scores": "s"}, opts)
+    assert boxes.shape == (anchors.shape[0], 4) == tuple(ref_boxes.shape)
+    assert np.allclose(boxes, ref_boxes.numpy(), rtol=1e-5, atol=1e-3)
+    assert np.all(scores[:, 0] == 0) and np.allclose(scores[:, 1:], ref_scores.numpy()[:, 1:], atol=1e-6)
+    sigmoid = candidates({"b": head["bbox_regression"].numpy(), "s": head["cls_logits"].numpy()},
+                         {"boxes": "b", "scores": "s"}, {**opts, "score_activation": "sigmoid", "background": None})[1]
+    assert np.allclose(sigmoid, torch.sigmoid(head["cls_logits"][0]).numpy(), atol=1e-6)

@@ -26,12 +26,20 @@ def test_settings_are_checked_and_completed():
     spec = _spec()
     assert spec.task_options == {"decoder": "boxes", "score_threshold": 0.25, "iou_threshold": 0.45,
                                  "max_detections": 100, "agnostic": False, "box_format": "xyxy", "normalized": True}
-    with pytest.raises(ConfigError, match="detection needs a decoder .*yolo, boxes"):
+    with pytest.raises(ConfigError, match="detection needs a decoder .*yolo, boxes, anchors"):
         InputSpec(task="detection", task_options={})
     with pytest.raises(ConfigError, match="score_threshold = 2 must be a number from 0 to 1"):
         _spec(score_threshold=2)
-    with pytest.raises(ConfigError, match="task setting 'anchors' is not one detection reads"):
-        _spec(anchors=[1, 2])
+    with pytest.raises(ConfigError, match="task setting 'colour' is not one detection reads"):
+        _spec(colour="red")
+    with pytest.raises(ConfigError, match="task setting anchors is read by the anchors decoder only"):
+        _spec(anchors=[[0, 0, 8, 8]])
+    with pytest.raises(ConfigError, match=r"anchors decoder needs anchors = \[\[x1, y1, x2, y2\]"):
+        _spec(decoder="anchors", anchors=[[0, 0, 8]])
+    anchored = _spec(decoder="anchors", anchors=[[0, 0, 8, 8], [4, 4, 20, 12]], score_activation="softmax",
+                     background=0).task_options
+    assert anchored["box_coder_weights"] == [1.0, 1.0, 1.0, 1.0] and anchored["box_format"] == "xyxy"
+    assert anchored["normalized"] is False
     with pytest.raises(ConfigError, match="task setting 'decoder' is not one segmentation reads .*none"):
         InputSpec(task="segmentation", task_options={"decoder": "boxes"})
     assert "task_options" not in InputSpec().to_dict()  # other tasks' manifests are unchanged
@@ -104,3 +112,24 @@ def test_decoder_that_does_not_fit_is_one_line_naming_the_shapes():
         get("detection").check_outputs(_spec(), {"output": [1, 84, 8400]})
     with pytest.raises(ConfigError, match="3 class name.*scores 5 classes"):
         get("detection").check_outputs(_spec(), {"b": [1, 10, 4], "s": [1, 10, 5]})
+
+
+def test_anchor_models_are_packed_decoded_as_the_runner_decodes_them():
+    from edgeport.tasks.detection.runner import candidates
+
+    spec = _spec(decoder="anchors", anchors=[[0, 0, 16, 16], [32, 32, 96, 64], [100, 20, 150, 120]],
+                 box_coder_weights=[10, 10, 5, 5], score_activation="softmax", background=0, score_threshold=0.3)
+    rng = np.random.default_rng(0)
+    outs = {"reg": rng.normal(0, 1, (2, 3, 4)).astype(np.float32),
+            "logits": rng.normal(0, 2, (2, 3, 3)).astype(np.float32)}
+    task = get("detection")
+    task.check_outputs(spec, {"reg": [1, 3, 4], "logits": [1, 3, 3]})
+    with pytest.raises(ConfigError, match="3 anchors are given .* regresses 5 boxes"):
+        task.check_outputs(spec, {"reg": [1, 5, 4], "logits": [1, 5, 3]})
+    rows = task.pack(outs, ["reg", "logits"], spec)
+    assert rows.shape == (2, 3, 7)
+    one = candidates({k: v[1:2] for k, v in outs.items()}, {"boxes": "reg", "scores": "logits"}, spec.task_options)
+    assert np.allclose(rows[1, :, :4], one[0]) and np.allclose(rows[1, :, 4:], one[1])
+    assert np.all(rows[:, :, 4] == 0)  # the background class never detects
+    boxes, classes, scores = task.detections(rows, spec)[1]
+    assert np.all(scores >= 0.3) and np.all(classes > 0) and np.all(boxes[:, 2:] <= 1.5)

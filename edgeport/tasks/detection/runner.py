@@ -6,12 +6,17 @@ same code for its parity and metric figures. Options (the manifest's ``preproces
 
 * ``decoder``: ``yolo``: one output [1, 4+C, N] or [1, N, 4+C], rows (cx, cy, w, h, class scores...), as
   YOLOv8/11 heads emit; ``boxes``: already decoded boxes [1, N, 4] and scores [1, N, C], as separate
-  outputs (each gets its own INT8 scale);
+  outputs (each gets its own INT8 scale); ``anchors``: box regression [1, N, 4] and class logits [1, N, C]
+  against ``anchors`` (N x1y1x2y2 in input pixels) with ``box_coder_weights`` (SSD 10, 10, 5, 5;
+  RetinaNet 1, 1, 1, 1), ``score_activation`` (sigmoid or softmax) and ``background`` (a class index that
+  scores 0, or none), as SSD and RetinaNet heads emit;
 * ``box_format`` (``xyxy`` or ``cxcywh``) and ``normalized`` (coordinates in [0, 1] of the model input,
   or in its pixels): defaults ``cxcywh``/pixels for yolo, ``xyxy``/normalized for boxes;
 * ``score_threshold`` (0.25), ``iou_threshold`` (0.45), ``max_detections`` (100), ``agnostic`` (false:
   NMS per class).
 """
+import math
+
 import cv2
 import numpy as np
 
@@ -19,9 +24,10 @@ from edgeport.runner.manifest import RunnerError
 from edgeport.runner.preprocess import input_hw
 from edgeport.runner.task import TaskPart, register_task
 
-DECODERS = ("yolo", "boxes")
+DECODERS = ("yolo", "boxes", "anchors")
 DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 100, "agnostic": False}
-FORMATS = {"yolo": ("cxcywh", False), "boxes": ("xyxy", True)}
+FORMATS = {"yolo": ("cxcywh", False), "boxes": ("xyxy", True), "anchors": ("xyxy", False)}
+BOX_XFORM_CLIP = math.log(1000.0 / 16)  # the largest log-scale a box may grow by (as torchvision's BoxCoder)
 COLOURS = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
            (23, 204, 146), (134, 219, 61), (211, 188, 0), (209, 99, 255), (203, 56, 255), (255, 149, 200)]
 
@@ -48,14 +54,58 @@ def output_roles(decoder, shapes):
         three = [n for n, s in sorted(shapes.items()) if len(s) == 3 and min(s[1], s[2]) > 4]
         if len(shapes) == 1 and three:
             return {"raw": three[0]}
-    elif decoder == "boxes":
+    elif decoder in ("boxes", "anchors"):
         boxes = [n for n, s in sorted(shapes.items()) if len(s) == 3 and s[2] == 4]
         scores = [n for n, s in sorted(shapes.items()) if len(s) == 3 and n not in boxes]
         if len(boxes) == 1 and len(scores) == 1 and shapes[boxes[0]][1] == shapes[scores[0]][1]:
             return {"boxes": boxes[0], "scores": scores[0]}
     raise RunnerError("decoder %r does not fit this model's outputs (%s); the decoders are: yolo (one output "
-                      "[1, 4+C, N] or [1, N, 4+C]), boxes (boxes [1, N, 4] and scores [1, N, C] with the same N)"
-                      % (decoder, found))
+                      "[1, 4+C, N] or [1, N, 4+C]), boxes (boxes [1, N, 4] and scores [1, N, C] with the same N), "
+                      "anchors (box regression [1, N, 4] and class logits [1, N, C] for N anchors)" % (decoder, found))
+
+
+def decode_anchors(rel, anchors, weights):
+    """Boxes x1y1x2y2 from box regression (N, 4) against anchors (N, 4) x1y1x2y2, the R-CNN box coder SSD and
+    RetinaNet use: centre offsets over ``weights[0:2]`` scaled by the anchor's size, log sizes over
+    ``weights[2:4]`` (clipped at log(1000/16))."""
+    a = np.asarray(anchors, np.float32)
+    rel = np.asarray(rel, np.float32)
+    widths, heights = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    cx, cy = a[:, 0] + 0.5 * widths, a[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = [float(v) for v in weights]
+    dw = np.minimum(rel[:, 2] / ww, BOX_XFORM_CLIP)
+    dh = np.minimum(rel[:, 3] / wh, BOX_XFORM_CLIP)
+    pcx, pcy = rel[:, 0] / wx * widths + cx, rel[:, 1] / wy * heights + cy
+    half_w, half_h = 0.5 * np.exp(dw) * widths, 0.5 * np.exp(dh) * heights
+    return np.stack([pcx - half_w, pcy - half_h, pcx + half_w, pcy + half_h], 1).astype(np.float32)
+
+
+def activate(logits, activation, background):
+    """Class scores from logits: a sigmoid per class (RetinaNet, FCOS) or a softmax over them (SSD); the
+    ``background`` class (an index, or None) scores 0, so class ids keep their places."""
+    x = np.asarray(logits, np.float32)
+    if activation == "softmax":
+        e = np.exp(x - x.max(1, keepdims=True))
+        scores = e / e.sum(1, keepdims=True)
+    else:
+        scores = 1.0 / (1.0 + np.exp(-x))
+    if background is not None:
+        scores[:, int(background)] = 0.0
+    return scores
+
+
+def candidates(outs, roles, opts):
+    """(boxes (N, 4) in the decoder's box format and units, scores (N, C)) of one frame's raw outputs."""
+    if "raw" in roles:
+        raw = np.asarray(outs[roles["raw"]])[0]
+        if raw.shape[0] < raw.shape[1]:  # [4+C, N]: the candidates run along the longer axis
+            raw = raw.T
+        return raw[:, :4], raw[:, 4:]
+    b, scores = np.asarray(outs[roles["boxes"]])[0], np.asarray(outs[roles["scores"]])[0]
+    if opts["decoder"] == "anchors":
+        b = decode_anchors(b, opts["anchors"], opts.get("box_coder_weights") or (1.0, 1.0, 1.0, 1.0))
+        scores = activate(scores, opts.get("score_activation", "sigmoid"), opts.get("background"))
+    return b, scores
 
 
 def to_xyxy(b, box_format):
@@ -68,13 +118,7 @@ def to_xyxy(b, box_format):
 
 def decode(outs, roles, opts, in_hw):
     """(boxes (N, 4) x1y1x2y2 normalised to the model input, scores (N, C)) of one frame's raw outputs."""
-    if "raw" in roles:
-        raw = np.asarray(outs[roles["raw"]])[0]
-        if raw.shape[0] < raw.shape[1]:  # [4+C, N]: the candidates run along the longer axis
-            raw = raw.T
-        b, scores = raw[:, :4], raw[:, 4:]
-    else:
-        b, scores = np.asarray(outs[roles["boxes"]])[0], np.asarray(outs[roles["scores"]])[0]
+    b, scores = candidates(outs, roles, opts)
     boxes = to_xyxy(np.asarray(b, np.float32), opts["box_format"])
     if not opts["normalized"]:
         h, w = in_hw

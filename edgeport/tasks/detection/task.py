@@ -30,6 +30,7 @@ from edgeport.tasks.detection.runner import (
     DEFAULTS,
     FORMATS,
     boxes_to_frame,
+    candidates,
     match_rate,
     output_roles,
     postprocess,
@@ -75,6 +76,28 @@ class Detection(Task):
                 raise ConfigError(f"{where}: task setting {key} = {out[key]!r} must be true or false")
         if out["box_format"] not in ("xyxy", "cxcywh"):
             raise ConfigError(f"{where}: task setting box_format = {out['box_format']!r} must be xyxy or cxcywh")
+        anchor_keys = ("anchors", "box_coder_weights", "score_activation", "background")
+        if decoder != "anchors":
+            stray = [k for k in anchor_keys if k in options]
+            if stray:
+                raise ConfigError(f"{where}: task setting {stray[0]} is read by the anchors decoder only")
+            return out
+        anchors = np.asarray(out.get("anchors", []), dtype=np.float64)
+        ok = anchors.ndim == 2 and anchors.shape[1] == 4 and len(anchors) > 0
+        if not ok or not np.all(anchors[:, 2:] > anchors[:, :2]):
+            raise ConfigError(f"{where}: the anchors decoder needs anchors = [[x1, y1, x2, y2], ...] in input pixels, "
+                              "one per candidate, each with x2 > x1 and y2 > y1")
+        weights = out.setdefault("box_coder_weights", [1.0, 1.0, 1.0, 1.0])
+        if len(weights) != 4 or any(not isinstance(w, (int, float)) or w <= 0 for w in weights):
+            raise ConfigError(f"{where}: box_coder_weights = {weights!r} must be 4 positive numbers (SSD: 10, 10, "
+                              "5, 5; RetinaNet: 1, 1, 1, 1)")
+        if out.setdefault("score_activation", "sigmoid") not in ("sigmoid", "softmax"):
+            raise ConfigError(f"{where}: score_activation = {out['score_activation']!r} must be sigmoid or softmax")
+        out.setdefault("background", None)
+        if out["background"] is not None and not isinstance(out["background"], int):
+            raise ConfigError(f"{where}: background = {out['background']!r} must be a class index or absent")
+        out["anchors"] = anchors.astype(np.float32).tolist()
+        out["box_coder_weights"] = [float(w) for w in weights]
         return out
 
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
@@ -101,16 +124,25 @@ class Detection(Task):
             classes = min(s[1], s[2]) - 4
         else:
             classes = shapes[roles["scores"]][2]
+        anchors = spec.task_options.get("anchors")
+        if anchors is not None and len(anchors) != shapes[roles["boxes"]][1]:
+            raise ConfigError(f"{len(anchors)} anchors are given ([task] anchors), but the model regresses "
+                              f"{shapes[roles['boxes']][1]} boxes; give one anchor per box, in the model's order")
         if spec.labels and len(spec.labels) != classes:
             raise ConfigError(f"{len(spec.labels)} class name(s) are given ([task] labels), but the detector scores "
                               f"{classes} classes; give one name per class, in class order")
 
     def pack(self, outputs: dict[str, np.ndarray], names: list[str], spec: InputSpec) -> np.ndarray:
         """Rows (N, K, 4 + C): each candidate's box in the decoder's format, then its class scores."""
-        roles = output_roles(spec.task_options["decoder"], {n: list(outputs[n].shape) for n in names})
+        opts = spec.task_options
+        roles = output_roles(opts["decoder"], {n: list(outputs[n].shape) for n in names})
         if "raw" in roles:
             raw = outputs[roles["raw"]]
             return raw.transpose(0, 2, 1) if raw.shape[1] < raw.shape[2] else raw
+        if opts["decoder"] == "anchors":  # decoded per image, as the runner decodes them
+            first = outputs[roles["boxes"]]
+            return np.stack([np.concatenate(candidates({n: outputs[n][i:i + 1] for n in roles.values()}, roles, opts),
+                                            -1) for i in range(len(first))])
         return np.concatenate([outputs[roles["boxes"]], outputs[roles["scores"]]], -1)
 
     def detections(self, rows: np.ndarray, spec: InputSpec, score: float | None = None) -> list[tuple]:
