@@ -15,6 +15,7 @@ import ast
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -199,6 +200,9 @@ def _torchvision(rest: str) -> Any:
         raise ModelError(f"torchvision:{rest}: edgeport never downloads weights; drop 'weights=' and pass "
                          "a local file with --weights")
     kwargs["weights"] = None
+    if kwargs.get("weights_backbone") not in (None, "None"):
+        raise ModelError(f"torchvision:{rest}: edgeport never downloads weights; drop 'weights_backbone=' and pass "
+                         "a local file with --weights")
     try:
         import torchvision
     except ImportError as e:
@@ -208,10 +212,16 @@ def _torchvision(rest: str) -> Any:
         from edgeport.errors import close_match
 
         raise ModelError(f"torchvision has no model '{name}'{close_match(name, available)}")
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:  # detectors: never an ImageNet download
+        kwargs["weights_backbone"] = None
     try:
-        return torchvision.models.get_model(name, **kwargs)
+        model = builder(**kwargs)
     except TypeError as e:
         raise ModelError(f"torchvision:{rest}: {e}") from None
+    from edgeport.zoo.tvdet import HeadExport, wraps
+
+    return HeadExport(model) if wraps(model) else model
 
 
 def _factory(kind: str, rest: str, root: Path) -> Any:

@@ -179,7 +179,10 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         log.info("loading model %s", cfg.model.source)
         model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.from_numpy(samples.data[:1].copy())
-        _check_outputs(spec, first_forward(model, example))
+        first = first_forward(model, example)
+        carried = getattr(model, "edgeport_task_options", None)  # what a wrapped head knows (anchors, coder)
+        full = get_task(spec.task).with_model_options(spec, carried) if carried else spec
+        _check_outputs(full, first)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec)
         name = cfg.model.name or default_name(cfg.model.source)
@@ -197,7 +200,8 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         parity = check_parity(ref, got, cfg.export.tolerance, "ONNX Runtime vs PyTorch")
         np.savez(tmp / "reference.npz", inputs=x, **{f"out:{k}": v for k, v in ref.items()})
         return {"model": name, "outputs": output_names, "parity": parity, "optimize": opt.to_dict(),
-                "onnx_sha256": file_sha256(onnx_path), "opset": opset}
+                "onnx_sha256": file_sha256(onnx_path), "opset": opset,
+                "task_options": full.task_options if carried else None}
 
     info, cached = stage.run(run)
     return stage, info, cached
@@ -380,6 +384,10 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     t0 = time.time()
     record = model_record(cfg)
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record)
+    if export_info.get("task_options"):  # settings the model carries (a detector's anchors) join the spec
+        spec = cfg.input = dataclasses.replace(spec, task_options=export_info["task_options"])
+        if val_data is not None:
+            val_data.spec = spec
     reference = art.Reference.load(export_stage.dir / "reference.npz")
     clock.append(StageTime("ONNX export + parity", f"opset {opset}", time.time() - t0, export_cached))
     t0 = time.time()

@@ -15,7 +15,9 @@ CLASSIFICATION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", 
                   "efficientnet_b0", "efficientnet_v2_s", "shufflenet_v2_x1_0", "squeezenet1_1", "mnasnet1_0",
                   "regnet_y_400mf", "densenet121", "googlenet", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t")
 SEGMENTATION = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50")
-MODELS = CLASSIFICATION + SEGMENTATION
+# Exported by backbone and head (edgeport.zoo.tvdet.HeadExport); decoding and NMS run in the runner.
+DETECTION = ("ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
+MODELS = CLASSIFICATION + SEGMENTATION + DETECTION
 SEED = 0
 
 
@@ -26,7 +28,7 @@ def make(name: str, num_classes: int | None = None) -> Any:
     from torch import nn
 
     kwargs: dict[str, Any] = {"weights": None}
-    if name in SEGMENTATION:
+    if name in SEGMENTATION + DETECTION:
         kwargs["weights_backbone"] = None
     if num_classes:
         kwargs["num_classes"] = num_classes
@@ -48,6 +50,10 @@ def make(name: str, num_classes: int | None = None) -> Any:
                     m.weight.fill_(1.0)
                     m.bias.zero_()
     _batch_norm_statistics(model)
+    if name in DETECTION:
+        from edgeport.zoo.tvdet import HeadExport
+
+        return HeadExport(model)
     return model.eval()
 
 

@@ -59,6 +59,12 @@ class Task:
             raise ConfigError(f"{len(spec.labels)} class name(s) are given (--class-names / [task] labels), but the "
                               f"model's output has {classes} classes; give one name per class, in class order")
 
+    def with_model_options(self, spec: InputSpec, carried: dict[str, Any]) -> InputSpec:
+        """``spec`` with the settings a model carries (``edgeport_task_options``) where the project gave none."""
+        import dataclasses
+
+        return dataclasses.replace(spec, task_options={**carried, **spec.task_options})
+
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
         """The per-output tolerance this task's outputs are held to at ``precision``, from the target's."""
         return tol

@@ -146,3 +146,42 @@ def test_camvid_detector_int8_keeps_its_map_and_runs_on_a_camvid_video(camvid_de
     assert len(lines) == 60 and len(dets) >= 30, len(dets)
     assert {d["label"] for d in dets} <= {"car", "pedestrian", "bicyclist"}
     assert all(0 <= d["box"][0] < d["box"][2] <= 480 and 0 <= d["box"][1] < d["box"][3] <= 360 for d in dets)
+
+
+SSDLITE = f"""[model]
+source = "{ROOT / 'scripts' / 'coverage_zoo.py'}:ssdlite320_mobilenet_v3_large"
+[input]
+name = "image"
+shape = [1, 3, 320, 320]
+[preprocess]
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+[task]
+type = "detection"
+decoder = "anchors"
+score_threshold = 0.05
+[calibration]
+source = "synthetic://?objects=1"
+"""
+
+
+def test_torchvision_ssdlite_exports_backbone_and_head_with_its_anchors_in_the_manifest(tmp_path):
+    """torchvision's SSDlite (seeded He-normal weights, no download): backbone + head to OpenVINO, TFLite and
+    TensorRT; the anchors its own generator makes go into the manifest and the runner decodes against them."""
+    (tmp_path / "edgeport.toml").write_text(SSDLITE)
+    res = run_cli("build", "--target", "intel-cpu:fp32", "--target", "raspberry-pi-5:fp32", "--target",
+                  "jetson-orin-nano:int8", cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("intel-cpu-fp32", "raspberry-pi-5-fp32", "jetson-orin-nano-int8"):
+        m = _manifest(tmp_path / "dist" / name)
+        opts = m["preprocess"]["task_options"]
+        assert opts["decoder"] == "anchors" and len(opts["anchors"]) == 3234 == m["outputs"][0]["shape"][1]
+        assert opts["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0] and opts["score_activation"] == "softmax"
+        assert opts["background"] == 0
+        if name.endswith("fp32"):
+            assert all(p["agreement"] >= 0.99 for p in m["parity"]["artifact"].values()), (name, m["parity"])
+    st = subprocess.run([sys.executable, "runner.py", "--selftest"], cwd=tmp_path / "dist" / "intel-cpu-fp32",
+                        capture_output=True, text=True, timeout=300)
+    assert st.returncode == 0, st.stdout + st.stderr
+    found = [ln for ln in st.stdout.splitlines() if ln.startswith("detections vs pytorch")]
+    assert found and " 0 reference detection" not in found[0], st.stdout  # there were detections to compare

@@ -140,3 +140,23 @@ def test_dict_outputs_are_taken_without_a_wrapper(tmp_path):
         got = dict(zip(names, sess.run(names, {"x": x[i:i + 1]})))
         for name in names:
             np.testing.assert_allclose(got[name][0], ref[name][i], atol=1e-4)
+
+
+def test_torchvision_detectors_load_without_downloads_as_backbone_and_head():
+    """torchvision:ssdlite... never asks for ImageNet backbone weights, and comes wrapped: raw head outputs, the
+    anchors for the input size carried for the manifest."""
+    import torch
+
+    from edgeport.errors import ModelError
+    from edgeport.model import load_model
+    from edgeport.zoo.tvdet import HeadExport
+
+    model = load_model("torchvision:ssdlite320_mobilenet_v3_large?num_classes=4")
+    assert isinstance(model, HeadExport)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 320, 320))
+    assert list(out) == ["boxes", "scores"] and out["boxes"].shape == (1, 3234, 4) and out["scores"].shape[-1] == 4
+    opts = model.edgeport_task_options
+    assert opts["decoder"] == "anchors" and len(opts["anchors"]) == 3234 and opts["background"] == 0
+    with pytest.raises(ModelError, match="never downloads weights; drop 'weights_backbone='"):
+        load_model("torchvision:ssdlite320_mobilenet_v3_large?weights_backbone=DEFAULT")

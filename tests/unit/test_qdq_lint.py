@@ -159,3 +159,40 @@ def test_kept_float_layers_are_not_findings(resnet_like, tmp_path):
     assert counts["kept_float"] == 1 and counts["residuals"] == 0  # nothing to fuse into a float conv
     assert lint(out, kept_float=["/block/conv_b"]) == []
     assert [(f.rule, f.node) for f in lint(out, kept_float=[])] == [("QDQ011", "/block/conv_b")]
+
+
+def test_a_weight_shared_by_two_convolutions_gets_one_qdq(tmp_path):
+    """RetinaNet's head runs one set of convolutions on every pyramid level: one weight initializer read by several
+    Conv nodes. It gets one Q/DQ pair, read by both, and the model stays valid and passes the lint."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeport.backends.tensorrt.qdq import lint, write_qdq
+    from edgeport.backends.tensorrt.ranges import collect_ranges
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w_shared"),
+             numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w_down")]
+    nodes = [helper.make_node("Conv", ["x", "w_shared"], ["a"], name="/level0/conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w_down"], ["d"], name="/down", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["d"], ["dr"], name="/down/relu"),
+             helper.make_node("Slice", ["dr", "st", "en", "ax"], ["ds"], name="/slice"),
+             helper.make_node("Conv", ["ds", "w_shared4"], ["b"], name="/level1/conv", pads=[1, 1, 1, 1])]
+    inits += [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("st", 0), ("en", 3), ("ax", 1))]
+    # the second level reads 3 channels too, so it can share w_shared: slice the first 3 of 4 channels
+    nodes[-1].input[1] = "w_shared"
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4, 16, 16]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    src, out = tmp_path / "shared.onnx", tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(src))
+    x = rng.normal(size=(4, 3, 16, 16)).astype(np.float32)
+    counts = write_qdq(src, collect_ranges(src, x, "max"), out)
+    assert counts["weights"] == 2  # w_shared once, w_down once
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    readers = [n.name for n in model.graph.node if "w_shared_dq" in n.input]
+    assert readers == ["/level0/conv", "/level1/conv"]
+    assert lint(out, kept_float=[]) == []
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x[:1]})

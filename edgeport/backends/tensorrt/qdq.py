@@ -130,7 +130,13 @@ def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path,
         counts["activations"] += 1
         return done[tensor]
 
+    weights_done: dict[tuple[str, int], str] = {}
+
     def weight(name: str, axis: int) -> str:
+        """One Q/DQ per weight, shared by every layer that reads it (RetinaNet's head runs the same convolutions
+        on every pyramid level)."""
+        if (name, axis) in weights_done:
+            return weights_done[name, axis]
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
         reduce = tuple(d for d in range(w.ndim) if d != axis)
         amax = np.abs(w).max(axis=reduce) if reduce else np.abs(w)
@@ -141,6 +147,7 @@ def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path,
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", s, z], [f"{name}_dq"], name=f"{name}_DQ",
                                           axis=axis))
         counts["weights"] += 1
+        weights_done[name, axis] = f"{name}_dq"
         return f"{name}_dq"
 
     for node in graph.node:

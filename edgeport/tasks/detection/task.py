@@ -82,7 +82,10 @@ class Detection(Task):
             if stray:
                 raise ConfigError(f"{where}: task setting {stray[0]} is read by the anchors decoder only")
             return out
-        anchors = np.asarray(out.get("anchors", []), dtype=np.float64)
+        if out.get("anchors") is None:  # the model may carry them (checked again once it is loaded)
+            out["anchors"] = None
+            return out
+        anchors = np.asarray(out["anchors"], dtype=np.float64)
         ok = anchors.ndim == 2 and anchors.shape[1] == 4 and len(anchors) > 0
         if not ok or not np.all(anchors[:, 2:] > anchors[:, :2]):
             raise ConfigError(f"{where}: the anchors decoder needs anchors = [[x1, y1, x2, y2], ...] in input pixels, "
@@ -99,6 +102,18 @@ class Detection(Task):
         out["anchors"] = anchors.astype(np.float32).tolist()
         out["box_coder_weights"] = [float(w) for w in weights]
         return out
+
+    def with_model_options(self, spec: InputSpec, carried: dict[str, Any]) -> InputSpec:
+        """The anchors, box coder and score activation a wrapped detector carries replace the defaults when the
+        project gave no anchors of its own (the head knows them; the project's thresholds stay)."""
+        import dataclasses
+
+        options = dict(spec.task_options)
+        if options.get("decoder") == "anchors" and options.get("anchors") is None:
+            options.update({k: carried[k] for k in ("anchors", "box_coder_weights", "score_activation", "background")
+                            if k in carried})
+        options = self.check_options(options, "the model's detection settings")
+        return dataclasses.replace(spec, task_options=options)
 
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
         """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most:
@@ -124,8 +139,11 @@ class Detection(Task):
             classes = min(s[1], s[2]) - 4
         else:
             classes = shapes[roles["scores"]][2]
-        anchors = spec.task_options.get("anchors")
-        if anchors is not None and len(anchors) != shapes[roles["boxes"]][1]:
+        anchors = spec.task_options.get("anchors", [])
+        if anchors is None:
+            raise ConfigError("the anchors decoder needs the anchors: [task] anchors = [[x1, y1, x2, y2], ...], or "
+                              "a model that carries them (edgeport.zoo.tvdet wraps torchvision's SSD and RetinaNet)")
+        if spec.task_options["decoder"] == "anchors" and len(anchors) != shapes[roles["boxes"]][1]:
             raise ConfigError(f"{len(anchors)} anchors are given ([task] anchors), but the model regresses "
                               f"{shapes[roles['boxes']][1]} boxes; give one anchor per box, in the model's order")
         if spec.labels and len(spec.labels) != classes:
