@@ -232,6 +232,7 @@ class DetectionPart(TaskPart):
     def __init__(self, manifest, args):
         super(DetectionPart, self).__init__(manifest, args)
         self.opts = detection_options(self.spec)
+        self.precision = manifest.get("precision")
         self.roles = output_roles(self.opts["decoder"], dict((o["name"], o["shape"]) for o in manifest["outputs"]))
         self.in_hw = input_hw(self.spec)
 
@@ -262,6 +263,10 @@ class DetectionPart(TaskPart):
         rate = hits / total if total else (1.0 if not found else 0.0)
         detail = "%d reference detection(s) on %d frame(s), %.1f%% repeated (IoU >= %.1f, same class; limit %.1f%%); " \
                  "%d found" % (total, len(pairs), 100 * rate, iou, 100 * need, found)
+        if "host" not in what and self.precision == "int8":
+            # INT8 moves detections near the score threshold; the build's mAP gate measured what that costs, and
+            # this device must repeat the build host's INT8 detections (the other row), which it is held to.
+            return [("detections %s" % what, True, detail.replace("limit", "reported, not gated in INT8; limit"))]
         return [("detections %s" % what, rate >= need, detail)]
 
     def __call__(self, outs, frame, geom, record, draw):
