@@ -28,7 +28,7 @@ from camvid_boxes import CAMVID, MIN_AREA, boxes_of  # noqa: E402
 
 from edgeport.preprocess import InputSpec  # noqa: E402
 from edgeport.zoo.det import CAMVID_DET_CLASSES, CAMVID_DET_HW, camvid_det  # noqa: E402
-from edgeport.zoo.det_train import evaluate, train  # noqa: E402
+from edgeport.zoo.det_train import finish, train  # noqa: E402
 
 
 def load(split: str, spec: InputSpec, min_area: int) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray]]:
@@ -65,11 +65,7 @@ def main() -> None:
           flush=True)
     model = camvid_det()
     train(model, x, boxes, classes, CAMVID_DET_HW, args.steps, args.batch, log=lambda s: print(s, flush=True))
-    m, m50 = evaluate(model, xv, vboxes, vclasses, CAMVID_DET_HW)
-    print(f"CamVid val (derived boxes): mAP@[.5:.95] {m:.1f}, mAP@.5 {m50:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    finish(model, xv, vboxes, vclasses, CAMVID_DET_HW, "CamVid val (derived boxes)", args.out)
 
 
 if __name__ == "__main__":

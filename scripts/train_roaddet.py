@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeport.zoo import embedded_spec  # noqa: E402
 from edgeport.zoo.det import INPUT_HW, WEIGHTS, RoadDetNet  # noqa: E402
-from edgeport.zoo.det_train import evaluate, train  # noqa: E402
+from edgeport.zoo.det_train import finish, train  # noqa: E402
 from edgeport.zoo.scene import render_scene_boxes  # noqa: E402
 
 TRAIN_SEED, VAL_SEED = 3_000_000, 3_500_000
@@ -63,11 +63,7 @@ def main() -> None:
           f"{time.time() - t0:.1f}s", flush=True)
     model = RoadDetNet()
     train(model, x_all, boxes, classes, INPUT_HW, args.steps, args.batch, log=lambda s: print(s, flush=True))
-    m, m50 = evaluate(model, xv, vboxes, vclasses, INPUT_HW)
-    print(f"val ({len(vimgs)} unseen scenes): mAP@[.5:.95] {m:.1f}, mAP@.5 {m50:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    finish(model, xv, vboxes, vclasses, INPUT_HW, f"val ({len(vimgs)} unseen scenes)", args.out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,3 +126,13 @@ def evaluate(model: RoadDetNet, x: torch.Tensor, boxes: list[np.ndarray], classe
                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
     m, m50 = coco_map(images, annotations, results, model.cls.out_channels)
     return 100 * m, 100 * m50
+
+
+def finish(model: RoadDetNet, x: torch.Tensor, boxes: list[np.ndarray], classes: list[np.ndarray],
+           hw: tuple[int, int], what: str, out: Path) -> None:
+    """Print the model's mAP on the held-out ``x`` (``what`` names them) and save its weights to ``out``."""
+    m, m50 = evaluate(model, x, boxes, classes, hw)
+    print(f"{what}: mAP@[.5:.95] {m:.1f}, mAP@.5 {m50:.1f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
