@@ -180,11 +180,12 @@ class Detection(Task):
         """Share of the reference's detections (at the deployed thresholds) repeated with the same class at
         IoU >= 0.9, pooled over the images."""
         hits, total = 0.0, 0
-        for a, b in zip(self.detections(ref, spec), self.detections(got, spec)):
+        found = self.detections(got, spec)
+        for a, b in zip(self.detections(ref, spec), found):
             hits += match_rate(a[:2], b[:2]) * len(a[0]) if len(a[0]) else 0.0
             total += len(a[0])
         if total == 0:
-            return 1.0 if all(not len(b[0]) for b in self.detections(got, spec)) else 0.0
+            return 1.0 if all(not len(b[0]) for b in found) else 0.0
         return hits / total
 
     def metrics(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> dict[str, Any]:
