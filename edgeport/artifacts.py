@@ -341,7 +341,9 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
     inputs = to_layout(reference.inputs[:GOLDEN_CASES], spec.layout, layout)
     # Golden outputs are PyTorch's, so a divergent artifact can never agree with itself on the device; where
     # the host ran the real runtime, its outputs go beside them for a tight device-vs-host check.
-    golden = {k: to_layout(v, spec.layout, layout)[:GOLDEN_CASES] for k, v in reference.outputs.items()}
+    out_layout = {o.name: o.layout or layout for o in shared.outputs}  # a backend may keep some outputs NCHW
+    golden = {k: to_layout(v, spec.layout, out_layout.get(k, layout))[:GOLDEN_CASES]
+              for k, v in reference.outputs.items()}
     host_golden = {k: v[:GOLDEN_CASES] for k, v in host.items()} if info["host_tolerance"] is not None else None
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{name}-", dir=build_dir) as own:
         art = backend.for_target(shared, target, Path(own))

@@ -185,3 +185,42 @@ def test_torchvision_ssdlite_exports_backbone_and_head_with_its_anchors_in_the_m
     assert st.returncode == 0, st.stdout + st.stderr
     found = [ln for ln in st.stdout.splitlines() if ln.startswith("detections vs pytorch")]
     assert found and " 0 reference detection" not in found[0], st.stdout  # there were detections to compare
+
+
+CENTERNET = f"""[model]
+source = "{ROOT / 'tests' / 'models' / 'centernet.py'}:roaddet_centernet"
+[input]
+name = "image"
+shape = [1, 3, 128, 160]
+[task]
+type = "detection"
+labels = ["car", "pedestrian", "sign"]
+decoder = "centernet"
+[calibration]
+source = "synthetic://?objects=1"
+[validation]
+images = "{VAL}"
+"""
+
+
+def test_centernet_heads_decode_on_every_backend_and_keep_their_map_in_int8(tmp_path, tflite_venv):
+    """A trained detector with CenterNet's outputs (heatmap, sizes, offsets; tests/models/centernet.py) built for
+    OpenVINO, TFLite and TensorRT at INT8: the same decoder on the host and in the runner, the TFLite bundle's NHWC
+    grids included, each artifact within 1.0 mAP point of FP32, and the TFLite runner's selftest passing."""
+    (tmp_path / "edgeport.toml").write_text(CENTERNET)
+    res = run_cli("build", *[a for t in TARGETS for a in ("--target", t)], cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for t in TARGETS:
+        m = _manifest(tmp_path / "dist" / t.replace(":", "-"))
+        assert m["preprocess"]["task_options"]["decoder"] == "centernet"
+        assert sorted(o["name"] for o in m["outputs"]) == ["hm", "reg", "wh"]
+        acc = m["parity"]["accuracy"]
+        assert acc["reference"]["map"] > 30.0 and acc["drop"] <= 1.0, (t, acc)
+    bundle = tmp_path / "dist" / "raspberry-pi-5-int8"
+    layouts = {o["name"]: (o["layout"], o["shape"]) for o in _manifest(bundle)["outputs"]}
+    assert layouts["hm"] == ("NHWC", [1, 32, 40, 3]), layouts  # the convolution's grid; onnx2tf may keep the others
+    st = subprocess.run([str(tflite_venv), "runner.py", "--selftest"], cwd=bundle, capture_output=True, text=True,
+                        env=device_env(), timeout=300)
+    assert st.returncode == 0 and "selftest: PASS" in st.stdout, st.stdout + st.stderr
+    found = [ln for ln in st.stdout.splitlines() if ln.startswith("detections vs build host")]
+    assert found and " 0 reference detection" not in found[0], st.stdout

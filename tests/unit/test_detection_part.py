@@ -66,7 +66,7 @@ def test_yolo_rows_either_way_round_and_pixel_boxes_normalised():
 def test_decoder_mismatch_names_the_choices_and_shapes():
     with pytest.raises(RunnerError, match=r"decoder 'boxes' does not fit .*out \[1, 84, 8400\].*yolo"):
         output_roles("boxes", {"out": [1, 84, 8400]})
-    with pytest.raises(RunnerError, match=r"declared decoder .*yolo, boxes, anchors, got None"):
+    with pytest.raises(RunnerError, match=r"declared decoder .*yolo, boxes, anchors, centernet, got None"):
         detection_options({"task_options": {}})
     assert output_roles("boxes", {"b": [1, 100, 4], "s": [1, 100, 3]}) == {"boxes": "b", "scores": "s"}
     assert output_roles("yolo", {"y": [1, 7, 100]}) == {"raw": "y"}
@@ -141,3 +141,80 @@ def test_anchors_decoder_decodes_as_torchvision_ssd_does():
     sigmoid = candidates({"b": head["bbox_regression"].numpy(), "s": head["cls_logits"].numpy()},
                          {"boxes": "b", "scores": "s"}, {**opts, "score_activation": "sigmoid", "background": None})[1]
     assert np.allclose(sigmoid, torch.sigmoid(head["cls_logits"][0]).numpy(), atol=1e-6)
+
+
+def _centernet_outputs(objects, classes=3, hw=(16, 20), sigma=1.0):
+    """A CenterNet head's outputs (NCHW, heatmap as logits) for objects [(class, cx, cy, w, h)] in grid cells."""
+    h, w = hw
+    heat = np.full((classes, h, w), 1e-4, np.float32)
+    size, offset = np.zeros((2, h, w), np.float32), np.zeros((2, h, w), np.float32)
+    ys, xs = np.mgrid[0:h, 0:w]
+    for c, cx, cy, bw, bh in objects:
+        ix, iy = int(cx), int(cy)
+        heat[c] = np.maximum(heat[c], np.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma ** 2)) * 0.9)
+        size[:, iy, ix] = bw, bh
+        offset[:, iy, ix] = cx - ix, cy - iy
+    logits = np.log(heat / (1 - heat))
+    return {"hm": logits[None], "wh": size[None], "reg": offset[None]}
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_centernet_decodes_each_peak_to_its_box_in_either_layout(nhwc):
+    """Each heatmap peak becomes one detection at its cell plus offset, sized from the size output; NCHW, and the
+    mixed layouts onnx2tf leaves."""
+    objects = [(0, 5.3, 4.6, 6.0, 3.0), (2, 14.5, 10.2, 4.0, 8.0), (1, 6.4, 5.1, 2.0, 2.0)]
+    outs = _centernet_outputs(objects)
+    if nhwc:  # onnx2tf turns some grids NHWC and leaves others
+        outs = {k: v.transpose(0, 2, 3, 1) if k != "reg" else v for k, v in outs.items()}
+    roles = output_roles("centernet", {k: list(v.shape) for k, v in outs.items()})
+    assert roles == {"heatmap": "hm", "size": "wh", "offset": "reg"}
+    opts = detection_options({"task_options": {"decoder": "centernet", "iou_threshold": 0.9}})
+    boxes, scores = decode(outs, roles, opts, (64, 80))
+    assert boxes.shape == (16 * 20, 4) and scores.shape == (16 * 20, 3)
+    got_boxes, got_cls, got_scores = postprocess(boxes, scores, opts)
+    assert sorted(got_cls.tolist()) == [0, 1, 2]  # one detection per peak: its neighbours are suppressed
+    for c, cx, cy, bw, bh in objects:
+        i = got_cls.tolist().index(c)
+        want = [(cx - bw / 2) / 20, (cy - bh / 2) / 16, (cx + bw / 2) / 20, (cy + bh / 2) / 16]
+        assert np.allclose(got_boxes[i], want, atol=1e-5), (c, got_boxes[i], want)
+        assert abs(got_scores[i] - 0.9) < 1e-4
+
+
+def test_centernet_peaks_are_those_of_a_3x3_max_pool():
+    torch = pytest.importorskip("torch")
+    from edgeport.tasks.detection.runner import decode_centernet
+
+    rng = np.random.default_rng(3)
+    heat = rng.normal(0, 2, (4, 12, 15)).astype(np.float32)
+    heat[1, 3, 3:5] = 2.5  # a tie on a plateau: both cells are peaks, as with CenterNet's max-pool test
+    _, scores = decode_centernet(heat, np.ones((2, 12, 15)), np.zeros((2, 12, 15)), "none")
+    t = torch.from_numpy(heat)[None]
+    pooled = torch.nn.functional.max_pool2d(t, 3, stride=1, padding=1)
+    want = torch.where(pooled == t, t, torch.zeros_like(t))[0].numpy().reshape(4, -1).T
+    assert np.array_equal(scores, want)
+
+
+def test_centernet_outputs_told_apart_by_channels_and_order_without_names():
+    shapes = {"a": [1, 2, 8, 10], "b": [1, 5, 8, 10], "c": [1, 2, 8, 10]}
+    assert output_roles("centernet", shapes) == {"heatmap": "b", "size": "a", "offset": "c"}
+    with pytest.raises(RunnerError, match="decoder 'centernet' does not fit .*centernet \\(heatmap"):
+        output_roles("centernet", {"a": [1, 2, 8, 10], "b": [1, 5, 4, 5], "c": [1, 2, 8, 10]})
+    with pytest.raises(RunnerError, match="decoder 'centernet' does not fit"):
+        output_roles("centernet", {"b": [1, 100, 4], "s": [1, 100, 3]})
+
+
+def test_float_noise_near_ties_are_not_counted_and_real_misses_are():
+    """Two overlapping candidates scored 1e-6 apart: which one NMS keeps is float noise, and a runtime that keeps
+    the other is not counted against; the same swap by 0.01 (above NOISE_CAP) is a miss."""
+    from edgeport.tasks.detection.runner import compare_detections
+
+    opts = detection_options({"task_options": {"decoder": "boxes", "iou_threshold": 0.5}})
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.16, 0.1, 0.56, 0.5], [0.6, 0.6, 0.9, 0.9]], np.float32)
+    scores = np.array([[0.700001], [0.7], [0.9]], np.float32)
+    for gap, ties in ((2e-6, 1), (0.01, 0)):
+        swapped = scores.copy()
+        swapped[1, 0] = scores[0, 0] + gap
+        hits, counted, tied, found = compare_detections((boxes, scores), (boxes, swapped), opts, 0.9)
+        assert (hits, found, tied) == (1, 2, ties), (gap, hits, counted, tied, found)
+        assert counted == 2 - ties  # the far box always counts and matches
+    assert compare_detections((boxes, scores), (boxes, scores), opts, 0.9) == (2, 2, 0, 2)

@@ -226,7 +226,8 @@ class TFLiteBackend(DeviceBackend):
         nhwc = spec.with_layout("NHWC")
         inputs = [TensorInfo(d["name"], d["shape"], d["dtype"], "NHWC", d["quant"], d["index"])
                   for d in result["inputs"]]
-        outputs = [TensorInfo(d["name"], d["shape"], d["dtype"], "NHWC" if len(d["shape"]) == 4 else None,
+        onnx_shapes = _onnx_output_shapes(onnx)
+        outputs = [TensorInfo(d["name"], d["shape"], d["dtype"], _output_layout(d["shape"], onnx_shapes.get(d["name"])),
                               d["quant"], d["index"]) for d in result["outputs"]]
         self._check_io(inputs, spec, nhwc)
         info = {"onnx2tf": self.available().versions.get("onnx2tf", ""),
@@ -315,3 +316,24 @@ class TFLiteBackend(DeviceBackend):
 
 
 BACKEND = TFLiteBackend()
+
+
+def _onnx_output_shapes(onnx: Path) -> dict[str, list[int]]:
+    """{output name: dims} of the ONNX graph (0 for a symbolic dimension)."""
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx), load_external_data=False).graph
+    return {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+
+
+def _output_layout(shape: list[int], onnx_shape: list[int] | None) -> str | None:
+    """A 4-D TFLite output's layout: NHWC where onnx2tf transposed it, NCHW where it kept the ONNX shape (it does
+    for grids built by Reshape or Stack rather than a convolution, such as a CenterNet head's sizes); NHWC when the
+    shapes cannot tell."""
+    if len(shape) != 4:
+        return None
+    if onnx_shape is None or len(onnx_shape) != 4:
+        return "NHWC"
+    n, c, h, w = onnx_shape
+    kept = list(shape[1:]) == [c, h, w]
+    return "NCHW" if kept and list(shape[1:]) != [h, w, c] else "NHWC"

@@ -31,7 +31,7 @@ from edgeport.tasks.detection.runner import (
     FORMATS,
     boxes_to_frame,
     candidates,
-    match_rate,
+    compare_detections,
     output_roles,
     postprocess,
     to_xyxy,
@@ -76,11 +76,18 @@ class Detection(Task):
                 raise ConfigError(f"{where}: task setting {key} = {out[key]!r} must be true or false")
         if out["box_format"] not in ("xyxy", "cxcywh"):
             raise ConfigError(f"{where}: task setting box_format = {out['box_format']!r} must be xyxy or cxcywh")
-        anchor_keys = ("anchors", "box_coder_weights", "score_activation", "background")
+        anchor_keys = ("anchors", "box_coder_weights", "background")
         if decoder != "anchors":
             stray = [k for k in anchor_keys if k in options]
             if stray:
                 raise ConfigError(f"{where}: task setting {stray[0]} is read by the anchors decoder only")
+            if decoder == "centernet":
+                if out.setdefault("score_activation", "sigmoid") not in ("sigmoid", "none"):
+                    raise ConfigError(f"{where}: score_activation = {out['score_activation']!r} must be sigmoid "
+                                      "(the heatmap is logits, as CenterNet heads emit) or none (probabilities)")
+            elif "score_activation" in options:
+                raise ConfigError(f"{where}: task setting score_activation is read by the anchors and centernet "
+                                  "decoders only")
             return out
         if out.get("anchors") is None:  # the model may carry them (checked again once it is loaded)
             out["anchors"] = None
@@ -137,6 +144,8 @@ class Detection(Task):
         if "raw" in roles:
             s = shapes[roles["raw"]]
             classes = min(s[1], s[2]) - 4
+        elif "heatmap" in roles:
+            classes = shapes[roles["heatmap"]][1]  # the ONNX model is NCHW
         else:
             classes = shapes[roles["scores"]][2]
         anchors = spec.task_options.get("anchors", [])
@@ -157,35 +166,36 @@ class Detection(Task):
         if "raw" in roles:
             raw = outputs[roles["raw"]]
             return raw.transpose(0, 2, 1) if raw.shape[1] < raw.shape[2] else raw
-        if opts["decoder"] == "anchors":  # decoded per image, as the runner decodes them
-            first = outputs[roles["boxes"]]
+        if opts["decoder"] in ("anchors", "centernet"):  # decoded per image, as the runner decodes them
+            first = outputs[next(iter(roles.values()))]
             return np.stack([np.concatenate(candidates({n: outputs[n][i:i + 1] for n in roles.values()}, roles, opts),
                                             -1) for i in range(len(first))])
         return np.concatenate([outputs[roles["boxes"]], outputs[roles["scores"]]], -1)
+
+    def candidates(self, rows: np.ndarray, spec: InputSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image (boxes x1y1x2y2 normalised to the model input, class scores) before NMS, from packed rows."""
+        opts = spec.task_options
+        hw = input_hw(spec.to_dict())
+        scale = np.float32(1.0) if opts["normalized"] else np.array([hw[1], hw[0], hw[1], hw[0]], np.float32)
+        return [(to_xyxy(np.asarray(r[:, :4], np.float32), opts["box_format"]) / scale,
+                 np.asarray(r[:, 4:], np.float32)) for r in rows]
 
     def detections(self, rows: np.ndarray, spec: InputSpec, score: float | None = None) -> list[tuple]:
         """Per image (boxes x1y1x2y2 normalised to the model input, class ids, scores) after NMS."""
         opts = dict(spec.task_options)
         if score is not None:
             opts["score_threshold"] = score
-        hw = input_hw(spec.to_dict())
-        scale = np.float32(1.0) if opts["normalized"] else np.array([hw[1], hw[0], hw[1], hw[0]], np.float32)
-        found = []
-        for r in rows:
-            boxes = to_xyxy(np.asarray(r[:, :4], np.float32), opts["box_format"]) / scale
-            found.append(postprocess(boxes, np.asarray(r[:, 4:], np.float32), opts))
-        return found
+        return [postprocess(boxes, scores, opts) for boxes, scores in self.candidates(rows, spec)]
 
     def agreement(self, ref: np.ndarray, got: np.ndarray, spec: InputSpec) -> float:
         """Share of the reference's detections (at the deployed thresholds) repeated with the same class at
-        IoU >= 0.9, pooled over the images."""
-        hits, total = 0.0, 0
-        found = self.detections(got, spec)
-        for a, b in zip(self.detections(ref, spec), found):
-            hits += match_rate(a[:2], b[:2]) * len(a[0]) if len(a[0]) else 0.0
-            total += len(a[0])
+        IoU >= 0.9, pooled over the images; float-noise near-ties not counted (``compare_detections``)."""
+        hits = total = found = 0
+        for a, b in zip(self.candidates(ref, spec), self.candidates(got, spec)):
+            h, t, _, f = compare_detections(a, b, spec.task_options, 0.9)
+            hits, total, found = hits + h, total + t, found + f
         if total == 0:
-            return 1.0 if all(not len(b[0]) for b in found) else 0.0
+            return 1.0 if found == 0 else 0.0
         return hits / total
 
     def metrics(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> dict[str, Any]:
