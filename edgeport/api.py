@@ -16,7 +16,8 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
                task: str | None, class_names: str | None, calib: str | None, prune: float | None,
                finetune: str | None, opset: int | None, dynamic_batch: bool | None, out: str | None,
                build_dir: str | None, resize: str | None, mean: list[float] | None, std: list[float] | None,
-               color: str | None, name: str | None, cfg: ProjectConfig | None = None) -> ProjectConfig:
+               color: str | None, name: str | None, cfg: ProjectConfig | None = None,
+               recover_steps: int | None = None) -> ProjectConfig:
     """edgeport.toml (or ``cfg``) with flag overrides applied (flags win)."""
     cfg = cfg or load_config(Path(config) if config else None)
     if model and model != cfg.model.source:
@@ -45,6 +46,9 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
         cfg.optimize.validate("--prune")
     if finetune is not None:
         cfg.optimize.finetune = finetune
+    if recover_steps is not None:
+        cfg.optimize.recover_steps = recover_steps
+        cfg.optimize.validate("--recover-steps")
     if opset is not None:
         cfg.export.opset = opset
     if dynamic_batch is not None:
@@ -94,7 +98,7 @@ def build(model: str | None = None, *, weights: str | None = None, input: str | 
           color: str | None = None, name: str | None = None, int8_preset: str | None = None,
           int8_subset: int | None = None, int8_ignore: list[str] | None = None,
           accuracy_control: bool | None = None, max_drop: float | None = None, calib_method: str | None = None,
-          val_images: str | None = None, val_labels: str | None = None) -> Any:
+          val_images: str | None = None, val_labels: str | None = None, recover_steps: int | None = None) -> Any:
     """Build bundles for targets (all installed ones when none is given); returns a BuildReport.
 
     With labelled validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric
@@ -107,7 +111,7 @@ def build(model: str | None = None, *, weights: str | None = None, input: str | 
 
     given = {k: v for k, v in locals().items() if v is not None and k != "run_build"}
     cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
-                     out, build_dir, resize, mean, std, color, name)
+                     out, build_dir, resize, mean, std, color, name, recover_steps=recover_steps)
     _configure_quant(cfg, int8_preset, int8_subset, int8_ignore, accuracy_control, max_drop, calib_method,
                      val_images, val_labels)
     return run_build(cfg, list(target or cfg.build.targets), precision or cfg.build.precision, given)
@@ -119,7 +123,7 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
            opset: int | None = None, dynamic_batch: bool | None = None, out: str | None = None,
            build_dir: str | None = None, config: str | None = None, resize: str | None = None,
            mean: list[float] | None = None, std: list[float] | None = None, color: str | None = None,
-           name: str | None = None) -> dict[str, Any]:
+           name: str | None = None, recover_steps: int | None = None) -> dict[str, Any]:
     """Export the model to a checked, simplified ONNX (parity-tested against PyTorch).
 
     The opset is the strictest ceiling of ``target`` (17 when none is given).
@@ -136,7 +140,7 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     from edgeport.target import get_target
 
     cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
-                     None, build_dir, resize, mean, std, color, name)
+                     None, build_dir, resize, mean, std, color, name, recover_steps=recover_steps)
     ceilings = [get_target(t.split(":")[0], cfg.root).opset_max for t in (target or [])]
     chosen = choose_opset(ceilings, cfg.export.opset)
     if out is not None and not out.endswith(".onnx"):

@@ -108,7 +108,7 @@ def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 
 # Bumped when what an artifact stage stores changes shape (outputs.npz, info keys), so old caches are not read.
-STAGE_FORMAT = 4
+STAGE_FORMAT = 5
 
 
 def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: list[str],
@@ -207,7 +207,7 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
     backend = get_backend(group.backend)
     ev = Stage(build_dir, f"evaluation/{group.backend}-{group.precision}",
                {"artifact": stage.key, "val": val.data.sha256, "format": STAGE_FORMAT,
-                "agreement_gate": agreement_gate and not val.data.labelled})
+                "agreement_gate": agreement_gate and not val.data.labelled, "pruned": val.pruned is not None})
 
     def run(tmp: Path) -> dict[str, Any]:
         from edgeport.evaluate import primary, task_metrics
@@ -230,10 +230,15 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
             key, value = primary(metrics)
             halves[half] = {"metrics": metrics, "reference": reference, "count": len(idx),
                             "drop": reference[key] - value if value is not None else None, "agreement": agreement}
+            pruned = val.pruned_metrics(half, spec.layout) if "agreement" not in reference else None
+            if pruned is not None and value is not None:  # the conversion's own drop, from the pruned FP32
+                halves[half]["pruned_reference"] = pruned
+                halves[half]["drop_vs_pruned"] = pruned[key] - value
         report = halves["report"]  # the gate's and the headline's: the half nothing was tuned on
         key = primary(report["metrics"])[0]
         return {"metrics": report["metrics"], "reference": report["reference"], "metric": key,
                 "drop": report["drop"], "agreement": report["agreement"], "source": val.data.source,
+                "drop_vs_pruned": report.get("drop_vs_pruned"),
                 "count": report["count"], "halves": halves,
                 "split": "even positions select, odd positions report" if len(val.data) > 1 else "one image: no split",
                 "whole": {"metrics": task_metrics(got, val.data, spec.layout), "reference": val.metrics,
@@ -265,8 +270,10 @@ def target_parity(cfg: ProjectConfig, target: Target, precision: str, info: dict
             "host_tolerance": _tolerances(cfg, target, precision, outputs, host=True) if real else None}
 
 
-def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[str, Any]:
+def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: bool = False) -> dict[str, Any]:
     """The build's verdict on one artifact: its gates (parity per output, the task metric) and where they ran.
+    The metric gates INT8 artifacts, and every artifact when ``gate_all`` (pruning: each drop is against the
+    original model, and FP32 carries the pruning's).
 
     ``status`` is "passed", "failed" (with ``reasons``) or "device-only" (nothing could run on the build
     host; the device's ``runner.py --selftest`` against PyTorch is the gate).
@@ -274,11 +281,13 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float) -> dict[st
     reasons = [f"output '{n}': {', '.join(m['failed'])} vs PyTorch" for n, m in info["parity"].items() if not m["ok"]]
     acc = info.get("accuracy")
     if acc and acc["drop"] is not None:
-        acc["ok"] = not (precision == "int8" and acc["drop"] > max_drop)
+        acc["ok"] = not ((precision == "int8" or gate_all) and acc["drop"] > max_drop)
         acc["max_drop"] = max_drop
         if not acc["ok"]:
-            reasons.append(f"INT8 loses {points(acc['drop'], max_drop)} {acc['metric']} points on the report half of "
-                           f"{acc['source']}, more than max_drop {max_drop:g}")
+            what = f"{precision.upper()} after pruning loses" if gate_all else "INT8 loses"
+            against = " against the original model" if gate_all else ""
+            reasons.append(f"{what} {points(acc['drop'], max_drop)} {acc['metric']} points{against} on the report "
+                           f"half of {acc['source']}, more than max_drop {max_drop:g}")
     art = info["artifacts"]
     if not art["host_runnable"]:
         checked = "nothing on the build host; runner.py --selftest checks the engine against PyTorch on the device"

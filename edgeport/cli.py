@@ -63,7 +63,10 @@ def _model_flags(p: argparse.ArgumentParser, validate: bool = False) -> None:
     g.add_argument("--calib", help="calibration/sample images: folder, video, .npy or synthetic://")
     g = p.add_argument_group("optimise and export")
     g.add_argument("--prune", type=float, help="structured channel pruning ratio, e.g. 0.3")
-    g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning")
+    g.add_argument("--recover-steps", type=int, metavar="N", help="after --prune, distil the pruned model from the "
+                   "original for N steps on the calibration images, no labels (default 1500; 0: none)")
+    g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning, instead "
+                   "of the distillation")
     g.add_argument("--opset", type=_positive, help="ONNX opset (default: the strictest target's ceiling)")
     g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
 
@@ -206,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
 
 _MODEL_KEYS = ("model", "weights", "name", "input", "task", "class_names", "resize", "color", "mean", "std",
                "config", "build_dir")
-_BUILD_KEYS = (*_MODEL_KEYS, "calib", "prune", "finetune", "opset", "dynamic_batch", "out", "target")
+_BUILD_KEYS = (*_MODEL_KEYS, "calib", "prune", "recover_steps", "finetune", "opset", "dynamic_batch", "out", "target")
 _QUANT_KEYS = ("int8_preset", "int8_subset", "int8_ignore", "accuracy_control", "max_drop", "calib_method",
                "val_images", "val_labels")
 

@@ -6,7 +6,8 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [input]        name, shape, dtype, layout
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
-    [optimize]     fold_bn, prune, finetune
+    [optimize]     fold_bn, prune, finetune, recover_steps, recover_seconds, recover_images, recover_batch,
+                   recover_lr, recover_seed
     [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
@@ -54,11 +55,21 @@ class OptimizeConfig:
     fold_bn: bool = True
     prune: float = 0.0
     finetune: str | None = None
+    # Recovery after pruning (edgeport.recover): distillation from the original, on by default when pruning.
+    recover_steps: int = 1500  # 0: no recovery
+    recover_seconds: float = 900.0  # a time budget; whichever of steps and seconds ends first
+    recover_images: str | None = None  # unlabelled images to distil on (default: the calibration set)
+    recover_batch: int = 8
+    recover_lr: float = 1e-3
+    recover_seed: int = 0
 
     def validate(self, where: str = "optimize") -> None:
-        """ConfigError for a pruning ratio outside [0, 1)."""
+        """ConfigError for a pruning ratio outside [0, 1) or recovery settings out of range."""
         if not 0.0 <= self.prune < 1.0:
             raise ConfigError(f"{where}: prune {self.prune} must be a fraction in [0, 1), e.g. 0.3")
+        if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0:
+            raise ConfigError(f"{where}: recover_steps and recover_seconds must be >= 0 (0 steps: no recovery), "
+                              "recover_batch >= 1 and recover_lr > 0")
 
 
 @dataclass

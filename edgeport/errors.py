@@ -46,6 +46,13 @@ class ParityError(EdgeportError):
     exit_code = 3
 
 
+class PruningError(EdgeportError):
+    """Pruning lost more accuracy against the original model than max_drop allows: nothing is compiled."""
+
+    kind = "pruning"
+    exit_code = 3
+
+
 class DeviceError(EdgeportError):
     """A device (camera, remote host) cannot be used."""
 

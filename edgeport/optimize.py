@@ -5,6 +5,7 @@ import importlib
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,13 @@ class OptimizeReport:
     after: ModelStats | None = None
     prune_ratio: float = 0.0
     finetuned: str | None = None
+    recovery: dict[str, Any] | None = None  # edgeport.recover.RecoveryReport.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """Manifest form."""
         return {
             "folded_bn": self.folded_bn, "fold_max_error": self.fold_max_error,
-            "prune_ratio": self.prune_ratio, "finetuned": self.finetuned,
+            "prune_ratio": self.prune_ratio, "finetuned": self.finetuned, "recovery": self.recovery,
             "before": vars(self.before) if self.before else None,
             "after": vars(self.after) if self.after else None,
         }
@@ -145,8 +147,16 @@ def _head_layers(model: Any, example: Any) -> list[Any]:
     return heads[-1:] if heads else []
 
 
+def _first_conv(model: Any) -> list[Any]:
+    """The first convolution: it sees the image's 3 channels, and thinning its output costs most per MAC saved."""
+    import torch
+
+    return next(([m] for m in model.modules() if isinstance(m, torch.nn.Conv2d)), [])
+
+
 def prune(model: Any, example: Any, ratio: float) -> Any:
-    """Structured channel pruning (torch-pruning, group L2 magnitude), head kept whole."""
+    """Structured channel pruning (torch-pruning, group L2 magnitude); the head and the first convolution keep
+    their output channels."""
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"--prune {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
     try:
@@ -156,7 +166,7 @@ def prune(model: Any, example: Any, ratio: float) -> Any:
     try:
         pruner = tp.pruner.BasePruner(
             model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=_head_layers(model, example), round_to=8,
+            pruning_ratio=ratio, ignored_layers=_head_layers(model, example) + _first_conv(model), round_to=8,
         )
         pruner.step()
     except Exception as e:
@@ -183,8 +193,11 @@ def finetune(model: Any, hook: str, spec: Any) -> Any:
 
 
 def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float = 0.0,
-             finetune_hook: str | None = None, spec: Any = None) -> tuple[Any, OptimizeReport]:
-    """Run the selected optimisations; stats before/after are measured when pruning."""
+             finetune_hook: str | None = None, spec: Any = None,
+             recover: Callable[[Any], dict[str, Any]] | None = None) -> tuple[Any, OptimizeReport]:
+    """Run the selected optimisations; stats before/after are measured when pruning. After pruning, the user's
+    fine-tuning hook runs if given, else ``recover(pruned model)`` (label-free distillation, edgeport.recover) if
+    given; what it returns goes into the report."""
     import torch
 
     report = OptimizeReport(prune_ratio=prune_ratio, finetuned=finetune_hook)
@@ -197,6 +210,8 @@ def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float 
         model = prune(model, example, prune_ratio)
         if finetune_hook:
             model = finetune(model, finetune_hook, spec)
+        elif recover is not None:
+            report.recovery = recover(model)
         report.after = measure(model, example)
         log.info("pruned %.0f%%: %s -> %s", prune_ratio * 100, report.before, report.after)
     elif finetune_hook:

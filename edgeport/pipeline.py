@@ -6,6 +6,7 @@ no work, and a change to one target rebuilds only that target.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.metadata
@@ -24,15 +25,19 @@ from edgeport.backends import get_backend
 from edgeport.cache import Stage, source_hash
 from edgeport.calibration import SYNTHETIC, CalibrationSet, load_calibration
 from edgeport.config import ProjectConfig
-from edgeport.errors import ConfigError, EdgeportError, ParityError
+from edgeport.errors import ConfigError, EdgeportError, ParityError, PruningError
 from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec
 from edgeport.progress import working_on
+from edgeport.tables import points
 from edgeport.target import Target, get_target
 from edgeport.tasks import get as get_task
 from edgeport.tasks import metric_cell
 from edgeport.zoo import embedded_calibration, embedded_name
+
+ORIGINAL_ONNX = "original.onnx"  # the unpruned model, exported beside the pruned one when pruning
+RECOVERY_CHART = "recovery.png"  # the distillation loss curve
 
 log = logging.getLogger("edgeport")
 
@@ -69,6 +74,8 @@ class BuildReport:
     stages: list[StageTime] = field(default_factory=list)
     compiles: int = 0  # artifact compiles that ran (not from the cache)
     artifacts: int = 0  # distinct artifacts the selected targets need
+    pruning: dict[str, Any] | None = None  # what pruning cost against the original (_pruning_check)
+    recovery_chart: str | None = None  # the distillation loss curve (PNG), when recovery ran
 
     @property
     def ok(self) -> bool:
@@ -155,8 +162,49 @@ def model_record(cfg: ProjectConfig) -> dict[str, Any]:
             "weights": {"path": str(weights), "sha256": file_sha256(weights)} if weights else None}
 
 
+def recovery_images(cfg: ProjectConfig, source: str | None, calib: CalibrationSet | None, spec: InputSpec,
+                    build_dir: Path) -> CalibrationSet | None:
+    """The unlabelled images a pruned model is distilled on: ``[optimize] recover_images``, else the calibration
+    set; None when there is no recovery to run. ConfigError when recovery has no images to use."""
+    opt = cfg.optimize
+    if not (opt.prune and opt.recover_steps and not opt.finetune):
+        return None
+    if opt.recover_images is None and calib is not None:
+        return calib
+    src = opt.recover_images if opt.recover_images is not None else source
+    if src is None:
+        raise ConfigError("recovering the pruned model needs unlabelled images of its domain: pass --calib DIR (or "
+                          "[optimize] recover_images), or --recover-steps 0 for none")
+    from edgeport.calibration import check_source as check_calibration
+
+    src = src if "://" in src else str(cfg.resolve(src))
+    check_calibration(src, cfg.root)
+    images, cached = _calibration_stage(cfg, src, spec, build_dir, None)
+    log.info("recovery images: %d from %s%s", len(images), src, " (cached)" if cached else "")
+    return images
+
+
+def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, folder: Path,
+             pruned: Any) -> dict[str, Any]:
+    """Distil ``pruned`` from ``original`` (edgeport.recover); the loss curve goes to ``folder``/recovery.png."""
+    from edgeport.recover import distill, loss_chart
+
+    log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), up to %d "
+             "steps or %gs", len(images), images.source, cfg.optimize.recover_steps, cfg.optimize.recover_seconds)
+    rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout)
+    out = rep.to_dict()
+    loss_chart(rep.loss, folder / RECOVERY_CHART, f"recovery of the pruned model ({cfg.optimize.prune:.0%}): "
+               f"distillation loss, {rep.steps} steps, {rep.seconds:.0f}s")
+    out["chart"] = RECOVERY_CHART
+    log.info("recovered: %d steps in %.0fs (stopped by %s), distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
+             "its step count" if rep.stopped == "steps" else "recover_seconds", out["loss_first"] or 0.0,
+             out["loss_last"] or 0.0)
+    return out
+
+
 def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
-                  build_dir: Path, record: dict[str, Any] | None = None) -> tuple[Stage, dict[str, Any], bool]:
+                  build_dir: Path, record: dict[str, Any] | None = None,
+                  recover_images: CalibrationSet | None = None) -> tuple[Stage, dict[str, Any], bool]:
     record = record or model_record(cfg)
     settings = {
         "model": record["source_fingerprint"], "seed": cfg.model.seed,
@@ -165,6 +213,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         "export": dataclasses.asdict(cfg.export), "opset": opset, "samples": samples.sha256,
         "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
         "edgeport": __version__,
+        "recover_images": recover_images.sha256 if recover_images is not None else None,
     }
     stage = Stage(build_dir, "export", settings)
 
@@ -183,8 +232,12 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         carried = getattr(model, "edgeport_task_options", None)  # what a wrapped head knows (anchors, coder)
         full = get_task(spec.task).with_model_options(spec, carried) if carried else spec
         _check_outputs(full, first)
+        original = copy.deepcopy(model) if cfg.optimize.prune else None  # the reference every figure is held to
+        recover = None
+        if original is not None and cfg.optimize.recover_steps and not cfg.optimize.finetune:
+            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
-                              finetune_hook=cfg.optimize.finetune, spec=spec)
+                              finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover)
         name = cfg.model.name or default_name(cfg.model.source)
         meta = {"model": name, "source": cfg.model.source, "preprocess": spec.to_dict(), "edgeport": __version__}
         log.info("exporting ONNX at opset %d", opset)
@@ -192,6 +245,9 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         output_names = export_onnx(model, example, onnx_path, opset=opset, input_name=spec.name,
                                    dynamic_batch=cfg.export.dynamic_batch, simplify=cfg.export.simplify,
                                    metadata=meta)
+        if original is not None:  # the unpruned model, for the accuracy reference (the validation stage scores it)
+            export_onnx(original, example, tmp / ORIGINAL_ONNX, opset=opset, input_name=spec.name,
+                        dynamic_batch=cfg.export.dynamic_batch, simplify=cfg.export.simplify, metadata=meta)
         x = samples.data[: max(cfg.export.parity_samples, GOLDEN_CASES)]
         ref = torch_outputs(model, x, output_names)
         _check_input_dependence(cfg, x, ref)
@@ -205,6 +261,42 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
 
     info, cached = stage.run(run)
     return stage, info, cached
+
+
+def _pruning_check(cfg: ProjectConfig, val: ValidationRef | None, spec: InputSpec,
+                   export_info: dict[str, Any]) -> dict[str, Any] | None:
+    """What pruning cost against the original model (None when not pruning, or with nothing to measure it on);
+    PruningError when it loses more than max_drop on the report half, before anything is compiled."""
+    opt = export_info["optimize"]
+    if not cfg.optimize.prune:
+        return None
+    if val is None or val.pruned is None:
+        log.warning("pruning %.0f%% is not measured against the original model: pass --val-images (and labels) to "
+                    "hold it to max_drop", cfg.optimize.prune * 100)
+        return None
+    report, selection = val.pruning_drop("report", spec.layout), val.pruning_drop("selection", spec.layout)
+    if report is None or selection is None:
+        return None
+    key, original, pruned = report
+    drop = original - pruned
+    out = {"metric": key, "original": original, "pruned": pruned, "drop": drop,
+           "selection_drop": selection[1] - selection[2], "max_drop": cfg.quantize.max_drop,
+           "ratio": cfg.optimize.prune,
+           "recovery": opt.get("recovery"), "finetuned": opt.get("finetuned"),
+           "before": opt.get("before"), "after": opt.get("after")}
+    how = ("recovered by distillation" if opt.get("recovery") else
+           f"fine-tuned by {opt['finetuned']}" if opt.get("finetuned") else "no recovery")
+    log.info("pruning %.0f%% (%s): %s %.2f -> %.2f on the report half, a drop of %s (max_drop %g)",
+             cfg.optimize.prune * 100, how, key, out["original"], out["pruned"], points(drop, out["max_drop"]),
+             out["max_drop"])
+    if drop > cfg.quantize.max_drop:
+        todo = ("recover it (--recover-steps 1500, the default)" if not opt.get("recovery") and not opt.get("finetuned")
+                else "recover longer (--recover-steps, [optimize] recover_seconds)")
+        raise PruningError(f"pruning {cfg.optimize.prune:.0%} ({how}) loses {points(drop, out['max_drop'])} {key} "
+                           f"points against the original model on the report half of {val.data.source} "
+                           f"({out['original']:.2f} -> {out['pruned']:.2f}), more than max_drop "
+                           f"{cfg.quantize.max_drop:g}: {todo}, prune less, or raise --max-drop if you accept it")
+    return out
 
 
 def _check_outputs(spec: InputSpec, out: Any) -> None:
@@ -247,8 +339,9 @@ class ValidationRef:
     nothing. A set of one image is not split (both halves are that image, and the report says so)."""
 
     data: LabelledSet
-    outputs: np.ndarray  # the exported ONNX's outputs as the task packs them (= PyTorch within export parity)
-    metrics: dict[str, float]
+    outputs: np.ndarray  # the reference's outputs as the task packs them: the exported ONNX's, or when pruning
+    metrics: dict[str, float]  # the original (unpruned) model's; its metrics on the whole set
+    pruned: np.ndarray | None = None  # when pruning: the pruned export's outputs (what every artifact converts)
     _memo: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
     def halves(self) -> dict[str, list[int]]:
@@ -273,6 +366,34 @@ class ValidationRef:
             self._memo[half, layout] = task_metrics(self.outputs[idx], self.data.subset(idx), layout)
         return self._memo[half, layout]
 
+    def pruned_metrics(self, half: str, layout: str) -> dict[str, float] | None:
+        """The pruned FP32 export's metrics on one half (None when not pruning)."""
+        from edgeport.evaluate import task_metrics
+
+        if self.pruned is None:
+            return None
+        if (f"pruned-{half}", layout) not in self._memo:
+            idx = self.halves()[half]
+            self._memo[f"pruned-{half}", layout] = task_metrics(self.pruned[idx], self.data.subset(idx), layout)
+        return self._memo[f"pruned-{half}", layout]
+
+    def pruning_drop(self, half: str, layout: str) -> tuple[str, float, float] | None:
+        """(metric key, the original's value, the pruned export's) on one half, or None when not pruning. Without
+        labels the metric is agreement with the original, in percent."""
+        from edgeport.evaluate import primary
+
+        got = self.pruned_metrics(half, layout)
+        if got is None:
+            return None
+        key, value = primary(got)
+        ref = self.half_metrics(half, layout).get(key) if key else None
+        if key and value is not None and ref is not None:
+            return key, float(ref), float(value)
+        idx = self.halves()[half]
+        assert self.pruned is not None and self.data.spec is not None
+        agree = get_task(self.data.task).agreement(self.outputs[idx], self.pruned[idx], self.data.spec)
+        return "agreement", 100.0, 100.0 * float(agree)
+
     def report_metrics(self, layout: str) -> dict[str, float]:
         """The FP32 reference's metrics on the report half (what the table's drops are measured from)."""
         return self.half_metrics("report", layout)
@@ -285,19 +406,29 @@ def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: S
 
     if data is None:
         return None
+    original = export_stage.dir / ORIGINAL_ONNX
     stage = Stage(build_dir, "validation", {"val": data.sha256, "onnx": export_info["onnx_sha256"],
+                                            "original": file_sha256(original) if original.is_file() else None,
                                             "v": __version__})
 
     def run(tmp: Path) -> dict[str, Any]:
         from edgeport.backends.onnxruntime.backend import BACKEND as ORT
 
-        with ORT.open_onnx(export_stage.dir / "model.onnx") as rt:
-            out = get_task(spec.task).pack(rt.run_batches(data.inputs), export_info["outputs"], spec)
-        np.save(tmp / "reference.npy", out)
-        return {"metrics": task_metrics(out, data, spec.layout)}
+        out = {}
+        for key, path in (("reference", original), ("pruned", export_stage.dir / "model.onnx")):
+            if path.is_file():
+                with ORT.open_onnx(path) as rt:
+                    out[key] = get_task(spec.task).pack(rt.run_batches(data.inputs), export_info["outputs"], spec)
+                np.save(tmp / f"{key}.npy", out[key])
+        if "reference" not in out:  # not pruned: the exported model is the reference
+            out["reference"] = out.pop("pruned")
+            (tmp / "pruned.npy").rename(tmp / "reference.npy")
+        return {"metrics": task_metrics(out["reference"], data, spec.layout)}
 
     info, _ = stage.run(run)
-    ref = ValidationRef(data, np.load(stage.dir / "reference.npy"), info["metrics"])
+    pruned = stage.dir / "pruned.npy"
+    ref = ValidationRef(data, np.load(stage.dir / "reference.npy"), info["metrics"],
+                        np.load(pruned) if pruned.is_file() else None)
     log.info("validation set: %d images from %s; %s", len(data), data.source,
              f"FP32 reference {_fmt_metrics(ref.metrics)}" if data.labelled else "no labels: agreement only")
     return ref
@@ -321,6 +452,13 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     from edgeport.export import choose_opset
     from edgeport.flagcheck import check_build_flags
     from edgeport.model import check_source
+
+    if cfg.optimize.prune and not cfg.validation.images and embedded_name(cfg.model.source):
+        from edgeport.zoo import EMBEDDED  # pruning is measured against the original: on the embedded scenes
+
+        cfg.validation.images = EMBEDDED[embedded_name(cfg.model.source)][2]
+        log.info("pruning is measured against the original model on %s (the embedded model's validation scenes)",
+                 cfg.validation.images)
 
     t_start = time.time()
     chosen = resolve_targets(targets, precision, cfg.root)
@@ -381,9 +519,11 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         n = max(cfg.export.parity_samples, GOLDEN_CASES)
         samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
+    recover_images = recovery_images(cfg, source, calib, spec, build_dir)
     t0 = time.time()
     record = model_record(cfg)
-    export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record)
+    export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record,
+                                                             recover_images)
     if export_info.get("task_options"):  # settings the model carries (a detector's anchors) join the spec
         spec = cfg.input = dataclasses.replace(spec, task_options=export_info["task_options"])
         if val_data is not None:
@@ -395,6 +535,13 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     if val is not None:
         clock.append(StageTime("FP32 reference on the validation set", f"{len(val.data)} images",
                                time.time() - t0, False))
+    max_drop = cfg.quantize.max_drop
+    pruning = _pruning_check(cfg, val, spec, export_info)
+    if pruning and pruning["selection_drop"] > 0:  # INT8 gets what pruning left of the budget
+        budget = round(max(max_drop - pruning["selection_drop"], 0.05), 2)
+        log.info("INT8's accuracy-aware budget: max_drop %g less the pruning's %.2f on the selection half = %.2f",
+                 max_drop, pruning["selection_drop"], budget)
+        cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, max_drop=budget))
     par = export_info["parity"]
     worst = max(v["max_rel"] for v in par.values())
     log.info("ONNX export%s: opset %d, max error %.2e of output range vs PyTorch",
@@ -445,7 +592,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                 with working_on(f"{target.name} {group.precision}"):
                     tinfo = art.target_parity(cfg, target, group.precision, info, reference, host, spec)
                     tinfo["accuracy"] = dict(accuracy) if accuracy else None
-                    verdict = art.verdict_of(tinfo, group.precision, cfg.quantize.max_drop)
+                    if tinfo["accuracy"] and pruning:
+                        tinfo["accuracy"]["pruning"] = pruning
+                    verdict = art.verdict_of(tinfo, group.precision, max_drop, gate_all=pruning is not None)
                     dest, bundle_cached = art.write_target_bundle(cfg, target, group.precision, stage, tinfo,
                                                                   reference, host, record, export_info, calib,
                                                                   samples, spec, out_dir, build_dir, verdict)
@@ -465,10 +614,11 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                 target.name, label, group.precision, status, str(dest), tinfo["parity"], spent,
                 "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"], art.fallback_summary(art_info))
     ordered = [results[t.name, p] for t, p in chosen]
+    chart = export_stage.dir / RECOVERY_CHART
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, ordered,
                        0.0, val.report_metrics(spec.layout) if val is not None else None,
                        f"{val.data.source} (report half)" if val is not None else None,
-                       clock, compiles, len(groups))
+                       clock, compiles, len(groups), pruning, str(chart) if chart.is_file() else None)
 
 
 def _drop_stale(out_dir: Path, name: str) -> None:
@@ -515,9 +665,15 @@ def parity_table(report: BuildReport) -> str:
         head += ["val agree", "metric (drop)"]
     rows = [tuple(head + ["status", "time"])]
     ex = next(iter(report.export_parity.values()))
+    pr = report.pruning
     extra = ["-", _metric_cell(report.reference_metrics)] if has_acc else []
-    rows.append(("onnx (export)", "onnxruntime", "fp32", f"{ex['max_rel']:.1e}", f"{ex['cosine']:.6f}", "-",
-                 *extra, "cached" if report.export_cached else "built", ""))
+    if pr:  # the original is the reference; the export is the pruned model, with its drop
+        rows.append(("original (unpruned)", "onnxruntime", "fp32", "-", "-", "-", *extra, "reference", ""))
+        extra = ["-", f"{metric_cell({pr['metric']: pr['pruned']}) or pr['pruned']} "
+                      f"({_signed_drop({'drop': pr['drop'], 'max_drop': pr['max_drop']})})"]
+    rows.append(("onnx (export)" if not pr else f"onnx (pruned {pr['ratio']:.0%})", "onnxruntime", "fp32",
+                 f"{ex['max_rel']:.1e}", f"{ex['cosine']:.6f}", "-", *extra,
+                 "cached" if report.export_cached else "built", ""))
     for r in report.targets:
         m = next(iter(r.parity.values()), None)
         cells = [r.target, r.backend, r.precision, f"{m['max_rel']:.1e}" if m else "-",
@@ -530,8 +686,16 @@ def parity_table(report: BuildReport) -> str:
     from edgeport.tables import text_table
 
     lines = text_table(list(rows[0]), [list(r) for r in rows[1:]])
-    if has_acc:
+    if has_acc and not pr:
         lines.append(f"metric on {report.validation_source}; onnx row = FP32 reference")
+    if has_acc and pr:
+        lines.append(f"metric on {report.validation_source}; every drop is against the original (unpruned) model; "
+                     "max_rel, cosine and agreement compare each artifact with the pruned model it converts")
+        lines.append(pruning_line(pr, report.recovery_chart))
+        conv = [f"{r.target}-{r.precision} {_signed_drop({'drop': r.accuracy['drop_vs_pruned']})}"
+                for r in report.targets if r.accuracy and r.accuracy.get("drop_vs_pruned") is not None]
+        if conv:
+            lines.append(f"against the pruned FP32 ({pr['metric']} {pr['pruned']:.2f}): " + ", ".join(conv))
     for r in report.targets:
         if r.fallback:
             lines.append(f"{r.target}-{r.precision}: {fallback_line(r.fallback)}")
@@ -539,6 +703,21 @@ def parity_table(report: BuildReport) -> str:
         if r.message:
             lines.append(f"{r.target}-{r.precision}: {r.message}")
     return "\n".join(lines)
+
+
+def pruning_line(pr: dict[str, Any], chart: str | None) -> str:
+    """One line for what pruning did: ratio, size and MACs before and after, the recovery, the metric's path."""
+    before, after = pr.get("before") or {}, pr.get("after") or {}
+    size = ""
+    if before and after:
+        size = (f", params {before['params'] / 1e3:.0f}k -> {after['params'] / 1e3:.0f}k, MACs "
+                f"{before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M")
+    rec = pr.get("recovery")
+    how = (f"recovered by distillation ({rec['steps']} steps, {rec['seconds']:.0f}s, {rec['images']} unlabelled "
+           f"images{'; loss curve ' + chart if chart else ''})" if rec else
+           f"fine-tuned by {pr['finetuned']}" if pr.get("finetuned") else "not recovered")
+    return (f"pruning {pr['ratio']:.0%}{size}; {how}; {pr['metric']} {pr['original']:.2f} original -> "
+            f"{pr['pruned']:.2f} pruned")
 
 
 def fallback_line(fb: dict[str, Any]) -> str:

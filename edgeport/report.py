@@ -6,11 +6,12 @@ validation data, the task metric, its drop from FP32 and the agreement with FP32
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from edgeport.pipeline import BuildReport, fallback_line
+from edgeport.pipeline import BuildReport, fallback_line, pruning_line
 from edgeport.tables import points
 
 
@@ -47,7 +48,8 @@ def to_json(report: BuildReport) -> dict[str, Any]:
             "export_parity": report.export_parity, "reference_metrics": report.reference_metrics,
             "validation_source": report.validation_source,
             "targets": [vars(t) for t in report.targets], "cases": cases(report),
-            "stages": [vars(s) for s in report.stages], "compiles": report.compiles, "artifacts": report.artifacts}
+            "stages": [vars(s) for s in report.stages], "compiles": report.compiles, "artifacts": report.artifacts,
+            "pruning": report.pruning}
 
 
 def junit_xml(title: str, all_cases: list[dict[str, Any]]) -> str:
@@ -97,6 +99,9 @@ def to_markdown(report: BuildReport) -> str:
         rows.append([*cells, metric, r.status])
     head = ["target", "backend", "precision", "max_rel", "cosine", "agreement", "metric (drop)", "status"]
     lines = [f"## edgeport: {report.model}", "", *md_table(head, rows), ""]
+    if report.pruning:
+        lines += [f"- {pruning_line(report.pruning, 'recovery.png' if report.recovery_chart else None)}; every drop "
+                  "is against the original (unpruned) model", ""]
     fallbacks = [f"- {r.target}-{r.precision}: {fallback_line(r.fallback)}" for r in report.targets if r.fallback]
     if fallbacks:
         lines += [*fallbacks, ""]
@@ -116,4 +121,7 @@ def write_reports(report: BuildReport, folder: Path) -> list[Path]:
     paths[0].write_text(json.dumps(to_json(report), indent=2, default=str) + "\n")
     paths[1].write_text(to_junit(report) + "\n")
     paths[2].write_text(to_markdown(report))
+    if report.recovery_chart and Path(report.recovery_chart).is_file():  # the pruned model's distillation loss
+        paths.append(folder / "recovery.png")
+        shutil.copyfile(report.recovery_chart, paths[-1])
     return paths

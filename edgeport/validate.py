@@ -176,8 +176,10 @@ class Reference:
         model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.zeros(tuple(self.spec.shape), dtype=torch.float32)
         first_forward(model, example)
-        self.model, _ = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
-                                 finetune_hook=cfg.optimize.finetune, spec=self.spec)
+        # Never pruned: pruned bundles are held to the original model (their manifests say they were pruned), and
+        # the pruned, recovered model's own outputs are their golden ones, recorded at build.
+        self.model, _ = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=0.0,
+                                 finetune_hook=None if cfg.optimize.prune else cfg.optimize.finetune, spec=self.spec)
         self.size_mb = round(sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e6, 3)
         self._cache: dict[str, dict[str, np.ndarray]] = {}
 
@@ -284,6 +286,15 @@ def _golden(bundle: Path, manifest: dict[str, Any]) -> tuple[list[np.ndarray], n
     if not inputs:
         raise BundleError(f"{bundle}: manifest lists no golden cases")
     return frames, np.concatenate(inputs, 0)
+
+
+def _golden_outputs(bundle: Path, manifest: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+    """The golden (PyTorch, at build) outputs of every golden case, by output name, in the bundle's layout."""
+    cases = manifest.get("golden", {}).get("cases", [])
+    try:
+        return {n: np.concatenate([np.load(bundle / c["outputs"][n]) for c in cases], 0) for n in names}
+    except (KeyError, OSError, ValueError) as e:
+        raise BundleError(f"{bundle}: golden outputs cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _run_frames(rt: Runtime, frames: list[np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -425,12 +436,17 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             got = rt.run_batches(golden_inputs)
             where = f"{len(golden_inputs)} golden inputs (no frames: preprocessing not checked)"
         got = as_ref(got)
+        pruned = bool((manifest["model"].get("optimize") or {}).get("prune"))
+        if pruned:  # outputs against the pruned model's, recorded at build; the metric against the original
+            ref_out = as_ref(_golden_outputs(bundle, manifest, names))
+            where += " vs the pruned model's PyTorch outputs recorded at build"
         got_data = None
         if data is not None and ref_data is not None:
             got_data = as_ref(_run_frames(rt, data.frames, spec))
-            ref_out = {k: np.concatenate([ref_out[k], ref_data[k]], 0) for k in names}
-            got = {k: np.concatenate([got[k], got_data[k]], 0) for k in got}
-            where += f" + {len(data)} images of {data.source}"
+            if not pruned:
+                ref_out = {k: np.concatenate([ref_out[k], ref_data[k]], 0) for k in names}
+                got = {k: np.concatenate([got[k], got_data[k]], 0) for k in got}
+                where += f" + {len(data)} images of {data.source}"
         for out in names:
             if out not in got:
                 res.cases.append(Case(name, label, precision, out, "failed", {}, f"{label} gives no output '{out}'"))
@@ -448,10 +464,11 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             key, value = primary(res.metrics)
             drop = ref_metrics[key] - value if value is not None else 0.0
             ok = drop <= drop_limit
+            whose = "the original (unpruned) model's" if pruned else "PyTorch's"
             acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
                    "max_drop": drop_limit, "agreement": task.agreement(r, g, ref.spec)}
             msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is "
-                                 f"{points(drop, drop_limit)} points below PyTorch's {ref_metrics[key]:.2f} "
+                                 f"{points(drop, drop_limit)} points below {whose} {ref_metrics[key]:.2f} "
                                  f"(max drop {drop_limit:g})")
             res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
         metric_failed = any(c.check not in names and "drop" in c.metrics and c.status == "failed" for c in res.cases)

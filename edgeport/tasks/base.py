@@ -80,6 +80,15 @@ class Task:
 
         return float(task_agreement(ref, got, self.name))
 
+    def distill_loss(self, student: list[Any], teacher: list[Any]) -> Any:
+        """The loss that pulls a pruned model's outputs (torch tensors, in the model's order) towards the original's
+        on the same input, for label-free recovery: each output's mean squared error over the teacher's variance,
+        summed (box and score matching for detection; classification and segmentation match class logits)."""
+        loss = 0.0
+        for s, t in zip(student, teacher):
+            loss = loss + ((s - t) ** 2).mean() / t.var().clamp_min(1e-8)
+        return loss
+
     def load(self, img_dir: Path, labels: Path | None, spec: InputSpec, limit: int) -> LabelledSet | None:
         """This task's labelled set from ``img_dir`` (and ``labels``), or None when the folder holds no
         ground truth of this task (shared code then reads it as plain images)."""
@@ -94,3 +103,13 @@ class Task:
     def metrics(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> dict[str, Any]:
         """This task's metrics in percent (with ``count``) from the first output of every sample (N, ...)."""
         raise NotImplementedError
+
+
+def class_logit_kl(student: Any, teacher: Any, temperature: float = 2.0) -> Any:
+    """KL divergence from the teacher's softened class distribution (class axis 1: per image, or per pixel of an
+    NCHW map) to the student's, times T^2 so its gradients keep their size (Hinton et al., 2015)."""
+    import torch.nn.functional as F
+
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="none", log_target=True)
+    return kl.sum(1).mean() * t * t

@@ -267,6 +267,10 @@ BUILD_CASES = [
     ("max-drop-zero", None, ["--target", "intel-cpu:int8", "--max-drop", "0", "--val-images", "synthetic://?n=8"],
      "max_drop 0.0 must be in (0, 100]", "calibration"),
     ("prune-range", None, ["--prune", "1.5"], "prune 1.5 must be a fraction", "calibration"),
+    ("recover-without-prune", None, ["--target", "intel-cpu:fp32", "--recover-steps", "50"],
+     "--recover-steps has no effect without pruning", "calibration"),
+    ("recover-steps-negative", None, ["--prune", "0.3", "--recover-steps", "-1"], "recover_steps and "
+     "recover_seconds must be >= 0", "calibration"),
     ("opset-too-high", None, ["--target", "jetson-nano", "--opset", "17"], "exceeds the selected targets' ceiling",
      "calibration"),
     ("opset-too-low", None, ["--target", "intel-cpu", "--opset", "7"], "below 11", "calibration"),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeport.errors import CalibrationError
-from edgeport.tasks.base import Task
+from edgeport.tasks.base import Task, class_logit_kl
 
 if TYPE_CHECKING:
     from edgeport.evaluate import LabelledSet
@@ -46,6 +46,10 @@ class Classification(Task):
         if len(pairs) < MIN_LABELLED:
             raise CalibrationError(f"{img_dir}: {len(pairs)} labelled image(s); at least {MIN_LABELLED} are needed")
         return read_images(pairs, spec, limit, str(img_dir), self.name)
+
+    def distill_loss(self, student: list[Any], teacher: list[Any]) -> Any:
+        """KL divergence between the softened class distributions of the first output, per image."""
+        return class_logit_kl(student[0], teacher[0])
 
     def metrics(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> dict[str, Any]:
         """Top-1 and top-5 accuracy in percent."""

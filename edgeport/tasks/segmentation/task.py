@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeport.errors import CalibrationError
 from edgeport.progress import progress
-from edgeport.tasks.base import Task
+from edgeport.tasks.base import Task, class_logit_kl
 from edgeport.tasks.segmentation.runner import mask_to_frame, segment
 
 if TYPE_CHECKING:
@@ -93,6 +93,10 @@ class Segmentation(Task):
         digest = hashlib.sha256(spec_key(spec) + f"{source}|{n}|{seed}|{h}x{w}".encode()).hexdigest()
         return LabelledSet(source, self.name, np.concatenate(inputs, 0), targets, geoms,
                            [f"synthetic-{seed + i}" for i in range(n)], digest, spec.ignore_index, 0, frames)
+
+    def distill_loss(self, student: list[Any], teacher: list[Any]) -> Any:
+        """KL divergence between the softened class distributions of the first output, per pixel."""
+        return class_logit_kl(student[0], teacher[0])
 
     def metrics(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> dict[str, Any]:
         """mIoU and pixel accuracy in percent."""
