@@ -13,7 +13,7 @@ from edgeport.zoo import embedded_calibration, embedded_name, embedded_spec
 
 
 def _configure(config: str | None, model: str | None, weights: str | None, input: str | None,
-               task: str | None, class_names: str | None, calib: str | None, prune: float | None,
+               task: str | None, class_names: str | None, calib: str | None, prune: float | str | None,
                finetune: str | None, opset: int | None, dynamic_batch: bool | None, out: str | None,
                build_dir: str | None, resize: str | None, mean: list[float] | None, std: list[float] | None,
                color: str | None, name: str | None, cfg: ProjectConfig | None = None,
@@ -91,7 +91,7 @@ def _configure_quant(cfg: ProjectConfig, int8_preset: str | None, int8_subset: i
 
 def build(model: str | None = None, *, weights: str | None = None, input: str | None = None,
           task: str | None = None, class_names: str | None = None, calib: str | None = None,
-          target: list[str] | None = None, precision: str | None = None, prune: float | None = None,
+          target: list[str] | None = None, precision: str | None = None, prune: float | str | None = None,
           finetune: str | None = None, opset: int | None = None, dynamic_batch: bool | None = None,
           out: str | None = None, build_dir: str | None = None, config: str | None = None,
           resize: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
@@ -119,7 +119,7 @@ def build(model: str | None = None, *, weights: str | None = None, input: str | 
 
 def export(model: str | None = None, *, weights: str | None = None, input: str | None = None,
            task: str | None = None, class_names: str | None = None, calib: str | None = None,
-           target: list[str] | None = None, prune: float | None = None, finetune: str | None = None,
+           target: list[str] | None = None, prune: float | str | None = None, finetune: str | None = None,
            opset: int | None = None, dynamic_batch: bool | None = None, out: str | None = None,
            build_dir: str | None = None, config: str | None = None, resize: str | None = None,
            mean: list[float] | None = None, std: list[float] | None = None, color: str | None = None,
@@ -141,6 +141,9 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
 
     cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
                      None, build_dir, resize, mean, std, color, name, recover_steps=recover_steps)
+    if cfg.optimize.prune == "auto":
+        raise ConfigError("--prune auto chooses a ratio by its accuracy on validation data, which export does not "
+                          "read: give a ratio (--prune 0.3), or use edgeport build")
     ceilings = [get_target(t.split(":")[0], cfg.root).opset_max for t in (target or [])]
     chosen = choose_opset(ceilings, cfg.export.opset)
     if out is not None and not out.endswith(".onnx"):

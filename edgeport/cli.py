@@ -62,13 +62,25 @@ def _model_flags(p: argparse.ArgumentParser, validate: bool = False) -> None:
         return
     g.add_argument("--calib", help="calibration/sample images: folder, video, .npy or synthetic://")
     g = p.add_argument_group("optimise and export")
-    g.add_argument("--prune", type=float, help="structured channel pruning ratio, e.g. 0.3")
+    g.add_argument("--prune", type=_ratio_or_auto, metavar="RATIO|auto", help="structured channel pruning ratio, "
+                   "e.g. 0.3, held to the original model; auto: the largest of [optimize] prune_grid (0.3, 0.5, 0.7) "
+                   "within max_drop after recovery")
     g.add_argument("--recover-steps", type=int, metavar="N", help="after --prune, distil the pruned model from the "
                    "original for N steps on the calibration images, no labels (default 1500; 0: none)")
     g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning, instead "
                    "of the distillation")
     g.add_argument("--opset", type=_positive, help="ONNX opset (default: the strictest target's ceiling)")
     g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
+
+
+def _ratio_or_auto(text: str) -> float | str:
+    """--prune's value: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a ratio (e.g. 0.3) nor auto") from None
 
 
 def _val_flags(g: argparse._ArgumentGroup, build: bool) -> None:

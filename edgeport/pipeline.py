@@ -185,26 +185,45 @@ def recovery_images(cfg: ProjectConfig, source: str | None, calib: CalibrationSe
 
 
 def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, folder: Path,
-             pruned: Any) -> dict[str, Any]:
-    """Distil ``pruned`` from ``original`` (edgeport.recover); the loss curve goes to ``folder``/recovery.png."""
-    from edgeport.recover import distill, loss_chart
+             recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None, pruned: Any) -> dict[str, Any]:
+    """Distil ``pruned`` from ``original`` (edgeport.recover); the loss curve goes to ``folder``/recovery.png.
+    With ``recovered`` ((state_dict, record, losses) from --prune auto), its weights are loaded instead."""
+    from edgeport.recover import loss_chart
+
+    if recovered is not None:
+        pruned.load_state_dict(recovered[0])
+        log.info("the pruned model's weights come from --prune auto's recovery of this ratio")
+        out, losses = {**recovered[1], "from": "prune auto"}, recovered[2]
+    else:
+        out, losses = _distill(cfg, spec, original, images, pruned)
+    loss_chart(losses, folder / RECOVERY_CHART, f"recovery of the pruned model ({cfg.optimize.prune:.0%}): "
+               f"distillation loss, {out['steps']} steps, {out['seconds']:.0f}s")
+    out["chart"] = RECOVERY_CHART
+    return out
+
+
+def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet,
+             pruned: Any) -> tuple[dict[str, Any], list[float]]:
+    """(the recovery record, the loss per step) of distilling ``pruned`` from ``original`` on ``images``."""
+    from edgeport.recover import distill
 
     log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), up to %d "
              "steps or %gs", len(images), images.source, cfg.optimize.recover_steps, cfg.optimize.recover_seconds)
     rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout)
     out = rep.to_dict()
-    loss_chart(rep.loss, folder / RECOVERY_CHART, f"recovery of the pruned model ({cfg.optimize.prune:.0%}): "
-               f"distillation loss, {rep.steps} steps, {rep.seconds:.0f}s")
-    out["chart"] = RECOVERY_CHART
     log.info("recovered: %d steps in %.0fs (stopped by %s), distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
              "its step count" if rep.stopped == "steps" else "recover_seconds", out["loss_first"] or 0.0,
              out["loss_last"] or 0.0)
-    return out
+    return out, rep.loss
 
 
 def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
                   build_dir: Path, record: dict[str, Any] | None = None,
-                  recover_images: CalibrationSet | None = None) -> tuple[Stage, dict[str, Any], bool]:
+                  recover_images: CalibrationSet | None = None,
+                  recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None = None
+                  ) -> tuple[Stage, dict[str, Any], bool]:
+    """Load, optimise (prune, recover: or load ``recovered``, (state_dict, record), weights --prune auto already
+    recovered), export the ONNX (and the original's, when pruning) and check parity; cached by its settings."""
     record = record or model_record(cfg)
     settings = {
         "model": record["source_fingerprint"], "seed": cfg.model.seed,
@@ -235,7 +254,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         original = copy.deepcopy(model) if cfg.optimize.prune else None  # the reference every figure is held to
         recover = None
         if original is not None and cfg.optimize.recover_steps and not cfg.optimize.finetune:
-            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp)
+            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover)
         name = cfg.model.name or default_name(cfg.model.source)
@@ -459,6 +478,9 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
         cfg.validation.images = EMBEDDED[embedded_name(cfg.model.source)][2]
         log.info("pruning is measured against the original model on %s (the embedded model's validation scenes)",
                  cfg.validation.images)
+    if cfg.optimize.prune == "auto" and not cfg.validation.images:
+        raise ConfigError("--prune auto chooses a ratio by its accuracy: pass --val-images (labelled, or plain images "
+                          "for agreement with the original), or give a ratio such as --prune 0.3")
 
     t_start = time.time()
     chosen = resolve_targets(targets, precision, cfg.root)
@@ -520,10 +542,25 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
     recover_images = recovery_images(cfg, source, calib, spec, build_dir)
+    auto, recovered = None, None
+    if cfg.optimize.prune == "auto":
+        from edgeport.prune_auto import auto_table, choose_ratio
+
+        assert val_data is not None, "run_build requires validation data for --prune auto"
+        t0 = time.time()
+        ratio, auto, states = choose_ratio(cfg, recover_images or samples, val_data, opset)
+        for line in auto_table(auto, ratio):
+            log.info("--prune auto: %s", line)
+        log.info("--prune auto: %.0f%% chosen (the largest within max_drop %g on the selection half)", ratio * 100,
+                 cfg.quantize.max_drop)
+        cfg.optimize = dataclasses.replace(cfg.optimize, prune=ratio)
+        recovered = states.get(ratio)
+        clock.append(StageTime("prune auto (recover and score each ratio)", f"{len(auto) - 1} ratios",
+                               time.time() - t0, False))
     t0 = time.time()
     record = model_record(cfg)
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record,
-                                                             recover_images)
+                                                             recover_images, recovered)
     if export_info.get("task_options"):  # settings the model carries (a detector's anchors) join the spec
         spec = cfg.input = dataclasses.replace(spec, task_options=export_info["task_options"])
         if val_data is not None:
@@ -537,6 +574,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                                time.time() - t0, False))
     max_drop = cfg.quantize.max_drop
     pruning = _pruning_check(cfg, val, spec, export_info)
+    if pruning is not None and auto is not None:
+        pruning["auto"] = auto  # every candidate of --prune auto, scored on the selection half
     if pruning and pruning["selection_drop"] > 0:  # INT8 gets what pruning left of the budget
         budget = round(max(max_drop - pruning["selection_drop"], 0.05), 2)
         log.info("INT8's accuracy-aware budget: max_drop %g less the pruning's %.2f on the selection half = %.2f",

@@ -267,6 +267,9 @@ BUILD_CASES = [
     ("max-drop-zero", None, ["--target", "intel-cpu:int8", "--max-drop", "0", "--val-images", "synthetic://?n=8"],
      "max_drop 0.0 must be in (0, 100]", "calibration"),
     ("prune-range", None, ["--prune", "1.5"], "prune 1.5 must be a fraction", "calibration"),
+    ("prune-not-a-ratio", None, ["--prune", "half"], "'half' is neither a ratio (e.g. 0.3) nor auto", "calibration"),
+    ("prune-auto-no-val", None, ["--model", "net.py:make", *BASE, "--prune", "auto"],
+     "--prune auto chooses a ratio by its accuracy: pass --val-images", "calibration"),
     ("recover-without-prune", None, ["--target", "intel-cpu:fp32", "--recover-steps", "50"],
      "--recover-steps has no effect without pruning", "calibration"),
     ("recover-steps-negative", None, ["--prune", "0.3", "--recover-steps", "-1"], "recover_steps and "
