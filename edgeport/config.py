@@ -6,8 +6,8 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [input]        name, shape, dtype, layout
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
-    [optimize]     fold_bn, prune (a ratio or auto), prune_grid, finetune, recover_steps, recover_seconds,
-                   recover_images, recover_batch, recover_lr, recover_seed
+    [optimize]     fold_bn, prune (a ratio or auto), prune_grid, prune_ignore, prune_type_ratios, finetune,
+                   recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed
     [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
@@ -55,6 +55,8 @@ class OptimizeConfig:
     fold_bn: bool = True
     prune: float | str = 0.0  # a ratio, or "auto": the largest of prune_grid within max_drop (edgeport.prune_auto)
     prune_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    prune_ignore: list[str] = field(default_factory=list)  # regular expressions of layer names kept whole
+    prune_type_ratios: dict[str, float] = field(default_factory=dict)  # e.g. {Linear = 0.1}: a ratio per layer type
     finetune: str | None = None
     # Recovery after pruning (edgeport.recover): distillation from the original, on by default when pruning.
     recover_steps: int = 1500  # 0: no recovery
@@ -70,6 +72,14 @@ class OptimizeConfig:
             raise ConfigError(f"{where}: prune {self.prune} must be a fraction in [0, 1), e.g. 0.3, or auto")
         if not self.prune_grid or any(not isinstance(r, (int, float)) or not 0.0 < r < 1.0 for r in self.prune_grid):
             raise ConfigError(f"{where}: prune_grid {self.prune_grid} must list fractions in (0, 1), e.g. [0.3, 0.5]")
+        for kind, r in self.prune_type_ratios.items():
+            if not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                raise ConfigError(f"{where}: prune_type_ratios.{kind} = {r!r} must be a fraction in [0, 1)")
+        for pattern in self.prune_ignore:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{where}: prune_ignore {pattern!r} is not a regular expression ({e})") from None
         if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0:
             raise ConfigError(f"{where}: recover_steps and recover_seconds must be >= 0 (0 steps: no recovery), "
                               "recover_batch >= 1 and recover_lr > 0")

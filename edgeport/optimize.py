@@ -154,19 +154,39 @@ def _first_conv(model: Any) -> list[Any]:
     return next(([m] for m in model.modules() if isinstance(m, torch.nn.Conv2d)), [])
 
 
-def prune(model: Any, example: Any, ratio: float) -> Any:
+def prune(model: Any, example: Any, ratio: float, ignore: list[str] | None = None,
+          type_ratios: dict[str, float] | None = None) -> Any:
     """Structured channel pruning (torch-pruning, group L2 magnitude); the head and the first convolution keep
-    their output channels."""
+    their output channels, and so do the layers whose names match a regular expression of ``ignore``. A layer
+    whose type (``Conv2d``, ``Linear``, ...) is in ``type_ratios`` is pruned by that ratio instead of ``ratio``.
+    ConfigError for a pattern or type that matches no layer (never silently nothing)."""
+    import re
+
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"--prune {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
     try:
         import torch_pruning as tp
     except ImportError:
         raise ConfigError("--prune needs torch-pruning: pip install 'edgeport[prune]'") from None
+    named = [(n, m) for n, m in model.named_modules() if n]
+    kept = _head_layers(model, example) + _first_conv(model)
+    for pattern in ignore or []:
+        hits = [m for n, m in named if re.search(pattern, n)]
+        if not hits:
+            raise ConfigError(f"[optimize] prune_ignore {pattern!r} matches no layer; the layers are named like "
+                              f"{', '.join(n for n, _ in named[:4])}")
+        kept += hits
+    per_layer = {}
+    for kind, r in (type_ratios or {}).items():
+        hits = [m for _, m in named if type(m).__name__ == kind]
+        if not hits:
+            raise ConfigError(f"[optimize] prune_type_ratios: no layer of type {kind!r}; the model has "
+                              f"{', '.join(sorted({type(m).__name__ for _, m in named}))}")
+        per_layer.update({m: float(r) for m in hits})
     try:
         pruner = tp.pruner.BasePruner(
             model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=_head_layers(model, example) + _first_conv(model), round_to=8,
+            pruning_ratio=ratio, pruning_ratio_dict=per_layer or None, ignored_layers=kept, round_to=8,
         )
         pruner.step()
     except Exception as e:
@@ -194,10 +214,11 @@ def finetune(model: Any, hook: str, spec: Any) -> Any:
 
 def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float = 0.0,
              finetune_hook: str | None = None, spec: Any = None,
-             recover: Callable[[Any], dict[str, Any]] | None = None) -> tuple[Any, OptimizeReport]:
+             recover: Callable[[Any], dict[str, Any]] | None = None,
+             prune_options: dict[str, Any] | None = None) -> tuple[Any, OptimizeReport]:
     """Run the selected optimisations; stats before/after are measured when pruning. After pruning, the user's
     fine-tuning hook runs if given, else ``recover(pruned model)`` (label-free distillation, edgeport.recover) if
-    given; what it returns goes into the report."""
+    given; what it returns goes into the report. ``prune_options``: ``prune``'s ignore and type_ratios."""
     import torch
 
     report = OptimizeReport(prune_ratio=prune_ratio, finetuned=finetune_hook)
@@ -207,7 +228,7 @@ def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float 
         if scripted:
             raise ConfigError("--prune needs an nn.Module; TorchScript and torch.export models cannot be pruned")
         report.before = measure(model, example)
-        model = prune(model, example, prune_ratio)
+        model = prune(model, example, prune_ratio, **(prune_options or {}))
         if finetune_hook:
             model = finetune(model, finetune_hook, spec)
         elif recover is not None:

@@ -256,7 +256,9 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         if original is not None and cfg.optimize.recover_steps and not cfg.optimize.finetune:
             recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
-                              finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover)
+                              finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover,
+                              prune_options={"ignore": cfg.optimize.prune_ignore,
+                                             "type_ratios": cfg.optimize.prune_type_ratios})
         name = cfg.model.name or default_name(cfg.model.source)
         meta = {"model": name, "source": cfg.model.source, "preprocess": spec.to_dict(), "edgeport": __version__}
         log.info("exporting ONNX at opset %d", opset)

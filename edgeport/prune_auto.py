@@ -112,7 +112,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
     rows, recovered, models = [], {}, {"original": original}
     before = measure(original, example)
     for ratio in sorted(opt.prune_grid):
-        model = prune(copy.deepcopy(original), example, ratio)
+        model = prune(copy.deepcopy(original), example, ratio, opt.prune_ignore, opt.prune_type_ratios)
         rec = None
         if opt.recover_steps:
             rep = distill(original, model, images.data, spec.task, opt, images.source, spec.layout)

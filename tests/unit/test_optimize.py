@@ -5,6 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from edgeport.errors import ConfigError  # noqa: E402
 from edgeport.optimize import fold_bn, optimize  # noqa: E402
 from edgeport.zoo.net import RoadSegNet  # noqa: E402
 
@@ -64,6 +65,33 @@ def test_pruning_shrinks_the_model_and_keeps_the_head():
     assert report.after.macs < report.before.macs
     assert report.before.latency_ms > 0 and report.after.latency_ms > 0
     assert pruned(x).shape == (1, 7, 120, 160)
+
+
+def test_pruning_keeps_the_first_conv_and_ignored_layers_whole_and_takes_ratios_per_type():
+    pytest.importorskip("torch_pruning")
+    from edgeport.optimize import prune
+
+    x = torch.randn(1, 3, 64, 80)
+    base = _trained_bn(RoadSegNet())
+    convs = {n: m.out_channels for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    first = next(iter(convs))
+    pruned = prune(_trained_bn(RoadSegNet()), x, 0.5, ignore=[r"^enc3\."])
+    after = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert after[first] == convs[first]  # the first convolution keeps its channels
+    enc3 = [n for n in convs if n.startswith("enc3.")]
+    assert enc3 and all(after[n] == convs[n] for n in enc3)
+    assert sum(after.values()) < sum(convs.values())  # the rest was pruned
+
+    def channels(model: torch.nn.Module) -> int:
+        return sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+    plain = channels(prune(_trained_bn(RoadSegNet()), x, 0.5))
+    light = channels(prune(_trained_bn(RoadSegNet()), x, 0.5, type_ratios={"Conv2d": 0.1}))
+    assert plain < light < sum(convs.values())  # every Conv2d at 0.1, not 0.5
+    with pytest.raises(ConfigError, match="prune_ignore 'nothing' matches no layer"):
+        prune(_trained_bn(RoadSegNet()), x, 0.3, ignore=["nothing"])
+    with pytest.raises(ConfigError, match="no layer of type 'LSTM'"):
+        prune(_trained_bn(RoadSegNet()), x, 0.3, type_ratios={"LSTM": 0.2})
 
 
 def test_finetune_hook_is_called(tmp_path, monkeypatch):
