@@ -7,8 +7,7 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
     [optimize]     fold_bn, prune (a ratio or auto), prune_grid, prune_ignore, prune_type_ratios, finetune,
-                   recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed,
-                   recover_supervised
+                   recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed
     [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
@@ -66,7 +65,6 @@ class OptimizeConfig:
     recover_batch: int = 8
     recover_lr: float = 1e-3
     recover_seed: int = 0
-    recover_supervised: float = 0.0  # > 0: that weight on a supervised term, from the labelled selection half
 
     def validate(self, where: str = "optimize") -> None:
         """ConfigError for a pruning ratio outside [0, 1) or recovery settings out of range."""
@@ -82,10 +80,9 @@ class OptimizeConfig:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"{where}: prune_ignore {pattern!r} is not a regular expression ({e})") from None
-        if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0 or \
-                self.recover_supervised < 0:
-            raise ConfigError(f"{where}: recover_steps, recover_seconds and recover_supervised must be >= 0 (0 "
-                              "steps: no recovery), recover_batch >= 1 and recover_lr > 0")
+        if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0:
+            raise ConfigError(f"{where}: recover_steps and recover_seconds must be >= 0 (0 steps: no recovery), "
+                              "recover_batch >= 1 and recover_lr > 0")
 
 
 @dataclass

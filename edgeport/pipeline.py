@@ -184,24 +184,8 @@ def recovery_images(cfg: ProjectConfig, source: str | None, calib: CalibrationSe
     return images
 
 
-Supervised = tuple[np.ndarray, np.ndarray, str]  # (labelled inputs, targets in the output's space, their sha256)
-
-
-def supervised_set(cfg: ProjectConfig, val: LabelledSet | None) -> Supervised | None:
-    """The labelled images recovery's supervised term trains on: the selection half of the validation set (the
-    report half stays unseen). None when ``recover_supervised`` is 0; ConfigError without labelled data."""
-    if not cfg.optimize.recover_supervised:
-        return None
-    if val is None or not val.labelled:
-        raise ConfigError("[optimize] recover_supervised needs labelled validation data (--val-images with their "
-                          "labels), whose selection half it trains on; or set it to 0")
-    sel = val.subset(list(range(0, len(val), 2))) if len(val) > 1 else val
-    return sel.inputs, get_task(val.task).model_targets(sel), f"{val.sha256}|selection"
-
-
 def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, folder: Path,
-             recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None, supervised: Supervised | None,
-             pruned: Any) -> dict[str, Any]:
+             recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None, pruned: Any) -> dict[str, Any]:
     """Distil ``pruned`` from ``original`` (edgeport.recover); the loss curve goes to ``folder``/recovery.png.
     With ``recovered`` ((state_dict, record, losses) from --prune auto), its weights are loaded instead."""
     from edgeport.recover import loss_chart
@@ -211,26 +195,22 @@ def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: Calibra
         log.info("the pruned model's weights come from --prune auto's recovery of this ratio")
         out, losses = {**recovered[1], "from": "prune auto"}, recovered[2]
     else:
-        out, losses = _distill(cfg, spec, original, images, pruned, supervised)
+        out, losses = _distill(cfg, spec, original, images, pruned)
     loss_chart(losses, folder / RECOVERY_CHART, f"recovery of the pruned model ({cfg.optimize.prune:.0%}): "
                f"distillation loss, {out['steps']} steps, {out['seconds']:.0f}s")
     out["chart"] = RECOVERY_CHART
     return out
 
 
-def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, pruned: Any,
-             supervised: Supervised | None = None) -> tuple[dict[str, Any], list[float]]:
+def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet,
+             pruned: Any) -> tuple[dict[str, Any], list[float]]:
     """(the recovery record, the loss per step) of distilling ``pruned`` from ``original`` on ``images``."""
     from edgeport.recover import distill
 
     log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), up to %d "
              "steps or %gs", len(images), images.source, cfg.optimize.recover_steps, cfg.optimize.recover_seconds)
-    rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout,
-                  supervised[:2] if supervised is not None else None)
+    rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout)
     out = rep.to_dict()
-    if supervised is not None:
-        out["supervised"] = {"weight": cfg.optimize.recover_supervised, "images": len(supervised[0]),
-                             "from": "the selection half of the validation set"}
     log.info("recovered: %d steps in %.0fs (stopped by %s), distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
              "its step count" if rep.stopped == "steps" else "recover_seconds", out["loss_first"] or 0.0,
              out["loss_last"] or 0.0)
@@ -240,8 +220,8 @@ def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: Calibra
 def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
                   build_dir: Path, record: dict[str, Any] | None = None,
                   recover_images: CalibrationSet | None = None,
-                  recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None = None,
-                  supervised: Supervised | None = None) -> tuple[Stage, dict[str, Any], bool]:
+                  recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None = None
+                  ) -> tuple[Stage, dict[str, Any], bool]:
     """Load, optimise (prune, recover: or load ``recovered``, (state_dict, record), weights --prune auto already
     recovered), export the ONNX (and the original's, when pruning) and check parity; cached by its settings."""
     record = record or model_record(cfg)
@@ -253,7 +233,6 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
         "edgeport": __version__,
         "recover_images": recover_images.sha256 if recover_images is not None else None,
-        "supervised": supervised[2] if supervised is not None else None,
     }
     stage = Stage(build_dir, "export", settings)
 
@@ -275,8 +254,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         original = copy.deepcopy(model) if cfg.optimize.prune else None  # the reference every figure is held to
         recover = None
         if original is not None and cfg.optimize.recover_steps and not cfg.optimize.finetune:
-            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered,
-                                        supervised)
+            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover,
                               prune_options={"ignore": cfg.optimize.prune_ignore,
@@ -566,14 +544,13 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
     recover_images = recovery_images(cfg, source, calib, spec, build_dir)
-    supervised = supervised_set(cfg, val_data) if recover_images is not None else None
     auto, recovered = None, None
     if cfg.optimize.prune == "auto":
         from edgeport.prune_auto import auto_table, choose_ratio
 
         assert val_data is not None, "run_build requires validation data for --prune auto"
         t0 = time.time()
-        ratio, auto, states = choose_ratio(cfg, recover_images or samples, val_data, opset, supervised)
+        ratio, auto, states = choose_ratio(cfg, recover_images or samples, val_data, opset)
         for line in auto_table(auto, ratio):
             log.info("--prune auto: %s", line)
         log.info("--prune auto: %.0f%% chosen (the largest within max_drop %g on the selection half)", ratio * 100,
@@ -585,7 +562,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     t0 = time.time()
     record = model_record(cfg)
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record,
-                                                             recover_images, recovered, supervised)
+                                                             recover_images, recovered)
     if export_info.get("task_options"):  # settings the model carries (a detector's anchors) join the spec
         spec = cfg.input = dataclasses.replace(spec, task_options=export_info["task_options"])
         if val_data is not None:

@@ -85,8 +85,7 @@ def _latencies(models: dict[str, Any], example: Any, opset: int) -> dict[str, di
     return out
 
 
-def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, opset: int,
-                 supervised: tuple[np.ndarray, np.ndarray, str] | None = None
+def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, opset: int
                  ) -> tuple[float, list[dict[str, Any]], dict[float, Recovered]]:
     """(the chosen ratio, one record per candidate, {ratio: (recovered state_dict, recovery record, loss per
     step)}); PruningError
@@ -116,8 +115,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
         model = prune(copy.deepcopy(original), example, ratio, opt.prune_ignore, opt.prune_type_ratios)
         rec = None
         if opt.recover_steps:
-            rep = distill(original, model, images.data, spec.task, opt, images.source, spec.layout,
-                          supervised[:2] if supervised is not None else None)
+            rep = distill(original, model, images.data, spec.task, opt, images.source, spec.layout)
             rec = rep.to_dict()
             recovered[ratio] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, rec, rep.loss)
         _, value, _ = _score(model, outputs, sel, ref_packed)
