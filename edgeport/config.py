@@ -7,7 +7,8 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
     [optimize]     fold_bn, prune (a ratio or auto), prune_grid, prune_ignore, prune_type_ratios, finetune,
-                   recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed
+                   recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed,
+                   recover_supervised, recover_labelled, recover_labels
     [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
@@ -65,6 +66,9 @@ class OptimizeConfig:
     recover_batch: int = 8
     recover_lr: float = 1e-3
     recover_seed: int = 0
+    recover_supervised: float = 0.0  # > 0: that weight on a supervised term, on recover_labelled
+    recover_labelled: str | None = None  # labelled images apart from the validation set (e.g. the training split)
+    recover_labels: str | None = None  # their labels (a label-map folder), as --val-labels for validation
 
     def validate(self, where: str = "optimize") -> None:
         """ConfigError for a pruning ratio outside [0, 1) or recovery settings out of range."""
@@ -80,9 +84,16 @@ class OptimizeConfig:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"{where}: prune_ignore {pattern!r} is not a regular expression ({e})") from None
-        if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0:
-            raise ConfigError(f"{where}: recover_steps and recover_seconds must be >= 0 (0 steps: no recovery), "
-                              "recover_batch >= 1 and recover_lr > 0")
+        if self.recover_steps < 0 or self.recover_batch < 1 or self.recover_seconds < 0 or self.recover_lr <= 0 or \
+                self.recover_supervised < 0:
+            raise ConfigError(f"{where}: recover_steps, recover_seconds and recover_supervised must be >= 0 (0 "
+                              "steps: no recovery), recover_batch >= 1 and recover_lr > 0")
+        if self.recover_supervised and not self.recover_labelled:
+            raise ConfigError(f"{where}: recover_supervised needs recover_labelled (and recover_labels): labelled "
+                              "images apart from the validation set, e.g. the training split")
+        if (self.recover_labelled or self.recover_labels) and not self.recover_supervised:
+            raise ConfigError(f"{where}: recover_labelled has no effect while recover_supervised is 0; give the "
+                              "supervised term a weight, e.g. recover_supervised = 1.0")
 
 
 @dataclass

@@ -167,6 +167,14 @@ def pack(outs: dict[str, np.ndarray], ds: LabelledSet) -> np.ndarray:
     return get_task(ds.task).pack(outs, list(outs), ds.spec)
 
 
+def halves(n: int) -> dict[str, list[int]]:
+    """Honest selection's split of a set of ``n`` samples in its sorted order: {"selection": even positions,
+    "report": odd positions}; a set of one is not split (both halves are that sample)."""
+    if n < 2:
+        return {"selection": list(range(n)), "report": list(range(n))}
+    return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
+
+
 def score(got: np.ndarray, fp32: np.ndarray, ds: LabelledSet, layout: str) -> tuple[str, float]:
     """(metric key, points) of packed outputs ``got``: the task metric on a labelled set, else agreement with the
     float model's packed outputs ``fp32`` in percent (what accuracy-aware INT8 holds within max_drop)."""

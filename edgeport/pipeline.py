@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import logging
 import time
@@ -184,8 +185,36 @@ def recovery_images(cfg: ProjectConfig, source: str | None, calib: CalibrationSe
     return images
 
 
+Supervised = tuple[np.ndarray, np.ndarray, str]  # (labelled inputs, targets in the output's space, their sha256)
+
+
+def supervised_set(cfg: ProjectConfig, spec: InputSpec, val: LabelledSet | None) -> Supervised | None:
+    """The labelled images recovery's supervised term trains on: ``[optimize] recover_labelled`` (+
+    ``recover_labels``), a set apart from the validation set. None when ``recover_supervised`` is 0; ConfigError
+    when an image of it is also a validation image (the gates would then score frames the model trained on)."""
+    opt = cfg.optimize
+    if not opt.recover_supervised:
+        return None
+    from edgeport.evaluate import load_labelled
+
+    found = load_labelled(opt.recover_labelled, opt.recover_labels, spec, max_images=100_000, root=cfg.root)
+    if not found.labelled:
+        raise ConfigError(f"[optimize] recover_labelled {opt.recover_labelled}: no labels found "
+                          f"({get_task(spec.task).labelled_how}; set recover_labels)")
+    if val is not None and val.frames:
+        seen = {hashlib.sha256(f.tobytes()).digest() for f in val.frames}
+        shared = sum(hashlib.sha256(f.tobytes()).digest() in seen for f in found.frames)
+        if shared:
+            raise ConfigError(f"[optimize] recover_labelled: {shared} of its {len(found)} images are also validation "
+                              "images; train the supervised term on a separate set (e.g. the training split)")
+    log.info("recovery's supervised term: %d labelled images from %s, weight %g", len(found), found.source,
+             opt.recover_supervised)
+    return found.inputs, get_task(spec.task).model_targets(found), found.sha256
+
+
 def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, folder: Path,
-             recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None, pruned: Any) -> dict[str, Any]:
+             recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None, supervised: Supervised | None,
+             pruned: Any) -> dict[str, Any]:
     """Distil ``pruned`` from ``original`` (edgeport.recover); the loss curve goes to ``folder``/recovery.png.
     With ``recovered`` ((state_dict, record, losses) from --prune auto), its weights are loaded instead."""
     from edgeport.recover import loss_chart
@@ -195,22 +224,26 @@ def _recover(cfg: ProjectConfig, spec: InputSpec, original: Any, images: Calibra
         log.info("the pruned model's weights come from --prune auto's recovery of this ratio")
         out, losses = {**recovered[1], "from": "prune auto"}, recovered[2]
     else:
-        out, losses = _distill(cfg, spec, original, images, pruned)
+        out, losses = _distill(cfg, spec, original, images, pruned, supervised)
     loss_chart(losses, folder / RECOVERY_CHART, f"recovery of the pruned model ({cfg.optimize.prune:.0%}): "
                f"distillation loss, {out['steps']} steps, {out['seconds']:.0f}s")
     out["chart"] = RECOVERY_CHART
     return out
 
 
-def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet,
-             pruned: Any) -> tuple[dict[str, Any], list[float]]:
+def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: CalibrationSet, pruned: Any,
+             supervised: Supervised | None = None) -> tuple[dict[str, Any], list[float]]:
     """(the recovery record, the loss per step) of distilling ``pruned`` from ``original`` on ``images``."""
     from edgeport.recover import distill
 
     log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), up to %d "
              "steps or %gs", len(images), images.source, cfg.optimize.recover_steps, cfg.optimize.recover_seconds)
-    rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout)
+    rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout,
+                  supervised[:2] if supervised is not None else None)
     out = rep.to_dict()
+    if supervised is not None:
+        out["supervised"] = {"weight": cfg.optimize.recover_supervised, "images": len(supervised[0]),
+                             "from": cfg.optimize.recover_labelled}
     log.info("recovered: %d steps in %.0fs (stopped by %s), distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
              "its step count" if rep.stopped == "steps" else "recover_seconds", out["loss_first"] or 0.0,
              out["loss_last"] or 0.0)
@@ -220,8 +253,8 @@ def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: Calibra
 def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, opset: int,
                   build_dir: Path, record: dict[str, Any] | None = None,
                   recover_images: CalibrationSet | None = None,
-                  recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None = None
-                  ) -> tuple[Stage, dict[str, Any], bool]:
+                  recovered: tuple[dict[str, Any], dict[str, Any], list[float]] | None = None,
+                  supervised: Supervised | None = None) -> tuple[Stage, dict[str, Any], bool]:
     """Load, optimise (prune, recover: or load ``recovered``, (state_dict, record), weights --prune auto already
     recovered), export the ONNX (and the original's, when pruning) and check parity; cached by its settings."""
     record = record or model_record(cfg)
@@ -233,6 +266,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
         "edgeport": __version__,
         "recover_images": recover_images.sha256 if recover_images is not None else None,
+        "supervised": supervised[2] if supervised is not None else None,
     }
     stage = Stage(build_dir, "export", settings)
 
@@ -254,7 +288,8 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         original = copy.deepcopy(model) if cfg.optimize.prune else None  # the reference every figure is held to
         recover = None
         if original is not None and cfg.optimize.recover_steps and not cfg.optimize.finetune:
-            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered)
+            recover = functools.partial(_recover, cfg, spec, original, recover_images or samples, tmp, recovered,
+                                        supervised)
         model, opt = optimize(model, example, fold=cfg.optimize.fold_bn, prune_ratio=cfg.optimize.prune,
                               finetune_hook=cfg.optimize.finetune, spec=spec, recover=recover,
                               prune_options={"ignore": cfg.optimize.prune_ignore,
@@ -366,11 +401,10 @@ class ValidationRef:
     _memo: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
     def halves(self) -> dict[str, list[int]]:
-        """{"selection": indices, "report": indices} into the set."""
-        n = len(self.data)
-        if n < 2:
-            return {"selection": list(range(n)), "report": list(range(n))}
-        return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
+        """{"selection": indices, "report": indices} into the set (edgeport.evaluate.halves)."""
+        from edgeport.evaluate import halves
+
+        return halves(len(self.data))
 
     @functools.cached_property
     def selection(self) -> LabelledSet:
@@ -401,19 +435,13 @@ class ValidationRef:
     def pruning_drop(self, half: str, layout: str) -> tuple[str, float, float] | None:
         """(metric key, the original's value, the pruned export's) on one half, or None when not pruning. Without
         labels the metric is agreement with the original, in percent."""
-        from edgeport.evaluate import primary
+        from edgeport.evaluate import score
 
-        got = self.pruned_metrics(half, layout)
-        if got is None:
+        if self.pruned is None:
             return None
-        key, value = primary(got)
-        ref = self.half_metrics(half, layout).get(key) if key else None
-        if key and value is not None and ref is not None:
-            return key, float(ref), float(value)
         idx = self.halves()[half]
-        assert self.pruned is not None and self.data.spec is not None
-        agree = get_task(self.data.task).agreement(self.outputs[idx], self.pruned[idx], self.data.spec)
-        return "agreement", 100.0, 100.0 * float(agree)
+        key, value = score(self.pruned[idx], self.outputs[idx], self.data.subset(idx), layout)
+        return key, 100.0 if key == "agreement" else float(self.half_metrics(half, layout)[key]), value
 
     def report_metrics(self, layout: str) -> dict[str, float]:
         """The FP32 reference's metrics on the report half (what the table's drops are measured from)."""
@@ -544,13 +572,14 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         samples, cached = _calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
     recover_images = recovery_images(cfg, source, calib, spec, build_dir)
+    supervised = supervised_set(cfg, spec, val_data) if recover_images is not None else None
     auto, recovered = None, None
     if cfg.optimize.prune == "auto":
         from edgeport.prune_auto import auto_table, choose_ratio
 
         assert val_data is not None, "run_build requires validation data for --prune auto"
         t0 = time.time()
-        ratio, auto, states = choose_ratio(cfg, recover_images or samples, val_data, opset)
+        ratio, auto, states = choose_ratio(cfg, recover_images or samples, val_data, opset, supervised)
         for line in auto_table(auto, ratio):
             log.info("--prune auto: %s", line)
         log.info("--prune auto: %.0f%% chosen (the largest within max_drop %g on the selection half)", ratio * 100,
@@ -562,7 +591,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     t0 = time.time()
     record = model_record(cfg)
     export_stage, export_info, export_cached = _export_stage(cfg, spec, samples, opset, build_dir, record,
-                                                             recover_images, recovered)
+                                                             recover_images, recovered, supervised)
     if export_info.get("task_options"):  # settings the model carries (a detector's anchors) join the spec
         spec = cfg.input = dataclasses.replace(spec, task_options=export_info["task_options"])
         if val_data is not None:

@@ -31,21 +31,16 @@ Recovered = tuple[dict[str, Any], dict[str, Any], list[float]]  # (state_dict, r
 
 
 def _score(model: Any, outputs: list[str], sel: LabelledSet, ref_packed: np.ndarray | None) -> tuple[str, float, Any]:
-    """(metric key, value, packed outputs) of ``model`` on the selection half; agreement with ``ref_packed`` (in
-    percent) where the set has no labels."""
-    from edgeport.evaluate import primary, task_metrics
+    """(metric key, value, packed outputs) of ``model`` on the selection half (edgeport.evaluate.score: agreement
+    with ``ref_packed``, in percent, where the set has no labels; ``None``: the model is the reference)."""
+    from edgeport.evaluate import score
     from edgeport.export import torch_outputs
     from edgeport.tasks import get as get_task
 
     assert sel.spec is not None
-    task = get_task(sel.task)
-    packed = task.pack(torch_outputs(model, sel.inputs, outputs), outputs, sel.spec)
-    if sel.labelled:
-        key, value = primary(task_metrics(packed, sel, sel.spec.layout))
-        if key and value is not None:
-            return key, float(value), packed
-    agree = 100.0 if ref_packed is None else 100.0 * float(task.agreement(ref_packed, packed, sel.spec))
-    return "agreement", agree, packed
+    packed = get_task(sel.task).pack(torch_outputs(model, sel.inputs, outputs), outputs, sel.spec)
+    key, value = score(packed, packed if ref_packed is None else ref_packed, sel, sel.spec.layout)
+    return key, value, packed
 
 
 def _latencies(models: dict[str, Any], example: Any, opset: int) -> dict[str, dict[str, float]]:
@@ -85,13 +80,15 @@ def _latencies(models: dict[str, Any], example: Any, opset: int) -> dict[str, di
     return out
 
 
-def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, opset: int
+def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, opset: int,
+                 supervised: tuple[np.ndarray, np.ndarray, str] | None = None
                  ) -> tuple[float, list[dict[str, Any]], dict[float, Recovered]]:
     """(the chosen ratio, one record per candidate, {ratio: (recovered state_dict, recovery record, loss per
     step)}); PruningError
     when no ratio of the grid stays within max_drop on the selection half."""
     import torch
 
+    from edgeport.evaluate import halves
     from edgeport.export import named_outputs
     from edgeport.model import first_forward, load_model
     from edgeport.optimize import measure, prune
@@ -100,8 +97,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
     spec = cfg.input
     opt = cfg.optimize
     max_drop = cfg.quantize.max_drop
-    sel = val.subset(list(range(0, len(val), 2))) if len(val) > 1 else val
-    sel.spec = val.spec
+    sel = val.subset(halves(len(val))["selection"])
     original = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
     example = torch.from_numpy(images.data[:1].copy())
     outputs = [n for n, _ in named_outputs(first_forward(original, example))]
@@ -115,7 +111,8 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
         model = prune(copy.deepcopy(original), example, ratio, opt.prune_ignore, opt.prune_type_ratios)
         rec = None
         if opt.recover_steps:
-            rep = distill(original, model, images.data, spec.task, opt, images.source, spec.layout)
+            rep = distill(original, model, images.data, spec.task, opt, images.source, spec.layout,
+                          supervised[:2] if supervised is not None else None)
             rec = rep.to_dict()
             recovered[ratio] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, rec, rep.loss)
         _, value, _ = _score(model, outputs, sel, ref_packed)
@@ -154,6 +151,6 @@ def auto_table(rows: list[dict[str, Any]], chosen: float) -> list[str]:
         mark = "chosen" if r["ratio"] == chosen else ("original" if r["ratio"] == 0 else
                                                       "within" if r["within"] else "over max_drop")
         body.append([f"{r['ratio']:.0%}", f"{r['params'] / 1e3:.0f}k", f"{r['macs'] / 1e6:.1f}M",
-                     f"{r['metric']} {r['selection']:.2f}", f"{0.0 - r['drop'] + 0.0:+.2f}",
+                     f"{r['metric']} {r['selection']:.2f}", points(0.0 - r["drop"], signed=True),
                      *[f"{r['latency_ms'].get(rt, float('nan')):.2f}" for rt in runtimes], mark])
     return text_table(head, body)

@@ -62,15 +62,21 @@ def augment(x: Any, gen: Any, width_axis: int) -> Any:
 
 
 def distill(teacher: Any, student: Any, images: np.ndarray, task: str, settings: OptimizeConfig, source: str,
-            layout: str = "NCHW") -> RecoveryReport:
+            layout: str = "NCHW", supervised: tuple[np.ndarray, np.ndarray] | None = None) -> RecoveryReport:
     """Train ``student`` (in place) to match ``teacher`` on ``images`` (preprocessed, the model's layout) by the
-    task's distillation loss; returns what it did (module docstring)."""
+    task's distillation loss; returns what it did (module docstring). With ``supervised`` (labelled inputs and
+    their targets in the output's space, ``Task.model_targets``), each step adds ``recover_supervised`` times the
+    task's supervised loss on a batch of them (not augmented)."""
     import torch
 
     from edgeport.export import named_outputs
     from edgeport.tasks import get as get_task
 
-    loss_fn = get_task(task).distill_loss
+    loss_fn, sup_fn = get_task(task).distill_loss, get_task(task).supervised_loss
+    weight = settings.recover_supervised if supervised is not None else 0.0
+    if weight:
+        sup_x = torch.from_numpy(np.ascontiguousarray(supervised[0], np.float32))
+        sup_y = torch.from_numpy(np.asarray(supervised[1], np.int64))
     gen = torch.Generator().manual_seed(settings.recover_seed)
     data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     batch = min(settings.recover_batch, len(data))
@@ -92,6 +98,10 @@ def distill(teacher: Any, student: Any, images: np.ndarray, task: str, settings:
                 target = [v for _, v in named_outputs(teacher(x))]
             got = [v for _, v in named_outputs(student(x))]
             loss = loss_fn(got, target)
+            if weight:
+                pick = torch.randint(0, len(sup_x), (min(batch, len(sup_x)),), generator=gen)
+                labelled = [v for _, v in named_outputs(student(sup_x[pick]))]
+                loss = loss + weight * sup_fn(labelled, sup_y[pick])
             for group in opt.param_groups:
                 group["lr"] = settings.recover_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             opt.zero_grad()

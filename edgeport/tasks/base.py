@@ -89,6 +89,19 @@ class Task:
             loss = loss + ((s - t) ** 2).mean() / t.var().clamp_min(1e-8)
         return loss
 
+    def model_targets(self, ds: LabelledSet) -> np.ndarray:
+        """The set's labels in the model's output space, for a supervised term in recovery (int64; -100 where
+        nothing is known). ConfigError for a task without one."""
+        from edgeport.errors import ConfigError
+
+        raise ConfigError(f"[optimize] recover_supervised has no supervised term for {self.name}; leave it at 0")
+
+    def supervised_loss(self, student: list[Any], targets: Any) -> Any:
+        """Cross-entropy of the first output against ``model_targets`` (-100 ignored)."""
+        import torch.nn.functional as F
+
+        return F.cross_entropy(student[0], targets, ignore_index=-100)
+
     def load(self, img_dir: Path, labels: Path | None, spec: InputSpec, limit: int) -> LabelledSet | None:
         """This task's labelled set from ``img_dir`` (and ``labels``), or None when the folder holds no
         ground truth of this task (shared code then reads it as plain images)."""

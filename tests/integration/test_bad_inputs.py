@@ -272,8 +272,8 @@ BUILD_CASES = [
      "--prune auto chooses a ratio by its accuracy: pass --val-images", "calibration"),
     ("recover-without-prune", None, ["--target", "intel-cpu:fp32", "--recover-steps", "50"],
      "--recover-steps has no effect without pruning", "calibration"),
-    ("recover-steps-negative", None, ["--prune", "0.3", "--recover-steps", "-1"], "recover_steps and "
-     "recover_seconds must be >= 0", "calibration"),
+    ("recover-steps-negative", None, ["--prune", "0.3", "--recover-steps", "-1"], "recover_steps, "
+     "recover_seconds and recover_supervised must be >= 0", "calibration"),
     ("opset-too-high", None, ["--target", "jetson-nano", "--opset", "17"], "exceeds the selected targets' ceiling",
      "calibration"),
     ("opset-too-low", None, ["--target", "intel-cpu", "--opset", "7"], "below 11", "calibration"),

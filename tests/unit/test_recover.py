@@ -87,3 +87,71 @@ def test_after_pruning_every_precision_is_held_to_max_drop_against_the_original(
     assert v["status"] == "failed" and "FP32 after pruning loses 2.00" in v["reasons"][0]
     assert "against the original model" in v["reasons"][0]
     assert verdict_of(_info("int8", 0.5), "int8", 1.0, gate_all=True)["status"] == "passed"
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "shorter-crop"])
+def test_label_maps_go_into_model_pixels_as_their_images_did(resize):
+    """A label map built from the frame's own pixels lands where the preprocessed frame's pixels land."""
+    from edgeport.runner.preprocess import preprocess
+    from edgeport.tasks.segmentation.task import label_to_model
+
+    h, w, mh, mw = 90, 160, 48, 64
+    label = (np.arange(w)[None, :] // 20 + 8 * (np.arange(h)[:, None] // 30)).astype(np.uint8)  # 8x3 blocks
+    frame = np.repeat(label[..., None] * 10, 3, 2).astype(np.uint8)
+    spec = {"name": "x", "shape": [1, 3, mh, mw], "layout": "NCHW", "dtype": "float32", "resize": resize,
+            "interpolation": "nearest", "pad_value": 0, "color": "BGR", "scale": 1.0, "mean": [0, 0, 0],
+            "std": [1, 1, 1], "resize_size": None}
+    x, geom = preprocess(frame, spec)
+    got = label_to_model(label, geom, (mh, mw), ignore=23, n_classes=23)
+    seen = got >= 0
+    assert seen.mean() > 0.5
+    img = x[0, 0]
+    assert np.mean(img[seen] == got[seen] * 10) > 0.95  # nearest resizes of one map agree almost everywhere
+    if resize == "letterbox":
+        assert (got == -100).any()  # the padding knows no class
+    assert not (got == 23).any()  # the ignored class is -100
+
+
+def test_a_supervised_term_trains_on_labels():
+    teacher = _seg_net()
+    student = copy.deepcopy(teacher)
+    x = _images(16)
+    y = np.random.default_rng(1).integers(0, 5, (16, 24, 32)).astype(np.int64)
+    loss = get_task("segmentation").supervised_loss
+
+    def ce() -> float:
+        with torch.no_grad():
+            return float(loss([student(torch.from_numpy(x))], torch.from_numpy(y)))
+
+    before = ce()
+    distill(teacher, student, x, "segmentation", OptimizeConfig(prune=0.3, recover_steps=150, recover_lr=3e-3,
+                                                                 recover_supervised=5.0), "x", supervised=(x, y))
+    assert ce() < before - 0.05, (before, ce())
+
+
+def test_the_supervised_term_trains_on_a_set_apart_from_validation():
+    """Off by default; it needs its own labelled set (refused up front without one), and a set sharing an image
+    with the validation set is refused: the gates would score frames the model trained on."""
+    from edgeport.config import ProjectConfig
+    from edgeport.errors import ConfigError
+    from edgeport.evaluate import load_labelled
+    from edgeport.pipeline import supervised_set
+    from edgeport.preprocess import InputSpec
+
+    spec = InputSpec(shape=(1, 3, 32, 48), task="segmentation", labels=[str(i) for i in range(6)])
+    val = load_labelled("synthetic://?n=8&seed=5", None, spec)
+    cfg = ProjectConfig()
+    assert supervised_set(cfg, spec, val) is None  # off by default
+    cfg.optimize.recover_supervised = 1.0
+    with pytest.raises(ConfigError, match="recover_supervised needs recover_labelled"):
+        cfg.optimize.validate()
+    cfg.optimize.recover_supervised, cfg.optimize.recover_labelled = 0.0, "train"
+    with pytest.raises(ConfigError, match="no effect while recover_supervised is 0"):
+        cfg.optimize.validate()
+    cfg.optimize.recover_supervised = 1.0
+    cfg.optimize.recover_labelled = "synthetic://?n=8&seed=1"  # scenes 1..8: 5..8 are validation scenes
+    with pytest.raises(ConfigError, match="4 of its 8 images are also validation images"):
+        supervised_set(cfg, spec, val)
+    cfg.optimize.recover_labelled = "synthetic://?n=8&seed=100"
+    x, y, digest = supervised_set(cfg, spec, val)
+    assert x.shape == (8, 3, 32, 48) and y.shape == (8, 32, 48) and y.dtype == np.int64 and digest != val.sha256

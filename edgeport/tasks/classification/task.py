@@ -47,6 +47,10 @@ class Classification(Task):
             raise CalibrationError(f"{img_dir}: {len(pairs)} labelled image(s); at least {MIN_LABELLED} are needed")
         return read_images(pairs, spec, limit, str(img_dir), self.name)
 
+    def model_targets(self, ds: LabelledSet) -> np.ndarray:
+        """The class id of each image."""
+        return np.asarray(ds.targets, np.int64)
+
     def distill_loss(self, student: list[Any], teacher: list[Any]) -> Any:
         """KL divergence between the softened class distributions of the first output, per image."""
         return class_logit_kl(student[0], teacher[0])

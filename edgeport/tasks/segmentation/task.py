@@ -94,6 +94,26 @@ class Segmentation(Task):
         return LabelledSet(source, self.name, np.concatenate(inputs, 0), targets, geoms,
                            [f"synthetic-{seed + i}" for i in range(n)], digest, spec.ignore_index, 0, frames)
 
+    def model_targets(self, ds: LabelledSet) -> np.ndarray:
+        """Each label map taken into the model's pixels through its frame's geometry (nearest; padding, the
+        ignore class and ids past the classes become -100)."""
+        assert ds.spec is not None
+        from edgeport.runner.preprocess import input_hw
+
+        hw = input_hw(ds.spec.to_dict())
+        n_classes = len(ds.spec.labels) or None
+        return np.stack([label_to_model(lab, geom, hw, ds.ignore_index, n_classes)
+                         for lab, geom in zip(ds.targets, ds.geometries)])
+
+    def supervised_loss(self, student: list[Any], targets: Any) -> Any:
+        """Per-pixel cross-entropy, the label maps brought to the output's size (nearest) when it is smaller."""
+        import torch.nn.functional as F
+
+        out = student[0]
+        if targets.shape[-2:] != out.shape[-2:]:
+            targets = F.interpolate(targets[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
+        return F.cross_entropy(out, targets, ignore_index=-100)
+
     def distill_loss(self, student: list[Any], teacher: list[Any]) -> Any:
         """KL divergence between the softened class distributions of the first output, per pixel."""
         return class_logit_kl(student[0], teacher[0])
@@ -124,3 +144,27 @@ def segmentation_metrics(masks: list[np.ndarray], ds: LabelledSet, n_classes: in
 
 
 TASK = Segmentation()
+
+
+def label_to_model(label: np.ndarray, geom: dict[str, Any], hw: tuple[int, int], ignore: int | None,
+                   n_classes: int | None) -> np.ndarray:
+    """One label map (frame pixels) in model pixels (H, W) int64, through the resize its image went through:
+    stretched, letterboxed (the padding -100) or cropped; ignored and unknown ids -100."""
+    import cv2
+
+    h, w = hw
+    left, top, right, bottom = [int(round(v)) for v in geom["box"]]
+    lab = label.astype(np.int32)
+    if geom["mode"] == "shorter-crop":  # the box is the model's view in frame pixels
+        out = cv2.resize(lab[max(top, 0):bottom, max(left, 0):right], (w, h), interpolation=cv2.INTER_NEAREST)
+    elif geom["mode"] == "letterbox":  # the box is the frame's place in model pixels
+        out = np.full((h, w), -100, np.int32)
+        out[top:bottom, left:right] = cv2.resize(lab, (right - left, bottom - top), interpolation=cv2.INTER_NEAREST)
+    else:
+        out = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
+    out = out.astype(np.int64)
+    if ignore is not None:
+        out[out == ignore] = -100
+    if n_classes:
+        out[out >= n_classes] = -100
+    return out
