@@ -32,8 +32,16 @@ RUNNER_PARTS = [
     _PKG / "runner" / "task.py",
     _PKG / "runner" / "metrics.py",
     # the task part(s) go here (edgeport.tasks.runner_part)
-    _PKG / "runner" / "core.py",
+    _PKG / "runner" / "sources.py",
+    _PKG / "runner" / "engine.py",
+    _PKG / "runner" / "selftest.py",
+    _PKG / "runner" / "outputs.py",
+    _PKG / "runner" / "serve.py",
+    _PKG / "runner" / "loop.py",
+    _PKG / "runner" / "bench.py",
+    _PKG / "runner" / "app.py",
 ]
+FIRST_AFTER_TASKS = _PKG / "runner" / "sources.py"
 
 
 def _split(path: Path) -> tuple[list[str], str]:
@@ -60,10 +68,10 @@ def _split(path: Path) -> tuple[list[str], str]:
 
 def runner_parts(backend_part: Path, task: str | None = None) -> list[Path]:
     """The files of one runner.py in order: the shared parts with the task's part (every task's when
-    ``task`` is None) before the core, then the backend's part."""
+    ``task`` is None) before the sources, engine and app, then the backend's part."""
     from edgeport.tasks import NAMES, runner_part
 
-    core = RUNNER_PARTS.index(_PKG / "runner" / "core.py")
+    core = RUNNER_PARTS.index(FIRST_AFTER_TASKS)
     tasks = [runner_part(t) for t in ([task] if task else NAMES)]
     return [*RUNNER_PARTS[:core], *tasks, *RUNNER_PARTS[core:], backend_part]
 

@@ -30,7 +30,9 @@ EXAMPLES = {
                 "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges",
     "flash": "examples:\n  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --identity ~/.ssh/id_ed25519\n"
              "  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --accept-fingerprint SHA256:abc... "
-             "--service --source csi://0\n  edgeport flash dist/intel-cpu-int8 --inventory hosts.toml --jobs 8\n"
+             "--service --source csi://0\n  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --service "
+             "--serve 8080   # live view and metrics on the device's loopback\n"
+             "  edgeport flash dist/intel-cpu-int8 --inventory hosts.toml --jobs 8\n"
              "  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --rollback",
     "devices": "examples:\n  edgeport devices status --host pi@10.0.0.7\n"
                "  edgeport devices status --inventory hosts.toml",
@@ -201,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--service", action="store_true", help="install a systemd unit that starts the runner at boot "
                                                           "and restarts it on failure")
     f.add_argument("--source", help="camera source for --service (default: the profile's, e.g. csi://0)")
+    f.add_argument("--serve", metavar="[HOST:]PORT", help="with --service: the runner serves its live view, "
+                                                          "/metrics, /healthz, /readyz and POST /infer there "
+                                                          "(loopback unless a host is given; `devices status` "
+                                                          "reads its health through SSH)")
     f.add_argument("--unit-dir", help="where the unit goes (default /etc/systemd/system as root, "
                                       "~/.config/systemd/user otherwise)")
     f.add_argument("--rollback", action="store_true", help="make the previous version current again")
@@ -309,6 +315,22 @@ def _run(args: argparse.Namespace) -> int:
     return 2
 
 
+def _serve_option(args: argparse.Namespace) -> str | None:
+    """flash's --serve, checked: it needs --service and a [HOST:]PORT."""
+    from edgeport.errors import ConfigError
+    from edgeport.runner.serve import parse_bind
+
+    if not args.serve:
+        return None
+    if not args.service:
+        raise ConfigError("--serve configures the runner service: add --service")
+    try:
+        parse_bind(args.serve)
+    except ValueError as e:
+        raise ConfigError(f"--serve {e}") from None
+    return args.serve
+
+
 def _flash(args: argparse.Namespace) -> int:
     from edgeport import flash as fl
     from edgeport.errors import DeviceError
@@ -320,6 +342,7 @@ def _flash(args: argparse.Namespace) -> int:
                            interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs,
                            install=flashing and args.install, service=flashing and args.service,
                            source=args.source if flashing else None, unit_dir=args.unit_dir if flashing else None,
+                           serve=_serve_option(args) if flashing else None,
                            rollback=flashing and args.rollback, force=flashing and args.force)
     if args.known_hosts:
         opts.known_hosts = Path(args.known_hosts).expanduser()
@@ -330,7 +353,7 @@ def _flash(args: argparse.Namespace) -> int:
 
             print(to_json(rows))
         else:
-            keys = ["host", "model", "current", "previous", "versions", "service", "error"]
+            keys = ["host", "model", "current", "previous", "versions", "service", "health", "error"]
             print("\n".join(text_table([*keys[:-1], "note"], [[str(r[k]) for k in keys] for r in rows])))
         bad = [r for r in rows if r["error"] and r["error"] != "nothing flashed"]
         if bad:
@@ -349,7 +372,7 @@ def _flash(args: argparse.Namespace) -> int:
                 print(r.message if r.message.startswith(r.host) else f"{r.host}: {r.message}")
             elif r.details.get("service"):
                 print(f"{r.host}: {r.details['service']}")
-    bad = [r for r in results if r.status not in ("flashed", "rolled-back")]
+    bad = [r for r in results if r.status not in ("flashed", "unchanged", "rolled-back")]
     if bad:
         raise DeviceError(f"{len(bad)} of {len(results)} host(s) not flashed; the previous version stays current "
                           f"there: {bad[0].message}")

@@ -19,6 +19,7 @@ material is read, logged or copied; only the identity file's path is passed to s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -70,7 +71,7 @@ class HostResult:
     """What happened on one host."""
 
     host: str
-    status: str  # flashed | rolled-back | refused | failed
+    status: str  # flashed | unchanged | rolled-back | refused | failed
     step: str
     version: str = ""
     previous: str = ""
@@ -430,8 +431,13 @@ def _flash_steps(ssh: SSH, bundle: Path, manifest: dict[str, Any], expected: dic
     host = ssh.host
     size_mb = sum((bundle / n).stat().st_size for n in manifest["files"]) / 1e6
     res.details["device"] = preflight(ssh, manifest, opts.root, size_mb)
-    res.previous = _links(ssh, model_dir)[0]
+    res.previous, before = _links(ssh, model_dir)
     res.step = "copy"
+    if res.previous == os.path.basename(vdir) and not verify_remote(ssh, vdir, expected) and not opts.service:
+        # this very version is current and intact: nothing to do (and its previous stays previous)
+        res.status, res.step, res.previous = "unchanged", "done", before
+        res.details["copy"] = {"sent": 0, "skipped": len(expected), "resumed": 0}
+        return
     partial = f"{vdir}.partial"
     if ssh.run(f"test -f {_q(vdir)}/manifest.json", check=False, step="copy").returncode == 0:
         # Flashed before: reuse it when intact; never rewrite the live version in place.
@@ -478,29 +484,44 @@ def unit_name(manifest: dict[str, Any]) -> str:
     return f"edgeport-{safe}.service"
 
 
-def unit_text(manifest: dict[str, Any], model_dir_abs: str, python: str, source: str, user_unit: bool) -> str:
-    """A systemd unit that runs the current version's runner on ``source`` and restarts it on failure."""
-    args = " ".join(shlex.quote(a) for a in [python, "runner.py", source, "--headless", "--reconnect", "0",
-                                             "--jsonl", "-"])
+def unit_text(manifest: dict[str, Any], model_dir_abs: str, python: str, source: str, user_unit: bool,
+              serve: str | None = None) -> str:
+    """A systemd unit that runs the current version's runner on ``source`` and restarts it on failure; with
+    ``serve`` ([HOST:]PORT) the runner serves its live view, metrics and /infer there, and the optional
+    ``service.env`` beside the versions may hold EDGEPORT_TOKEN (kept out of the unit, so out of ``ps``)."""
+    argv = [python, "runner.py", source, "--headless", "--reconnect", "0", "--jsonl", "-"]
+    if serve:
+        argv += ["--serve", serve]
+    args = " ".join(shlex.quote(a) for a in argv)
     lines = ["[Unit]", f"Description=edgeport camera runner: {manifest['model']['name']}",
              "After=network-online.target", "Wants=network-online.target", "StartLimitIntervalSec=0", "",
              "[Service]", "Type=simple", f"WorkingDirectory={model_dir_abs}/current",
-             f"ExecStart={args}", "Restart=on-failure", "RestartSec=5", "Environment=PYTHONUNBUFFERED=1", "",
-             "[Install]", f"WantedBy={'default.target' if user_unit else 'multi-user.target'}", ""]
+             f"ExecStart={args}", "Restart=on-failure", "RestartSec=5", "Environment=PYTHONUNBUFFERED=1"]
+    if serve:
+        lines.append(f"EnvironmentFile=-{model_dir_abs}/{SERVICE_ENV}")
+    lines += ["", "[Install]", f"WantedBy={'default.target' if user_unit else 'multi-user.target'}", ""]
     return "\n".join(lines)
 
 
+SERVICE_ENV = "service.env"  # optional, the team's: EDGEPORT_TOKEN=...
+SERVICE_JSON = "service.json"  # written by flash --serve: where `devices status` asks for health
+
+
 def install_service(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: FlashOptions) -> str:
-    """Write the unit, then enable and (re)start it where systemd runs."""
+    """Write the unit (and, with --serve, service.json: where the service answers), then enable and (re)start it
+    where systemd runs."""
     res = ssh.run(f"cd {_q(model_dir)} && pwd && id -u", step="service")
     model_abs, uid = res.stdout.decode().split()
     user_unit = uid != "0"
     unit_dir = opts.unit_dir or ("~/.config/systemd/user" if user_unit else "/etc/systemd/system")
     source = opts.source or str(manifest.get("camera", {}).get("source", "0"))
-    text = unit_text(manifest, model_abs, ssh.host.python, source, user_unit)
+    text = unit_text(manifest, model_abs, ssh.host.python, source, user_unit, opts.serve)
     name = unit_name(manifest)
     ssh.run(f"mkdir -p {_q(unit_dir)} && cat > {_q(unit_dir)}/{name}.tmp && mv -f {_q(unit_dir)}/{name}.tmp "
             f"{_q(unit_dir)}/{name}", stdin=text.encode(), step="service")
+    where = json.dumps({"serve": opts.serve} if opts.serve else {}).encode()
+    ssh.run(f"cat > {_q(model_dir)}/{SERVICE_JSON}.tmp && mv -f {_q(model_dir)}/{SERVICE_JSON}.tmp "
+            f"{_q(model_dir)}/{SERVICE_JSON}", stdin=where, step="service")
     sc = "systemctl --user" if user_unit else "systemctl"
     on = ssh.run(f"command -v systemctl >/dev/null && [ -d /run/systemd/system ] && {sc} daemon-reload && "
                  f"{sc} enable {name} && {sc} restart {name}", check=False, step="service")
@@ -527,6 +548,7 @@ class FlashOptions:
     install: bool = False
     service: bool = False
     source: str | None = None
+    serve: str | None = None  # --service --serve [HOST:]PORT
     unit_dir: str | None = None
     rollback: bool = False
     force: bool = False  # flash a bundle whose build failed its gates (recorded in history.log)
@@ -596,8 +618,55 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
                       lambda h, why: HostResult(h.label, "refused", "host key", version_of(manifest), message=why))
 
 
+# Run by the device's python (3.6+, standard library) in the install root: one "model|health" line per model whose
+# service serves (flash --service --serve), from its /readyz and /metrics on the device's loopback.
+HEALTH_PROBE = r"""
+import json, os, re, urllib.error, urllib.request
+for m in sorted(os.listdir(".")):
+    path = os.path.join(m, "service.json")
+    if not os.path.isfile(path):
+        continue
+    try:
+        serve = json.load(open(path)).get("serve")
+    except ValueError:
+        continue
+    if not serve:
+        continue
+    host, _, port = serve.rpartition(":")
+    host = host.strip("[]")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    base = "http://%s:%s" % ("[%s]" % host if ":" in host else host, port)
+    token = ""
+    env = os.path.join(m, "service.env")
+    if os.path.isfile(env):
+        for line in open(env):
+            k, _, v = line.strip().partition("=")
+            if k == "EDGEPORT_TOKEN":
+                token = v.strip().strip("'\"")
+    try:
+        try:
+            body = urllib.request.urlopen(base + "/readyz", timeout=3).read()
+        except urllib.error.HTTPError as e:
+            body = e.read()
+        ready = json.loads(body.decode())
+        text = "ready" if ready.get("ready") else "not ready (%s)" % ", ".join(
+            "%s: %s" % (k, v["detail"]) for k, v in sorted(ready["checks"].items()) if not v["ok"])
+        req = urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer " + token} if token else {})
+        metrics = urllib.request.urlopen(req, timeout=3).read().decode()
+        def value(pattern):
+            found = re.search(r"^edgeport_%s (\S+)$" % pattern, metrics, re.M)
+            return float(found.group(1)) if found else 0.0
+        text += ", %.1f FPS, %d frames, inference p50 %.1f ms" % (
+            value("fps"), value("frames_total"), value(r'inference_latency_ms\{quantile="0.5"\}'))
+    except Exception as e:
+        text = "not answering on %s (%s)" % (serve, getattr(e, "reason", e))
+    print("%s|%s" % (m, text))
+"""
+
+
 def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
-    """What runs where: per host and model, the current and previous versions, their target, the service."""
+    """What runs where: per host and model, the current and previous versions, their target, the service and,
+    where it serves (flash --service --serve), its health and a few metrics, read on the device's loopback."""
     script = (f"cd {_q(opts.root)} 2>/dev/null || exit 0; for m in */; do m=${{m%/}}; [ -d \"$m\" ] || continue; "
               "c=$(readlink \"$m/current\"); p=$(readlink \"$m/previous\"); "
               "s=$( (systemctl is-active edgeport-$m.service || systemctl --user is-active edgeport-$m.service) "
@@ -605,17 +674,21 @@ def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
               "echo \"$m|$c|$p|${s:-none}|$n\"; done")
 
     def row(h: Host, model: str = "-", cur: str = "-", prev: str = "-", svc: str = "-", n: int = 0,
-            error: str = "") -> dict[str, Any]:
+            error: str = "", health: str = "-") -> dict[str, Any]:
         return {"host": h.label, "model": model, "current": cur or "-", "previous": prev or "-", "service": svc,
-                "versions": n, "error": error}
+                "health": health, "versions": n, "error": error}
 
     def one(h: Host) -> list[dict[str, Any]]:
         try:
             with session(h, opts) as ssh:
                 out = ssh.run(script, step="status").stdout.decode().splitlines()
+                probe = ssh.run(f"cd {_q(opts.root)} 2>/dev/null && {_q(h.python)} -", stdin=HEALTH_PROBE.encode(),
+                                check=False, step="status") if out else None
         except StepError as e:
             return [row(h, error=str(e))]
-        rows = [row(h, m, c, p, s, int(n or 0)) for m, c, p, s, n in (ln.split("|") for ln in out)]
+        health = dict(ln.split("|", 1) for ln in (probe.stdout.decode().splitlines() if probe else []) if "|" in ln)
+        rows = [row(h, m, c, p, s, int(n or 0), health=health.get(m, "-"))
+                for m, c, p, s, n in (ln.split("|") for ln in out)]
         return rows or [row(h, error="nothing flashed")]
 
     per_host = over_hosts(hosts, opts, one, lambda h, why: [row(h, error=why)])

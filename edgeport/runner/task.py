@@ -66,6 +66,11 @@ class TaskPart(object):
         decisions."""
         return []
 
+    def deepstack(self, record, minimum):
+        """DeepStack's ``predictions`` (POST /v1/vision/detection) from a record, those scoring at least
+        ``minimum``; None for a task that detects nothing."""
+        return None
+
     def __call__(self, outs, frame, geom, record, draw):
         """Fill ``record`` (the JSON line) from ``outs``; the annotated frame when ``draw``, else None."""
         raise NotImplementedError

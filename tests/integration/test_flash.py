@@ -261,3 +261,56 @@ def test_failed_bundle_is_refused_unless_forced_and_the_force_is_recorded(sshd, 
     assert status.returncode == 0, status.stderr
     [row] = json.loads(status.stdout)
     assert row["versions"] == 2 == len([p for p in (root / "roadseg").iterdir() if p.is_dir() and not p.is_symlink()])
+
+
+def test_flash_service_serve_runs_and_devices_status_reads_its_health(sshd, bundles, openvino_venv, tmp_path):
+    """flash --service --serve writes a unit whose ExecStart serves; run as systemd would (its working folder,
+    command and EnvironmentFile with the token), `devices status` reads health and metrics through SSH."""
+    import shlex
+    import signal
+    import urllib.error
+    import urllib.request
+
+    subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd['port']}", "-f", str(sshd["known_hosts"])],
+                   capture_output=True)
+    root, units, port = tmp_path / "device", tmp_path / "units", _free_port()
+    res = _flash(sshd, root, str(bundles["a"]), "--serve", "8080", python=openvino_venv)
+    assert res.returncode == 2 and "--serve configures the runner service: add --service" in res.stderr
+    res = _flash(sshd, root, str(bundles["a"]), "--accept-fingerprint", sshd["fingerprint"], "--service",
+                 "--serve", f"127.0.0.1:{port}", "--source", "synthetic://?frames=1000000", "--unit-dir", str(units),
+                 python=openvino_venv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    unit = (units / "edgeport-roadseg.service").read_text()
+    assert f"--serve 127.0.0.1:{port}" in unit and f"EnvironmentFile=-{root}/roadseg/service.env" in unit
+    (root / "roadseg" / "service.env").write_text("EDGEPORT_TOKEN=fleet-secret\n")
+    fields = dict(ln.split("=", 1) for ln in unit.splitlines() if "=" in ln)
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHONUNBUFFERED": "1",
+           "EDGEPORT_TOKEN": "fleet-secret"}
+    proc = subprocess.Popen(shlex.split(fields["ExecStart"]), cwd=fields["WorkingDirectory"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the token from the EnvironmentFile holds
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        time.sleep(1.0)
+        status = run_cli("devices", "status", "--host", f"{sshd['host']}:{sshd['port']}", "--identity",
+                         str(sshd["key"]), "--known-hosts", str(sshd["known_hosts"]), "--root", str(root),
+                         "--python", str(openvino_venv), "--json")
+        assert status.returncode == 0, status.stderr
+        [row] = json.loads(status.stdout)
+        assert row["health"].startswith("ready, ") and " FPS, " in row["health"], row
+        assert int(row["health"].split(" FPS, ")[1].split()[0]) > 0  # frames counted, read with the token
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    status = run_cli("devices", "status", "--host", f"{sshd['host']}:{sshd['port']}", "--identity", str(sshd["key"]),
+                     "--known-hosts", str(sshd["known_hosts"]), "--root", str(root), "--python", str(openvino_venv),
+                     "--json")
+    assert json.loads(status.stdout)[0]["health"].startswith(f"not answering on 127.0.0.1:{port}")

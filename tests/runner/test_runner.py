@@ -240,7 +240,7 @@ def test_openvino_engine_returns_every_result_in_order(bundle):
     import numpy as np
 
     from edgeport.backends.openvino.runner import open_runtime
-    from edgeport.runner.core import load_manifest
+    from edgeport.runner.manifest import load_manifest
 
     manifest = load_manifest(str(bundle))
     rt = open_runtime(manifest, str(bundle), "CPU", 1)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeport.runner.core import available_cpus, leave_one_cpu, open_source
+from edgeport.runner.bench import available_cpus, leave_one_cpu
+from edgeport.runner.sources import open_source
 
 
 def test_leave_one_cpu_policy():

@@ -149,7 +149,7 @@ def test_every_package_is_listed_for_the_wheel():
 
 
 def test_latency_stats_in_fixed_memory_match_numpy():
-    from edgeport.runner.core import LatencyStats
+    from edgeport.runner.engine import LatencyStats
 
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.lognormal(0.5, 0.6, 20000), [0.0004, 2500.0]])

@@ -7,7 +7,7 @@ import queue
 
 import numpy as np
 
-from edgeport.runner.core import ThreadedAsync
+from edgeport.runner.engine import ThreadedAsync
 from edgeport.runner.manifest import RunnerError
 
 

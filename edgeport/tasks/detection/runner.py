@@ -392,6 +392,12 @@ class DetectionPart(TaskPart):
             return [("detections %s" % what, True, detail.replace("limit", "reported, not gated in INT8; limit"))]
         return [("detections %s" % what, rate >= need, detail)]
 
+    def deepstack(self, record, minimum):
+        """DeepStack's predictions: label, confidence and the box in whole frame pixels."""
+        return [{"label": d["label"], "confidence": d["score"], "x_min": int(round(d["box"][0])),
+                 "y_min": int(round(d["box"][1])), "x_max": int(round(d["box"][2])),
+                 "y_max": int(round(d["box"][3]))} for d in record.get("detections", []) if d["score"] >= minimum]
+
     def __call__(self, outs, frame, geom, record, draw):
         boxes, classes, scores = self.detect(outs)
         px = boxes_to_frame(boxes, geom, self.in_hw, frame.shape[:2])

@@ -1,0 +1,612 @@
+"""Runner part: the runner as a small HTTP service (``--serve [HOST:]PORT``).
+
+Endpoints: ``/`` (a page with the live annotated stream and the legend), ``/stream.mjpg``,
+``/snapshot.jpg``, ``/healthz`` (the main loop's heartbeat age), ``/readyz`` (engine loaded, selftest
+passed, source open), ``/metrics`` (Prometheus text), ``POST /infer`` (an uploaded JPEG/PNG -> the
+same JSON record as a ``--jsonl`` line) and, for detection bundles, DeepStack's
+``POST /v1/vision/detection``. Every client gets the newest frame at its own pace: a slow one misses
+frames, the camera loop never waits for it; the JPEG of a frame is encoded once, by the first client
+that wants it, and only while somebody watches.
+
+Safe by default: it binds 127.0.0.1 unless a host is given (a warning when it binds beyond loopback
+without a token); at most ``max_clients`` requests at once, the probes aside (503 beyond); uploads up to ``max_body``
+bytes (413); a bad image is 400 with a message; with a token (``--token`` or EDGEPORT_TOKEN) every
+endpoint but the health probes needs ``Authorization: Bearer TOKEN`` (401 without), and a browser opens
+``/?token=TOKEN`` once, which sets a cookie. A handler's error is answered 500 and logged; it never
+reaches the camera loop.
+
+Python 3.6 syntax; numpy, cv2, the standard library and the bundle's runtime only: assembled into each bundle's
+single runner.py (edgeport.bundle.RUNNER_PARTS, in order), where every part's names are one module's.
+"""
+import hmac
+import html
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from socketserver import ThreadingMixIn
+from urllib.parse import parse_qs, urlparse
+
+import cv2
+import numpy as np
+
+from edgeport.runner.engine import LatencyStats, make_async
+from edgeport.runner.manifest import RunnerError
+from edgeport.runner.outputs import draw_overlay
+from edgeport.runner.preprocess import preprocess
+from edgeport.runner.task import task_part
+
+TOKEN_ENV = "EDGEPORT_TOKEN"
+TOKEN_COOKIE = "edgeport_token"
+SERVE_MAX_CLIENTS = 8
+SERVE_MAX_BODY = 10 * 1024 * 1024
+STREAM_FPS = 15.0  # the live view's rate: enough to watch, cheap beside a fast camera loop
+INFER_TIMEOUT = 30.0
+OPEN_PATHS = ("/healthz", "/readyz")  # probes answer without the token: they reveal nothing but liveness
+
+
+def parse_bind(text):
+    """(host, port) of ``[HOST:]PORT``; the host defaults to 127.0.0.1. ValueError with what is wrong."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("%r: expected [HOST:]PORT with a port from 0 (any free one) to 65535, e.g. 8080 or "
+                         "0.0.0.0:8080" % text)
+    return host, int(port)
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class InferJob(object):
+    """One /infer request travelling through the camera loop's engine (its callback tells the two apart)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.outs, self.ms = None, None
+
+    def done(self, outs, ms=None):
+        self.outs = dict((k, np.array(v, copy=True)) for k, v in outs.items())
+        self.ms = ms
+        self.event.set()
+
+
+def parse_multipart(body, content_type):
+    """{field name: bytes} of a multipart/form-data body; the first file part is also under "" ({} when the
+    content type names no boundary)."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return {}
+    fields = {}
+    for part in body.split(b"--" + m.group(1).encode("latin-1")):
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        disposition = head.decode("latin-1", "replace")
+        name = re.search(r'name="([^"]*)"', disposition)
+        if name:
+            fields.setdefault(name.group(1), data)
+        if "filename=" in disposition:
+            fields.setdefault("", data)
+    return fields
+
+
+def tegrastats_figures(line):
+    """{metric: value} from one tegrastats line: GPU load (GR3D_FREQ, percent) and input power in watts
+    (VDD_IN on Orin/Xavier, POM_5V_IN on Nano/TX2); what the line lacks is left out."""
+    out = {}
+    m = re.search(r"GR3D_FREQ (\d+)%", line)
+    if m:
+        out["gpu_load_percent"] = float(m.group(1))
+    m = re.search(r"(?:VDD_IN|POM_5V_IN) (\d+)(?:mW)?/", line)
+    if m:
+        out["power_watts"] = float(m.group(1)) / 1000.0
+    return out
+
+
+class Tegrastats(object):
+    """The newest tegrastats figures, read by a thread from ``tegrastats --interval 1000`` on a Jetson."""
+
+    def __init__(self, command=("tegrastats", "--interval", "1000")):
+        self.figures, self.proc = {}, None
+        try:
+            self.proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         universal_newlines=True)
+        except OSError:  # not a Jetson
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.figures = tegrastats_figures(line)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+
+class _Server(ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Service(object):
+    """What the camera loop publishes and the HTTP handlers read; one per runner."""
+
+    def __init__(self, manifest, args, host, port, token=None, max_clients=SERVE_MAX_CLIENTS,
+                 max_body=SERVE_MAX_BODY, stream_fps=STREAM_FPS, err=sys.stderr):
+        self.manifest, self.args, self.host, self.port = manifest, args, host, port
+        self.token = token or None
+        self.max_clients, self.max_body, self.err = max_clients, max_body, err
+        self.stream_interval = 1.0 / stream_fps if stream_fps else 0.0
+        self.cond = threading.Condition()
+        self.frame, self.raw, self.seq, self.jpeg, self.jpeg_seq, self.frame_time = None, None, 0, None, 0, 0.0
+        self.encode_lock = threading.Lock()
+        self.clients, self.streams, self.snapshot_until = 0, 0, 0.0
+        self.heartbeat = time.time()
+        self.started = time.time()
+        self.ready = {"engine": (False, "not loaded"), "selftest": (False, "not run"), "source": (False, "not open")}
+        self.loop = {}  # the camera loop's live figures (bind_loop)
+        self.requests = {}  # (path, code) -> count
+        self.infer_latency = LatencyStats()
+        self.engine, self.engine_lock, self.post = None, threading.Lock(), None
+        self.stopping = False
+        self.server, self.thread, self.tegra = None, None, None
+
+    # ---- the camera loop's side
+    def start(self):
+        """Bind and serve in a thread; RunnerError when the address cannot be bound."""
+        if not self.token and not is_loopback(self.host):
+            self.err.write("warning: serving on %s:%d beyond loopback without a token: anyone who reaches it sees "
+                           "the camera (pass --token or set %s)\n" % (self.host, self.port, TOKEN_ENV))
+        handler = type("Handler", (_Handler,), {"service": self})
+        try:
+            self.server = _Server((self.host, self.port), handler)
+        except (OSError, socket.error) as e:
+            raise RunnerError("cannot serve on %s:%d (%s); choose another port with --serve"
+                              % (self.host, self.port, e.strerror or e)) from None
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self.thread.start()
+        if os.path.exists("/usr/bin/tegrastats") or os.path.exists("/usr/sbin/tegrastats"):
+            self.tegra = Tegrastats()
+        self.err.write("serving on http://%s:%d/ (stream /stream.mjpg, metrics /metrics, POST /infer)\n"
+                       % (self.host if ":" not in self.host else "[%s]" % self.host, self.port))
+        self.err.flush()
+
+    def stop(self):
+        self.stopping = True
+        with self.cond:
+            self.cond.notify_all()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        if self.tegra is not None:
+            self.tegra.stop()
+
+    def set_ready(self, key, ok, detail=""):
+        self.ready[key] = (bool(ok), detail)
+
+    def beat(self):
+        self.heartbeat = time.time()
+
+    def bind_loop(self, **figures):
+        """The loop's live objects (latency stats, the capture thread, the source, its counters)."""
+        self.loop = figures
+
+    def attach_engine(self, engine, in_name, post):
+        """/infer goes through the camera loop's engine (one runtime, submissions serialised)."""
+        self.engine, self.in_name, self.post = engine, in_name, post
+
+    def wants_frames(self):
+        """True when the loop should draw this frame for us: a snapshot waits, or a stream client watches and the
+        last frame drawn for the stream is 1/stream_fps old; the camera loop runs at its own rate, the stream at
+        most at stream_fps (drawing and encoding every frame of a fast loop would slow it)."""
+        now = time.time()
+        if now < self.snapshot_until:
+            return True
+        return self.streams > 0 and now - self.frame_time >= self.stream_interval
+
+    def publish(self, vis, record, raw=None):
+        """A frame for the live view: ``vis`` when the loop drew it anyway (a window, --save), else ``raw``
+        (outputs, frame, geometry, FPS), which the first client that wants it draws, off the loop's thread."""
+        with self.cond:
+            self.frame, self.raw = vis, (raw, dict(record)) if vis is None else None
+            self.seq, self.frame_time = self.seq + 1, time.time()
+            self.cond.notify_all()
+
+    # ---- the handlers' side
+    def jpeg_after(self, seq, timeout):
+        """(JPEG bytes, seq) of the newest frame newer than ``seq``, drawn and encoded once for every client;
+        (None, seq) when none came within ``timeout``."""
+        deadline = time.time() + timeout
+        with self.cond:
+            while self.seq <= seq and not self.stopping:
+                left = deadline - time.time()
+                if left <= 0:
+                    return None, seq
+                self.cond.wait(left)
+            if self.stopping:
+                return None, seq
+            seq, frame, raw = self.seq, self.frame, self.raw
+        return self._encoded(seq, frame, raw), seq
+
+    def jpeg_now(self, timeout):
+        """The JPEG of a frame published within the last stream interval, else of the next one."""
+        with self.cond:
+            if self.seq and time.time() - self.frame_time < max(self.stream_interval, 0.1):
+                seq, frame, raw = self.seq, self.frame, self.raw
+            else:
+                self.snapshot_until = time.time() + timeout
+                return self.jpeg_after(self.seq, timeout)[0]
+        return self._encoded(seq, frame, raw)
+
+    def _encoded(self, seq, frame, raw):
+        """Draw (when the loop did not) and encode frame ``seq`` once; outside the loop's lock, so the camera
+        loop never waits for a client."""
+        with self.encode_lock:
+            if self.jpeg_seq != seq:
+                vis = frame
+                if vis is None:
+                    (outs, image, geom, fps_now), record = raw
+                    vis = self.post(outs, image.copy(), geom, record, True)
+                    draw_overlay(vis, fps_now, record["latency_ms"])
+                ok, buf = cv2.imencode(".jpg", vis, [int(cv2.IMWRITE_JPEG_QUALITY), 80])
+                self.jpeg, self.jpeg_seq = (buf.tobytes() if ok else None), seq
+            return self.jpeg
+
+    def infer(self, image):
+        """The JSON record of one decoded BGR image, through the loop's engine."""
+        if self.engine is None:
+            raise RunnerError("the engine is not running yet")
+        x, geom = preprocess(image, self.manifest["preprocess"])
+        job = InferJob()
+        t = time.time()
+        with self.engine_lock:
+            self.engine.submit({self.in_name: x}, job)
+        if not job.event.wait(INFER_TIMEOUT):
+            raise RunnerError("inference did not answer within %.0f s" % INFER_TIMEOUT)
+        ms = job.ms if job.ms is not None else (time.time() - t) * 1000.0
+        self.infer_latency.add(ms)
+        record = {"frame": 0, "timestamp": round(t, 3), "latency_ms": round(ms, 2)}
+        self.post(job.outs, image, geom, record, False)
+        record["e2e_ms"] = round((time.time() - t) * 1000.0, 2)
+        return record
+
+    def readiness(self):
+        ok = all(v[0] for v in self.ready.values())
+        return ok, dict((k, {"ok": v[0], "detail": v[1]}) for k, v in self.ready.items())
+
+    def count(self, path, code):
+        key = (path, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def metrics_text(self):
+        """Prometheus text exposition (format 0.0.4)."""
+        m = self.manifest
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append("# HELP edgeport_%s %s" % (name, help_text))
+            lines.append("# TYPE edgeport_%s %s" % (name, kind))
+            for labels, value in samples:
+                lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
+                               for k, v in labels)
+                lines.append("edgeport_%s%s %s" % (name, "{%s}" % lab if lab else "", repr(float(value))))
+
+        def summary(name, help_text, stats):
+            samples = [((("quantile", q),), stats.percentile(100 * q)) for q in (0.5, 0.9, 0.99)]
+            metric(name, "summary", help_text, samples)
+            lines.append("edgeport_%s_sum %r" % (name, float(stats.total)))
+            lines.append("edgeport_%s_count %d" % (name, stats.count))
+
+        info = (("model", m["model"]["name"]), ("target", m["target"]), ("precision", m["precision"]),
+                ("backend", m.get("backend", "")), ("task", m["preprocess"]["task"]),
+                ("edgeport_version", m.get("edgeport", "")), ("build_key", m.get("build_key", "")))
+        metric("bundle_info", "gauge", "The bundle this runner serves (labels); always 1.", [(info, 1)])
+        ready, _ = self.readiness()
+        metric("ready", "gauge", "1 when the engine is loaded, the selftest passed and the source is open.",
+               [((), 1 if ready else 0)])
+        metric("heartbeat_age_seconds", "gauge", "Seconds since the main loop last went round.",
+               [((), time.time() - self.heartbeat)])
+        loop = self.loop
+        state, grabber, source = loop.get("state") or {}, loop.get("grabber"), loop.get("source")
+        elapsed = max(time.time() - loop.get("t0", self.started), 1e-6)
+        metric("frames_total", "counter", "Frames processed (inferred, postprocessed and emitted).",
+               [((), state.get("emitted", 0))])
+        metric("frames_dropped_total", "counter", "Frames the capture thread replaced before the loop took them.",
+               [((), getattr(grabber, "dropped", 0))])
+        metric("frames_corrupt_total", "counter", "Frames the source could not decode.",
+               [((), getattr(source, "corrupt", 0))])
+        metric("source_reconnects_total", "counter", "Times a lost live source was reopened.",
+               [((), getattr(source, "reconnects", 0))])
+        metric("fps", "gauge", "Frames per second since the loop started.", [((), state.get("emitted", 0) / elapsed)])
+        if loop.get("lat") is not None:
+            summary("inference_latency_ms", "Inference latency of camera frames, ms.", loop["lat"])
+            summary("e2e_latency_ms", "Capture to emitted record, ms.", loop["e2e"])
+        summary("infer_request_latency_ms", "Inference latency of POST /infer images, ms.", self.infer_latency)
+        metric("stream_clients", "gauge", "Clients watching /stream.mjpg.", [((), self.streams)])
+        metric("http_requests_total", "counter", "HTTP requests answered, by path and status.",
+               [((("path", p), ("code", c)), n) for (p, c), n in sorted(self.requests.items())])
+        rss = resident_bytes()
+        if rss:
+            metric("resident_memory_bytes", "gauge", "The runner's resident memory.", [((), rss)])
+        figures = self.tegra.figures if self.tegra is not None else {}
+        if "gpu_load_percent" in figures:
+            metric("gpu_load_percent", "gauge", "GPU load from tegrastats (GR3D_FREQ).",
+                   [((), figures["gpu_load_percent"])])
+        if "power_watts" in figures:
+            metric("power_watts", "gauge", "Board input power from tegrastats.", [((), figures["power_watts"])])
+        return "\n".join(lines) + "\n"
+
+    def page(self):
+        """The / page: the stream, the model and the legend."""
+        m = self.manifest
+        spec = m["preprocess"]
+        labels, palette = spec.get("labels") or [], spec.get("palette") or []
+        items = []
+        for i, name in enumerate(labels[:64]):
+            swatch = ""
+            if i < len(palette):
+                swatch = '<span class="sw" style="background:rgb(%d,%d,%d)"></span>' % tuple(palette[i][:3])
+            items.append("<li>%s%s</li>" % (swatch, html.escape(str(name))))
+        more = "<li>... %d more</li>" % (len(labels) - 64) if len(labels) > 64 else ""
+        title = "%s on %s (%s, %s)" % (m["model"]["name"], m["target"], m["precision"], spec["task"])
+        stream = '<img id="live" src="stream.mjpg" alt="live stream">' if self.args.source_open else \
+            "<p>No camera: this service answers POST /infer only.</p>"
+        return PAGE % {"title": html.escape(title), "stream": stream, "legend": "".join(items) + more}
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>edgeport: %(title)s</title>
+<style>body{font-family:sans-serif;background:#111;color:#eee;margin:16px}
+img{max-width:100%%;border:1px solid #444}ul{list-style:none;padding:0;columns:3}
+.sw{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}
+#status{color:#9c9;font-size:90%%}</style></head>
+<body><h1>%(title)s</h1>%(stream)s
+<p id="status">FPS and latency are drawn on each frame.</p>
+<h2>Legend</h2><ul>%(legend)s</ul>
+<script>
+function poll(){fetch("readyz").then(function(r){return r.json()}).then(function(j){
+  document.getElementById("status").textContent=(j.ready?"ready":"not ready")+" | heartbeat "+
+  j.heartbeat_age_s.toFixed(1)+" s"}).catch(function(){});}
+setInterval(poll,2000);poll();
+</script></body></html>
+"""
+
+
+def resident_bytes():
+    """This process's resident memory in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service = None  # set per server
+    protocol_version = "HTTP/1.0"
+    server_version = "edgeport-runner"
+
+    def log_message(self, fmt, *args):  # quiet: the metrics count requests
+        pass
+
+    def _send(self, code, body, ctype="application/json", headers=()):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if not isinstance(body, bytes):
+            body = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.service.count(self.path_only, code)
+
+    def _error(self, code, message):
+        self._send(code, {"error": message, "success": False})
+
+    def _authorised(self, query):
+        token = self.service.token
+        if not token or self.path_only in OPEN_PATHS:
+            return True
+        auth = self.headers.get("Authorization") or ""
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not given:
+            for part in (self.headers.get("Cookie") or "").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == TOKEN_COOKIE:
+                    given = v
+        if not given and self.path_only == "/" and query.get("token"):
+            given = query["token"][0]
+        return bool(given) and hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+    def _dispatch(self, method):
+        svc = self.service
+        url = urlparse(self.path)
+        self.path_only = url.path
+        query = parse_qs(url.query)
+        probe = url.path in OPEN_PATHS  # cheap, and never turned away: a busy service is still alive
+        with svc.cond:
+            busy = not probe and svc.clients >= svc.max_clients
+            if not busy and not probe:
+                svc.clients += 1
+        if busy:
+            return self._error(503, "busy: %d clients already (the runner's --max-clients)" % svc.max_clients)
+        try:
+            if not self._authorised(query):
+                return self._send(401, {"error": "a token is required: Authorization: Bearer TOKEN, or open "
+                                                 "/?token=TOKEN once in a browser", "success": False},
+                                  headers=(("WWW-Authenticate", 'Bearer realm="edgeport"'),))
+            route = ROUTES.get((method, url.path))
+            if route is None:
+                known = [p for (mth, p) in ROUTES if p == url.path]
+                if known:
+                    return self._error(405, "%s %s: not allowed" % (method, url.path))
+                return self._error(404, "%s: not found (try /, /stream.mjpg, /snapshot.jpg, /healthz, /readyz, "
+                                        "/metrics, POST /infer)" % url.path)
+            route(self, query)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            pass  # the client went away
+        except Exception as e:  # never reaches the camera loop
+            svc.err.write("serve: %s %s failed: %s: %s\n" % (method, url.path, type(e).__name__, e))
+            try:
+                self._error(500, "%s: %s" % (type(e).__name__, e))
+            except Exception:
+                pass
+        finally:
+            if not probe:
+                with svc.cond:
+                    svc.clients -= 1
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    # ---- routes
+    def index(self, query):
+        if query.get("token") and self.service.token:  # the browser's first visit: keep it in a cookie
+            return self._send(303, b"", "text/plain", headers=(
+                ("Location", "/"),
+                ("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (TOKEN_COOKIE, query["token"][0]))))
+        self._send(200, self.service.page(), "text/html; charset=utf-8")
+
+    def healthz(self, query):
+        age = time.time() - self.service.heartbeat
+        limit = max(10.0, float(getattr(self.service.args, "timeout", 5.0)) * 4)
+        body = {"alive": age <= limit, "heartbeat_age_s": round(age, 3), "limit_s": limit,
+                "uptime_s": round(time.time() - self.service.started, 1)}
+        self._send(200 if body["alive"] else 503, body)
+
+    def readyz(self, query):
+        ok, parts = self.service.readiness()
+        self._send(200 if ok else 503, {"ready": ok, "checks": parts,
+                                        "heartbeat_age_s": round(time.time() - self.service.heartbeat, 3)})
+
+    def metrics(self, query):
+        self._send(200, self.service.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def snapshot(self, query):
+        svc = self.service
+        if not svc.args.source_open:
+            return self._error(404, "no source: this service runs POST /infer only (--no-source)")
+        jpeg = svc.jpeg_now(3.0)
+        if jpeg is None:
+            return self._error(503, "no frame from the source within 3 s")
+        self._send(200, jpeg, "image/jpeg")
+
+    def stream(self, query):
+        svc = self.service
+        if not svc.args.source_open:
+            return self._error(404, "no source: this service runs POST /infer only (--no-source)")
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        svc.count(self.path_only, 200)
+        with svc.cond:
+            svc.streams += 1
+        try:
+            seq = 0
+            while not svc.stopping:
+                jpeg, seq = svc.jpeg_after(seq, 1.0)
+                if jpeg is None:
+                    continue
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
+                self.wfile.write(jpeg)
+                self.wfile.write(b"\r\n")
+                self.wfile.flush()
+        finally:
+            with svc.cond:
+                svc.streams -= 1
+
+    def _image(self):
+        """(the uploaded image decoded (BGR), the form's other fields); (None, {}) after answering the error."""
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(411, "send the image with a Content-Length")
+            return None, {}
+        if length > self.service.max_body:
+            self.close_connection = True
+            self._error(413, "the upload is %d bytes; the limit is %d (--max-upload-mb)"
+                        % (length, self.service.max_body))
+            return None, {}
+        body = self.rfile.read(length)
+        ctype = self.headers.get("Content-Type") or ""
+        fields = {}
+        if ctype.startswith("multipart/form-data"):
+            fields = parse_multipart(body, ctype)
+            body = fields.get("image", fields.get("", b""))
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) if body else None
+        if image is None:
+            self._error(400, "the upload is not an image OpenCV can decode (send a JPEG or PNG, as the body or "
+                             "as the form field 'image')")
+            return None, {}
+        return image, fields
+
+    def infer(self, query):
+        image, _ = self._image()
+        if image is not None:
+            self._send(200, self.service.infer(image))
+
+    def deepstack(self, query):
+        svc = self.service
+        task = svc.manifest["preprocess"]["task"]
+        if svc.post is None or svc.post.deepstack({}, 0.0) is None:
+            return self._error(404, "/v1/vision/detection needs a detection bundle; this one is %s (use POST /infer)"
+                               % task)
+        image, fields = self._image()
+        if image is None:
+            return
+        try:
+            minimum = float(fields.get("min_confidence") or (query.get("min_confidence") or ["0"])[0])
+        except ValueError:
+            return self._error(400, "min_confidence: give a number from 0 to 1")
+        record = svc.infer(image)
+        self._send(200, {"success": True, "predictions": svc.post.deepstack(record, minimum),
+                         "duration": record["latency_ms"]})
+
+
+ROUTES = {("GET", "/"): _Handler.index, ("GET", "/healthz"): _Handler.healthz, ("GET", "/readyz"): _Handler.readyz,
+          ("GET", "/metrics"): _Handler.metrics, ("GET", "/snapshot.jpg"): _Handler.snapshot,
+          ("GET", "/stream.mjpg"): _Handler.stream, ("POST", "/infer"): _Handler.infer,
+          ("POST", "/v1/vision/detection"): _Handler.deepstack}
+
+
+def serve_without_source(args, manifest, rt, service, stop):
+    """--no-source: the engine answers /infer only; returns when ``stop`` says so (SIGINT/SIGTERM)."""
+    engine = make_async(rt, lambda job, outs, ms=None: job.done(outs, ms), args.requests)
+    service.attach_engine(engine, manifest["inputs"][0]["name"], task_part(manifest["preprocess"]["task"])(
+        manifest, args))
+    service.set_ready("source", True, "none (--no-source)")
+    try:
+        while not stop["flag"]:
+            service.beat()
+            time.sleep(0.2)
+    finally:
+        engine.wait_all()
+        if hasattr(engine, "close"):
+            engine.close()
+
