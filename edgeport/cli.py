@@ -5,6 +5,7 @@ Errors print one line and exit non-zero; -v shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
@@ -36,6 +37,13 @@ EXAMPLES = {
              "  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --rollback",
     "devices": "examples:\n  edgeport devices status --host pi@10.0.0.7\n"
                "  edgeport devices status --inventory hosts.toml",
+    "fleet": "examples:\n  edgeport fleet rollout dist/jetson-orin-nano-int8 dist/raspberry-pi-5-int8 "
+             "--inventory hosts.ini\n"
+             "  edgeport fleet rollout dist/intel-cpu-int8 --inventory hosts.ini --batches 1,25%,100% "
+             "--max-fail-percentage 10\n"
+             "  edgeport fleet rollout dist/jetson-orin-nano-int8 --inventory hosts.ini --emit fleet/   # "
+             "playbook, role, example inventory\n"
+             "  edgeport fleet rollback --inventory hosts.ini\n  edgeport fleet status --inventory hosts.ini",
     "targets": "examples:\n  edgeport targets\n  edgeport targets --json",
     "doctor": "examples:\n  edgeport doctor\n  edgeport doctor --json",
     "inspect": "examples:\n  edgeport inspect dist/intel-cpu-int8\n  edgeport inspect model.onnx --json",
@@ -215,6 +223,26 @@ def parser() -> argparse.ArgumentParser:
     dv = cmd("devices", "what runs where: current and previous versions and the service on each device")
     dv.add_argument("action", choices=["status"])
     _host_flags(dv)
+    fl = cmd("fleet", "roll bundles out to a fleet with Ansible: staged batches, a health gate, rollback")
+    fl.add_argument("action", choices=["rollout", "rollback", "status"])
+    fl.add_argument("bundles", nargs="*", help="rollout: one bundle folder per target (dist/<target>-<precision>)")
+    fl.add_argument("--inventory", required=True, metavar="FILE", help="an Ansible inventory: one group per "
+                                                                       "target (jetson-orin-nano -> jetson_orin_nano)")
+    fl.add_argument("--batches", default="1,10%,50%,100%", help="rolling batches, Ansible's serial (default "
+                                                                 "%(default)s: a canary, then growing batches)")
+    fl.add_argument("--max-fail-percentage", type=int, default=0, help="stop the rollout when more than this share "
+                                                                      "of a batch fails (default 0: any failure)")
+    fl.add_argument("--known-hosts", metavar="FILE", help="known_hosts file (default ~/.ssh/known_hosts); no "
+                                                          "first-contact host is accepted")
+    fl.add_argument("--health-timeout", type=float, default=30.0, help="seconds a serving host's /readyz has "
+                                                                       "after the switch (default 30)")
+    fl.add_argument("--service", action="store_true", help="install or restart the runner's systemd unit")
+    fl.add_argument("--source", help="camera source for --service")
+    fl.add_argument("--install", action="store_true", help="pip install the runtime where it cannot be imported")
+    fl.add_argument("--forks", type=_positive, default=8, help="hosts of one batch handled at once (default 8)")
+    fl.add_argument("--emit", metavar="DIR", help="write the playbooks, the role, the settings and an example "
+                                                  "inventory there instead of running (for your own Ansible)")
+    fl.add_argument("--json", action="store_true", help="results as JSON")
     t = cmd("targets", "list the device profiles")
     t.add_argument("--json", action="store_true")
     d = cmd("doctor", "show which backends are installed, their versions, and how to install the rest")
@@ -269,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("flash", "devices"):
         return _flash(args)
+    if args.command == "fleet":
+        return _fleet(args)
     if args.command == "export":
         kw = {k: getattr(args, k) for k in _BUILD_KEYS}
         res = api.export(**kw)
@@ -329,6 +359,56 @@ def _serve_option(args: argparse.Namespace) -> str | None:
     except ValueError as e:
         raise ConfigError(f"--serve {e}") from None
     return args.serve
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from edgeport import fleet
+    from edgeport.errors import ConfigError, DeviceError
+    from edgeport.tables import text_table
+
+    if importlib.util.find_spec("ansible_runner") is None and not args.emit:
+        raise ConfigError("edgeport fleet runs Ansible: pip install 'edgeport[fleet]' (ansible-core, ansible-runner)")
+    opts = fleet.FleetOptions(batches=fleet.check_batches(args.batches.split(",")),
+                              max_fail_percentage=args.max_fail_percentage, health_timeout=args.health_timeout,
+                              install=args.install, service=args.service, source=args.source, forks=args.forks)
+    if args.known_hosts:
+        opts.known_hosts = str(Path(args.known_hosts).expanduser())
+    if not 0 <= args.max_fail_percentage <= 100:
+        raise ConfigError(f"--max-fail-percentage {args.max_fail_percentage}: give 0 to 100")
+    bundles = [Path(b) for b in args.bundles]
+    if args.action == "rollout" and not bundles:
+        raise ConfigError("fleet rollout: name at least one bundle folder, e.g. dist/jetson-orin-nano-int8")
+    if args.action != "rollout" and bundles:
+        raise ConfigError(f"fleet {args.action} takes no bundles (it works on what the devices have)")
+    if args.emit:
+        for path in fleet.emit(Path(args.emit), bundles, opts):
+            print(path)
+        return 0
+    if args.action == "status":
+        rows = fleet.fleet_status(args.inventory, opts.known_hosts)
+        keys = ["host", "model", "current", "previous", "service", "health", "last_rollout", "error"]
+        if args.json:
+            from edgeport.api import to_json
+
+            print(to_json(rows))
+        else:
+            print("\n".join(text_table(keys, [[str(r.get(k, "-")) for k in keys] for r in rows])))
+        return 0
+    results = fleet.rollout(bundles, args.inventory, opts, args.action)
+    if args.json:
+        from edgeport.api import to_json
+
+        print(to_json(results))
+    else:
+        print("\n".join(text_table(["host", "batch", "status", "version", "previous", "time", "note"], [
+            [r["host"], str(r.get("batch", "-")), r["status"], r.get("version") or "-", r.get("previous") or "-",
+             f"{r.get('seconds', 0):.1f}s", r.get("message") or r.get("health") or ""] for r in results])))
+    bad = [r for r in results if r["status"] not in ("flashed", "unchanged", "rolled-back") or
+           (args.action == "rollout" and r["status"] == "rolled-back")]
+    if bad:
+        raise DeviceError(f"fleet {args.action}: {len(bad)} of {len(results)} host(s) did not take it; "
+                          f"{bad[0]['host']}: {bad[0].get('message') or bad[0]['status']}")
+    return 0
 
 
 def _flash(args: argparse.Namespace) -> int:

@@ -613,6 +613,10 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
         if not (bundle / "runner.py").is_file():
             raise BundleError(f"{bundle}: this bundle has no runner.py ({manifest['target']} bundles are for apps); "
                               "nothing to run on a device")
+    if len(hosts) > 1:  # one engine for many hosts: Ansible's (edgeport.fleet)
+        from edgeport.fleet import flash_many
+
+        return flash_many(bundle, manifest, hosts, opts)
     expected = expected_digests(bundle, manifest)
     return over_hosts(hosts, opts, lambda h: flash_host(bundle, manifest, expected, h, opts),
                       lambda h, why: HostResult(h.label, "refused", "host key", version_of(manifest), message=why))

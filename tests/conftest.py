@@ -58,17 +58,18 @@ def _closure(dists: list[str]) -> list[str]:
     return seen
 
 
-def make_device_venv(dest: Path, dists: list[str]) -> Path:
+def make_device_venv(dest: Path, dists: list[str], base: str | None = None) -> Path:
     """A fresh venv whose site-packages holds only ``dists`` and their requirements.
 
     Offline: the packages are the ones installed here, linked in by their top-level names,
     so a device-side test proves runner.py needs nothing else (no edgeport, no torch).
+    ``base`` is the python the venv is made from (default this one; it must be the same minor version).
     Returns the venv's python.
     """
     import importlib.metadata as md
     import sysconfig
 
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
+    subprocess.run([base or sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
     rel = Path(sysconfig.get_path("purelib")).relative_to(sysconfig.get_paths()["data"])
     site = dest / rel
     for name in _closure(dists):

@@ -220,6 +220,7 @@ def test_service_unit_and_parallel_hosts(sshd, bundles, openvino_venv, tmp_path)
                   sshd["fingerprint"], "--service", "--source", "rtsp://10.0.0.9/stream", "--unit-dir", str(units))
     assert res.returncode == 2, res.stdout + res.stderr
     rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.startswith("cam-")}
+    assert "cam-1" in rows, res.stdout + res.stderr
     assert rows["cam-1"][1] == "flashed" and rows["cam-2"][1] in ("refused", "failed")
     assert "1 of 2 host(s) not flashed" in res.stderr
     unit = (units / "edgeport-roadseg.service").read_text()
