@@ -15,8 +15,9 @@ boards are reached whatever ansible-core the controller runs.
 Inventory: a host's group names its target with ``-`` as ``_`` (group ``jetson_orin_nano`` gets the
 jetson-orin-nano bundle); host vars ``ansible_host``, ``ansible_port``, ``ansible_user``,
 ``ansible_ssh_private_key_file``, ``edgeport_python`` (the device's python), ``edgeport_root``
-(install root, default ~/edgeport) and ``edgeport_serve`` ([HOST:]PORT of the runner service, when
-it serves). Host keys are checked as strictly as flash does: ``--known-hosts``, no first contact.
+(install root, default ~/edgeport), ``edgeport_serve`` ([HOST:]PORT of the runner service, when it
+serves) and ``edgeport_fingerprint`` (SHA256:..., to trust a first-contact host). Host keys are checked as
+strictly as flash does: ``--known-hosts``, no first contact without the host's fingerprint.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ ROLE_TASKS = """\
              'port': ansible_port | default(22),
              'identity': ansible_ssh_private_key_file | default(''), 'python': edgeport_python | default('python3'),
              'root': edgeport_root | default('~/edgeport'), 'serve': edgeport_serve | default(''),
-             'groups': group_names} | to_json }}"
+             'fingerprint': edgeport_fingerprint | default(''), 'groups': group_names} | to_json }}"
       - "{{ edgeport_settings | to_json }}"
   register: edgeport_result
   changed_when: (edgeport_result.stdout | from_json).changed | default(false)
@@ -127,6 +128,8 @@ pi-01 ansible_host=10.0.1.11 ansible_user=pi edgeport_root=/opt/edgeport
 
 [all:vars]
 ansible_ssh_private_key_file=~/.ssh/id_ed25519
+# a host not yet in known_hosts is refused unless its key's fingerprint is given (ssh-keygen -lf on the device):
+# cam-03 ansible_host=10.0.0.23 edgeport_fingerprint=SHA256:...
 """
 
 
@@ -305,13 +308,17 @@ def _host(spec: dict[str, Any]) -> Any:
 def step(action: str, spec: dict[str, Any], settings: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """One host's rollout (flash's steps, then the health gate; rolled back when the gate fails after the
     switch) or rollback; (ok, the record printed for Ansible)."""
-    from edgeport.flash import FlashOptions, expected_digests, flash_host, read_manifest
+    from edgeport.flash import FlashOptions, check_host_keys, expected_digests, flash_host, read_manifest
 
     host = _host(spec)
     opts = FlashOptions(root=spec.get("root") or "~/edgeport", known_hosts=Path(settings["known_hosts"]).expanduser(),
                         install=bool(settings.get("install")), service=bool(settings.get("service")),
                         source=settings.get("source"), serve=spec.get("serve") or None, jobs=1,
                         unit_dir=settings.get("unit_dir"), force=bool(settings.get("force")))
+    opts.accept_fingerprint = spec.get("fingerprint") or None  # a first-contact host only with its fingerprint
+    refused = check_host_keys([host], opts)
+    if refused:
+        return False, {"status": "refused", "step": "host key", "changed": False, "message": refused[0]}
     if action == "rollback":
         manifest = settings.get("manifest") or _current_manifest(host, opts)
         opts.rollback = True

@@ -224,3 +224,33 @@ def test_centernet_heads_decode_on_every_backend_and_keep_their_map_in_int8(tmp_
     assert st.returncode == 0 and "selftest: PASS" in st.stdout, st.stdout + st.stderr
     found = [ln for ln in st.stdout.splitlines() if ln.startswith("detections vs build host")]
     assert found and " 0 reference detection" not in found[0], st.stdout
+
+
+def test_deepstack_detection_endpoint_answers_like_the_runner(roaddet, openvino_venv, tmp_path):
+    """POST /v1/vision/detection (DeepStack's form upload with min_confidence, as Frigate and Home Assistant send
+    it) on a --no-source service: the runner's own detections, in whole pixels, above the threshold."""
+    import cv2
+
+    from edgeport.zoo.scene import render_scene_boxes
+    from tests.runner.test_serve import Served, multipart
+
+    proj, _ = roaddet
+    bundle = tmp_path / "intel-cpu-int8"
+    shutil.copytree(proj / "dist" / "intel-cpu-int8", bundle)
+    png = cv2.imencode(".png", render_scene_boxes(7_000_003, 240, 320)[0])[1].tobytes()
+    svc = Served(openvino_venv, bundle, "--no-source")
+    try:
+        code, _, body = svc.request("POST", "/infer", png, {"Content-Type": "image/png"})
+        dets = json.loads(body)["detections"]
+        assert code == 200 and dets
+        form, ctype = multipart("image", png, {"min_confidence": "0.5"})
+        code, _, body = svc.request("POST", "/v1/vision/detection", form, {"Content-Type": ctype})
+        got = json.loads(body)
+    finally:
+        svc.stop()
+    assert code == 200 and got["success"] is True and got["duration"] > 0
+    want = [d for d in dets if d["score"] >= 0.5]
+    assert len(got["predictions"]) == len(want) > 0
+    for p, d in zip(got["predictions"], want):
+        assert p["label"] == d["label"] and p["confidence"] == d["score"]
+        assert [p["x_min"], p["y_min"], p["x_max"], p["y_max"]] == [int(round(v)) for v in d["box"]]

@@ -61,6 +61,17 @@ def test_staged_rollout_canary_health_gate_and_fleet_rollback(fleet, bundles, tm
     inv = _inventory(fleet, tmp_path / "hosts.ini")
     a, b = _version(bundles["a"]), _version(bundles["b"])
 
+    # first contact: a host missing from known_hosts is refused (at the canary: nothing else runs) unless the
+    # inventory gives its key's fingerprint, which is then trusted
+    lines = fleet["known_hosts"].read_text().splitlines()
+    fleet["known_hosts"].write_text("\n".join(lines[1:]) + "\n")
+    res, rows = _fleet(fleet, "rollout", str(bundles["a"]), "--inventory", str(inv))
+    assert res.returncode != 0 and rows[0]["status"] == "refused" and rows[0]["step"] == "host key", rows[0]
+    assert [r["status"] for r in rows[1:]] == ["not reached"] * (N - 1) and not fleet["hosts"][0]["root"].exists()
+    fp = subprocess.run(["ssh-keygen", "-lf", str(fleet["dir"] / "host_key1.pub")], capture_output=True, text=True,
+                        check=True).stdout.split()[1]
+    inv = _inventory(fleet, tmp_path / "hosts.ini", {"dev1": f"edgeport_fingerprint={fp}"})
+
     # a good bundle rolls out in batches (1, 10 %, 50 %, 100 % of six: 1, 1, 3, 1) to all six
     res, rows = _fleet(fleet, "rollout", str(bundles["a"]), "--inventory", str(inv))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -28,7 +28,7 @@ class Served:
 
     def __init__(self, python: Path, bundle: Path, *args: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([str(python), "runner.py", *args, "--serve", "0"], cwd=bundle,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**device_env(), **(env or {})})
         self.err: list[str] = []
         deadline = time.time() + 60
@@ -42,7 +42,8 @@ class Served:
             if m:
                 self.port = int(m.group(1))
         assert self.port, "".join(self.err)
-        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
+        self.reader.start()  # the only reader of stderr from here on
         self.wait_ready()
 
     def wait_ready(self) -> None:
@@ -68,8 +69,8 @@ class Served:
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        time.sleep(0.2)
+        self.proc.wait(timeout=60)
+        self.reader.join(timeout=10)  # stderr is read to its end
         return self.proc.returncode, "".join(self.err)
 
 
