@@ -137,3 +137,24 @@ def test_emit_writes_a_project_for_your_own_ansible(bundles, tmp_path):  # noqa:
                              str(out / "inventory.example.ini"), str(out / "rollout.yml")], capture_output=True,
                             text=True, cwd=out)
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
+
+
+def test_the_emitted_project_runs_from_plain_ansible_playbook(fleet, bundles, tmp_path):  # noqa: F811
+    """--emit's playbook, role and settings, run by ansible-playbook itself (as a team would, from its own
+    Ansible), roll b out to the six devices."""
+    import sys
+
+    inv = _inventory(fleet, tmp_path / "hosts.ini")
+    out = tmp_path / "project"
+    res = run_cli("fleet", "rollout", str(bundles["b"]), "--inventory", str(inv), "--emit", str(out),
+                  "--known-hosts", str(fleet["known_hosts"]), "--batches", "3,100%")
+    assert res.returncode == 0, res.stderr
+    bindir = Path(sys.executable).parent
+    play = subprocess.run([str(bindir / "ansible-playbook"), "-i", str(inv), "rollout.yml", "-e",
+                           "@edgeport_settings.json"], cwd=out, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+                               "ANSIBLE_NOCOLOR": "1"})
+    assert play.returncode == 0, play.stdout[-3000:] + play.stderr[-2000:]
+    assert play.stdout.count("failed=0") == N, play.stdout[-3000:]
+    b = _version(bundles["b"])
+    assert all(_current(h)[0] == b for h in fleet["hosts"])
