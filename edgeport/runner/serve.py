@@ -553,6 +553,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(411, "send the image with a Content-Length")
             return None, {}
         if length > self.service.max_body:
+            # Read what was sent (up to 4x the limit) before answering: a client still sending the body would
+            # otherwise get a broken pipe instead of the 413.
+            left = min(length, 4 * self.service.max_body)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
             self.close_connection = True
             self._error(413, "the upload is %d bytes; the limit is %d (--max-upload-mb)"
                         % (length, self.service.max_body))
