@@ -415,14 +415,22 @@ def flash_host(bundle: Path, manifest: dict[str, Any], expected: dict[str, str],
 
 def _rollback(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: FlashOptions, res: HostResult) -> None:
     res.step = "rollback"
+    prev, cur = return_to_previous(ssh, manifest, model_dir, opts.service)
+    res.status, res.step, res.version, res.previous = "rolled-back", "done", prev, cur
+
+
+def return_to_previous(ssh: SSH, manifest: dict[str, Any], model_dir: str, service: bool,
+                       note: str = "") -> tuple[str, str]:
+    """Switch ``current`` back to ``previous`` (a history.log line with ``note``) and restart the service when
+    there is one; (the version now current, the one left). StepError when there is no previous version."""
     cur, prev = _links(ssh, model_dir)
     if not prev:
         raise StepError("rollback", f"{ssh.host.label}: no previous version of {manifest['model']['name']} to "
                                     "return to")
-    _switch(ssh, model_dir, prev, cur)
-    res.status, res.step, res.version, res.previous = "rolled-back", "done", prev, cur
-    if opts.service:
+    _switch(ssh, model_dir, prev, cur, note)
+    if service:
         _restart_service(ssh, manifest)
+    return prev, cur
 
 
 def _flash_steps(ssh: SSH, bundle: Path, manifest: dict[str, Any], expected: dict[str, str], model_dir: str,
@@ -622,77 +630,115 @@ def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResul
                       lambda h, why: HostResult(h.label, "refused", "host key", version_of(manifest), message=why))
 
 
-# Run by the device's python (3.6+, standard library) in the install root: one "model|health" line per model whose
-# service serves (flash --service --serve), from its /readyz and /metrics on the device's loopback.
+# Run by the device's python (3.6+, standard library) in the install root as `python - WAIT [MODEL SERVE]`: one
+# "model|health" line per model whose service serves (flash --service --serve writes service.json), or for MODEL
+# serving on SERVE ([HOST:]PORT) alone, from /readyz and /metrics on the device's loopback; it asks again every
+# 0.5 s until every one is ready or WAIT seconds have passed (0: once); exit 0 when all are ready.
 HEALTH_PROBE = r"""
-import json, os, re, urllib.error, urllib.request
-for m in sorted(os.listdir(".")):
-    path = os.path.join(m, "service.json")
-    if not os.path.isfile(path):
-        continue
+import json, os, re, sys, time, urllib.error, urllib.request
+
+
+def where(m):
     try:
-        serve = json.load(open(path)).get("serve")
-    except ValueError:
-        continue
-    if not serve:
-        continue
+        return json.load(open(os.path.join(m, "service.json"))).get("serve")
+    except (OSError, ValueError):
+        return None
+
+
+def token_of(m):
+    path = os.path.join(m, "service.env")
+    if os.path.isfile(path):
+        for line in open(path):
+            k, _, v = line.strip().partition("=")
+            if k == "EDGEPORT_TOKEN":
+                return v.strip().strip("'\"")
+    return ""
+
+
+def probe(m, serve):
     host, _, port = serve.rpartition(":")
     host = host.strip("[]")
     host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     base = "http://%s:%s" % ("[%s]" % host if ":" in host else host, port)
-    token = ""
-    env = os.path.join(m, "service.env")
-    if os.path.isfile(env):
-        for line in open(env):
-            k, _, v = line.strip().partition("=")
-            if k == "EDGEPORT_TOKEN":
-                token = v.strip().strip("'\"")
     try:
         try:
             body = urllib.request.urlopen(base + "/readyz", timeout=3).read()
         except urllib.error.HTTPError as e:
             body = e.read()
         ready = json.loads(body.decode())
-        text = "ready" if ready.get("ready") else "not ready (%s)" % ", ".join(
-            "%s: %s" % (k, v["detail"]) for k, v in sorted(ready["checks"].items()) if not v["ok"])
+        if not ready.get("ready"):
+            return False, "not ready (%s)" % ", ".join(
+                "%s: %s" % (k, v["detail"]) for k, v in sorted(ready["checks"].items()) if not v["ok"])
+        token = token_of(m)
         req = urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer " + token} if token else {})
         metrics = urllib.request.urlopen(req, timeout=3).read().decode()
+
         def value(pattern):
             found = re.search(r"^edgeport_%s (\S+)$" % pattern, metrics, re.M)
             return float(found.group(1)) if found else 0.0
-        text += ", %.1f FPS, %d frames, inference p50 %.1f ms" % (
+        return True, "ready, %.1f FPS, %d frames, inference p50 %.1f ms" % (
             value("fps"), value("frames_total"), value(r'inference_latency_ms\{quantile="0.5"\}'))
     except Exception as e:
-        text = "not answering on %s (%s)" % (serve, getattr(e, "reason", e))
+        return False, "not answering on %s (%s)" % (serve, getattr(e, "reason", e))
+
+
+wait = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+if len(sys.argv) > 3:
+    models = [(sys.argv[2], sys.argv[3])]
+else:
+    models = [(m, where(m)) for m in sorted(os.listdir(".")) if os.path.isdir(m)]
+models = [(m, s) for m, s in models if s]
+end = time.time() + wait
+while True:
+    seen = [(m,) + probe(m, s) for m, s in models]
+    if all(ok for _, ok, _ in seen) or time.time() >= end:
+        break
+    time.sleep(0.5)
+for m, ok, text in seen:
     print("%s|%s" % (m, text))
+sys.exit(0 if all(ok for _, ok, _ in seen) else 1)
 """
 
 
+def probe_health(ssh: SSH, root: str, wait: float = 0.0, model: str | None = None,
+                 serve: str | None = None) -> dict[str, tuple[bool, str]]:
+    """{model: (ready, health text)} of the services under ``root`` (or of ``model`` serving on ``serve``), read
+    on the device's loopback through this SSH session; waits up to ``wait`` seconds for them to be ready."""
+    args = [f"{wait:g}"] + ([model, serve] if model and serve else [])
+    r = ssh.run(f"cd {_q(root)} 2>/dev/null && {_q(ssh.host.python)} - {' '.join(shlex.quote(a) for a in args)}",
+                stdin=HEALTH_PROBE.encode(), check=False, timeout=wait + 60, step="status")
+    found = {}
+    for line in r.stdout.decode(errors="replace").splitlines():
+        name, sep, text = line.partition("|")
+        if sep:
+            found[name] = (text.startswith("ready"), text)
+    return found
+
+
 def status(hosts: list[Host], opts: FlashOptions) -> list[dict[str, Any]]:
-    """What runs where: per host and model, the current and previous versions, their target, the service and,
-    where it serves (flash --service --serve), its health and a few metrics, read on the device's loopback."""
+    """What runs where: per host and model, the current and previous versions, their target, the service,
+    history.log's last line and, where it serves (flash --service --serve), its health and a few metrics, read on
+    the device's loopback."""
     script = (f"cd {_q(opts.root)} 2>/dev/null || exit 0; for m in */; do m=${{m%/}}; [ -d \"$m\" ] || continue; "
               "c=$(readlink \"$m/current\"); p=$(readlink \"$m/previous\"); "
               "s=$( (systemctl is-active edgeport-$m.service || systemctl --user is-active edgeport-$m.service) "
               "2>/dev/null | head -n1); n=$(find \"$m\" -mindepth 1 -maxdepth 1 -type d ! -name '*.partial' | wc -l); "
-              "echo \"$m|$c|$p|${s:-none}|$n\"; done")
+              "l=$(tail -n 1 \"$m/history.log\" 2>/dev/null); echo \"$m|$c|$p|${s:-none}|$n|$l\"; done")
 
     def row(h: Host, model: str = "-", cur: str = "-", prev: str = "-", svc: str = "-", n: int = 0,
-            error: str = "", health: str = "-") -> dict[str, Any]:
+            error: str = "", health: str = "-", last: str = "-") -> dict[str, Any]:
         return {"host": h.label, "model": model, "current": cur or "-", "previous": prev or "-", "service": svc,
-                "health": health, "versions": n, "error": error}
+                "health": health, "versions": n, "last_rollout": last or "-", "error": error}
 
     def one(h: Host) -> list[dict[str, Any]]:
         try:
             with session(h, opts) as ssh:
                 out = ssh.run(script, step="status").stdout.decode().splitlines()
-                probe = ssh.run(f"cd {_q(opts.root)} 2>/dev/null && {_q(h.python)} -", stdin=HEALTH_PROBE.encode(),
-                                check=False, step="status") if out else None
+                health = probe_health(ssh, opts.root) if out else {}
         except StepError as e:
             return [row(h, error=str(e))]
-        health = dict(ln.split("|", 1) for ln in (probe.stdout.decode().splitlines() if probe else []) if "|" in ln)
-        rows = [row(h, m, c, p, s, int(n or 0), health=health.get(m, "-"))
-                for m, c, p, s, n in (ln.split("|") for ln in out)]
+        rows = [row(h, m, c, p, s, int(n or 0), health=health.get(m, (False, "-"))[1], last=last)
+                for m, c, p, s, n, last in (ln.split("|", 5) for ln in out)]
         return rows or [row(h, error="nothing flashed")]
 
     per_host = over_hosts(hosts, opts, one, lambda h, why: [row(h, error=why)])

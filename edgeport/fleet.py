@@ -341,7 +341,8 @@ def step(action: str, spec: dict[str, Any], settings: dict[str, Any]) -> tuple[b
         return False, rec
     if opts.serve and "not started" in str(res.details.get("service", "")):
         opts.serve = None  # no systemd there: nothing serves yet, so only the parity smoke test can gate
-    ok, why = health_gate(host, opts, manifest, float(settings.get("health_timeout", 30)))
+    ran = res.details.get("selftest") if res.status == "flashed" else None  # flash's own, in this folder
+    ok, why = health_gate(host, opts, manifest, float(settings.get("health_timeout", 30)), ran)
     rec["health"] = why
     if ok:
         return True, rec
@@ -368,48 +369,41 @@ def _current_manifest(host: Any, opts: Any) -> dict[str, Any]:
     return {"model": {"name": out[0].rstrip("/") if out else "?"}, "target": "?", "precision": "?"}
 
 
-def health_gate(host: Any, opts: Any, manifest: dict[str, Any], timeout: float) -> tuple[bool, str]:
+def health_gate(host: Any, opts: Any, manifest: dict[str, Any], timeout: float,
+                selftest: str | None = None) -> tuple[bool, str]:
     """(passed, what was seen): the parity smoke test (``runner.py --selftest`` in ``current``: golden frames
-    against PyTorch's and the build host's outputs) and, where the host serves, ``/readyz`` within ``timeout``."""
+    against PyTorch's and the build host's outputs; ``selftest`` is its line when the flash just ran it in this
+    very folder, so it is not run twice) and, where the host serves, ``/readyz`` within ``timeout`` (flash's
+    device-side health probe). One SSH session, none when there is nothing left to ask."""
     import shlex
 
-    from edgeport.flash import _model_dir, _q, session
+    from edgeport.flash import _model_dir, _q, probe_health, session
 
+    if selftest is not None and not opts.serve:
+        return True, f"parity smoke test passed ({selftest})"
     model_dir = _model_dir(manifest, opts.root)
     with session(host, opts) as ssh:
-        st = ssh.run(f"cd {_q(model_dir)}/current && {shlex.quote(host.python)} runner.py --selftest", check=False,
-                     timeout=600, step="health")
-        lines = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
-        if st.returncode != 0:
-            return False, f"parity smoke test: {lines[-1] if lines else 'exit %d' % st.returncode}"
+        if selftest is None:
+            st = ssh.run(f"cd {_q(model_dir)}/current && {shlex.quote(host.python)} runner.py --selftest",
+                         check=False, timeout=600, step="health")
+            lines = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
+            if st.returncode != 0:
+                return False, f"parity smoke test: {lines[-1] if lines else 'exit %d' % st.returncode}"
         if not opts.serve:
             return True, "parity smoke test passed"
-        from edgeport.runner.serve import parse_bind
-
-        bind, port = parse_bind(opts.serve)
-        bind = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
-        probe = (f"import time, urllib.request\nend = time.time() + {timeout}\nwhile True:\n    try:\n"
-                 f"        urllib.request.urlopen('http://{bind}:{port}/readyz', timeout=3).read()\n"
-                 "        print('ready')\n        break\n    except Exception as e:\n"
-                 "        if time.time() > end:\n            print('not ready: %s' % getattr(e, 'reason', e))\n"
-                 "            raise SystemExit(1)\n        time.sleep(0.5)\n")
-        r = ssh.run(f"{shlex.quote(host.python)} -", stdin=probe.encode(), check=False, timeout=timeout + 30,
-                    step="health")
-        said = r.stdout.decode(errors="replace").strip().splitlines()
-        if r.returncode != 0:
-            return False, f"/readyz on {bind}:{port}: {said[-1] if said else 'no answer'} within {timeout:g} s"
-        return True, f"parity smoke test passed, /readyz on {bind}:{port} ready"
+        model = manifest["model"]["name"]
+        ok, said = probe_health(ssh, opts.root, timeout, model, opts.serve).get(model, (False, "no answer"))
+        if not ok:
+            return False, f"/readyz on {opts.serve}: {said} within {timeout:g} s"
+        return True, f"parity smoke test passed, /readyz on {opts.serve}: {said}"
 
 
 def _roll_back(host: Any, opts: Any, manifest: dict[str, Any], why: str) -> str:
-    from edgeport.flash import _links, _model_dir, _restart_service, _switch, session
+    from edgeport.flash import _model_dir, return_to_previous, session
 
-    model_dir = _model_dir(manifest, opts.root)
     with session(host, opts) as ssh:
-        cur, prev = _links(ssh, model_dir)
-        _switch(ssh, model_dir, prev, cur, f"rolled back: {why}")
-        if opts.service:
-            _restart_service(ssh, manifest)
+        prev, _ = return_to_previous(ssh, manifest, _model_dir(manifest, opts.root), opts.service,
+                                     f"rolled back: {why}")
     return f"rolled back to {prev}"
 
 
@@ -463,28 +457,17 @@ def flash_many(bundle: Path, manifest: dict[str, Any], hosts: list[Any], opts: A
 
 
 def fleet_status(inventory: str, known_hosts: str) -> list[dict[str, Any]]:
-    """Per inventory host: current and previous version, service and health (edgeport.flash.status), and the
-    last rollout (history.log's last line)."""
-    from edgeport.flash import FlashOptions, _q, session, status
+    """Per inventory host: current and previous version, service, health and the last rollout (history.log's last
+    line), all from edgeport.flash.status (one SSH session per host)."""
+    from edgeport.flash import FlashOptions, status
 
     rows = []
     for name, v in inventory_hosts(load_inventory(inventory)).items():
         spec = {"name": name, "address": v.get("ansible_host", name), "user": v.get("ansible_user", ""),
                 "port": v.get("ansible_port", 22), "identity": v.get("ansible_ssh_private_key_file", ""),
                 "python": v.get("edgeport_python", "python3")}
-        host = _host(spec)
         opts = FlashOptions(root=v.get("edgeport_root", "~/edgeport"), known_hosts=Path(known_hosts).expanduser())
-        for row in status([host], opts):
-            last = "-"
-            if not row["error"]:
-                try:
-                    with session(host, opts) as ssh:
-                        out = ssh.run(f"tail -n 1 {_q(opts.root)}/{row['model']}/history.log", check=False,
-                                      step="status").stdout.decode().strip()
-                    last = out or "-"
-                except DeviceError as e:
-                    last = str(e)
-            rows.append({**row, "host": name, "groups": v["groups"], "last_rollout": last})
+        rows += [{**row, "host": name, "groups": v["groups"]} for row in status([_host(spec)], opts)]
     return rows
 
 

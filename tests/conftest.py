@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,13 @@ def camvid() -> Path:
     if not (CAMVID / "val").is_dir():
         pytest.fail(f"CamVid is missing at {CAMVID}; the tests read real frames from ../shared")
     return CAMVID
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago (nothing listens there unless bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -15,15 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import make_device_venv
+from tests.conftest import free_port, make_device_venv
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_devices(d: Path, n: int) -> dict[str, Any] | str:
@@ -61,7 +55,7 @@ def start_devices(d: Path, n: int) -> dict[str, Any] | str:
         subprocess.run(["rm", "-rf", str(root)], check=True)
         hk = d / f"host_key{i}"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)], check=True)
-        port = _free_port()
+        port = free_port()
         cfg = d / f"sshd_config{i}"
         cfg.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {keys}\n"
                        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"

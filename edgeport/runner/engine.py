@@ -4,6 +4,7 @@ Python 3.6 syntax; numpy, cv2, the standard library and the bundle's runtime onl
 single runner.py (edgeport.bundle.RUNNER_PARTS, in order), where every part's names are one module's.
 """
 import math
+import os
 import queue
 import sys
 import threading
@@ -93,6 +94,15 @@ def max_rss_mb():
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0), 1)
+
+
+def resident_bytes():
+    """This process's resident memory now, in bytes (Linux /proc; 0 elsewhere); max_rss_mb is its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class LatencyStats(object):

@@ -7,6 +7,7 @@ import json
 import queue
 import signal
 import sys
+import threading
 import time
 
 import cv2
@@ -56,6 +57,7 @@ def run_loop(args, manifest, rt, quiet=False, service=None):
     lat, e2e = LatencyStats(), LatencyStats()
     state = {"next": 1, "emitted": 0, "pre_s": 0.0, "post_s": 0.0, "pre_cpu": 0.0, "post_cpu": 0.0}
     t0 = time.time()
+    submit_lock = service.engine_lock if service is not None else threading.Lock()
     if service is not None:
         service.bind_loop(lat=lat, e2e=e2e, state=state, grabber=grabber, source=source, t0=t0)
         service.attach_engine(engine, in_name, task_part(spec["task"])(manifest, args))
@@ -114,10 +116,7 @@ def run_loop(args, manifest, rt, quiet=False, service=None):
             state["pre_s"] += t_sub - t_cap
             state["pre_cpu"] += thread_cpu() - c_pre
             meta[seq] = (frame, geom, t_cap, t_sub)
-            if service is not None:
-                with service.engine_lock:  # POST /infer submits too
-                    engine.submit({in_name: x}, seq)
-            else:
+            with submit_lock:  # the service's POST /infer submits too
                 engine.submit({in_name: x}, seq)
             drain(False)
         engine.wait_all()

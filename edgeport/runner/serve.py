@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlparse
 import cv2
 import numpy as np
 
-from edgeport.runner.engine import LatencyStats, make_async
+from edgeport.runner.engine import LatencyStats, make_async, resident_bytes
 from edgeport.runner.manifest import RunnerError
 from edgeport.runner.outputs import draw_overlay
 from edgeport.runner.preprocess import preprocess
@@ -385,15 +385,6 @@ function poll(){fetch("readyz").then(function(r){return r.json()}).then(function
 setInterval(poll,2000);poll();
 </script></body></html>
 """
-
-
-def resident_bytes():
-    """This process's resident memory in bytes (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class _Handler(BaseHTTPRequestHandler):

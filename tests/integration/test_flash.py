@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_openvino, needs_torch, run_cli
+from tests.conftest import free_port, needs_openvino, needs_torch, run_cli
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = [needs_torch, needs_openvino,
               pytest.mark.skipif(not (os.path.exists(SSHD) and shutil.which("ssh")),
                                  reason="openssh-server is not installed (.ci/run installs it)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def sshd(tmp_path_factory):
                     "-C", "edgeport-test"], check=True)
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
     os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {d / 'host_key'}
@@ -210,7 +204,7 @@ def test_service_unit_and_parallel_hosts(sshd, bundles, openvino_venv, tmp_path)
     subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd['port']}", "-f", str(sshd["known_hosts"])],
                    capture_output=True)
     root, units = tmp_path / "device", tmp_path / "units"
-    dead = _free_port()  # nothing listens there
+    dead = free_port()  # nothing listens there
     inv = tmp_path / "hosts.toml"
     inv.write_text(f'[[host]]\nname = "cam-1"\naddress = "{sshd["host"]}"\nport = {sshd["port"]}\n'
                    f'python = "{openvino_venv}"\n\n[[host]]\nname = "cam-2"\naddress = "{sshd["host"]}"\n'
@@ -274,7 +268,7 @@ def test_flash_service_serve_runs_and_devices_status_reads_its_health(sshd, bund
 
     subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd['port']}", "-f", str(sshd["known_hosts"])],
                    capture_output=True)
-    root, units, port = tmp_path / "device", tmp_path / "units", _free_port()
+    root, units, port = tmp_path / "device", tmp_path / "units", free_port()
     res = _flash(sshd, root, str(bundles["a"]), "--serve", "8080", python=openvino_venv)
     assert res.returncode == 2 and "--serve configures the runner service: add --service" in res.stderr
     res = _flash(sshd, root, str(bundles["a"]), "--accept-fingerprint", sshd["fingerprint"], "--service",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import has, needs_openvino, needs_torch, run_cli
-from tests.fleet_devices import _free_port, start_devices, stop_devices, write_inventory
+from tests.conftest import free_port, has, needs_openvino, needs_torch, run_cli
+from tests.fleet_devices import start_devices, stop_devices, write_inventory
 from tests.integration.test_flash import SSHD, bundles  # noqa: F401 (the module's bundle fixture)
 
 N = 6
@@ -94,7 +94,7 @@ def test_staged_rollout_canary_health_gate_and_fleet_rollback(fleet, bundles, tm
 
     # the second batch's host fails its health gate (its service never answers): it rolls back by itself,
     # and the rollout stops there (max_fail_percentage 0)
-    dead = _free_port()
+    dead = free_port()
     bad_inv = _inventory(fleet, tmp_path / "gate.ini", {"dev2": f"edgeport_serve=127.0.0.1:{dead}"})
     res, rows = _fleet(fleet, "rollout", str(bundles["b"]), "--inventory", str(bad_inv), "--health-timeout", "2")
     assert res.returncode != 0

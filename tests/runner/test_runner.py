@@ -10,7 +10,6 @@ import http.server
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import device_env, needs_openvino, needs_torch
+from tests.conftest import device_env, free_port, needs_openvino, needs_torch
 
 pytestmark = [needs_torch, needs_openvino]
 
@@ -89,15 +88,9 @@ def test_truncated_video_is_a_clear_error(openvino_venv, bundle, camvid_video, t
     assert 0 < summary_of(res.stderr)["frames"] < 101 and "Traceback" not in res.stderr
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_rtsp_and_missing_camera(openvino_venv, bundle):
     t = time.time()
-    res = runner(openvino_venv, bundle, f"rtsp://127.0.0.1:{_closed_port()}/live", "--headless", "--timeout", "3")
+    res = runner(openvino_venv, bundle, f"rtsp://127.0.0.1:{free_port()}/live", "--headless", "--timeout", "3")
     assert res.returncode != 0 and time.time() - t < 60
     errors = error_lines(res.stderr)
     assert len(errors) == 1 and "cannot open stream rtsp://127.0.0.1" in errors[0], res.stderr
