@@ -113,6 +113,8 @@ def main() -> int:
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
+            if proc.poll() is not None:  # not ours that answers (the port is taken), or it failed to start
+                raise SystemExit(f"the runner exited {proc.returncode} before it was ready")
             try:
                 metric(args.port, "ready")
                 break
@@ -127,9 +129,14 @@ def main() -> int:
                 rows[kind].append(r)
                 print(f"window {i + 1} {kind:6s}: runner {r['fps']:.1f} FPS, RSS {r['rss_mb']:.1f} MB, stream frames "
                       f"{r['frames']}, /infer ok {r['infer_ok']}, errors {r['errors']}", flush=True)
-    finally:
+    except BaseException:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
+        print(f"the runner exited {proc.returncode}; its last words:\n" + "\n".join(err.splitlines()[-15:]),
+              file=sys.stderr)
+        raise
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
     idle = statistics.median(r["fps"] for r in rows["idle"])
     loaded = statistics.median(r["fps"] for r in rows["loaded"])
     rss = [r["rss_mb"] for k in ("idle", "loaded") for r in rows[k]]

@@ -48,6 +48,7 @@ SERVE_MAX_BODY = 10 * 1024 * 1024
 SWITCH_INTERVAL = 0.0005  # seconds (Python's default is 0.005)
 STREAM_FPS = 15.0  # the live view's rate: enough to watch, cheap beside a fast camera loop
 INFER_TIMEOUT = 30.0
+HANDLER_NICE = 10  # added to a request thread's nice value: the camera loop's threads come first for the CPUs
 OPEN_PATHS = ("/healthz", "/readyz")  # probes answer without the token: they reveal nothing but liveness
 
 
@@ -394,6 +395,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # quiet: the metrics count requests
         pass
+
+    def setup(self):
+        # On Linux a thread's nice value is its own: a request's decoding, drawing and encoding yield the CPUs to
+        # the camera loop when both want them (elsewhere this changes the whole process, so it is not done).
+        if HANDLER_NICE and sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + HANDLER_NICE)
+            except (AttributeError, OSError):
+                pass
+        BaseHTTPRequestHandler.setup(self)
 
     def _send(self, code, body, ctype="application/json", headers=()):
         if isinstance(body, (dict, list)):
