@@ -206,11 +206,11 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
     from 100 is gated like a task metric's."""
     backend = get_backend(group.backend)
     ev = Stage(build_dir, f"evaluation/{group.backend}-{group.precision}",
-               {"artifact": stage.key, "val": val.data.sha256, "format": STAGE_FORMAT,
+               {"artifact": stage.key, "val": val.data.sha256, "split": val.split, "format": STAGE_FORMAT,
                 "agreement_gate": agreement_gate and not val.data.labelled, "pruned": val.pruned is not None})
 
     def run(tmp: Path) -> dict[str, Any]:
-        from edgeport.evaluate import primary, task_metrics
+        from edgeport.evaluate import SPLITS, primary, task_metrics
 
         art = _artifacts_from_dict(info["artifacts"], stage.dir)
         task = get_task(spec.task)
@@ -240,7 +240,7 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
                 "drop": report["drop"], "agreement": report["agreement"], "source": val.data.source,
                 "drop_vs_pruned": report.get("drop_vs_pruned"),
                 "count": report["count"], "halves": halves,
-                "split": "even positions select, odd positions report" if len(val.data) > 1 else "one image: no split",
+                "split": SPLITS[val.split] if len(val.data) > 1 else "one image: no split",
                 "whole": {"metrics": task_metrics(got, val.data, spec.layout), "reference": val.metrics,
                           "count": len(val.data)}}
 

@@ -13,7 +13,7 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
     [calibration]  source, max_images
     [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
                    ignored_types, accuracy_control, max_drop, method
-    [validation]   images, labels, max_images, tolerance.<output>[@<precision>] (max_abs, max_rel,
+    [validation]   images, labels, max_images, split, tolerance.<output>[@<precision>] (max_abs, max_rel,
                    min_cosine, min_sqnr_db, min_agreement)
     [build]        targets, precision, out, build_dir
 """
@@ -172,12 +172,20 @@ class ValidationConfig:
     images: str | None = None
     labels: str | None = None
     max_images: int = 500
+    # How the set is split into a selection half (tuning) and a report half (gate, headline): "blocks" (the first
+    # half of each folder in sorted order selects: a video's neighbouring frames stay on one side) or "alternate"
+    split: str = "blocks"
     # Per-output tolerance overrides for `edgeport validate`. Keys: an output name, "*" for every
     # output, either one suffixed with "@<precision>" to apply to that precision only.
     tolerance: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str = "validation") -> None:
-        """ConfigError naming a bad tolerance entry."""
+        """ConfigError naming a bad tolerance entry or split."""
+        from edgeport.evaluate import SPLITS
+
+        if self.split not in SPLITS:
+            raise ConfigError(f"{where}: 'validation.split' = {self.split!r}: one of {', '.join(SPLITS)}"
+                              f"{close_match(str(self.split), SPLITS)}")
         for key, entry in self.tolerance.items():
             if not isinstance(entry, dict):
                 raise ConfigError(f"{where}: 'validation.tolerance.{key}' must be a table, e.g. "

@@ -52,11 +52,13 @@ class LabelledSet:
         return self.targets is not None
 
     def subset(self, idx: list[int]) -> LabelledSet:
-        """The samples at ``idx`` (NNCF's accuracy control ranks layers on subsets)."""
+        """The samples at ``idx`` (NNCF's accuracy control ranks layers on subsets); its sha256 is the set's and
+        the indices', so a build cache keyed by a subset (the selection half) sees a different split."""
         t = [self.targets[i] for i in idx] if isinstance(self.targets, list) else \
             None if self.targets is None else np.asarray(self.targets)[idx]
+        sha = hashlib.sha256(f"{self.sha256}|{','.join(str(int(i)) for i in idx)}".encode()).hexdigest()
         return LabelledSet(self.source, self.task, self.inputs[idx], t, [self.geometries[i] for i in idx],
-                           [self.names[i] for i in idx], self.sha256, self.ignore_index, 0, [], self.spec)
+                           [self.names[i] for i in idx], sha, self.ignore_index, 0, [], self.spec)
 
     def summary(self) -> dict[str, Any]:
         """Manifest form."""
@@ -167,12 +169,43 @@ def pack(outs: dict[str, np.ndarray], ds: LabelledSet) -> np.ndarray:
     return get_task(ds.task).pack(outs, list(outs), ds.spec)
 
 
-def halves(n: int) -> dict[str, list[int]]:
-    """Honest selection's split of a set of ``n`` samples in its sorted order: {"selection": even positions,
-    "report": odd positions}; a set of one is not split (both halves are that sample)."""
+SPLITS = {"blocks": "the first half of each folder in sorted order selects, the second half reports",
+          "alternate": "even positions select, odd positions report"}
+
+
+def halves(n: int, split: str = "blocks", groups: list[str] | None = None) -> dict[str, list[int]]:
+    """Honest selection's split of a set of ``n`` samples in its sorted order into {"selection": indices,
+    "report": indices}; a set of one is not split (both halves are that sample).
+
+    ``blocks`` (the default): within each group (``groups[i]`` is sample i's: its class folder; one group when
+    None), the first half in sorted order selects and the second half reports (the odd one out selects), so the
+    frames of one video stay on one side: neighbouring frames are near copies, and a split that alternates them
+    lets the report half see what the selection half tuned on. ``alternate``: even positions select, odd
+    positions report (for sets of independent images)."""
     if n < 2:
         return {"selection": list(range(n)), "report": list(range(n))}
-    return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
+    if split == "alternate":
+        return {"selection": list(range(0, n, 2)), "report": list(range(1, n, 2))}
+    if split != "blocks":
+        raise ValueError(f"unknown split {split!r}: one of {', '.join(SPLITS)}")
+    members: dict[str, list[int]] = {}
+    for i in range(n):
+        members.setdefault(groups[i] if groups else "", []).append(i)
+    out: dict[str, list[int]] = {"selection": [], "report": []}
+    for idx in members.values():
+        cut = (len(idx) + 1) // 2
+        out["selection"] += idx[:cut]
+        out["report"] += idx[cut:]
+    if not out["report"]:  # every group of one sample: alternate over the groups instead
+        return halves(n, "alternate")
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def split_halves(ds: LabelledSet, split: str = "blocks") -> dict[str, list[int]]:
+    """:func:`halves` of a loaded set, its groups being the samples' folders (a classification set's classes)."""
+    import posixpath
+
+    return halves(len(ds), split, [posixpath.dirname(name) for name in ds.names])
 
 
 def score(got: np.ndarray, fp32: np.ndarray, ds: LabelledSet, layout: str) -> tuple[str, float]:

@@ -389,22 +389,29 @@ def _check_input_dependence(cfg: ProjectConfig, x: np.ndarray, ref: dict[str, np
 class ValidationRef:
     """The labelled validation set with the FP32 reference's outputs and metrics on it.
 
-    Honest selection: the set is split deterministically (in its sorted order, even positions form the
-    selection half, odd positions the report half). Whatever is tuned (accuracy control, the float fallback)
-    sees only the selection half; the INT8 gate and the headline figures use the report half, which chose
-    nothing. A set of one image is not split (both halves are that image, and the report says so)."""
+    Honest selection: the set is split deterministically (edgeport.evaluate.halves: by default the first half
+    of each folder in sorted order selects and the second half reports, so a video's neighbouring frames stay on
+    one side; ``[validation] split = "alternate"`` takes even and odd positions). Whatever is tuned (accuracy
+    control, the float fallback) sees only the selection half; the INT8 gate and the headline figures use the
+    report half, which chose nothing. A set of one image is not split (both halves are that image, and the
+    report says so)."""
 
     data: LabelledSet
     outputs: np.ndarray  # the reference's outputs as the task packs them: the exported ONNX's, or when pruning
     metrics: dict[str, float]  # the original (unpruned) model's; its metrics on the whole set
     pruned: np.ndarray | None = None  # when pruning: the pruned export's outputs (what every artifact converts)
+    split: str = "blocks"  # [validation] split
     _memo: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def _halves(self) -> dict[str, list[int]]:
+        from edgeport.evaluate import split_halves
+
+        return split_halves(self.data, self.split)
 
     def halves(self) -> dict[str, list[int]]:
         """{"selection": indices, "report": indices} into the set (edgeport.evaluate.halves)."""
-        from edgeport.evaluate import halves
-
-        return halves(len(self.data))
+        return self._halves
 
     @functools.cached_property
     def selection(self) -> LabelledSet:
@@ -449,7 +456,7 @@ class ValidationRef:
 
 
 def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: Stage,
-                      export_info: dict[str, Any], build_dir: Path) -> ValidationRef | None:
+                      export_info: dict[str, Any], build_dir: Path, split: str = "blocks") -> ValidationRef | None:
     """Score the FP32 reference on the labelled set (cached by content)."""
     from edgeport.evaluate import task_metrics
 
@@ -477,7 +484,7 @@ def _validation_stage(data: LabelledSet | None, spec: InputSpec, export_stage: S
     info, _ = stage.run(run)
     pruned = stage.dir / "pruned.npy"
     ref = ValidationRef(data, np.load(stage.dir / "reference.npy"), info["metrics"],
-                        np.load(pruned) if pruned.is_file() else None)
+                        np.load(pruned) if pruned.is_file() else None, split)
     log.info("validation set: %d images from %s; %s", len(data), data.source,
              f"FP32 reference {_fmt_metrics(ref.metrics)}" if data.labelled else "no labels: agreement only")
     return ref
@@ -599,7 +606,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     reference = art.Reference.load(export_stage.dir / "reference.npz")
     clock.append(StageTime("ONNX export + parity", f"opset {opset}", time.time() - t0, export_cached))
     t0 = time.time()
-    val = _validation_stage(val_data, spec, export_stage, export_info, build_dir)
+    val = _validation_stage(val_data, spec, export_stage, export_info, build_dir, cfg.validation.split)
     if val is not None:
         clock.append(StageTime("FP32 reference on the validation set", f"{len(val.data)} images",
                                time.time() - t0, False))

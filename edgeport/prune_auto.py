@@ -88,7 +88,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
     when no ratio of the grid stays within max_drop on the selection half."""
     import torch
 
-    from edgeport.evaluate import halves
+    from edgeport.evaluate import split_halves
     from edgeport.export import named_outputs
     from edgeport.model import first_forward, load_model
     from edgeport.optimize import measure, prune
@@ -97,7 +97,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
     spec = cfg.input
     opt = cfg.optimize
     max_drop = cfg.quantize.max_drop
-    sel = val.subset(halves(len(val))["selection"])
+    sel = val.subset(split_halves(val, cfg.validation.split)["selection"])
     original = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
     example = torch.from_numpy(images.data[:1].copy())
     outputs = [n for n, _ in named_outputs(first_forward(original, example))]

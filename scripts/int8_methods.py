@@ -1,7 +1,8 @@
 """Emulated TensorRT INT8 accuracy per activation-range method, chosen on one half and reported on the other.
 
-The labelled validation set is split deterministically (sorted file order: even positions are the
-selection half, odd positions the report half). For each range method the Q/DQ model is written by
+The labelled validation set is split deterministically as the build splits it (edgeport.evaluate.halves,
+the config's [validation] split: by default the first half of the sorted frames selects, the second half
+reports). For each range method the Q/DQ model is written by
 edgeport's own producer and run in ONNX Runtime on both halves; the method with the best selection-half
 metric is the one to make the default, and its report-half figure is the honest one. A printed table,
 not a test. Run after a build of the project (it reads the build folder's ONNX and calibration set):
@@ -42,7 +43,7 @@ def main() -> None:
     from edgeport.backends.tensorrt import qdq
     from edgeport.backends.tensorrt.ranges import METHODS, collect_ranges
     from edgeport.config import load_config, resolve_path
-    from edgeport.evaluate import load_labelled, primary, task_metrics
+    from edgeport.evaluate import load_labelled, primary, split_halves, task_metrics
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python "
                                  "scripts/int8_methods.py --config examples/camvid/edgeport.toml")
@@ -59,7 +60,7 @@ def main() -> None:
     calib = np.load(_latest(build / "calibration", "data.npy"))[:args.images]
     data = load_labelled(cfg.validation.images, cfg.validation.labels, cfg.input,
                          max_images=cfg.validation.max_images, root=cfg.root)
-    halves = {"selection": list(range(0, len(data), 2)), "report": list(range(1, len(data), 2))}
+    halves = split_halves(data, cfg.validation.split)
     sets = {h: data.subset(idx) for h, idx in halves.items()}
     print(f"model {onnx_path}; calibration {len(calib)} images; {data.source}: selection {len(halves['selection'])}"
           f", report {len(halves['report'])} images")

@@ -126,21 +126,33 @@ class Segmentation(Task):
 
 def segmentation_metrics(masks: list[np.ndarray], ds: LabelledSet, n_classes: int) -> dict[str, float]:
     """mIoU over the classes present in labels or predictions, and pixel accuracy, at label resolution."""
-    conf = np.zeros((n_classes, n_classes), np.int64)
-    for mask, label, geom in zip(masks, ds.targets, ds.geometries):
+    return {**scores_of(confusions(masks, ds, n_classes).sum(0)), "count": len(masks)}
+
+
+def confusions(masks: list[np.ndarray], ds: LabelledSet, n_classes: int) -> np.ndarray:
+    """(N, classes, classes) int64: each frame's confusion matrix (label row, prediction column) at label
+    resolution, ignored pixels left out; their sum scores the set, a resample of them a bootstrap."""
+    conf = np.zeros((len(masks), n_classes, n_classes), np.int64)
+    for i, (mask, label, geom) in enumerate(zip(masks, ds.targets, ds.geometries)):
         pred = mask_to_frame(mask, geom, label.shape[:2]).astype(np.int64)
         label = label.astype(np.int64)
         keep = (label >= 0) & (label < n_classes)
         if ds.ignore_index is not None:
             keep &= label != ds.ignore_index
-        conf += np.bincount(label[keep] * n_classes + pred[keep], minlength=n_classes ** 2).reshape(n_classes,
-                                                                                                    n_classes)
+        conf[i] = np.bincount(label[keep] * n_classes + pred[keep], minlength=n_classes ** 2).reshape(n_classes,
+                                                                                                      n_classes)
+    return conf
+
+
+def scores_of(conf: np.ndarray) -> dict[str, float]:
+    """mIoU (over the classes present in labels or predictions) and pixel accuracy, in percent, of one summed
+    confusion matrix."""
     inter = np.diag(conf).astype(np.float64)
     union = conf.sum(0) + conf.sum(1) - inter
     present = union > 0
     iou = inter[present] / union[present]
     return {"miou": 100 * float(iou.mean()) if iou.size else 0.0,
-            "pixel_acc": 100 * float(inter.sum() / max(conf.sum(), 1)), "count": len(masks)}
+            "pixel_acc": 100 * float(inter.sum() / max(conf.sum(), 1))}
 
 
 TASK = Segmentation()

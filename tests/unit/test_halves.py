@@ -1,0 +1,50 @@
+"""Honest selection's split: a video's neighbouring frames stay on one side, classes on both."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeport.config import ConfigError, ValidationConfig
+from edgeport.evaluate import LabelledSet, halves, split_halves
+
+
+def _set(names: list[str]) -> LabelledSet:
+    n = len(names)
+    return LabelledSet("test", "classification", np.zeros((n, 1), np.float32), np.zeros(n, np.int64),
+                       [{}] * n, names, "0" * 64)
+
+
+def test_blocks_keep_a_sequence_together_and_alternate_interleaves():
+    h = halves(101)
+    assert h["selection"] == list(range(51)) and h["report"] == list(range(51, 101))
+    a = halves(101, "alternate")
+    assert a["selection"] == list(range(0, 101, 2)) and a["report"] == list(range(1, 101, 2))
+    assert halves(1) == {"selection": [0], "report": [0]}
+    with pytest.raises(ValueError, match="unknown split"):
+        halves(4, "random")
+
+
+def test_blocks_split_each_class_folder_so_both_halves_see_every_class():
+    names = [f"{c}/{i:03d}.jpg" for c in ("cat", "dog", "eel") for i in range(5)]
+    h = split_halves(_set(names))
+    for c in ("cat", "dog", "eel"):
+        sel = [names[i] for i in h["selection"] if names[i].startswith(c)]
+        rep = [names[i] for i in h["report"] if names[i].startswith(c)]
+        assert len(sel) == 3 and len(rep) == 2 and max(sel) < min(rep), (c, sel, rep)
+    assert sorted(h["selection"] + h["report"]) == list(range(len(names)))
+    # groups of one sample each cannot be split within: the groups alternate instead
+    single = split_halves(_set(["a/1.jpg", "b/1.jpg", "c/1.jpg", "d/1.jpg"]))
+    assert single == {"selection": [0, 2], "report": [1, 3]}
+
+
+def test_a_subset_has_its_own_identity_so_a_new_split_is_a_new_cache_key():
+    ds = _set([f"f{i}.png" for i in range(6)])
+    first, second = ds.subset([0, 1, 2]), ds.subset([0, 2, 4])
+    assert first.sha256 != second.sha256 != ds.sha256
+    assert ds.subset([0, 1, 2]).sha256 == first.sha256
+
+
+def test_config_refuses_an_unknown_split():
+    ValidationConfig(split="alternate").validate()
+    with pytest.raises(ConfigError, match="'validation.split' = 'blocs'.*blocks"):
+        ValidationConfig(split="blocs").validate()
