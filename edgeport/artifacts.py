@@ -187,7 +187,7 @@ def fallback_summary(info: dict[str, Any]) -> dict[str, Any] | None:
     if fb:
         return {"by": "edgeport", "kept_float": fb["kept_float"], "metric": fb["metric"], "images": fb["images"],
                 "drop_before": fb["drop_before"], "drop_after": fb["drop_after"], "max_drop": fb["max_drop"],
-                "met": fb["met"]}
+                "held_after": fb.get("held_after"), "met": fb["met"]}
     q = info.get("quantization") or {}
     ac = q.get("accuracy_control")
     if ac:

@@ -217,3 +217,26 @@ def score(got: np.ndarray, fp32: np.ndarray, ds: LabelledSet, layout: str) -> tu
             return key, float(value)
     assert ds.spec is not None, "load_labelled sets the spec"
     return "agreement", 100.0 * float(get_task(ds.task).agreement(fp32, got, ds.spec))
+
+
+class DropGauge:
+    """The drop edgeport's accuracy-aware loops hold within max_drop on a selection set: the worse of the drop on
+    the whole set and on each of its two halves (split as the build splits). A decision that holds on both
+    halves of the tuning data, not only on their sum, is one the report half is likelier to confirm: a drop
+    just under max_drop on the sum whose halves disagree keeps tuning (sets of fewer than 4 samples: the whole
+    set only)."""
+
+    def __init__(self, fp32: np.ndarray, ds: LabelledSet, layout: str) -> None:
+        n = len(ds)
+        parts = [list(range(n))] + (list(split_halves(ds).values()) if n >= 4 else [])
+        self.fp32, self.layout = fp32, layout
+        self.parts = [(idx, ds.subset(idx) if len(idx) < n else ds) for idx in parts]
+        refs = [score(fp32[idx], fp32[idx], sub, layout) for idx, sub in self.parts]
+        self.key, self.reference = refs[0]
+        self.refs = [r for _, r in refs]
+
+    def __call__(self, got: np.ndarray) -> tuple[float, float]:
+        """(the drop on the whole set, the drop held: the worst of the whole and each half)."""
+        drops = [ref - score(got[idx], self.fp32[idx], sub, self.layout)[1]
+                 for ref, (idx, sub) in zip(self.refs, self.parts)]
+        return drops[0], max(drops)

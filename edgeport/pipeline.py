@@ -804,6 +804,8 @@ def fallback_line(fb: dict[str, Any]) -> str:
     lim = fb["max_drop"]
     drops = (f"{fb['metric']} drop {points(fb['drop_before'], lim)} -> {points(fb['drop_after'], lim)}"
              if fb.get("drop_before") is not None and fb.get("drop_after") is not None else "drop not measured")
+    if fb.get("held_after") is not None and fb["held_after"] > (fb.get("drop_after") or 0.0):
+        drops += f" (worse of its halves {points(fb['held_after'], lim)})"
     kept = ", ".join(fb["kept_float"]) if fb["kept_float"] else "nothing"
     return (f"accuracy-aware INT8 ({fb['by']}) kept in float: {kept}; {drops} on the selection half "
             f"({fb['images']} images, max_drop {lim:g})" + ("" if fb.get("met", True) else ", NOT met"))

@@ -48,3 +48,20 @@ def test_config_refuses_an_unknown_split():
     ValidationConfig(split="alternate").validate()
     with pytest.raises(ConfigError, match="'validation.split' = 'blocs'.*blocks"):
         ValidationConfig(split="blocs").validate()
+
+
+def test_the_loops_hold_the_worse_half_of_the_selection_set():
+    """DropGauge: 2 of 8 wrong, both in the first half: 25 points on the whole set, 50 on the first half."""
+    from edgeport.evaluate import DropGauge
+
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    ds = LabelledSet("test", "classification", np.zeros((8, 1), np.float32), labels, [{}] * 8,
+                     [f"f{i}.png" for i in range(8)], "0" * 64)
+    fp32 = np.eye(3, dtype=np.float32)[labels] * 5.0
+    got = fp32.copy()
+    got[[0, 1]] = np.eye(3, dtype=np.float32)[[2, 2]] * 5.0  # two first-half samples now wrong
+    gauge = DropGauge(fp32, ds, "NCHW")
+    assert gauge.key == "top1" and gauge.reference == pytest.approx(100.0)
+    whole, held = gauge(got)
+    assert whole == pytest.approx(25.0) and held == pytest.approx(50.0)
+    assert gauge(fp32) == (pytest.approx(0.0), pytest.approx(0.0))

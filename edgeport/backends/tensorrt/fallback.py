@@ -5,12 +5,13 @@ float means writing the Q/DQ model without it. The loop, on the selection half o
 
 1. write the Q/DQ model, run it in ONNX Runtime, measure the task metric's drop from the FP32 ONNX
    (without labels: the drop of agreement with FP32, in points);
-2. while the drop exceeds max_drop, rank the quantized weighted layers by the error each adds by
+2. while the drop exceeds max_drop (on the whole selection set or on either of its halves:
+   edgeport.evaluate.DropGauge), rank the quantized weighted layers by the error each adds by
    itself (per-channel relative squared error of its output minus that of its input, both against
    FP32, on a few images), keep the worst in float, and measure again;
-3. stop within max_drop, or after a quarter of the weighted layers (at most 12): what is kept, and
-   the drop before and after, go to the manifest whatever the outcome (the build's gate judges the
-   result on the report half).
+3. stop within max_drop on the whole set and on both halves, or after a quarter of the weighted
+   layers (at most 12): what is kept, and the drop before and after, go to the manifest whatever
+   the outcome (the build's gate judges the result on the report half).
 """
 from __future__ import annotations
 
@@ -86,33 +87,35 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
     ``keep`` left in float. Returns the report: kept layers, drops before and after, every step."""
-    from edgeport.evaluate import score
+    from edgeport.evaluate import DropGauge
 
     fp32 = _run(onnx, val)
-    key, ref = score(fp32, fp32, val, layout)
+    gauge = DropGauge(fp32, val, layout)
+    key, ref = gauge.key, gauge.reference
 
-    def drop_of() -> float:
-        return ref - score(_run(out, val), fp32, val, layout)[1]
+    def drop_of() -> tuple[float, float]:
+        return gauge(_run(out, val))
 
     quantized = write(keep)
-    before = drop = drop_of()
+    before, held = drop_of()
     kept: list[str] = []
-    steps = [{"kept": [], "drop": before}]
+    steps = [{"kept": [], "drop": before, "held": held}]
     limit = min(12, max(1, len(quantized) // 4))
     heads = sorted(last_weighted(onnx) & quantized)
-    if drop > max_drop and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
+    if held > max_drop and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
         trial = write(keep | set(heads))
         trial_drop = drop_of()
-        if trial_drop < drop:
-            kept, quantized, drop = list(heads), trial, trial_drop
-            steps.append({"kept": list(kept), "drop": drop})
-            log.info("accuracy fallback: kept the last weighted layers (%s) in float: drop %.4f", ", ".join(heads),
-                     drop)
+        if trial_drop[1] < held:
+            kept, quantized, (drop, held) = list(heads), trial, trial_drop
+            steps.append({"kept": list(kept), "drop": drop, "held": held})
+            log.info("accuracy fallback: kept the last weighted layers (%s) in float: drop %.4f (worst half %.4f)",
+                     ", ".join(heads), drop, held)
             limit += len(heads)
         else:
             quantized = write(keep)
+    drop = steps[-1]["drop"]  # the whole set's, at the step kept
     reference = None  # the FP32 tensors on the ranking images: the same at every step
-    while drop > max_drop and len(kept) < limit:
+    while held > max_drop and len(kept) < limit:
         if reference is None:
             from edgeport.localize import ort_tensors_each
 
@@ -122,11 +125,11 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
             break
         worst, added = ranked[0]
         kept.append(worst)
-        log.info("accuracy fallback: %s %.4f points over max_drop %g; keeping %s in float (adds %.3g relative "
-                 "error)", key, drop - max_drop, max_drop, worst, added)
+        log.info("accuracy fallback: %s %.4f points over max_drop %g (the selection set or its worse half); keeping "
+                 "%s in float (adds %.3g relative error)", key, held - max_drop, max_drop, worst, added)
         quantized = write(keep | set(kept))
-        drop = drop_of()
-        steps.append({"kept": list(kept), "drop": drop})
+        drop, held = drop_of()
+        steps.append({"kept": list(kept), "drop": drop, "held": held})
     return {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
-            "kept_float": kept, "steps": steps, "images": len(val), "met": drop <= max_drop,
-            "labelled": val.labelled}
+            "held_before": steps[0]["held"], "held_after": held, "kept_float": kept, "steps": steps,
+            "images": len(val), "met": held <= max_drop, "labelled": val.labelled}

@@ -318,13 +318,13 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
                       given: list[str]) -> tuple[bytes, dict[str, Any]]:
     """Keep the TFLite ops that add the most error in float (TensorFlow's selective quantization: the
     quantizer's denylisted nodes, with QUANTIZE/DEQUANTIZE around them) until the task metric's drop from
-    the float model on the selection half is within max_drop; at most a quarter of the weighted ops (12)."""
+    the float model on the selection half, and on each of its halves (edgeport.evaluate.DropGauge), is within
+    max_drop; at most a quarter of the weighted ops (12)."""
     import pickle
 
     import numpy as np
 
-    from edgeport.evaluate import pack
-    from edgeport.evaluate import score as task_score
+    from edgeport.evaluate import DropGauge, pack
 
     with open(job["val"], "rb") as f:
         val = pickle.load(f)
@@ -338,30 +338,28 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
         return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, val)
 
     fp32 = outputs(calibrated)
-
-    def score(y: Any) -> tuple[str, float]:
-        return task_score(y, fp32, val, "NHWC")
-
-    key, ref = score(fp32)
+    gauge = DropGauge(fp32, val, "NHWC")  # the whole selection set and its halves: the worst is what is held
+    key, ref = gauge.key, gauge.reference
     blob = plain
-    before = drop = ref - score(outputs(blob))[1]
+    before, held = gauge(outputs(blob))
+    drop = before
     n_weighted = sum(op["op_name"] in QUANTIZED_OPS for op in _interpreter(plain)._get_ops_details())  # noqa: SLF001
     limit = min(12, max(1, n_weighted // 4))
     kept: list[tuple[str, str]] = []
-    steps = [{"kept": [], "drop": before}]
-    _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images), "
-           f"max_drop {max_drop:g}")
+    steps = [{"kept": [], "drop": before, "held": held}]
+    _stage(f"accuracy-aware INT8: {key} drop {before:.4f} on the selection half ({len(images)} images; worse "
+           f"of its halves {held:.4f}), max_drop {max_drop:g}")
     tail = decode_tail(calibrated)
-    if drop > max_drop and tail:  # the heads and what follows them (a detector's box decoding): as one step
+    if held > max_drop and tail:  # the heads and what follows them (a detector's box decoding): as one step
         trial = quantize(calibrated, given + tail, float_outputs=True)
-        trial_drop = ref - score(outputs(trial))[1]
-        if trial_drop < drop:
-            blob, drop = trial, trial_drop
+        trial_drop, trial_held = gauge(outputs(trial))
+        if trial_held < held:
+            blob, drop, held = trial, trial_drop, trial_held
             kept += [(t, "decode tail") for t in tail]
-            steps.append({"kept": list(tail), "drop": drop})
+            steps.append({"kept": list(tail), "drop": drop, "held": held})
             _stage(f"kept the last weighted layers and the {len(tail)} op(s) from them on in float: drop {drop:.4f}")
     reference = None  # the float model's tensors on the ranking images: the same at every step
-    while drop > max_drop and len(kept) < limit + len(tail):
+    while held > max_drop and len(kept) < limit + len(tail):
         reference = reference or all_tensors(calibrated, images[:RANK_IMAGES])
         ranked = rank_ops(blob, reference, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
         if not ranked:
@@ -370,13 +368,13 @@ def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
         kept.append((name, op))
         with_tail = any(op == "decode tail" for _, op in kept)
         blob = quantize(calibrated, given + [k for k, _ in kept], float_outputs=with_tail)
-        drop = ref - score(outputs(blob))[1]
-        steps.append({"kept": [k for k, _ in kept], "drop": drop})
+        drop, held = gauge(outputs(blob))
+        steps.append({"kept": [k for k, _ in kept], "drop": drop, "held": held})
         _stage(f"kept {op} {short_name(name)} in float (adds {added:.3g} relative error): drop {drop:.4f}")
     return blob, {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
-                  "kept_float": _kept_names(kept), "kept_tensors": [k for k, _ in kept],
-                  "ops": [op for _, op in kept], "steps": steps, "images": len(images), "met": drop <= max_drop,
-                  "labelled": val.labelled}
+                  "held_before": steps[0]["held"], "held_after": held, "kept_float": _kept_names(kept),
+                  "kept_tensors": [k for k, _ in kept], "ops": [op for _, op in kept], "steps": steps,
+                  "images": len(images), "met": held <= max_drop, "labelled": val.labelled}
 
 
 def _kept_names(kept: list[tuple[str, str]]) -> list[str]:
