@@ -86,10 +86,16 @@ def compare(ref, got, task, tol):
     return m
 
 
+CHANNEL_FLOOR = 0.01  # of the median channel energy: channel_error's least denominator
+
+
 def channel_error(got, ref, axis):
     """Mean over channels (``axis``) of each channel's relative squared error: a tensor whose small channels
     were rounded away by a shared INT8 scale scores near 1, however well its one large channel came through
-    (a whole-tensor relative error hides exactly that)."""
+    (a whole-tensor relative error hides exactly that). A channel's energy counts as at least 1 % of the
+    tensor's median channel energy (the median: one huge channel does not raise it): a nearly dead channel (a
+    squeeze-excite block's pooled value of 1e-5 beside others of 1) moved by one INT8 step would otherwise
+    score 1e4 and more, and rank its layer first, though nothing downstream feels it."""
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
     if ref.ndim < 2:
@@ -97,5 +103,8 @@ def channel_error(got, ref, axis):
     axes = tuple(a for a in range(ref.ndim) if a != axis % ref.ndim)
     num = np.sum((got - ref) ** 2, axis=axes)
     den = np.sum(ref ** 2, axis=axes)
-    live = den > 1e-12 * (den.max() if den.size else 0.0)
-    return float(np.mean(num[live] / den[live])) if np.any(live) else 0.0
+    live = den > 1e-12 * (den.max() if den.size else 0.0)  # channels that carry nothing are left out
+    if not np.any(live):
+        return 0.0
+    floor = CHANNEL_FLOOR * float(np.median(den[live]))
+    return float(np.mean(num[live] / np.maximum(den[live], floor)))

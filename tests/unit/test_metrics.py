@@ -36,3 +36,18 @@ def test_fast_segment_equals_argmax_including_ties():
         for arr in (a, ties):
             assert (segment(arr, False) == np.argmax(arr[0], 0)).all()
             assert (segment(arr.transpose(0, 2, 3, 1), True) == np.argmax(arr[0], 0)).all()
+
+
+def test_channel_error_sees_rounded_away_channels_but_not_nearly_dead_ones():
+    from edgeport.runner.metrics import channel_error
+
+    ref = np.ones((2, 4, 3, 3))
+    ref[:, 0] = 100.0  # one large channel: a shared INT8 scale rounds the other three away
+    got = ref.copy()
+    got[:, 1:] = 0.0
+    assert abs(channel_error(got, ref, 1) - 0.75) < 1e-9
+    dead = np.ones((2, 4, 3, 3))
+    dead[:, 2] = 1e-5  # nearly dead (a squeeze-excite pooled value): one INT8 step there is harmless
+    step = dead.copy()
+    step[:, 2] = 0.04
+    assert channel_error(step, dead, 1) < 0.05  # without the floor: (0.04 / 1e-5) ** 2 / 4 = 4e6
