@@ -221,7 +221,9 @@ def score(got: np.ndarray, fp32: np.ndarray, ds: LabelledSet, layout: str) -> tu
 
 class DropGauge:
     """The drop edgeport's accuracy-aware loops hold within max_drop on a selection set: the worse of the drop on
-    the whole set and on each of its two halves (split as the build splits). A decision that holds on both
+    the whole set and on each of its two halves (in blocks, whatever ``[validation] split`` is: the selection
+    set is already one side of that split, and its halves only need to keep neighbouring frames together). A
+    decision that holds on both
     halves of the tuning data, not only on their sum, is one the report half is likelier to confirm: a drop
     just under max_drop on the sum whose halves disagree keeps tuning (sets of fewer than 4 samples: the whole
     set only)."""
