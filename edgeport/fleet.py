@@ -198,8 +198,9 @@ def load_inventory(inventory: str) -> dict[str, Any]:
     _ansible_on_path()
     if not Path(inventory).exists():
         raise ConfigError(f"--inventory {inventory}: no such file")
-    out, err = ansible_runner.get_inventory("list", [str(Path(inventory).resolve())], response_format="json",
-                                            quiet=True)
+    with tempfile.TemporaryDirectory(prefix="edgeport-inventory-") as tmp:  # else ansible-runner leaves one in /tmp
+        out, err = ansible_runner.get_inventory("list", [str(Path(inventory).resolve())], response_format="json",
+                                                quiet=True, private_data_dir=tmp)
     if not isinstance(out, dict) or not out.get("_meta"):
         raise ConfigError(f"--inventory {inventory}: Ansible cannot read it ({str(err).strip()[:200] or 'no hosts'})")
     return out
