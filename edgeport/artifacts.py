@@ -302,6 +302,23 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: 
     return {"status": status, "reasons": reasons, "checked": checked, "gates": gates}
 
 
+def noise_reason(onnx: Path, val: ValidationRef, spec: InputSpec, max_drop: float, memo: dict[str, Any]) -> str:
+    """Why an INT8 gate failure may not be INT8's to fix: what the FP32 model itself loses on the report half with
+    0.1 % input noise (edgeport.evaluate.noise_floor; measured once per build, on the first failure)."""
+    from edgeport.evaluate import NOISE, noise_floor
+
+    if "noise_floor" not in memo:
+        idx = val.halves()["report"]
+        fp32 = val.pruned if val.pruned is not None else val.outputs
+        log.info("INT8 failed its metric gate: measuring what %.1f%% input noise costs the FP32 model on the "
+                 "report half (%d images)", NOISE * 100, len(idx))
+        memo["noise_floor"] = noise_floor(onnx, val.data.subset(idx), fp32[idx], spec.layout)
+    key, drop = memo["noise_floor"]
+    why = (": it amplifies small perturbations, and INT8 rounds every tensor ten times more coarsely; no choice "
+           "of layers kept in float holds it (ship FP16, or train the weights)" if drop > max_drop else "")
+    return f"with {NOISE:.1%} input noise the FP32 model itself loses {points(drop, max_drop)} {key} points{why}"
+
+
 def bundle_dest(out_dir: Path, name: str, status: str) -> Path:
     """Where a bundle goes: dist/<name>, or dist/failed/<name> when it failed its gates."""
     return out_dir / FAILED_DIR / name if status == "failed" else out_dir / name

@@ -638,6 +638,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         backend.check_quantization(export_stage.dir / "model.onnx", cfg.quantize)  # one line, before any compile
     groups = art.group_targets(cfg, runnable, export_info["onnx_sha256"], calib, val)
     memo = _memo(build_dir, clock)
+    noise: dict[str, Any] = {}  # the FP32 model's noise floor, measured on the first INT8 metric failure
     compiles = 0
     for group in groups:
         t0 = time.time()
@@ -672,6 +673,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                     if tinfo["accuracy"] and pruning:
                         tinfo["accuracy"]["pruning"] = pruning
                     verdict = art.verdict_of(tinfo, group.precision, max_drop, gate_all=pruning is not None)
+                    if group.precision == "int8" and verdict["gates"]["metric"] == "failed" and val is not None:
+                        verdict["reasons"].append(art.noise_reason(export_stage.dir / "model.onnx", val, spec,
+                                                                   max_drop, noise))
                     dest, bundle_cached = art.write_target_bundle(cfg, target, group.precision, stage, tinfo,
                                                                   reference, host, record, export_info, calib,
                                                                   samples, spec, out_dir, build_dir, verdict)
