@@ -181,9 +181,11 @@ def parser() -> argparse.ArgumentParser:
                    help="NNCF preset (OpenVINO): performance (default, symmetric) or mixed (asymmetric activations)")
     q.add_argument("--int8-subset", type=_positive, metavar="N", help="calibration images used (default 300)")
     q.add_argument("--int8-ignore", action="append", metavar="REGEX",
-                   help="keep layers whose name matches in float (OpenVINO, TensorRT); repeatable")
+                   help="keep layers whose name matches in float (OpenVINO, TensorRT, TFLite convolutions); "
+                        "repeatable")
     q.add_argument("--calib-method", choices=["max", "percentile", "entropy", "mse"],
-                   help="activation-range method for TensorRT INT8 (default percentile; mse: least squared error)")
+                   help="activation-range method for TensorRT and TFLite INT8 (default percentile; max: TFLite's "
+                        "own min/max; mse: least squared error)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
     _model_flags(e)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")

@@ -71,6 +71,36 @@ def test_offline_build_records_layout_and_int8_io(default_tflite):
     assert int8["parity"]["artifact"]["output"]["agreement"] > 0.98
 
 
+def _scales(model: Path) -> dict[str, float]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(model))
+    return {t["name"]: float(t["quantization"][0]) for t in it.get_tensor_details()
+            if t["dtype"].__name__ == "int8" and t["quantization"][0]}
+
+
+def test_percentile_ranges_narrow_the_converters_min_max_and_max_keeps_them(default_tflite):
+    """The default (percentile) narrows activation ranges the converter recorded as min/max; --calib-method max
+    is the converter's own. Every activation scale is at most max's, some strictly smaller; the input's is the
+    same (its recorded range is left as it is)."""
+    proj, _ = default_tflite
+    res = run_cli_offline("build", "--target", "raspberry-pi-5:int8", "--calib-method", "max", "--out", "dist-max",
+                          cwd=proj)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    pct, mx = _manifest(proj / "dist" / "raspberry-pi-5-int8"), _manifest(proj / "dist-max" / "raspberry-pi-5-int8")
+    ranges = pct["provenance"]["quantization"]["ranges"]
+    assert ranges["method"] == "percentile" and 0 < ranges["narrowed"] <= ranges["tensors"], ranges
+    assert mx["provenance"]["quantization"]["ranges"] == {"method": "max"}
+    a, b = _scales(proj / "dist" / "raspberry-pi-5-int8" / "model_int8.tflite"), \
+        _scales(proj / "dist-max" / "raspberry-pi-5-int8" / "model_int8.tflite")
+    shared = [n for n in a if n in b]  # the weights' scales do not depend on the ranges: equal in both
+    assert shared and all(a[n] <= b[n] * (1 + 1e-6) for n in shared), [(n, a[n], b[n]) for n in shared]
+    assert sum(a[n] < b[n] * 0.999 for n in shared) >= ranges["narrowed"] // 2, ranges
+    assert pct["inputs"][0]["quant"] == mx["inputs"][0]["quant"]
+    # an output produced by a scale-keeping op (this model's Resize) takes its input's narrowed range
+    assert pct["outputs"][0]["quant"]["scale"] <= mx["outputs"][0]["quant"]["scale"] * (1 + 1e-6)
+
+
 def test_default_selftests_pass_in_a_venv_with_only_litert(default_tflite, tflite_venv, tmp_path):
     proj, _ = default_tflite
     for name in ("raspberry-pi-5-fp32", "raspberry-pi-5-int8"):

@@ -191,8 +191,8 @@ def _cfg(**quant):
 
 @pytest.mark.parametrize(("targets", "given", "words"), [
     (["intel-igpu:fp16"], {"int8_preset": "mixed"}, "--int8-preset has no effect: no selected target builds INT8"),
-    (["raspberry-pi-5:int8"], {"calib_method": "max"}, "--calib-method has no effect on the selected INT8 targets"),
-    (["intel-cpu:int8"], {"calib_method": "entropy"}, "only tensorrt INT8 read it"),
+    (["intel-cpu:int8"], {"calib_method": "max"}, "--calib-method has no effect on the selected INT8 targets"),
+    (["intel-cpu:int8"], {"calib_method": "entropy"}, "only tflite and tensorrt INT8 read it"),
     (["jetson-orin-nano:int8"], {"int8_preset": "mixed"}, "only openvino INT8 read it"),
     (["intel-cpu:int8"], {"max_drop": 0.5}, "--max-drop has no effect without labelled validation data"),
     (["intel-cpu:int8"], {"val_labels": "x"}, "--val-labels has no effect without --val-images"),
@@ -222,6 +222,7 @@ def test_flags_that_take_effect_pass():
     from edgeport.flagcheck import check_build_flags
     from edgeport.pipeline import resolve_targets
 
+    check_build_flags(_cfg(), resolve_targets(["raspberry-pi-5:int8"], None, ROOT), {"calib_method": "entropy"})
     chosen = resolve_targets(["intel-cpu:int8", "jetson-orin-nano:int8"], None, ROOT)
     check_build_flags(_cfg(), chosen, {"int8_ignore": [".*"], "calib_method": "max", "int8_preset": "mixed",
                                        "int8_subset": 100, "accuracy_control": False})

@@ -309,24 +309,32 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     """
     if method not in METHODS:
         raise ValueError(f"unknown range method {method!r}")
-    inst = _Instrumented(onnx_path)
+    return measure(_Instrumented(onnx_path), data, method, progress_desc)
+
+
+def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None) -> dict[str, float]:
+    """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
+    ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
+    {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
+    is read this way too). ``steps(range, desc)`` iterates the images, reporting progress (default: a bar)."""
     with_relu = set(inst.derived.values())
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         if method == "max":
-            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: _Max(), progress_desc), pool)
+            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: _Max(), progress_desc, steps),
+                             pool)
         elif method == "percentile":
             found = _results(inst, _pass(inst, data, pool, lambda name, per_image: (
-                _WithRelu if name in with_relu else _Percentile)(per_image * len(data)), progress_desc), pool)
+                _WithRelu if name in with_relu else _Percentile)(per_image * len(data)), progress_desc, steps), pool)
         else:
-            maxima = _pass(inst, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)")
+            maxima = _pass(inst, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)", steps)
             hists = _pass(inst, data, pool, lambda name, per_image: _Histogram(
                 maxima[name].result(), method, maxima[name].relu() if name in with_relu else None),
-                f"{progress_desc} (histograms)")
+                f"{progress_desc} (histograms)", steps)
             found = _results(inst, hists, pool)
     return {n: float(found.get(n, 0.0)) for n in inst.names}
 
 
-def _results(inst: _Instrumented, collectors: dict[str, Any], pool: ThreadPoolExecutor) -> dict[str, float]:
+def _results(inst: Any, collectors: dict[str, Any], pool: ThreadPoolExecutor) -> dict[str, float]:
     """{tensor: amax} from each exposed tensor's collector and, for a derived Relu output, from its input's
     (the threshold searches run in parallel)."""
     jobs = [(n, c.result) for n, c in collectors.items()]
@@ -334,12 +342,14 @@ def _results(inst: _Instrumented, collectors: dict[str, Any], pool: ThreadPoolEx
     return dict(zip([n for n, _ in jobs], pool.map(lambda job: job[1](), jobs)))
 
 
-def _pass(inst: _Instrumented, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str) -> dict[str, Any]:
-    """One ONNX Runtime pass over ``data``, every exposed tensor fed to its collector (made by
-    ``make(name, values per image)``); {name: collector}. The tensors are split into one share per worker,
-    balanced by size, once, on the first image."""
+def _pass(inst: Any, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
+          steps: Any = None) -> dict[str, Any]:
+    """One pass over ``data``, every exposed tensor fed to its collector (made by ``make(name, values per
+    image)``); {name: collector}. The tensors are split into one share per worker, balanced by size, once, on
+    the first image."""
     from edgeport.progress import progress
 
+    steps = steps or progress
     collectors: dict[str, Any] = {}
     shares: list[list[str]] = []
     scratch = [_Scratch() for _ in range(_workers())]
@@ -348,7 +358,7 @@ def _pass(inst: _Instrumented, data: np.ndarray, pool: ThreadPoolExecutor, make:
         for name in shares[k]:
             collectors[name].add(outs[name].ravel(), scratch[k])
 
-    for i in progress(range(len(data)), desc):
+    for i in steps(range(len(data)), desc):
         outs = inst.run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32))
         if not shares:
             collectors.update({name: make(name, v.size) for name, v in outs.items()})

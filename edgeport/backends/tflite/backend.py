@@ -143,8 +143,8 @@ class TFLiteBackend(DeviceBackend):
 
     name = "tflite"
     # The [quantize] keys the TFLite converter reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"subset_size", "accuracy_control", "max_drop", "ignored_names", "ignored_patterns",
-                               "ignored_types"})
+    int8_settings = frozenset({"method", "subset_size", "accuracy_control", "max_drop", "ignored_names",
+                               "ignored_patterns", "ignored_types"})
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
@@ -181,6 +181,7 @@ class TFLiteBackend(DeviceBackend):
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
                 job["subset_size"] = quant.settings.subset_size if quant is not None else 300
+                job["method"] = quant.settings.method if quant is not None else "max"
             if precision == "int8" and quant is not None and quant.settings.has_ignored:
                 job["keep_float"] = self._keep_float(onnx, quant.settings)
             if precision == "int8" and quant is not None and quant.accuracy_control and quant.val is not None:
@@ -235,7 +236,8 @@ class TFLiteBackend(DeviceBackend):
                 "layout_change": "NCHW -> NHWC (onnx2tf)", "size_mb": round(dest.stat().st_size / 1e6, 3)}
         if precision == "int8":
             info["quantization"] = {"kind": "full-integer", "io": "int8", "weights": "per-channel",
-                                    "subset_size": min(len(calib), job["subset_size"]) if calib else 0}
+                                    "subset_size": min(len(calib), job["subset_size"]) if calib else 0,
+                                    "ranges": result.get("ranges") or {"method": "max"}}
             if result.get("kept_float"):
                 info["kept_float"] = [n for _, _, n in job["keep_float"]]
                 info["quantization"]["kind"] = "full-integer, selective"
