@@ -159,3 +159,10 @@ class Stage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return info, False
+
+
+def newest_stage(kind_dir: Path, name: str = "stage.json") -> Path | None:
+    """The most recently written ``name`` among one stage kind's keys (``build/<kind>/<key>/<name>``): what the
+    last build made, for scripts that study a built project. None when there is none."""
+    found = sorted(kind_dir.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

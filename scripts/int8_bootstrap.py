@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _newest(folder: Path) -> Path | None:
-    found = sorted(folder.glob("*/stage.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
+from edgeport.cache import newest_stage
 
 
 def main() -> None:
@@ -56,9 +53,10 @@ def main() -> None:
     conf: dict[str, np.ndarray] = {}
     shape = None
     for name in ("openvino-fp32", "openvino-int8", "tflite-int8", "tensorrt-int8"):
-        stage = _newest(build / "artifact" / name)
-        if stage is None:
+        found = newest_stage(build / "artifact" / name)
+        if found is None:
             continue
+        stage = found.parent
         info = json.loads((stage / "stage.json").read_text())["info"]
         art = _artifacts_from_dict(info["artifacts"], stage)
         with get_backend(art.backend).open(art) as rt:

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeport.cache import newest_stage
+
 
 def _latest(folder: Path, name: str) -> Path:
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = newest_stage(folder, name)
+    if found is None:
         raise SystemExit(f"error: no {name} under {folder}: build the project first")
-    return found[-1]
+    return found
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
