@@ -244,6 +244,54 @@ class DropGauge:
         return drops[0], max(drops)
 
 
+class Tuning:
+    """The record an accuracy-aware loop (TensorRT's Q/DQ loop, TFLite's selective quantization) keeps: the drop
+    and the drop held (``DropGauge``) at every step, what was kept in float at each, and the report both write
+    into the manifest."""
+
+    def __init__(self, gauge: DropGauge, max_drop: float, first: np.ndarray, images: int, labelled: bool) -> None:
+        self.gauge, self.max_drop, self.images, self.labelled = gauge, max_drop, images, labelled
+        drop, held = gauge(first)
+        self.steps: list[dict[str, Any]] = [{"kept": [], "drop": drop, "held": held}]
+
+    @property
+    def drop(self) -> float:
+        """The whole selection set's drop at the step kept."""
+        return float(self.steps[-1]["drop"])
+
+    @property
+    def held(self) -> float:
+        """The drop held at the step kept: the worst of the whole set and its halves."""
+        return float(self.steps[-1]["held"])
+
+    @property
+    def over(self) -> bool:
+        """True while the drop held is beyond max_drop."""
+        return self.held > self.max_drop
+
+    def step(self, kept: list[str], got: np.ndarray) -> None:
+        """Record the outputs ``got`` with ``kept`` in float as the next step."""
+        drop, held = self.gauge(got)
+        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
+
+    def trial(self, kept: list[str], got: np.ndarray) -> bool:
+        """Record ``got`` as the next step only if it holds a smaller drop (a group tried at once, such as a
+        detector's heads); True when it was kept."""
+        drop, held = self.gauge(got)
+        if held >= self.held:
+            return False
+        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
+        return True
+
+    def report(self, kept_float: list[str], **extra: Any) -> dict[str, Any]:
+        """The manifest's ``accuracy_fallback``: metric, drops before and after (whole set and held), the layers
+        kept in float, every step."""
+        return {"metric": self.gauge.key, "reference": self.gauge.reference, "max_drop": self.max_drop,
+                "drop_before": self.steps[0]["drop"], "drop_after": self.drop, "held_before": self.steps[0]["held"],
+                "held_after": self.held, "kept_float": kept_float, "steps": self.steps, "images": self.images,
+                "met": not self.over, "labelled": self.labelled, **extra}
+
+
 NOISE = 1e-3  # of each image's standard deviation: about a tenth of what one INT8 rounding adds to a tensor
 
 

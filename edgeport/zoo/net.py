@@ -72,3 +72,27 @@ def camvid_net() -> RoadSegNet:
     Its weights are not in the package: pass them with --weights (models/camvid-roadseg.pt).
     """
     return RoadSegNet(num_classes=len(CAMVID_CLASSES), width=32).eval()
+
+
+class _OutOnly(nn.Module):
+    """A torchvision segmentation model's ``out`` tensor (its forward returns a dict)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def camvid_lraspp() -> nn.Module:
+    """torchvision's lraspp_mobilenet_v3_large (hard-swish, squeeze-excite) for CamVid's 11 classes, as
+    scripts/train_camvid.py --arch lraspp trains it from scratch (nothing downloaded).
+
+    Its weights are not in the package: pass them with --weights (models/camvid-lraspp.pt).
+    """
+    import torchvision  # the torch extra
+
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=len(CAMVID_CLASSES))
+    return _OutOnly(model).eval()

@@ -82,16 +82,22 @@ def _scales(model: Path) -> dict[str, float]:
 def test_percentile_ranges_narrow_the_converters_min_max_and_max_keeps_them(default_tflite):
     """The default (percentile) narrows activation ranges the converter recorded as min/max; --calib-method max
     is the converter's own. Every activation scale is at most max's, some strictly smaller; the input's is the
-    same (its recorded range is left as it is)."""
+    same (its recorded range is left as it is). With labelled data the selection half chose between the two, by
+    the drop each holds."""
     proj, _ = default_tflite
-    res = run_cli_offline("build", "--target", "raspberry-pi-5:int8", "--calib-method", "max", "--out", "dist-max",
-                          cwd=proj)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    pct, mx = _manifest(proj / "dist" / "raspberry-pi-5-int8"), _manifest(proj / "dist-max" / "raspberry-pi-5-int8")
+    chose = _manifest(proj / "dist" / "raspberry-pi-5-int8")["provenance"]["quantization"]["ranges"]
+    held = chose["held_on_selection"]
+    assert set(held) == {"percentile", "max"} and chose["method"] == min(held, key=lambda m: held[m]), chose
+    for method in ("percentile", "max"):
+        res = run_cli_offline("build", "--target", "raspberry-pi-5:int8", "--calib-method", method,
+                              "--no-accuracy-control", "--out", f"dist-{method}", cwd=proj)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    pct, mx = _manifest(proj / "dist-percentile" / "raspberry-pi-5-int8"), \
+        _manifest(proj / "dist-max" / "raspberry-pi-5-int8")
     ranges = pct["provenance"]["quantization"]["ranges"]
     assert ranges["method"] == "percentile" and 0 < ranges["narrowed"] <= ranges["tensors"], ranges
-    assert mx["provenance"]["quantization"]["ranges"] == {"method": "max"}
-    a, b = _scales(proj / "dist" / "raspberry-pi-5-int8" / "model_int8.tflite"), \
+    assert "held_on_selection" not in ranges and mx["provenance"]["quantization"]["ranges"] == {"method": "max"}
+    a, b = _scales(proj / "dist-percentile" / "raspberry-pi-5-int8" / "model_int8.tflite"), \
         _scales(proj / "dist-max" / "raspberry-pi-5-int8" / "model_int8.tflite")
     shared = [n for n in a if n in b]  # the weights' scales do not depend on the ranges: equal in both
     assert shared and all(a[n] <= b[n] * (1 + 1e-6) for n in shared), [(n, a[n], b[n]) for n in shared]

@@ -65,3 +65,29 @@ def test_the_loops_hold_the_worse_half_of_the_selection_set():
     whole, held = gauge(got)
     assert whole == pytest.approx(25.0) and held == pytest.approx(50.0)
     assert gauge(fp32) == (pytest.approx(0.0), pytest.approx(0.0))
+
+
+def test_the_loops_record_keeps_a_trial_only_when_it_holds_less():
+    """Tuning: a group tried at once (a detector's heads) is kept only if it lowers the drop held; the report
+    gives the first step's drops as 'before' and the last kept step's as 'after'."""
+    from edgeport.evaluate import DropGauge, Tuning
+
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    ds = LabelledSet("test", "classification", np.zeros((8, 1), np.float32), labels, [{}] * 8,
+                     [f"f{i}.png" for i in range(8)], "0" * 64)
+    fp32 = np.eye(3, dtype=np.float32)[labels] * 5.0
+
+    def wrong(*idx: int) -> np.ndarray:
+        got = fp32.copy()
+        got[list(idx)] = np.eye(3, dtype=np.float32)[[(labels[i] + 1) % 3 for i in idx]] * 5.0
+        return got
+
+    t = Tuning(DropGauge(fp32, ds, "NCHW"), 10.0, wrong(0, 1), 8, True)
+    assert t.over and t.held == pytest.approx(50.0)
+    assert not t.trial(["heads"], wrong(0, 1, 2)) and len(t.steps) == 1  # worse: not kept
+    assert t.trial(["heads"], wrong(0)) and t.held == pytest.approx(25.0)
+    t.step(["heads", "conv"], fp32)
+    r = t.report(["heads", "conv"])
+    assert (r["drop_before"], r["held_before"]) == (pytest.approx(25.0), pytest.approx(50.0))
+    assert r["drop_after"] == pytest.approx(0.0) and r["met"] and [s["kept"] for s in r["steps"]] == \
+        [[], ["heads"], ["heads", "conv"]]

@@ -91,6 +91,17 @@ class TensorRTBackend(DeviceBackend):
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
             keep = qdq.ignored_nodes(onnx, settings)
+            ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
+            if quant.accuracy_control and quant.val is not None and method != "max":  # the selection half chooses
+                from edgeport.backends.tensorrt.fallback import choose_ranges
+
+                candidates = {method: amax, "max": quant.cached("ranges", {**key, "method": "max"}, lambda: (
+                    rg.collect_ranges(onnx, calib.data[:n], "max", f"max activation ranges from {n} calibration "
+                                      "images")))}
+                chosen, ranges["held_on_selection"] = choose_ranges(
+                    onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
+                    out / "model_qdq.onnx", quant.val, spec.layout)
+                ranges["method"], amax = chosen, candidates[chosen]
             if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec)
                 info["accuracy_fallback"] = fb
@@ -101,7 +112,7 @@ class TensorRTBackend(DeviceBackend):
                 raise ConversionError(f"the Q/DQ model breaks TensorRT's placement rules: {findings[0]}"
                                       + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""))
             files["qdq"] = out / "model_qdq.onnx"
-            info.update({"emulated": True, "ranges": {"method": method, "images": n, "tensors": len(amax)},
+            info.update({"emulated": True, "ranges": ranges,
                          "qdq": counts, "qdq_lint": f"passed {len(qdq.RULES)} rules",
                          "kept_float": sorted(keep), "amax": amax})
         inputs, outputs = _onnx_io(model)

@@ -81,41 +81,50 @@ def last_weighted(onnx: Path) -> set[str]:
     return {n.name for n in graph.node if n.op_type in weighted and not any(reaches(o) for o in n.output)}
 
 
+def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: Any, out: Path, val: LabelledSet,
+                  layout: str) -> tuple[str, dict[str, float]]:
+    """Of activation ranges by several methods ({method: amax}, the configured method first), the one whose
+    Q/DQ model (``write(amax)`` writes it to ``out``) holds the smaller drop on the selection half
+    (edgeport.evaluate.DropGauge; a tie keeps the first); (its method, {method: drop held}). As for TFLite:
+    no one method wins on every model (edgeport.backends.tflite.convert.choose_ranges)."""
+    from edgeport.evaluate import DropGauge
+
+    gauge = DropGauge(_run(onnx, val), val, layout)
+    held = {}
+    for method, amax in candidates.items():
+        write(amax)
+        held[method] = float(gauge(_run(out, val))[1])
+    chosen = min(held, key=lambda m: held[m])
+    log.info("activation ranges chosen on the selection half: %s (%s drop): %s",
+             ", ".join(f"{m} holds {d:.4f}" for m, d in held.items()), gauge.key, chosen)
+    return chosen, held
+
+
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str, task: str,
                       max_drop: float) -> dict[str, Any]:
     """Keep the layers that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
     ``keep`` left in float. Returns the report: kept layers, drops before and after, every step."""
-    from edgeport.evaluate import DropGauge
+    from edgeport.evaluate import DropGauge, Tuning
 
-    fp32 = _run(onnx, val)
-    gauge = DropGauge(fp32, val, layout)
-    key, ref = gauge.key, gauge.reference
-
-    def drop_of() -> tuple[float, float]:
-        return gauge(_run(out, val))
-
+    gauge = DropGauge(_run(onnx, val), val, layout)
     quantized = write(keep)
-    before, held = drop_of()
+    tuning = Tuning(gauge, max_drop, _run(out, val), len(val), val.labelled)
     kept: list[str] = []
-    steps = [{"kept": [], "drop": before, "held": held}]
     limit = min(12, max(1, len(quantized) // 4))
     heads = sorted(last_weighted(onnx) & quantized)
-    if held > max_drop and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
+    if tuning.over and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
         trial = write(keep | set(heads))
-        trial_drop = drop_of()
-        if trial_drop[1] < held:
-            kept, quantized, (drop, held) = list(heads), trial, trial_drop
-            steps.append({"kept": list(kept), "drop": drop, "held": held})
+        if tuning.trial(heads, _run(out, val)):
+            kept, quantized = list(heads), trial
             log.info("accuracy fallback: kept the last weighted layers (%s) in float: drop %.4f (worst half %.4f)",
-                     ", ".join(heads), drop, held)
+                     ", ".join(heads), tuning.drop, tuning.held)
             limit += len(heads)
         else:
             quantized = write(keep)
-    drop = steps[-1]["drop"]  # the whole set's, at the step kept
     reference = None  # the FP32 tensors on the ranking images: the same at every step
-    while held > max_drop and len(kept) < limit:
+    while tuning.over and len(kept) < limit:
         if reference is None:
             from edgeport.localize import ort_tensors_each
 
@@ -126,10 +135,7 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
         worst, added = ranked[0]
         kept.append(worst)
         log.info("accuracy fallback: %s %.4f points over max_drop %g (the selection set or its worse half); keeping "
-                 "%s in float (adds %.3g relative error)", key, held - max_drop, max_drop, worst, added)
+                 "%s in float (adds %.3g relative error)", gauge.key, tuning.held - max_drop, max_drop, worst, added)
         quantized = write(keep | set(kept))
-        drop, held = drop_of()
-        steps.append({"kept": list(kept), "drop": drop, "held": held})
-    return {"metric": key, "reference": ref, "max_drop": max_drop, "drop_before": before, "drop_after": drop,
-            "held_before": steps[0]["held"], "held_after": held, "kept_float": kept, "steps": steps,
-            "images": len(val), "met": held <= max_drop, "labelled": val.labelled}
+        tuning.step(kept, _run(out, val))
+    return tuning.report(kept)
