@@ -2,14 +2,18 @@
 """Train a road-segmentation network on CamVid (../shared/datasets/camvid/train) on the CPU.
 
 The network is edgeport.zoo.net:camvid_net (the default's U-Net, 11 classes, width 32) at
-144x192 input. Seeded; flips and colour jitter; cross-entropy ignoring the void class (11);
-Adam with a cosine schedule. Writes models/camvid-roadseg.pt (a state_dict) and prints the
+144x192 input, or with --arch lraspp edgeport.zoo.net:camvid_lraspp (torchvision's
+lraspp_mobilenet_v3_large: hard-swish and squeeze-excite, the MobileNetV3 family's INT8 test on real
+data; recipe examples/camvid-lraspp/edgeport.toml). Seeded; flips and colour jitter; cross-entropy
+ignoring the void class (11); Adam with a cosine schedule. Writes models/camvid-roadseg.pt (or
+models/camvid-lraspp.pt; a state_dict) and prints the
 val mIoU at label resolution, computed by edgeport.evaluate (what `edgeport build --val-images`
 reports). The build recipe is examples/camvid/edgeport.toml.
 
 examples:
   .venv/bin/python scripts/train_camvid.py                 # about 15 minutes on 2 cores
   .venv/bin/python scripts/train_camvid.py --steps 300     # a quick smoke run
+  .venv/bin/python scripts/train_camvid.py --arch lraspp   # writes models/camvid-lraspp.pt
 """
 from __future__ import annotations
 
@@ -29,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from edgeport.config import load_config  # noqa: E402
 from edgeport.evaluate import load_labelled, task_metrics  # noqa: E402
-from edgeport.zoo.net import camvid_net  # noqa: E402
+from edgeport.zoo.net import camvid_lraspp, camvid_net  # noqa: E402
 
 CAMVID = ROOT.parent / "shared" / "datasets" / "camvid"
-RECIPE = ROOT / "examples" / "camvid" / "edgeport.toml"
+ARCHS = {"unet": (camvid_net, ROOT / "examples" / "camvid" / "edgeport.toml", "camvid-roadseg.pt"),
+         "lraspp": (camvid_lraspp, ROOT / "examples" / "camvid-lraspp" / "edgeport.toml", "camvid-lraspp.pt")}
 VOID = 11
 
 
@@ -56,11 +61,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", default=str(ROOT / "models" / "camvid-roadseg.pt"))
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="unet")
+    ap.add_argument("--out", help="default: models/camvid-roadseg.pt (unet), models/camvid-lraspp.pt (lraspp)")
     args = ap.parse_args()
+    factory, recipe, default_out = ARCHS[args.arch]
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    cfg = load_config(RECIPE)
+    cfg = load_config(recipe)
     spec = cfg.input
     hw = spec.hw
     x, y = load_split("train", hw, spec.to_dict())
@@ -69,7 +76,7 @@ def main() -> int:
     freq = np.bincount(y[y != VOID].ravel(), minlength=VOID).astype(np.float64)
     weights = torch.tensor((freq.sum() / np.maximum(freq, 1)) ** 0.5, dtype=torch.float32)
     weights = weights / weights.mean()
-    model = camvid_net().train()
+    model = factory().train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     t0 = time.time()
@@ -89,7 +96,7 @@ def main() -> int:
         if step % 100 == 0 or step == args.steps:
             print(f"step {step}/{args.steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "models" / default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
     val = load_labelled(str(CAMVID / "val"), str(CAMVID / "valannot"), spec)
