@@ -153,19 +153,17 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     else:
         conv._experimental_calibrate_only = True  # noqa: SLF001 (the float model with its calibration)
         calibrated = conv.convert()
+        kept = denylist(calibrated, job["keep_float"]) if job.get("keep_float") else []  # names: any ranges
         method = job.get("method", "max")
         if method != "max":  # the converter's own ranges are min/max: narrow them to the method's
             narrowed, ranges = narrow_ranges(calibrated, calib[list(idx)], method)
             if job.get("fallback"):  # labelled data: the selection half chooses between them
-                given = denylist(calibrated, job["keep_float"]) if job.get("keep_float") else []
                 chosen, ranges["held_on_selection"] = choose_ranges({method: narrowed, "max": calibrated},
-                                                                    job["fallback"], given)
+                                                                    job["fallback"], kept)
                 ranges["method"] = chosen
             calibrated = narrowed if ranges["method"] == method else calibrated
-        blob = quantize(calibrated, [])
-        if job.get("keep_float"):
-            kept = denylist(calibrated, job["keep_float"])
-            blob = quantize(calibrated, kept)
+        blob = quantize(calibrated, kept)
+        if kept:
             _stage(f"kept {len(kept)} convolution(s) in float ([quantize] ignored_*)")
         if job.get("fallback"):
             blob, fallback = accuracy_fallback(blob, calibrated, job["fallback"], kept)
