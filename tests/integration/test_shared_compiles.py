@@ -133,3 +133,30 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
             want = mse_amax(np.histogram(a, bins=BINS, range=(0.0, float(a.max())))[0], float(a.max()),
                             int(np.count_nonzero(a == 0)))
         assert got[n] == pytest.approx(want, rel=1e-6 if method in ("max", "percentile") else 2e-3), n
+
+
+def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
+    """Tensors read in small pieces by one forked session per worker give what one session with whole tensors
+    shared out to the workers gives, to the bit, for every method."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from edgeport.backends.tensorrt import ranges
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 24, 24),), str(path), input_names=["x"], dynamo=False)
+    data = np.random.default_rng(1).normal(size=(23, 3, 24, 24)).astype(np.float32)
+    monkeypatch.setattr(ranges, "_workers", lambda: 3)  # more workers than this host's cores, images unevenly
+
+    class Whole(ranges._Instrumented):
+        fork = None  # no forks: one session, tensors shared out
+
+    for method in ranges.METHODS:
+        monkeypatch.setattr(ranges, "CHUNK", 1 << 16)
+        whole = ranges.measure(Whole(path), data, method, "whole")
+        monkeypatch.setattr(ranges, "CHUNK", 700)  # 4,608 values per tensor: 7 pieces, the last short
+        pieces = ranges.collect_ranges(path, data, method)
+        assert pieces == whole and len(pieces) == 5 and min(pieces.values()) > 0.0, method

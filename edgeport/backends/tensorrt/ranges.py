@@ -34,7 +34,7 @@ BINS = 2048
 QUANT_LEVELS = 128
 PERCENTILE = 99.99
 METHODS = ("max", "percentile", "entropy", "mse")
-CODE_VERSION = 5  # bumped whenever a method's numbers change, so cached ranges are measured again
+CODE_VERSION = 6  # bumped whenever a method's numbers change, so cached ranges are measured again
 
 
 def _float_tensors(model: Any) -> list[str]:
@@ -65,31 +65,42 @@ class _Instrumented:
     ONNX Runtime's optimisations stay on: it fuses nothing whose intermediate is a graph output, and the rest
     (NCHWc convolutions) made the instrumented pass 1.1 to 1.3x faster on resnet18 than with them off; values
     differ from the unoptimised graph's by float rounding (5e-7 relative). One image per run: batches of 2 to
-    8 (a symbolic batch dimension) were no faster on this 2-core host."""
+    8 (a symbolic batch dimension) were no faster on this 2-core host. ``threads``: ONNX Runtime's threads
+    (0: its default, one per core); ``fork()`` gives another, independent instance of the same model."""
 
-    def __init__(self, onnx_path: Path) -> None:
+    def __init__(self, onnx_path: Path | None, threads: int = 0, _from: _Instrumented | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
-        model = onnx.load(str(onnx_path))
-        self.names = _float_tensors(model)
-        existing = {o.name for o in model.graph.output}
-        self.derived: dict[str, str] = {}
-        for node in model.graph.node:
-            if (node.op_type == "Relu" and node.input[0] in self.names and node.input[0] not in self.derived
-                    and node.output[0] in self.names and node.output[0] not in existing):
-                self.derived[node.output[0]] = node.input[0]
-        for n in self.names:
-            if n not in existing and n not in self.derived:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+        if _from is not None:
+            self.names, self.derived, self._model = _from.names, _from.derived, _from._model
+        else:
+            model = onnx.load(str(onnx_path))
+            self.names = _float_tensors(model)
+            existing = {o.name for o in model.graph.output}
+            self.derived = {}
+            for node in model.graph.node:
+                if (node.op_type == "Relu" and node.input[0] in self.names and node.input[0] not in self.derived
+                        and node.output[0] in self.names and node.output[0] not in existing):
+                    self.derived[node.output[0]] = node.input[0]
+            for n in self.names:
+                if n not in existing and n not in self.derived:
+                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            self._model = model.SerializeToString()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        opts.intra_op_num_threads = threads
+        self.threads = threads
+        self.session = ort.InferenceSession(self._model, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.wanted = [o.name for o in self.session.get_outputs() if o.name in set(self.names)]
         self._binding: Any = None
         self._x = np.empty(0, np.float32)
         self._outs: dict[str, np.ndarray] = {}
+
+    def fork(self) -> _Instrumented:
+        """Another instance of the same instrumented model, with its own session and buffers."""
+        return _Instrumented(None, self.threads, _from=self)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """{exposed tensor: value} for one input; the arrays are overwritten by the next call."""
@@ -112,37 +123,48 @@ class _Instrumented:
         return outs
 
 
+CHUNK = 1 << 16  # values per piece: a piece's temporaries (|x|, bin indices, a mask) stay in a core's L2 cache
+
+
+def _pieces(v: np.ndarray) -> Any:
+    """``v`` (flat) in pieces of at most CHUNK values. Whole tensors went through memory once per temporary: a
+    histogram of 4.8 million values took 28 ms whole and 9 ms in pieces."""
+    return (v[s:s + CHUNK] for s in range(0, v.size, CHUNK))
+
+
+def _accumulate(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``total`` + ``counts`` (bincounts of differing lengths)."""
+    if counts.size > total.size:
+        total = np.concatenate([total, np.zeros(counts.size - total.size, total.dtype)])
+    total[:counts.size] += counts
+    return total
+
+
 class _Scratch:
-    """One worker's reusable buffers: |x| as float32, bin indices, a mask. Fresh temporaries for every tensor
-    of every image cost more in page faults than the arithmetic (a histogram 2.6x slower)."""
+    """One worker's reusable buffers for one piece (CHUNK values): |x| as float32, bin indices, a mask. Fresh
+    temporaries for every tensor of every image cost more in page faults than the arithmetic."""
 
     def __init__(self) -> None:
-        self._f = np.empty(0, np.float32)
-        self._i = np.empty(0, np.intp)
-        self._m = np.empty(0, bool)
+        self._f = np.empty(CHUNK, np.float32)
+        self._i = np.empty(CHUNK, np.intp)
+        self._m = np.empty(CHUNK, bool)
 
     def absolute(self, v: np.ndarray) -> np.ndarray:
-        """|v| in the float buffer."""
-        if self._f.size < v.size:
-            self._f = np.empty(v.size, np.float32)
+        """|v| (one piece) in the float buffer."""
         return np.abs(v, out=self._f[:v.size])
 
     def indices(self, a: np.ndarray) -> np.ndarray:
-        """``a`` truncated to integers, in the index buffer."""
-        if self._i.size < a.size:
-            self._i = np.empty(a.size, np.intp)
+        """``a`` (one piece) truncated to integers, in the index buffer."""
         out = self._i[:a.size]
         np.copyto(out, a, casting="unsafe")
         return out
 
     def mask(self, n: int) -> np.ndarray:
-        """A boolean buffer of ``n`` values."""
-        if self._m.size < n:
-            self._m = np.empty(n, bool)
+        """A boolean buffer of ``n`` values (at most a piece)."""
         return self._m[:n]
 
     def above(self, a: np.ndarray, floor: float) -> np.ndarray:
-        """The values of ``a`` greater than ``floor`` (a copy)."""
+        """The values of ``a`` (one piece) greater than ``floor`` (a copy)."""
         return a[np.greater(a, floor, out=self.mask(a.size))]
 
 
@@ -157,6 +179,10 @@ class _Max:
         if v.size:
             self.hi, self.lo = max(self.hi, float(v.max())), min(self.lo, float(v.min()))
 
+    def merge(self, other: _Max) -> None:
+        """Take in what another worker saw."""
+        self.hi, self.lo = max(self.hi, other.hi), min(self.lo, other.lo)
+
     def result(self) -> float:
         return max(self.hi, -self.lo)
 
@@ -166,9 +192,9 @@ class _Max:
 
 class _Percentile:
     """The q-th percentile of |x| (or, ``signed``, of x) over every value seen, exactly: the K largest values
-    are kept (K is what lies above the percentile, 3,000 of 30 million at 99.99); once K are kept a batch
-    costs one comparison per value against the K-th largest, and a first batch of millions is cut down
-    through a threshold estimated on a sample of it (then checked) instead of being partitioned whole."""
+    are kept (K is what lies above the percentile, 3,000 of 30 million at 99.99); once K are kept a value
+    costs one comparison against the K-th largest, and a first batch of millions is cut down through a
+    threshold estimated on a sample of it (then checked) instead of being partitioned whole."""
 
     def __init__(self, total: int, q: float = PERCENTILE, signed: bool = False) -> None:
         self.k = max(1, total - int(np.ceil(q / 100.0 * total)) + 1)
@@ -176,24 +202,41 @@ class _Percentile:
         self.floor = -np.inf  # the K-th largest value once K are kept
         self.signed = signed
 
+    @property
+    def full(self) -> bool:
+        return self.top.size >= self.k
+
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
-        a = v if self.signed else scratch.absolute(v)
-        if self.top.size >= self.k:
-            a = scratch.above(a, self.floor)
-        elif a.size > 8 * self.k:  # keep ~4K candidates: the (1 - 4K/n) quantile of every 64th value
+        if self.full:
+            self.take(np.concatenate([self.candidates(p, scratch) for p in _pieces(v)]))
+            return
+        a = v if self.signed else np.abs(v)
+        if a.size > 8 * self.k:  # keep ~4K candidates: the (1 - 4K/n) quantile of every 64th value
             sample = a[::64].copy()
             cut = int(sample.size * (1.0 - 4.0 * self.k / a.size))
             if 0 < cut < sample.size:
-                candidates = scratch.above(a, float(np.partition(sample, cut)[cut]))
+                candidates = a[a > float(np.partition(sample, cut)[cut])]
                 if candidates.size + self.top.size >= self.k:  # enough above the estimate: still exact
                     a = candidates
+        self.take(a)
+
+    def candidates(self, piece: np.ndarray, scratch: _Scratch) -> np.ndarray:
+        """The values of one piece above the K-th largest so far (once K are kept)."""
+        return scratch.above(piece if self.signed else scratch.absolute(piece), self.floor)
+
+    def take(self, a: np.ndarray) -> None:
+        """Keep the K largest of those kept and ``a``."""
         if not a.size:
             return
         both = np.concatenate([self.top, a])
         cut = both.size - self.k
         self.top = np.partition(both, cut)[cut:] if cut > 0 else both
-        if self.top.size >= self.k:
+        if self.full:
             self.floor = float(self.top.min())
+
+    def merge(self, other: _Percentile) -> None:
+        """Take in what another worker kept (the K largest of both are the K largest of all they saw)."""
+        self.take(other.top)
 
     def result(self) -> float:
         return max(float(self.top.min()), 0.0) if self.top.size else 0.0
@@ -207,8 +250,20 @@ class _WithRelu:
         self.own, self.positive = _Percentile(total), _Percentile(total, signed=True)
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
-        self.own.add(v, scratch)
-        self.positive.add(v, scratch)
+        if not (self.own.full and self.positive.full):
+            self.own.add(v, scratch)
+            self.positive.add(v, scratch)
+            return
+        own, positive = [], []
+        for p in _pieces(v):
+            own.append(self.own.candidates(p, scratch))
+            positive.append(self.positive.candidates(p, scratch))
+        self.own.take(np.concatenate(own))
+        self.positive.take(np.concatenate(positive))
+
+    def merge(self, other: _WithRelu) -> None:
+        self.own.merge(other.own)
+        self.positive.merge(other.positive)
 
     def result(self) -> float:
         return self.own.result()
@@ -246,36 +301,49 @@ class _Histogram:
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
         if self.amax <= 0.0:
             return
-        if self.relu_amax is None:
-            a = scratch.absolute(v)
-            self._fold(np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)), minlength=BINS), self.hist)
-        elif self.relu_amax == self.amax:
+        if self.relu_amax == self.amax:
             self._signed(v, scratch)
         else:
-            a = scratch.absolute(v)
-            self._fold(np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)), minlength=BINS), self.hist)
-            if self.relu_amax > 0.0:
-                p = scratch.above(v, 0.0)
-                p *= self._scale(self.relu_amax)
-                counts = np.bincount(p.astype(np.intp), minlength=BINS)
-                counts[0] += v.size - p.size
-                self._fold(counts, self.relu_hist)
+            counts, positive = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+            relu_scale = self._scale(self.relu_amax or 0.0)
+            for p in _pieces(v):
+                a = scratch.absolute(p)
+                counts = _accumulate(counts, np.bincount(scratch.indices(np.multiply(a, self.scale, out=a)),
+                                                         minlength=BINS))
+                if self.relu_amax is not None and self.relu_amax > 0.0:
+                    a = scratch.above(p, 0.0)
+                    a *= relu_scale
+                    c = np.bincount(scratch.indices(a), minlength=BINS)
+                    c[0] += p.size - a.size
+                    positive = _accumulate(positive, c)
+            self._fold(counts, self.hist)
+            if self.relu_amax is not None and self.relu_amax > 0.0:
+                self._fold(positive, self.relu_hist)
         if self.method == "mse":
-            self.zeros += v.size - int(np.count_nonzero(v))  # exact zeros (after ReLU) quantise exactly
-            if self.relu_amax is not None:
-                self.relu_zeros += v.size - int(np.count_nonzero(np.greater(v, 0.0, out=scratch.mask(v.size))))
+            for p in _pieces(v):
+                self.zeros += p.size - int(np.count_nonzero(p))  # exact zeros (after ReLU) quantise exactly
+                if self.relu_amax is not None:
+                    self.relu_zeros += p.size - int(np.count_nonzero(np.greater(p, 0.0, out=scratch.mask(p.size))))
 
     def _signed(self, v: np.ndarray, scratch: _Scratch) -> None:
         """Both histograms from one bincount of trunc(x * s) offset by 2 * BINS (room for any rounding)."""
-        a = scratch.absolute(v)
-        np.multiply(v, self.scale, out=a)
-        idx = scratch.indices(a)
-        idx += 2 * BINS
-        c = np.bincount(idx, minlength=4 * BINS + 1)
+        c = np.zeros(4 * BINS + 1, np.int64)
+        for p in _pieces(v):
+            a = np.multiply(p, self.scale, out=scratch.absolute(p))
+            idx = scratch.indices(a)
+            idx += 2 * BINS
+            c = _accumulate(c, np.bincount(idx, minlength=4 * BINS + 1))
         mid = 2 * BINS
         positive = c[mid + 1:]  # bins 1, 2, ... of the positive values
         self._fold(np.concatenate([c[mid:mid + 1], positive + c[mid - 1::-1]]), self.hist)
         self._fold(np.concatenate([[v.size - positive.sum()], positive]), self.relu_hist)
+
+    def merge(self, other: _Histogram) -> None:
+        """Take in what another worker counted."""
+        self.hist += other.hist
+        self.relu_hist += other.relu_hist
+        self.zeros += other.zeros
+        self.relu_zeros += other.relu_zeros
 
     def result(self) -> float:
         return self._threshold(self.hist, self.amax, self.zeros)
@@ -303,31 +371,33 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     statistic (one pass); ``entropy``: TensorRT's KL-divergence threshold over a 2048-bin histogram of
     [0, max] (two passes: the maxima, then the histograms; the threshold searches run in parallel);
     ``mse``: the threshold of least expected squared error over the same histograms (two passes).
-    Each image's tensors are shared out to one worker thread per core (numpy's reductions, bincount and
-    partitions release the GIL), each worker with its own buffers; every tensor always goes to the same
-    worker, in image order, so the result does not depend on timing.
+    One worker thread per core runs its own single-threaded session over its share of the images (image i
+    goes to worker i mod workers) and keeps its own statistics, which are merged at the end: the same
+    numbers whatever the timing (maxima, counts and order statistics do not depend on the order).
     """
     if method not in METHODS:
         raise ValueError(f"unknown range method {method!r}")
-    return measure(_Instrumented(onnx_path), data, method, progress_desc)
+    return measure(_Instrumented(onnx_path, threads=1 if _workers() > 1 else 0), data, method, progress_desc)
 
 
 def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None) -> dict[str, float]:
     """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
     ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
     {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
-    is read this way too). ``steps(range, desc)`` iterates the images, reporting progress (default: a bar)."""
+    is read this way too), ``inst.fork()`` (optional) another independent instance, so that each worker
+    thread runs its own. ``steps(range, desc)`` iterates the images, reporting progress (default: a bar)."""
     with_relu = set(inst.derived.values())
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    insts = [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
+    with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
         if method == "max":
-            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: _Max(), progress_desc, steps),
+            found = _results(inst, _pass(insts, data, pool, lambda name, per_image: _Max(), progress_desc, steps),
                              pool)
         elif method == "percentile":
-            found = _results(inst, _pass(inst, data, pool, lambda name, per_image: (
+            found = _results(inst, _pass(insts, data, pool, lambda name, per_image: (
                 _WithRelu if name in with_relu else _Percentile)(per_image * len(data)), progress_desc, steps), pool)
         else:
-            maxima = _pass(inst, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)", steps)
-            hists = _pass(inst, data, pool, lambda name, per_image: _Histogram(
+            maxima = _pass(insts, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)", steps)
+            hists = _pass(insts, data, pool, lambda name, per_image: _Histogram(
                 maxima[name].result(), method, maxima[name].relu() if name in with_relu else None),
                 f"{progress_desc} (histograms)", steps)
             found = _results(inst, hists, pool)
@@ -342,14 +412,63 @@ def _results(inst: Any, collectors: dict[str, Any], pool: ThreadPoolExecutor) ->
     return dict(zip([n for n, _ in jobs], pool.map(lambda job: job[1](), jobs)))
 
 
-def _pass(inst: Any, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
+def _pass(insts: list[Any], data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
           steps: Any = None) -> dict[str, Any]:
     """One pass over ``data``, every exposed tensor fed to its collector (made by ``make(name, values per
-    image)``); {name: collector}. The tensors are split into one share per worker, balanced by size, once, on
-    the first image."""
+    image)``); {name: collector}.
+
+    With one instance per worker, image i goes to worker i mod len(insts), which runs it and feeds its own
+    collectors (no hand-over between threads); the workers' collectors are merged in worker order at the end.
+    With one instance (a model that cannot be forked), each image's tensors are shared out to the workers
+    instead, split once by size so their loads balance. Either way a tensor's values reach a collector in
+    image order within a worker, so the result does not depend on timing."""
+    import queue
+
     from edgeport.progress import progress
 
     steps = steps or progress
+    if len(insts) == 1:
+        return _pass_shared(insts[0], data, pool, make, desc, steps)
+    feeds: list[queue.Queue[int | None]] = [queue.Queue(maxsize=2) for _ in insts]
+    owned: list[dict[str, Any]] = [{} for _ in insts]
+    failed: list[BaseException] = []
+
+    def work(k: int) -> None:
+        scratch, collectors = _Scratch(), owned[k]
+        while (i := feeds[k].get()) is not None:
+            if failed:
+                continue  # drain, so the feeder never blocks
+            try:
+                for name, v in insts[k].run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32)).items():
+                    if name not in collectors:
+                        collectors[name] = make(name, v.size)
+                    collectors[name].add(v.ravel(), scratch)
+            except BaseException as e:  # re-raised by the feeding thread
+                failed.append(e)
+
+    running = [pool.submit(work, k) for k in range(len(insts))]
+    try:
+        for i in steps(range(len(data)), desc):
+            feeds[i % len(insts)].put(i)
+            if failed:
+                break
+    finally:
+        for f in feeds:
+            f.put(None)
+        for r in running:
+            r.result()
+    if failed:
+        raise failed[0]
+    merged = owned[0]
+    for other in owned[1:]:
+        for name, c in other.items():
+            merged[name].merge(c)
+    return merged
+
+
+def _pass_shared(inst: Any, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
+                 steps: Any) -> dict[str, Any]:
+    """``_pass`` with one instance: each image's tensors shared out to one worker per core."""
     collectors: dict[str, Any] = {}
     shares: list[list[str]] = []
     scratch = [_Scratch() for _ in range(_workers())]
@@ -404,7 +523,9 @@ def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS, eps:
     that histogram quantised into ``levels`` bins (i // levels bins each, the last taking the remainder) and
     spread back over P's nonzero bins; both are normalised and smoothed (empty bins get ``eps``, taken from
     the others, as MXNet and TensorRT do) before the divergence. The candidates that merge the same number
-    of bins are evaluated together, in arrays: no Python loop over bins or candidates.
+    m of bins are evaluated together, in arrays: no Python loop over bins or candidates. Within such a group
+    every quantised level but the last spans the same m bins, so Q is P's level averages repeated m times;
+    a bin empty in P is empty in Q, and smoothing makes its term eps * log(eps / eps) = 0.
     """
     hist = np.asarray(hist, np.float64)
     n, total = len(hist), float(hist.sum())
@@ -417,48 +538,35 @@ def entropy_amax(hist: np.ndarray, amax: float, levels: int = QUANT_LEVELS, eps:
         cand = np.arange(levels * m, min(levels * (m + 1), n + 1))
         if not cand.size:
             continue
-        width = int(cand[-1])
-        j = np.arange(width)
-        inside = j[None, :] < cand[:, None]
-        rows = np.arange(len(cand))
+        width, rows = int(cand[-1]), np.arange(len(cand))
         tail = total - csum[cand]
-        p = np.where(inside, hist[None, :width], 0.0)
-        p[rows, cand - 1] += tail
-        nonzero = p != 0
-        level = np.minimum(j // m, levels - 1)
+        last_nz = (hist[cand - 1] == 0) & (tail > 0)  # a last bin nonzero only through the outliers
+        p = np.where(np.arange(width)[None, :] < cand[:, None], hist[None, :width] / total, 0.0)
+        p[rows, cand - 1] = (hist[cand - 1] + tail) / total
         starts = np.arange(levels) * m
-        ends = np.broadcast_to(np.minimum(starts + m, width), (len(cand), levels)).copy()
+        ends = np.broadcast_to(starts + m, (len(cand), levels)).copy()
         ends[:, -1] = cand  # the last level runs to the candidate
         level_sum = csum[ends] - csum[starts][None, :]
         level_nz = (cnz[ends] - cnz[starts][None, :]).astype(np.float64)
-        level_nz[:, -1] += (hist[cand - 1] == 0) & (tail > 0)  # a last bin nonzero only through the outliers
+        level_nz[:, -1] += last_nz
         share = np.divide(level_sum, level_nz, out=np.zeros_like(level_sum), where=level_nz > 0)
-        q = np.where(nonzero, share[:, level], 0.0)
-        qsum = q.sum(1, keepdims=True)
-        kl = _kl_rows(p / total, np.divide(q, qsum, out=np.zeros_like(q), where=qsum > 0), inside, cand, eps)
-        kl[qsum[:, 0] <= 0] = np.inf
+        q = np.empty_like(p)
+        q[:, :starts[-1]] = np.repeat(share[:, :-1], m, axis=1)
+        q[:, starts[-1]:] = share[:, -1:]
+        nonzero = p != 0
+        q *= nonzero
+        qsum, p_nz = q.sum(1), cnz[cand] + last_nz
+        q_nz = (q != 0).sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p_shift, q_shift = eps * (cand - p_nz) / p_nz, eps * (cand - q_nz) / q_nz
+            ps = np.where(nonzero, p - p_shift[:, None], eps)
+            qs = np.where(q != 0, q / qsum[:, None] - q_shift[:, None], eps)
+            kl = (ps * np.log(ps / qs)).sum(1)
+        kl[~((p_nz > 0) & (p_shift < 1.0) & (q_nz > 0) & (q_shift < 1.0) & (qsum > 0) & np.isfinite(kl))] = np.inf
         k = int(np.argmin(kl))
         if kl[k] < best_kl:
             best_kl, best_i = float(kl[k]), int(cand[k])
     return float((best_i + 0.5) * amax / n)
-
-
-def _kl_rows(p: np.ndarray, q: np.ndarray, inside: np.ndarray, lengths: np.ndarray, eps: float) -> np.ndarray:
-    """KL(smooth(p) || smooth(q)) per row over each row's first ``lengths`` bins; inf where smoothing fails."""
-    def smooth(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        zero = (d == 0) & inside
-        n_zero = zero.sum(1)
-        n_nonzero = lengths - n_zero
-        with np.errstate(divide="ignore", invalid="ignore"):
-            shift = eps * n_zero / n_nonzero
-        return np.where(zero, eps, d - shift[:, None]), (n_nonzero > 0) & (shift < 1.0)
-
-    ps, ok_p = smooth(p)
-    qs, ok_q = smooth(q)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = np.where(inside, ps * np.log(ps / qs), 0.0).sum(1)
-    kl[~(ok_p & ok_q) | ~np.isfinite(kl)] = np.inf
-    return kl
 
 
 # ---------------------------------------------------------------- calibration cache (TensorRT 8.x)

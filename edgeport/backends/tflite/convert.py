@@ -188,15 +188,22 @@ class _FloatTensors:
     half, 55.93 against 55.96); an output that a scale-keeping op (Resize, Reshape) produces still takes its
     input's narrowed range from the quantizer."""
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, index: dict[str, int] | None = None) -> None:
         from tensorflow.lite.tools import flatbuffer_utils
 
-        graph = flatbuffer_utils.read_model_from_bytearray(bytearray(blob)).subgraphs[0]
-        io = set(graph.inputs) | set(graph.outputs)
-        self.index = {t.name.decode(): i for i, t in enumerate(graph.tensors) if i not in io and _min_max(t)}
-        self.it = _interpreter(blob, True)
+        if index is None:
+            graph = flatbuffer_utils.read_model_from_bytearray(bytearray(blob)).subgraphs[0]
+            io = set(graph.inputs) | set(graph.outputs)
+            index = {t.name.decode(): i for i, t in enumerate(graph.tensors) if i not in io and _min_max(t)}
+        self.blob, self.index = blob, index
+        self.it = _interpreter(blob, True, threads=1)
         self.names = list(self.index)
         self.derived: dict[str, str] = {}
+
+    def fork(self) -> _FloatTensors:
+        """Another interpreter of the same model, for another worker thread (the interpreter releases the GIL
+        while it runs)."""
+        return _FloatTensors(self.blob, self.index)
 
     def run(self, x: Any) -> dict[str, Any]:
         _infer(self.it, x)
@@ -284,10 +291,10 @@ QUANTIZED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_C
 RANK_IMAGES = 4
 
 
-def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
+def _interpreter(blob: bytes, keep_all: bool = False, threads: int | None = None) -> Any:
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_content=blob, experimental_preserve_all_tensors=keep_all)
+    it = Interpreter(model_content=blob, experimental_preserve_all_tensors=keep_all, num_threads=threads)
     it.allocate_tensors()
     return it
 
