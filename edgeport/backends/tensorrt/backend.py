@@ -92,18 +92,19 @@ class TensorRTBackend(DeviceBackend):
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
             keep = qdq.ignored_nodes(onnx, settings)
             ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
+            start = None  # the selection half's gauge and plain outputs, when the range choice measured them
             if quant.accuracy_control and quant.val is not None and method != "max":  # the selection half chooses
                 from edgeport.backends.tensorrt.fallback import choose_ranges
 
                 candidates = {method: amax, "max": quant.cached("ranges", {**key, "method": "max"}, lambda: (
                     rg.collect_ranges(onnx, calib.data[:n], "max", f"max activation ranges from {n} calibration "
                                       "images")))}
-                chosen, ranges["held_on_selection"] = choose_ranges(
+                chosen, ranges["held_on_selection"], start = choose_ranges(
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)
                 ranges["method"], amax = chosen, candidates[chosen]
             if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
-                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec)
+                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec, start)
                 info["accuracy_fallback"] = fb
                 keep = keep | set(fb["kept_float"])
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
@@ -123,7 +124,7 @@ class TensorRTBackend(DeviceBackend):
 
     @staticmethod
     def _fallback(onnx: Path, amax: dict[str, float], out: Path, keep: set[str], quant: Quantization,
-                  spec: InputSpec) -> dict[str, Any]:
+                  spec: InputSpec, start: Any = None) -> dict[str, Any]:
         """The accuracy-aware loop (fallback.py) on the selection half: the layers it keeps in float."""
         from edgeport.backends.tensorrt import qdq
         from edgeport.backends.tensorrt.fallback import accuracy_fallback
@@ -136,7 +137,7 @@ class TensorRTBackend(DeviceBackend):
             return weighted - kept
 
         assert quant.val is not None
-        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, spec.task, quant.settings.max_drop)
+        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, quant.settings.max_drop, start)
         log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in float: "
                  "%s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
                  points(fb["drop_after"], fb["max_drop"]), fb["max_drop"], ", ".join(fb["kept_float"]) or "nothing")

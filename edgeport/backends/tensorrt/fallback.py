@@ -82,35 +82,39 @@ def last_weighted(onnx: Path) -> set[str]:
 
 
 def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: Any, out: Path, val: LabelledSet,
-                  layout: str) -> tuple[str, dict[str, float]]:
+                  layout: str) -> tuple[str, dict[str, float], tuple[Any, np.ndarray]]:
     """Of activation ranges by several methods ({method: amax}, the configured method first), the one whose
     Q/DQ model (``write(amax)`` writes it to ``out``) holds the smaller drop on the selection half
-    (edgeport.evaluate.DropGauge; a tie keeps the first); (its method, {method: drop held}). As for TFLite:
-    no one method wins on every model (edgeport.backends.tflite.convert.choose_ranges)."""
+    (edgeport.evaluate.DropGauge; a tie keeps the first); (its method, {method: drop held}, (the gauge, the
+    chosen plain Q/DQ model's outputs): where the accuracy loop starts). As for TFLite: no one method wins on
+    every model (edgeport.backends.tflite.convert.choose_ranges)."""
     from edgeport.evaluate import DropGauge
 
     gauge = DropGauge(_run(onnx, val), val, layout)
-    held = {}
+    held, outputs = {}, {}
     for method, amax in candidates.items():
         write(amax)
-        held[method] = float(gauge(_run(out, val))[1])
+        outputs[method] = _run(out, val)
+        held[method] = float(gauge(outputs[method])[1])
     chosen = min(held, key=lambda m: held[m])
     log.info("activation ranges chosen on the selection half: %s (%s drop): %s",
              ", ".join(f"{m} holds {d:.4f}" for m, d in held.items()), gauge.key, chosen)
-    return chosen, held
+    return chosen, held, (gauge, outputs[chosen])
 
 
-def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str, task: str,
-                      max_drop: float) -> dict[str, Any]:
+def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str,
+                      max_drop: float, start: tuple[Any, np.ndarray] | None = None) -> dict[str, Any]:
     """Keep the layers that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
-    ``keep`` left in float. Returns the report: kept layers, drops before and after, every step."""
+    ``keep`` left in float. ``start``: (the drop gauge, the plain Q/DQ model's outputs on the selection half)
+    when the range choice has measured them already. Returns the report: kept layers, drops before and after,
+    every step."""
     from edgeport.evaluate import DropGauge, Tuning
 
-    gauge = DropGauge(_run(onnx, val), val, layout)
+    gauge, plain = start or (DropGauge(_run(onnx, val), val, layout), None)
     quantized = write(keep)
-    tuning = Tuning(gauge, max_drop, _run(out, val), len(val), val.labelled)
+    tuning = Tuning(gauge, max_drop, _run(out, val) if plain is None else plain, len(val), val.labelled)
     kept: list[str] = []
     limit = min(12, max(1, len(quantized) // 4))
     heads = sorted(last_weighted(onnx) & quantized)

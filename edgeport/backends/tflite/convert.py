@@ -154,19 +154,20 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         conv._experimental_calibrate_only = True  # noqa: SLF001 (the float model with its calibration)
         calibrated = conv.convert()
         kept = denylist(calibrated, job["keep_float"]) if job.get("keep_float") else []  # names: any ranges
-        method = job.get("method", "max")
+        selection = _Selection(job["fallback"]) if job.get("fallback") else None  # labelled data
+        method, tried = job.get("method", "max"), {}
         if method != "max":  # the converter's own ranges are min/max: narrow them to the method's
             narrowed, ranges = narrow_ranges(calibrated, calib[list(idx)], method)
-            if job.get("fallback"):  # labelled data: the selection half chooses between them
-                chosen, ranges["held_on_selection"] = choose_ranges({method: narrowed, "max": calibrated},
-                                                                    job["fallback"], kept)
+            if selection is not None:  # the selection half chooses between them
+                chosen, ranges["held_on_selection"], tried = choose_ranges(
+                    {method: narrowed, "max": calibrated}, selection, kept)
                 ranges["method"] = chosen
             calibrated = narrowed if ranges["method"] == method else calibrated
-        blob = quantize(calibrated, kept)
+        blob, plain_outputs = tried.get(ranges["method"] if ranges else method) or (quantize(calibrated, kept), None)
         if kept:
             _stage(f"kept {len(kept)} convolution(s) in float ([quantize] ignored_*)")
-        if job.get("fallback"):
-            blob, fallback = accuracy_fallback(blob, calibrated, job["fallback"], kept)
+        if selection is not None:
+            blob, fallback = accuracy_fallback(blob, calibrated, selection, kept, plain_outputs)
     out = Path(job["out"])
     out.write_bytes(blob)
     _stage(f"wrote {out.name} ({len(blob) / 1e6:.2f} MB) in {time.time() - t:.1f}s")
@@ -400,62 +401,80 @@ def rank_ops(quantized: bytes, reference: list[dict[str, Any]], images: Any,
     return sorted(ranked, key=lambda r: -r[2])
 
 
-def _selection(job: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """The selection half the child was given (``job`` is the fallback's): (the set, its images in NHWC,
-    ``outputs(blob)``: a model's packed outputs on them)."""
-    import pickle
+class _Selection:
+    """The selection half the child was given (``job`` is the fallback's), loaded once for the range choice and
+    the accuracy loop: the set, its images in NHWC, and the float model's outputs on them (``gauge``)."""
 
-    import numpy as np
+    def __init__(self, job: dict[str, Any]) -> None:
+        import pickle
 
-    from edgeport.evaluate import pack
+        import numpy as np
 
-    with open(job["val"], "rb") as f:
-        val = pickle.load(f)
-    images = val.inputs.transpose(0, 2, 3, 1) if job.get("layout", "NCHW") == "NCHW" else val.inputs
-    images = np.ascontiguousarray(images, np.float32)  # the model takes NHWC
+        with open(job["val"], "rb") as f:
+            self.val = pickle.load(f)
+        images = self.val.inputs.transpose(0, 2, 3, 1) if job.get("layout", "NCHW") == "NCHW" else self.val.inputs
+        self.images = np.ascontiguousarray(images, np.float32)  # the model takes NHWC
+        self.job = job
+        self._gauge: Any = None
 
-    def outputs(blob: bytes) -> Any:
+    def outputs(self, blob: bytes) -> Any:
+        """A model's packed outputs on the selection images."""
+        import numpy as np
+
+        from edgeport.evaluate import pack
+
         it = _interpreter(blob)
-        runs = [_infer_all(it, images[i:i + 1], job.get("outputs")) for i in range(len(images))]
-        return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, val)
+        runs = [_infer_all(it, self.images[i:i + 1], self.job.get("outputs")) for i in range(len(self.images))]
+        return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, self.val)
 
-    return val, images, outputs
+    def gauge(self, calibrated: bytes) -> Any:
+        """The drop gauge against the float model (``calibrated`` run in float: its recorded ranges do not
+        change that, so every candidate's calibrated model gives the same gauge, measured once)."""
+        from edgeport.evaluate import DropGauge
+
+        if self._gauge is None:
+            self._gauge = DropGauge(self.outputs(calibrated), self.val, "NHWC")
+        return self._gauge
 
 
-def choose_ranges(candidates: dict[str, bytes], job: dict[str, Any], given: list[str]) -> tuple[str, dict[str, float]]:
+def choose_ranges(candidates: dict[str, bytes], selection: _Selection,
+                  given: list[str]) -> tuple[str, dict[str, float], dict[str, tuple[bytes, Any]]]:
     """Of calibrated models that differ only in their activation ranges ({method: model}, the configured method
     first), the one whose plain INT8 holds the smaller drop on the selection half (edgeport.evaluate.DropGauge;
-    a tie keeps the first); (its method, {method: drop held}).
+    a tie keeps the first); (its method, {method: drop held}, {method: (its plain INT8, its outputs)}: the
+    accuracy loop starts from the chosen one's).
 
     Chosen per model because no one method wins everywhere: on the CamVid U-Net the 99.99th percentile held
     0.03 mIoU against min/max's 0.07 (report half +0.19 against -0.22); on the CenterNet detector of
     tests/models/centernet.py it held 1.72 mAP against min/max's 1.22 (report half, after the loop, -1.36
     against -0.55): clipping the top 0.01 % cost the box regression there."""
-    from edgeport.evaluate import DropGauge
-
-    val, images, outputs = _selection(job)
-    first = next(iter(candidates.values()))
-    gauge = DropGauge(outputs(first), val, "NHWC")  # the float model: every candidate is it, in float
-    held = {m: float(gauge(outputs(quantize(blob, given)))[1]) for m, blob in candidates.items()}
+    gauge = selection.gauge(next(iter(candidates.values())))
+    tried, held = {}, {}
+    for m, calibrated in candidates.items():
+        blob = quantize(calibrated, given)
+        tried[m] = (blob, selection.outputs(blob))
+        held[m] = float(gauge(tried[m][1])[1])
     chosen = min(held, key=lambda m: held[m])
     _stage("activation ranges chosen on the selection half: " + ", ".join(
         f"{m} holds {d:.4f}" for m, d in held.items()) + f" ({gauge.key} drop): {chosen}")
-    return chosen, held
+    return chosen, held, tried
 
 
-def accuracy_fallback(plain: bytes, calibrated: bytes, job: dict[str, Any],
-                      given: list[str]) -> tuple[bytes, dict[str, Any]]:
+def accuracy_fallback(plain: bytes, calibrated: bytes, selection: _Selection, given: list[str],
+                      plain_outputs: Any = None) -> tuple[bytes, dict[str, Any]]:
     """Keep the TFLite ops that add the most error in float (TensorFlow's selective quantization: the
     quantizer's denylisted nodes, with QUANTIZE/DEQUANTIZE around them) until the task metric's drop from
     the float model on the selection half, and on each of its halves (edgeport.evaluate.DropGauge), is within
-    max_drop; at most a quarter of the weighted ops (12)."""
-    from edgeport.evaluate import DropGauge, Tuning
+    max_drop; at most a quarter of the weighted ops (12). ``plain_outputs``: ``plain``'s outputs on the
+    selection half, when the range choice has measured them already."""
+    from edgeport.evaluate import Tuning
 
-    val, images, outputs = _selection(job)
-    max_drop = float(job["max_drop"])
-    gauge = DropGauge(outputs(calibrated), val, "NHWC")  # the whole selection set and its halves: the worst held
+    images, outputs = selection.images, selection.outputs
+    max_drop = float(selection.job["max_drop"])
+    gauge = selection.gauge(calibrated)  # the whole selection set and its halves: the worst held
     blob = plain
-    tuning = Tuning(gauge, max_drop, outputs(blob), len(images), val.labelled)
+    tuning = Tuning(gauge, max_drop, outputs(blob) if plain_outputs is None else plain_outputs, len(images),
+                    selection.val.labelled)
     n_weighted = sum(op["op_name"] in QUANTIZED_OPS for op in _interpreter(plain)._get_ops_details())  # noqa: SLF001
     limit = min(12, max(1, n_weighted // 4))
     kept: list[tuple[str, str]] = []
