@@ -80,8 +80,8 @@ def _scales(model: Path) -> dict[str, float]:
 
 
 def test_percentile_ranges_narrow_the_converters_min_max_and_max_keeps_them(default_tflite):
-    """The default (percentile) narrows activation ranges the converter recorded as min/max; --calib-method max
-    is the converter's own. Every activation scale is at most max's, some strictly smaller; the input's is the
+    """The default (percentile) narrows activation ranges recorded as min/max; --calib-method max keeps the
+    min/max. Every activation scale is at most max's, some strictly smaller; the input's is the
     same (its recorded range is left as it is). With labelled data the selection half chose between the two, by
     the drop each holds."""
     proj, _ = default_tflite
@@ -179,3 +179,62 @@ def test_an_op_onnx2tf_cannot_convert_names_op_and_node(tmp_path):
     with pytest.raises(ConversionError, match=r"op FancyWarp \(node 'warp_7'\)"):
         BACKEND.compile(tmp_path / "c.onnx", get_target("raspberry-pi-5"), "fp32", None, tmp_path,
                         InputSpec(shape=(1, 3, 8, 8)))
+
+
+CALIBRATION_CHECK = r"""
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+from tensorflow.lite.tools import flatbuffer_utils
+from edgeport.backends.tflite import convert
+
+os.chdir(sys.argv[1])
+convert.write_sample(np.zeros((20, 64, 64, 3), np.uint8), Path(convert.SAMPLE))
+import onnx2tf
+
+onnx2tf.convert(input_onnx_file_path=sys.argv[2], output_folder_path="sm", non_verbose=True,
+                output_signaturedefs=True, copy_onnx_input_output_names_to_tflite=True)
+images = np.random.default_rng(0).normal(size=(40, 32, 32, 3)).astype(np.float32)
+
+def recorded(n):
+    conv = tf.lite.TFLiteConverter.from_saved_model("sm")
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([images[i:i + 1]] for i in range(n))
+    conv._experimental_calibrate_only = True
+    return conv.convert()
+
+def ranges(blob):
+    g = flatbuffer_utils.read_model_from_bytearray(bytearray(blob)).subgraphs[0]
+    return {t.name.decode(): [float(t.quantization.min[0]), float(t.quantization.max[0])]
+            for t in g.tensors if convert._min_max(t)}
+
+print(json.dumps({"converter": ranges(recorded(40)), "edgeport": ranges(convert.calibrate(recorded(1), images)),
+                  "one_image": ranges(recorded(1))}))
+"""
+
+
+def test_edgeport_calibration_records_the_converters_min_max(tmp_path):
+    """The converter records ranges from one image and edgeport measures every recorded min/max (activations, the
+    input, the output) over all calibration images: the converter's own 40-image calibration gives the same
+    ranges, to float rounding."""
+    import sys
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Sigmoid(),
+                        nn.Conv2d(8, 4, 1)).eval()
+    onnx_path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(onnx_path), input_names=["x"], dynamo=False)
+    res = subprocess.run([sys.executable, "-c", CALIBRATION_CHECK, str(tmp_path), str(onnx_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    theirs, ours, one = got["converter"], got["edgeport"], got["one_image"]
+    assert set(theirs) == set(ours) and len(ours) >= 5
+    for name, (lo, hi) in theirs.items():
+        width = hi - lo
+        assert abs(ours[name][0] - lo) <= 1e-5 * width and abs(ours[name][1] - hi) <= 1e-5 * width, (name, ours[name])
+    assert sum(one[n] != theirs[n] for n in theirs) >= len(theirs) - 1  # one image's ranges were not kept

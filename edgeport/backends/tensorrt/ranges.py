@@ -190,6 +190,21 @@ class _Max:
         return self.hi
 
 
+class _Extremes:
+    """The smallest and the largest signed value seen: what a converter's min/max calibration records."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi = np.inf, -np.inf
+
+    def add(self, v: np.ndarray, scratch: _Scratch) -> None:
+        if v.size:
+            self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
+
+    def merge(self, other: _Extremes) -> None:
+        """Take in what another worker saw."""
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
+
 class _Percentile:
     """The q-th percentile of |x| (or, ``signed``, of x) over every value seen, exactly: the K largest values
     are kept (K is what lies above the percentile, 3,000 of 30 million at 99.99); once K are kept a value
@@ -387,7 +402,7 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
     is read this way too), ``inst.fork()`` (optional) another independent instance, so that each worker
     thread runs its own. ``steps(range, desc)`` iterates the images, reporting progress (default: a bar)."""
     with_relu = set(inst.derived.values())
-    insts = [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
+    insts = _instances(inst)
     with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
         if method == "max":
             found = _results(inst, _pass(insts, data, pool, lambda name, per_image: _Max(), progress_desc, steps),
@@ -402,6 +417,22 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
                 f"{progress_desc} (histograms)", steps)
             found = _results(inst, hists, pool)
     return {n: float(found.get(n, 0.0)) for n in inst.names}
+
+
+def measure_extremes(inst: Any, data: np.ndarray, progress_desc: str,
+                     steps: Any = None) -> dict[str, tuple[float, float]]:
+    """{tensor name: (min, max)} of the signed values over ``data``, from any model that shows its tensors (as
+    ``measure`` reads it; no derived outputs): what the TFLite converter's calibration records, in one pass of
+    one interpreter per worker."""
+    insts = _instances(inst)
+    with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
+        found = _pass(insts, data, pool, lambda name, per_image: _Extremes(), progress_desc, steps)
+    return {n: (c.lo, c.hi) for n, c in found.items()}
+
+
+def _instances(inst: Any) -> list[Any]:
+    """``inst`` and, when it can ``fork()``, one more instance per further worker."""
+    return [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
 
 
 def _results(inst: Any, collectors: dict[str, Any], pool: ThreadPoolExecutor) -> dict[str, float]:
