@@ -474,7 +474,7 @@ def choose_ranges(candidates: dict[str, bytes], selection: _Selection,
 
     Chosen per model because no one method wins everywhere: on the CamVid U-Net the 99.99th percentile held
     0.03 mIoU against min/max's 0.07 (report half +0.19 against -0.22); on the CenterNet detector of
-    tests/models/centernet.py it held 1.72 mAP against min/max's 1.22 (report half, after the loop, -1.36
+    tests/models/centernet.py it held 1.77 mAP against min/max's 1.15 (report half, after the loop, -1.36
     against -0.55): clipping the top 0.01 % cost the box regression there."""
     gauge = selection.gauge(next(iter(candidates.values())))
     tried, held = {}, {}
