@@ -136,8 +136,8 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
 
 
 def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
-    """Tensors read in small pieces by one forked session per worker give what one session with whole tensors
-    shared out to the workers gives, to the bit, for every method."""
+    """Tensors read in small pieces by one forked session per worker give what one session reading whole
+    tensors gives, to the bit, for every method."""
     import numpy as np
     import torch
     from torch import nn
@@ -152,7 +152,7 @@ def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(ranges, "_workers", lambda: 3)  # more workers than this host's cores, images unevenly
 
     class Whole(ranges._Instrumented):
-        fork = None  # no forks: one session, tensors shared out
+        fork = None  # no forks: one session, one worker
 
     for method in ranges.METHODS:
         monkeypatch.setattr(ranges, "CHUNK", 1 << 16)

@@ -209,7 +209,7 @@ def ranges(blob):
     return {t.name.decode(): [float(t.quantization.min[0]), float(t.quantization.max[0])]
             for t in g.tensors if convert._min_max(t)}
 
-print(json.dumps({"converter": ranges(recorded(40)), "edgeport": ranges(convert.calibrate(recorded(1), images)),
+print(json.dumps({"converter": ranges(recorded(40)), "edgeport": ranges(convert.calibrate(recorded(1), images)[0]),
                   "one_image": ranges(recorded(1))}))
 """
 

@@ -169,29 +169,9 @@ class _Scratch:
 
 
 class _Max:
-    """The largest |x| seen, from the maximum and the minimum (no |x| array is written); ``relu()`` is the
-    largest value of the tensor's Relu, from the same two."""
-
-    def __init__(self) -> None:
-        self.hi, self.lo = 0.0, 0.0
-
-    def add(self, v: np.ndarray, scratch: _Scratch) -> None:
-        if v.size:
-            self.hi, self.lo = max(self.hi, float(v.max())), min(self.lo, float(v.min()))
-
-    def merge(self, other: _Max) -> None:
-        """Take in what another worker saw."""
-        self.hi, self.lo = max(self.hi, other.hi), min(self.lo, other.lo)
-
-    def result(self) -> float:
-        return max(self.hi, -self.lo)
-
-    def relu(self) -> float:
-        return self.hi
-
-
-class _Extremes:
-    """The smallest and the largest signed value seen: what a converter's min/max calibration records."""
+    """The smallest and the largest signed value seen (``span()``: what a converter's min/max calibration
+    records); ``result()`` the largest |x| from the two (no |x| array is written), ``relu()`` the largest value
+    of the tensor's Relu."""
 
     def __init__(self) -> None:
         self.lo, self.hi = np.inf, -np.inf
@@ -200,9 +180,42 @@ class _Extremes:
         if v.size:
             self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
 
-    def merge(self, other: _Extremes) -> None:
+    def merge(self, other: _Max) -> None:
         """Take in what another worker saw."""
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
+    def span(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+    def result(self) -> float:
+        return max(self.hi, -self.lo, 0.0)
+
+    def relu(self) -> float:
+        return max(self.hi, 0.0)
+
+
+class _WithSpan:
+    """Another collector and the tensor's signed extremes (``span()``), from the same read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.extremes = inner, _Max()
+
+    def add(self, v: np.ndarray, scratch: _Scratch) -> None:
+        self.extremes.add(v, scratch)
+        self.inner.add(v, scratch)
+
+    def merge(self, other: _WithSpan) -> None:
+        self.inner.merge(other.inner)
+        self.extremes.merge(other.extremes)
+
+    def span(self) -> tuple[float, float]:
+        return self.extremes.span()
+
+    def result(self) -> float:
+        return self.inner.result()
+
+    def relu(self) -> float:
+        return self.inner.relu()
 
 
 class _Percentile:
@@ -222,6 +235,8 @@ class _Percentile:
         return self.top.size >= self.k
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
+        if not v.size:
+            return
         if self.full:
             self.take(np.concatenate([self.candidates(p, scratch) for p in _pieces(v)]))
             return
@@ -265,6 +280,8 @@ class _WithRelu:
         self.own, self.positive = _Percentile(total), _Percentile(total, signed=True)
 
     def add(self, v: np.ndarray, scratch: _Scratch) -> None:
+        if not v.size:
+            return
         if not (self.own.full and self.positive.full):
             self.own.add(v, scratch)
             self.positive.add(v, scratch)
@@ -395,44 +412,36 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     return measure(_Instrumented(onnx_path, threads=1 if _workers() > 1 else 0), data, method, progress_desc)
 
 
-def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None) -> dict[str, float]:
+def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None,
+            spans: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
     ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
     {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
     is read this way too), ``inst.fork()`` (optional) another independent instance, so that each worker
-    thread runs its own. ``steps(range, desc)`` iterates the images, reporting progress (default: a bar)."""
+    thread runs its own. ``steps(range, desc)`` iterates the images, reporting progress (default: a bar).
+    ``spans``, when given, receives each exposed tensor's signed (min, max), taken in the first pass."""
     with_relu = set(inst.derived.values())
-    insts = _instances(inst)
+    insts = [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
     with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
         if method == "max":
-            found = _results(inst, _pass(insts, data, pool, lambda name, per_image: _Max(), progress_desc, steps),
-                             pool)
+            first = _pass(insts, data, pool, lambda name, per_image: _Max(), progress_desc, steps)
+            found = _results(inst, first, pool)
         elif method == "percentile":
-            found = _results(inst, _pass(insts, data, pool, lambda name, per_image: (
-                _WithRelu if name in with_relu else _Percentile)(per_image * len(data)), progress_desc, steps), pool)
+            def make(name: str, per_image: int) -> Any:
+                c = (_WithRelu if name in with_relu else _Percentile)(per_image * len(data))
+                return c if spans is None else _WithSpan(c)
+
+            first = _pass(insts, data, pool, make, progress_desc, steps)
+            found = _results(inst, first, pool)
         else:
-            maxima = _pass(insts, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)", steps)
+            first = _pass(insts, data, pool, lambda name, per_image: _Max(), f"{progress_desc} (maxima)", steps)
             hists = _pass(insts, data, pool, lambda name, per_image: _Histogram(
-                maxima[name].result(), method, maxima[name].relu() if name in with_relu else None),
+                first[name].result(), method, first[name].relu() if name in with_relu else None),
                 f"{progress_desc} (histograms)", steps)
             found = _results(inst, hists, pool)
+    if spans is not None:
+        spans.update({n: c.span() for n, c in first.items()})
     return {n: float(found.get(n, 0.0)) for n in inst.names}
-
-
-def measure_extremes(inst: Any, data: np.ndarray, progress_desc: str,
-                     steps: Any = None) -> dict[str, tuple[float, float]]:
-    """{tensor name: (min, max)} of the signed values over ``data``, from any model that shows its tensors (as
-    ``measure`` reads it; no derived outputs): what the TFLite converter's calibration records, in one pass of
-    one interpreter per worker."""
-    insts = _instances(inst)
-    with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
-        found = _pass(insts, data, pool, lambda name, per_image: _Extremes(), progress_desc, steps)
-    return {n: (c.lo, c.hi) for n, c in found.items()}
-
-
-def _instances(inst: Any) -> list[Any]:
-    """``inst`` and, when it can ``fork()``, one more instance per further worker."""
-    return [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
 
 
 def _results(inst: Any, collectors: dict[str, Any], pool: ThreadPoolExecutor) -> dict[str, float]:
@@ -446,20 +455,15 @@ def _results(inst: Any, collectors: dict[str, Any], pool: ThreadPoolExecutor) ->
 def _pass(insts: list[Any], data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
           steps: Any = None) -> dict[str, Any]:
     """One pass over ``data``, every exposed tensor fed to its collector (made by ``make(name, values per
-    image)``); {name: collector}.
-
-    With one instance per worker, image i goes to worker i mod len(insts), which runs it and feeds its own
-    collectors (no hand-over between threads); the workers' collectors are merged in worker order at the end.
-    With one instance (a model that cannot be forked), each image's tensors are shared out to the workers
-    instead, split once by size so their loads balance. Either way a tensor's values reach a collector in
-    image order within a worker, so the result does not depend on timing."""
+    image)``); {name: collector}. Image i goes to worker i mod len(insts), which runs it on its own instance and
+    feeds its own collectors (no hand-over between threads); the workers' collectors are merged in worker order
+    at the end. A tensor's values reach a collector in image order within a worker, and maxima, counts and
+    order statistics do not depend on how the images were shared: the result does not depend on timing."""
     import queue
 
     from edgeport.progress import progress
 
     steps = steps or progress
-    if len(insts) == 1:
-        return _pass_shared(insts[0], data, pool, make, desc, steps)
     feeds: list[queue.Queue[int | None]] = [queue.Queue(maxsize=2) for _ in insts]
     owned: list[dict[str, Any]] = [{} for _ in insts]
     failed: list[BaseException] = []
@@ -495,32 +499,6 @@ def _pass(insts: list[Any], data: np.ndarray, pool: ThreadPoolExecutor, make: An
         for name, c in other.items():
             merged[name].merge(c)
     return merged
-
-
-def _pass_shared(inst: Any, data: np.ndarray, pool: ThreadPoolExecutor, make: Any, desc: str,
-                 steps: Any) -> dict[str, Any]:
-    """``_pass`` with one instance: each image's tensors shared out to one worker per core."""
-    collectors: dict[str, Any] = {}
-    shares: list[list[str]] = []
-    scratch = [_Scratch() for _ in range(_workers())]
-
-    def work(k: int, outs: dict[str, np.ndarray]) -> None:
-        for name in shares[k]:
-            collectors[name].add(outs[name].ravel(), scratch[k])
-
-    for i in steps(range(len(data)), desc):
-        outs = inst.run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32))
-        if not shares:
-            collectors.update({name: make(name, v.size) for name, v in outs.items()})
-            shares = [[] for _ in scratch]
-            load = [0] * len(scratch)
-            for name in sorted(outs, key=lambda n: -outs[n].size):
-                k = load.index(min(load))
-                shares[k].append(name)
-                load[k] += outs[name].size
-        for f in [pool.submit(work, k, outs) for k in range(len(shares))]:
-            f.result()
-    return collectors
 
 
 def mse_amax(hist: np.ndarray, amax: float, zeros: int = 0, levels: int = 127) -> float:

@@ -148,18 +148,22 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         blob = conv.convert()
     else:
         conv._experimental_calibrate_only = True  # noqa: SLF001 (the float model with its calibration)
-        calibrated = calibrate(conv.convert(), calib[list(idx)])
+        method = job.get("method", "max")
+        calibrated, amax = calibrate(conv.convert(), calib[list(idx)], method)
         kept = denylist(calibrated, job["keep_float"]) if job.get("keep_float") else []  # names: any ranges
         selection = _Selection(job["fallback"]) if job.get("fallback") else None  # labelled data
-        method, tried = job.get("method", "max"), {}
-        if method != "max":  # the recorded ranges are min/max: narrow them to the method's
-            narrowed, ranges = narrow_ranges(calibrated, calib[list(idx)], method)
+        tried: dict[str, tuple[bytes, Any]] = {}
+        if amax is not None:  # the recorded ranges are min/max: narrow them to the method's
+            narrowed, ranges = narrow_ranges(calibrated, amax, method, n)
             if selection is not None:  # the selection half chooses between them
                 chosen, ranges["held_on_selection"], tried = choose_ranges(
                     {method: narrowed, "max": calibrated}, selection, kept)
                 ranges["method"] = chosen
             calibrated = narrowed if ranges["method"] == method else calibrated
-        blob, plain_outputs = tried.get(ranges["method"] if ranges else method) or (quantize(calibrated, kept), None)
+        if ranges and ranges["method"] in tried:  # the range choice quantized and ran it already
+            blob, plain_outputs = tried[ranges["method"]]
+        else:
+            blob, plain_outputs = quantize(calibrated, kept), None
         if kept:
             _stage(f"kept {len(kept)} convolution(s) in float ([quantize] ignored_*)")
         if selection is not None:
@@ -180,18 +184,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 class _FloatTensors:
     """The converter's calibrated float model in the interpreter, every tensor kept: what
     edgeport.backends.tensorrt.ranges.measure reads (``run``, ``names``, ``derived``). Its tensors are those the
-    converter records a min/max for; without ``io``, less the model's input and outputs, whose recorded min/max
-    are not narrowed (in a trial with per-tail percentiles, narrowing them too chose worse on the CamVid
-    selection half, 55.93 against 55.96); an output that a scale-keeping op (Resize, Reshape) produces still
-    takes its input's narrowed range from the quantizer."""
+    converter records a min/max for: the activations, the input and the outputs."""
 
-    def __init__(self, blob: bytes, index: dict[str, int] | None = None, io: bool = False) -> None:
+    def __init__(self, blob: bytes, index: dict[str, int] | None = None) -> None:
         from tensorflow.lite.tools import flatbuffer_utils
 
-        if index is None:  # with ``io``, the model's input and outputs too
+        if index is None:
             graph = flatbuffer_utils.read_model_from_bytearray(bytearray(blob)).subgraphs[0]
-            skip = set() if io else set(graph.inputs) | set(graph.outputs)
-            index = {t.name.decode(): i for i, t in enumerate(graph.tensors) if i not in skip and _min_max(t)}
+            index = {t.name.decode(): i for i, t in enumerate(graph.tensors) if _min_max(t)}
         self.blob, self.index = blob, index
         self.it = _interpreter(blob, True, threads=1)
         self.names = list(self.index)
@@ -221,62 +221,63 @@ def _steps(items: range, desc: str) -> Any:
     report(len(items), len(items))
 
 
-def calibrate(recorded: bytes, images: Any) -> bytes:
+def calibrate(recorded: bytes, images: Any, method: str = "max") -> tuple[bytes, dict[str, float] | None]:
     """The calibrated float model with every recorded [min, max] (activations, the input and the outputs)
-    measured over ``images`` (NHWC) by edgeport: the converter recorded them from one image only. Its own
-    calibration loop took 16 s for 300 CamVid frames, this pass 3.1 s (one interpreter per worker, builtin
-    kernels); on the CamVid U-Net the INT8 model is byte-identical to the converter's."""
-    import numpy as np
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    from edgeport.backends.tensorrt.ranges import measure_extremes
-
-    t = time.time()
-    source = _FloatTensors(recorded, io=True)
-    extremes = measure_extremes(source, np.ascontiguousarray(images, np.float32),
-                                f"calibrating activation ranges on {len(images)} images", _steps)
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(recorded))
-    tensors = model.subgraphs[0].tensors
-    for name, i in source.index.items():
-        lo, hi = extremes[name]
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise RuntimeError(f"no values seen for {name} in the calibration pass")
-        tensors[i].quantization.min, tensors[i].quantization.max = [lo], [hi]
-    _stage(f"min/max of {len(source.index)} tensors over {len(images)} calibration images ({time.time() - t:.1f}s)")
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def narrow_ranges(calibrated: bytes, images: Any, method: str) -> tuple[bytes, dict[str, Any]]:
-    """The calibrated model with each activation's recorded [min, max] narrowed to [-amax, amax], amax measured
-    by ``method`` over ``images`` (NHWC) as TensorRT's ranges are (edgeport.backends.tensorrt.ranges: percentile,
-    entropy or mse of |x|); a range is only ever narrowed, never widened. The quantizer then rounds to these.
-
-    On the CamVid U-Net (300 train frames; val split as the build splits it) the 99.99th percentile moved the
-    selection half from -0.05 to +0.08 mIoU against FP32 and the report half from -0.22 to +0.19 (mse: +0.07 and
-    +0.07; entropy lost 4.6 and 5.4)."""
+    measured over ``images`` (NHWC) by edgeport: the converter recorded them from one image only; and, from
+    the same pass, each tensor's amax by ``method`` for ``narrow_ranges`` (None for ``max``). The converter's
+    own calibration loop took 16 s for 300 CamVid frames, this pass 3.8 s with percentile ranges (one
+    interpreter per worker, builtin kernels); on the CamVid U-Net the INT8 model is byte-identical to the
+    converter's."""
     import numpy as np
     from tensorflow.lite.tools import flatbuffer_utils
 
     from edgeport.backends.tensorrt.ranges import measure
 
     t = time.time()
-    source = _FloatTensors(calibrated)
+    source = _FloatTensors(recorded)
+    spans: dict[str, tuple[float, float]] = {}
+    what = "min/max" + ("" if method == "max" else f" and {method}")
     amax = measure(source, np.ascontiguousarray(images, np.float32), method,
-                   f"{method} activation ranges from {len(images)} calibration images", _steps)
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+                   f"calibrating activation ranges ({what}) on {len(images)} images", _steps, spans)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(recorded))
     tensors = model.subgraphs[0].tensors
-    narrowed = 0
     for name, i in source.index.items():
-        q, a = tensors[i].quantization, amax.get(name, 0.0)
+        lo, hi = spans[name]
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise RuntimeError(f"no values seen for {name} in the calibration pass")
+        tensors[i].quantization.min, tensors[i].quantization.max = [lo], [hi]
+    _stage(f"{what} of {len(source.index)} tensors over {len(images)} calibration images ({time.time() - t:.1f}s)")
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), None if method == "max" else amax
+
+
+def narrow_ranges(calibrated: bytes, amax: dict[str, float], method: str, images: int) -> tuple[bytes, dict[str, Any]]:
+    """The calibrated model with each activation's recorded [min, max] narrowed to [-amax, amax], amax measured
+    by ``method`` (``calibrate``) as TensorRT's ranges are (edgeport.backends.tensorrt.ranges: percentile,
+    entropy or mse of |x|); a range is only ever narrowed, never widened. The quantizer then rounds to these.
+    The model's input and outputs keep their min/max (in a trial with per-tail percentiles, narrowing them too
+    chose worse on the CamVid selection half, 55.93 against 55.96); an output that a scale-keeping op (Resize,
+    Reshape) produces still takes its input's narrowed range from the quantizer.
+
+    On the CamVid U-Net (300 train frames; val split as the build splits it) the 99.99th percentile moved the
+    selection half from -0.05 to +0.08 mIoU against FP32 and the report half from -0.22 to +0.19 (mse: +0.07 and
+    +0.07; entropy lost 4.6 and 5.4)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+    graph = model.subgraphs[0]
+    io = set(graph.inputs) | set(graph.outputs)
+    activations = [t for i, t in enumerate(graph.tensors) if i not in io and _min_max(t)]
+    narrowed = 0
+    for tensor in activations:
+        q, a = tensor.quantization, amax.get(tensor.name.decode(), 0.0)
         if a <= 0.0:
             continue
         lo, hi = max(float(q.min[0]), -a), min(float(q.max[0]), a)
         narrowed += int(lo > q.min[0] or hi < q.max[0])
         q.min, q.max = [lo], [hi]
-    _stage(f"{method} ranges: {narrowed} of {len(source.index)} activation ranges narrowed "
-           f"({time.time() - t:.1f}s)")
+    _stage(f"{method} ranges: {narrowed} of {len(activations)} activation ranges narrowed")
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), {
-        "method": method, "images": len(images), "tensors": len(source.index), "narrowed": narrowed}
+        "method": method, "images": images, "tensors": len(activations), "narrowed": narrowed}
 
 
 def quantize(calibrated: bytes, deny: list[str], float_outputs: bool = False) -> bytes:
