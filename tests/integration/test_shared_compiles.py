@@ -80,31 +80,67 @@ def test_shared_artifacts_compile_once_and_a_setting_rebuilds_only_its_target(de
     assert m["provenance"]["quantization"]["preset"] == "mixed"
 
 
-@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
-@pytest.mark.parametrize("bias", [0.0, -2.0])
-def test_ranges_match_a_plain_reference(tmp_path, method, bias):
-    """The one-pass collectors give what the definitions give, on a real ONNX with real frames, for a Relu
-    output too (derived from its input's read: with ``bias`` -2 the input's negative side reaches further,
-    so the Relu has its own histogram range)."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
+def _branchy_net(path, bias: float = 0.0, size: int = 16):
+    """A small ONNX with every way a range is found: a convolution read by a Relu and a residual Add (exposed,
+    the Relu derived from its read), a convolution read only by a Relu (takes the Relu's range), a Concat of
+    a Relu output and that convolution (fed from their reads), and a graph output."""
     import torch
     from torch import nn
 
-    from edgeport.backends.tensorrt.ranges import BINS, _float_tensors, collect_ranges, entropy_amax, mse_amax
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+                nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            c1 = self.c1(x)
+            r2 = torch.relu(self.c2(torch.relu(c1)))
+            return self.c3(torch.cat([r2, c1], 1)) + c1
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    net = Net().eval()
     with torch.no_grad():
-        net[0].bias += bias
+        net.c1.bias += bias
+    torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(path), input_names=["x"], dynamo=False)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
+@pytest.mark.parametrize("bias", [0.0, -2.0])
+def test_ranges_match_a_plain_reference(tmp_path, method, bias):
+    """The one-pass collectors give what the definitions give, on a real ONNX with real frames: for a tensor
+    read directly, a Relu output derived from its input's read (with ``bias`` -2 the input's negative side
+    reaches further, so the Relu has its own histogram range), a Concat fed from its inputs' reads, and a
+    convolution read only by a Relu (the Relu's values are its range's)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgeport.backends.tensorrt.ranges import (
+        BINS,
+        _float_tensors,
+        _Instrumented,
+        collect_ranges,
+        entropy_amax,
+        mse_amax,
+    )
+
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), input_names=["x"], dynamo=False)
+    _branchy_net(path, bias)
     rng = np.random.default_rng(0)
     data = rng.normal(size=(60, 3, 16, 16)).astype(np.float32)
     got = collect_ranges(path, data, method)
     model = onnx.load(str(path))
-    assert [n.op_type for n in model.graph.node].count("Relu") == 1
+    by_op = {}
+    for node in model.graph.node:
+        by_op.setdefault(node.op_type, []).append(node)
+    (r1, r2), (concat,) = by_op["Relu"], by_op["Concat"]
+    inst = _Instrumented(path)
+    assert inst.derived == {r1.output[0]: r1.input[0]} and inst.same == {r2.input[0]: r2.output[0]}
+    assert inst.unions == {concat.output[0]: list(concat.input)}
+    assert {r1.output[0], r2.output[0]} <= inst.nonnegative and r1.input[0] not in inst.nonnegative
+    # the max pass pools the exposed Relu output in the graph; the signed convolution stays exposed
+    assert list(inst.for_maxima().pooled.values()) == [r2.output[0]]
     names = _float_tensors(model)
     for n in names:
         if n not in {o.name for o in model.graph.output}:
@@ -116,10 +152,9 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
         values = dict(zip(outs, sess.run(outs, {"x": data[i:i + 1]})))
         values["x"] = data[i:i + 1]
         for n in names:
-            every[n].append(np.abs(values[n]).ravel())
-    relu = next(n for n in model.graph.node if n.op_type == "Relu")
-    # both of the Relu's histogram paths: one range with its input's, or its own
-    assert (float(np.concatenate(every[relu.output[0]]).max()) == float(np.concatenate(every[relu.input[0]]).max())) \
+            every[n].append(np.abs(values[inst.same.get(n, n)]).ravel())
+    # both of the derived Relu's histogram paths: one range with its input's, or its own
+    assert (float(np.concatenate(every[r1.output[0]]).max()) == float(np.concatenate(every[r1.input[0]]).max())) \
         == (bias == 0.0)
     for n in names:
         a = np.concatenate(every[n])
@@ -136,18 +171,14 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
 
 
 def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
-    """Tensors read in small pieces by one forked session per worker give what one session reading whole
-    tensors gives, to the bit, for every method."""
+    """Tensors read in small pieces (and percentile rows) by one forked session per worker give what one session
+    reading whole tensors gives, to the bit, for every method, on every way a range is found."""
     import numpy as np
-    import torch
-    from torch import nn
 
     from edgeport.backends.tensorrt import ranges
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 24, 24),), str(path), input_names=["x"], dynamo=False)
+    _branchy_net(path, size=24)
     data = np.random.default_rng(1).normal(size=(23, 3, 24, 24)).astype(np.float32)
     monkeypatch.setattr(ranges, "_workers", lambda: 3)  # more workers than this host's cores, images unevenly
 
@@ -156,7 +187,9 @@ def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
 
     for method in ranges.METHODS:
         monkeypatch.setattr(ranges, "CHUNK", 1 << 16)
+        monkeypatch.setattr(ranges, "ROW", 1 << 16)
         whole = ranges.measure(Whole(path), data, method, "whole")
         monkeypatch.setattr(ranges, "CHUNK", 700)  # 4,608 values per tensor: 7 pieces, the last short
+        monkeypatch.setattr(ranges, "ROW", 500)
         pieces = ranges.collect_ranges(path, data, method)
-        assert pieces == whole and len(pieces) == 5 and min(pieces.values()) > 0.0, method
+        assert pieces == whole and len(pieces) == 8 and min(pieces.values()) > 0.0, method
