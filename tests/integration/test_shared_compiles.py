@@ -170,6 +170,24 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
         assert got[n] == pytest.approx(want, rel=1e-6 if method in ("max", "percentile") else 2e-3), n
 
 
+@pytest.mark.parametrize("bias", [0.0, -2.0])
+def test_percentile_pass_gives_the_max_ranges_too(tmp_path, bias):
+    """The largest of the values each percentile collector keeps is what the max pass (pooled in the graph
+    where it can be) measures, for every way a range is found: one pass serves both."""
+    import numpy as np
+
+    from edgeport.backends.tensorrt.ranges import collect_ranges
+
+    path = tmp_path / "net.onnx"
+    _branchy_net(path, bias, size=24)
+    data = np.random.default_rng(2).normal(size=(31, 3, 24, 24)).astype(np.float32)
+    largest: dict[str, float] = {}
+    collect_ranges(path, data, "percentile", largest=largest)
+    assert largest == collect_ranges(path, data, "max")
+    with pytest.raises(ValueError):
+        collect_ranges(path, data, "entropy", largest={})
+
+
 def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
     """Tensors read in small pieces (and percentile rows) by one forked session per worker give what one session
     reading whole tensors gives, to the bit, for every method, on every way a range is found."""

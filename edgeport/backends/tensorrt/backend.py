@@ -88,8 +88,10 @@ class TensorRTBackend(DeviceBackend):
             method, n = settings.method, min(len(calib), settings.subset_size)
             key = {"onnx": file_sha256(onnx), "calib": calib.sha256, "method": method, "images": n,
                    "code": rg.CODE_VERSION}
+            largest: dict[str, float] = {}  # the max ranges, from the percentile pass when it runs
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
-                onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images"))
+                onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images",
+                largest=largest if method == "percentile" else None))
             keep = qdq.ignored_nodes(onnx, settings)
             ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
             start = None  # the selection half's gauge and plain outputs, when the range choice measured them
@@ -97,8 +99,8 @@ class TensorRTBackend(DeviceBackend):
                 from edgeport.backends.tensorrt.fallback import choose_ranges
 
                 candidates = {method: amax, "max": quant.cached("ranges", {**key, "method": "max"}, lambda: (
-                    rg.collect_ranges(onnx, calib.data[:n], "max", f"max activation ranges from {n} calibration "
-                                      "images")))}
+                    largest or rg.collect_ranges(onnx, calib.data[:n], "max", f"max activation ranges from {n} "
+                                                 "calibration images")))}
                 chosen, ranges["held_on_selection"], start = choose_ranges(
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)

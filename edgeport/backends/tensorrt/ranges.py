@@ -446,6 +446,11 @@ class _Percentile:
         other.settle()
         self.take(other.top)
 
+    def largest(self) -> float:
+        """The largest value kept: the largest seen (|x|, or x clipped at 0 when ``signed``), as ``max`` gives."""
+        self.settle()
+        return max(float(self.top.max()), 0.0) + 0.0 if self.top.size else 0.0
+
     def result(self) -> float:
         self.settle()
         return max(float(self.top.min()), 0.0) + 0.0 if self.top.size else 0.0  # + 0.0: never -0.0
@@ -477,6 +482,12 @@ class _WithRelu:
 
     def relu(self) -> float:
         return self.positive.result()
+
+    def largest(self) -> float:
+        return self.own.largest()
+
+    def relu_largest(self) -> float:
+        return self.positive.largest()
 
 
 class _Histogram:
@@ -573,7 +584,8 @@ def _workers() -> int:
 
 
 def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
-                   progress_desc: str = "measuring activation ranges") -> dict[str, float]:
+                   progress_desc: str = "measuring activation ranges",
+                   largest: dict[str, float] | None = None) -> dict[str, float]:
     """{tensor name: amax} over ``data`` (N, ...) preprocessed inputs, by ``method``.
 
     ``max``: the largest |x| (one pass); ``percentile``: the 99.99th percentile of |x|, an exact order
@@ -584,17 +596,20 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     inside the graph (``_Instrumented``, ``maxima``). One worker thread per core runs the single-threaded
     session over its share of the images (image i goes to worker i mod workers; each worker binds its own
     buffers) and keeps its own statistics, which are merged at the end: the same numbers whatever the timing
-    (maxima, counts and order statistics do not depend on the order).
+    (maxima, counts and order statistics do not depend on the order). ``largest``, with ``percentile``,
+    receives the ``max`` ranges from the same pass.
     """
     if method not in METHODS:
         raise ValueError(f"unknown range method {method!r}")
     inst = _Instrumented(onnx_path, threads=1 if _workers() > 1 else 0, maxima=method == "max")
     histograms = method in ("entropy", "mse")
-    return measure(inst, data, method, progress_desc, maxima=inst.for_maxima() if histograms else None)
+    return measure(inst, data, method, progress_desc, maxima=inst.for_maxima() if histograms else None,
+                   largest=largest)
 
 
 def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None,
-            spans: dict[str, tuple[float, float]] | None = None, maxima: Any = None) -> dict[str, float]:
+            spans: dict[str, tuple[float, float]] | None = None, maxima: Any = None,
+            largest: dict[str, float] | None = None) -> dict[str, float]:
     """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
     ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
     {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
@@ -604,7 +619,11 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
     iterates the images, reporting progress (default: a bar). ``spans``, when given, receives each measured
     tensor's signed (min, max), taken in the first pass. ``maxima``: another form of ``inst`` for the first
     pass of the histogram methods, which needs only each tensor's largest |x| (``_Instrumented.for_maxima``).
+    ``largest``, with ``percentile``, receives what ``max`` would give, from the same pass: the largest of the
+    values each collector keeps is the largest it saw.
     """
+    if largest is not None and (method != "percentile" or spans is not None):
+        raise ValueError("the largest values come only from a percentile pass without spans")
     if spans is not None and (getattr(inst, "pooled", None) or maxima is not None):
         raise ValueError("signed spans need every tensor read whole")
     with_relu = set(inst.derived.values())
@@ -627,6 +646,9 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
 
             first = _pass(insts, unions, data, pool, make, progress_desc, steps)
             found = _results(inst, first, pool)
+            if largest is not None:
+                largest.update({n: c.largest() for n, c in first.items()})
+                largest.update({r: first[t].relu_largest() for r, t in inst.derived.items() if t in first})
         else:
             firsts = insts if maxima is None else [maxima] + [maxima.fork() for _ in insts[1:]]
             first = _pass(firsts, unions, data, pool, lambda name, per_image: _Max(name in positive),
@@ -637,11 +659,14 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
             found = _results(inst, hists, pool)
     if spans is not None:
         spans.update({n: c.span() for n, c in first.items()})
-    for t in getattr(inst, "same", {}):
-        r = t
-        while r in inst.same:  # a chain of Relus ends at one that is measured
-            r = inst.same[r]
-        found[t] = found.get(r, 0.0)
+    for got in (found, largest) if largest is not None else (found,):
+        for t in getattr(inst, "same", {}):
+            r = t
+            while r in inst.same:  # a chain of Relus ends at one that is measured
+                r = inst.same[r]
+            got[t] = got.get(r, 0.0)
+    if largest is not None:
+        largest.update({n: float(largest.get(n, 0.0)) for n in inst.names})
     return {n: float(found.get(n, 0.0)) for n in inst.names}
 
 
