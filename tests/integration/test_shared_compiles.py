@@ -173,7 +173,8 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
 @pytest.mark.parametrize("bias", [0.0, -2.0])
 def test_percentile_pass_gives_the_max_ranges_too(tmp_path, bias):
     """The largest of the values each percentile collector keeps is what the max pass (pooled in the graph
-    where it can be) measures, for every way a range is found: one pass serves both."""
+    where it can be) measures, for every way a range is found: one pass serves both; and the histogram
+    methods given those max ranges skip their own first pass with the same result."""
     import numpy as np
 
     from edgeport.backends.tensorrt.ranges import collect_ranges
@@ -186,6 +187,8 @@ def test_percentile_pass_gives_the_max_ranges_too(tmp_path, bias):
     assert largest == collect_ranges(path, data, "max")
     with pytest.raises(ValueError):
         collect_ranges(path, data, "entropy", largest={})
+    for method in ("entropy", "mse"):  # their bins' ranges from those max ranges: the first pass spared
+        assert collect_ranges(path, data, method, known=largest) == collect_ranges(path, data, method), method
 
 
 def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):

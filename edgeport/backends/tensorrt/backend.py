@@ -88,19 +88,26 @@ class TensorRTBackend(DeviceBackend):
             method, n = settings.method, min(len(calib), settings.subset_size)
             key = {"onnx": file_sha256(onnx), "calib": calib.sha256, "method": method, "images": n,
                    "code": rg.CODE_VERSION}
-            largest: dict[str, float] = {}  # the max ranges, from the percentile pass when it runs
+            choosing = quant.accuracy_control and quant.val is not None and method != "max"
+
+            def max_ranges() -> dict[str, float]:
+                return quant.cached("ranges", {**key, "method": "max"}, lambda: largest or rg.collect_ranges(
+                    onnx, calib.data[:n], "max", f"max activation ranges from {n} calibration images"))
+
+            # The max ranges, when the range choice needs them, come with the method's pass: from the percentile
+            # pass itself, or first, so that a histogram method takes its bins' ranges from them.
+            largest: dict[str, float] = {}
+            known = max_ranges() if choosing and method in ("entropy", "mse") else None
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images",
-                largest=largest if method == "percentile" else None))
+                largest=largest if method == "percentile" else None, known=known))
             keep = qdq.ignored_nodes(onnx, settings)
             ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
             start = None  # the selection half's gauge and plain outputs, when the range choice measured them
-            if quant.accuracy_control and quant.val is not None and method != "max":  # the selection half chooses
+            if choosing:  # the selection half chooses
                 from edgeport.backends.tensorrt.fallback import choose_ranges
 
-                candidates = {method: amax, "max": quant.cached("ranges", {**key, "method": "max"}, lambda: (
-                    largest or rg.collect_ranges(onnx, calib.data[:n], "max", f"max activation ranges from {n} "
-                                                 "calibration images")))}
+                candidates = {method: amax, "max": known if known is not None else max_ranges()}
                 chosen, ranges["held_on_selection"], start = choose_ranges(
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)

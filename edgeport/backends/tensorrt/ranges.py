@@ -585,7 +585,7 @@ def _workers() -> int:
 
 def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
                    progress_desc: str = "measuring activation ranges",
-                   largest: dict[str, float] | None = None) -> dict[str, float]:
+                   largest: dict[str, float] | None = None, known: dict[str, float] | None = None) -> dict[str, float]:
     """{tensor name: amax} over ``data`` (N, ...) preprocessed inputs, by ``method``.
 
     ``max``: the largest |x| (one pass); ``percentile``: the 99.99th percentile of |x|, an exact order
@@ -597,19 +597,20 @@ def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
     session over its share of the images (image i goes to worker i mod workers; each worker binds its own
     buffers) and keeps its own statistics, which are merged at the end: the same numbers whatever the timing
     (maxima, counts and order statistics do not depend on the order). ``largest``, with ``percentile``,
-    receives the ``max`` ranges from the same pass.
+    receives the ``max`` ranges from the same pass; ``known``, the ``max`` ranges already measured, spares
+    the histogram methods their first pass.
     """
     if method not in METHODS:
         raise ValueError(f"unknown range method {method!r}")
     inst = _Instrumented(onnx_path, threads=1 if _workers() > 1 else 0, maxima=method == "max")
-    histograms = method in ("entropy", "mse")
+    histograms = method in ("entropy", "mse") and known is None
     return measure(inst, data, method, progress_desc, maxima=inst.for_maxima() if histograms else None,
-                   largest=largest)
+                   largest=largest, known=known)
 
 
 def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps: Any = None,
             spans: dict[str, tuple[float, float]] | None = None, maxima: Any = None,
-            largest: dict[str, float] | None = None) -> dict[str, float]:
+            largest: dict[str, float] | None = None, known: dict[str, float] | None = None) -> dict[str, float]:
     """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
     ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
     {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
@@ -620,10 +621,14 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
     tensor's signed (min, max), taken in the first pass. ``maxima``: another form of ``inst`` for the first
     pass of the histogram methods, which needs only each tensor's largest |x| (``_Instrumented.for_maxima``).
     ``largest``, with ``percentile``, receives what ``max`` would give, from the same pass: the largest of the
-    values each collector keeps is the largest it saw.
+    values each collector keeps is the largest it saw. ``known``: the ``max`` ranges of the same model and
+    images, already measured: the histogram methods take their bins' ranges from them and skip their first
+    pass.
     """
     if largest is not None and (method != "percentile" or spans is not None):
         raise ValueError("the largest values come only from a percentile pass without spans")
+    if known is not None and (method not in ("entropy", "mse") or spans is not None):
+        raise ValueError("known maxima serve only the histogram methods' bins, without spans")
     if spans is not None and (getattr(inst, "pooled", None) or maxima is not None):
         raise ValueError("signed spans need every tensor read whole")
     with_relu = set(inst.derived.values())
@@ -650,11 +655,17 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
                 largest.update({n: c.largest() for n, c in first.items()})
                 largest.update({r: first[t].relu_largest() for r, t in inst.derived.items() if t in first})
         else:
-            firsts = insts if maxima is None else [maxima] + [maxima.fork() for _ in insts[1:]]
-            first = _pass(firsts, unions, data, pool, lambda name, per_image: _Max(name in positive),
-                          f"{progress_desc} (maxima)", steps)
+            if known is None:
+                firsts = insts if maxima is None else [maxima] + [maxima.fork() for _ in insts[1:]]
+                first = _pass(firsts, unions, data, pool, lambda name, per_image: _Max(name in positive),
+                              f"{progress_desc} (maxima)", steps)
+                amax = {n: c.result() for n, c in first.items()}
+                amax.update({r: first[t].relu() for r, t in inst.derived.items() if t in first})
+            else:
+                amax = known
+            relu_of = {t: r for r, t in inst.derived.items()}
             hists = _pass(insts, unions, data, pool, lambda name, per_image: _Histogram(
-                first[name].result(), method, first[name].relu() if name in with_relu else None, name in positive),
+                amax[name], method, amax[relu_of[name]] if name in with_relu else None, name in positive),
                 f"{progress_desc} (histograms)", steps)
             found = _results(inst, hists, pool)
     if spans is not None:
