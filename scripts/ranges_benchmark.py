@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from build_benchmark import build  # scripts/ is this script's import path
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID_TRAIN = ROOT.parent / "shared" / "datasets" / "camvid" / "train"
@@ -42,10 +42,7 @@ METHODS = ("max", "percentile", "entropy", "mse")
 
 def prepare(folder: Path, args: list[str]) -> tuple[Path, np.ndarray]:
     """(the exported ONNX, the calibration set (N, ...) float32) of one scenario, built in ``folder``."""
-    res = subprocess.run([sys.executable, "-m", "edgeport.cli", "build", *args, "--build-dir", str(folder / "build"),
-                          "--out", str(folder / "dist")], cwd=folder, capture_output=True, text=True)
-    if res.returncode not in (0, 3):
-        sys.exit(f"error: the build failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}")
+    build(folder, [*args, "--build-dir", str(folder / "build"), "--out", str(folder / "dist")])
     onnx_path = next((folder / "build" / "export").glob("*/model.onnx"))
     data = np.load(next((folder / "build" / "calibration").glob("*/data.npy")))
     return onnx_path, np.ascontiguousarray(data, np.float32)
