@@ -11,6 +11,8 @@ calibration cache of its TensorRT version), through the backend's ``for_target``
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import tempfile
@@ -75,6 +77,12 @@ class Reference:
         with np.load(path) as z:
             return cls(z["inputs"], {k[4:]: z[k] for k in z.files if k.startswith("out:")})
 
+    @functools.cached_property
+    def sha256(self) -> str:
+        """A hash of the sample inputs (their shape, dtype and bytes): what host runs of an artifact are keyed by."""
+        x = np.ascontiguousarray(self.inputs)
+        return hashlib.sha256(f"{x.shape}{x.dtype}".encode() + x.tobytes()).hexdigest()[:16]
+
 
 @dataclass
 class StageTime:
@@ -108,7 +116,7 @@ def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 
 # Bumped when what an artifact stage stores changes shape (outputs.npz, info keys), so old caches are not read.
-STAGE_FORMAT = 5
+STAGE_FORMAT = 6
 
 
 def _tolerances(cfg: ProjectConfig, target: Target, precision: str, outputs: list[str],
@@ -147,11 +155,9 @@ def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precisio
             "edgeport": __version__, "format": STAGE_FORMAT}
 
 
-def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Reference,
-                  calib: CalibrationSet | None, spec: InputSpec, build_dir: Path, val: ValidationRef | None,
-                  memo: Any) -> tuple[Stage, dict[str, Any], bool]:
-    """Compile the group's artifact once (for its first target) and run it on the host on the reference
-    samples: outputs.npz holds those outputs, every target's parity comes from them."""
+def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, calib: CalibrationSet | None, spec: InputSpec,
+                  build_dir: Path, val: ValidationRef | None, memo: Any) -> tuple[Stage, dict[str, Any], bool]:
+    """Compile the group's artifact once (for its first target); cached by what determines the artifact."""
     backend = get_backend(group.backend)
     stage = Stage(build_dir, f"artifact/{group.backend}-{group.precision}", group.settings)
     needs_calib = backend.calibration_needed(group.precision)
@@ -162,21 +168,34 @@ def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, reference: Refer
         log.info("compiling (one artifact for %d target(s))", len(group.targets))
         art = backend.compile(onnx, group.targets[0], group.precision, calib if needs_calib else None, tmp, spec,
                               quant)
-        if art.host_runnable:
-            with backend.open(art) as rt:
-                got = rt.run_batches(to_layout(reference.inputs, spec.layout, art.spec.layout))
-            np.savez(tmp / "outputs.npz", **got)
         return {"artifacts": _artifacts_to_dict(art, tmp), "compile_seconds": time.time() - t0}
 
     info, cached = stage.run(run)
     return stage, info, cached
 
 
-def host_outputs(stage: Stage, info: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """The artifact's outputs on the reference samples, as the build host ran it (None when it cannot)."""
+def host_outputs(group: Group, stage: Stage, info: dict[str, Any], reference: Reference, spec: InputSpec,
+                 build_dir: Path) -> dict[str, np.ndarray] | None:
+    """The artifact's outputs on the reference samples, as the build host ran it (None when it cannot).
+
+    Cached apart from the compile, by the artifact and the samples' bytes: a build with other samples (another
+    --calib) runs the same artifact again instead of comparing the new reference with the old samples' outputs,
+    and does not recompile it."""
     if not info["artifacts"]["host_runnable"]:
         return None
-    with np.load(stage.dir / "outputs.npz") as z:
+    backend = get_backend(group.backend)
+    run_stage = Stage(build_dir, f"hostrun/{group.backend}-{group.precision}",
+                      {"artifact": stage.key, "inputs": reference.sha256, "format": STAGE_FORMAT})
+
+    def run(tmp: Path) -> dict[str, Any]:
+        art = _artifacts_from_dict(info["artifacts"], stage.dir)
+        with backend.open(art) as rt:
+            got = rt.run_batches(to_layout(reference.inputs, spec.layout, art.spec.layout))
+        np.savez(tmp / "outputs.npz", **got)
+        return {"count": len(reference.inputs)}
+
+    run_stage.run(run)
+    with np.load(run_stage.dir / "outputs.npz") as z:
         return {k: z[k] for k in z.files}
 
 
@@ -353,10 +372,13 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
                   "runner": source_hash(*runner_parts(backend.runner_part(), spec.task)), "model": record,
                   "samples": samples.sha256, "edgeport": __version__})
     dest = bundle_dest(out_dir, name, verdict["status"])
-    other = bundle_dest(out_dir, name, "passed" if verdict["status"] == "failed" else "failed")
-    if remove_bundle(other):
-        log.info("removed the %s bundle of an earlier build from %s", "shippable" if verdict["status"] == "failed"
-                 else "failed", other.parent)
+    if verdict["status"] == "failed":  # a good bundle of an earlier build stays until one of this build passes
+        kept = bundle_dest(out_dir, name, "passed")
+        if (kept / "manifest.json").is_file():
+            log.warning("%s: this build of it failed; %s still holds an earlier build's bundle, which passed its "
+                        "gates (this build's failed bundle is in %s)", name, kept, dest)
+    elif remove_bundle(bundle_dest(out_dir, name, "failed")):
+        log.info("removed the failed bundle of an earlier build from %s", out_dir / FAILED_DIR)
     if _is_current(dest, key, verdict):
         if verdict["status"] != "failed" and not archive_matches(dest):
             log.info("the archive did not match its folder (an interrupted build); rewriting it")

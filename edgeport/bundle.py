@@ -27,6 +27,7 @@ _PKG = Path(__file__).resolve().parent
 # Order matters: later parts use names the earlier ones define.
 RUNNER_PARTS = [
     _PKG / "runner" / "manifest.py",
+    _PKG / "runner" / "images.py",
     _PKG / "zoo" / "scene.py",
     _PKG / "runner" / "preprocess.py",
     _PKG / "runner" / "task.py",

@@ -63,6 +63,8 @@ class CalibrationSet:
 def _read_folder(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], int, hashlib._Hash]:
     import cv2
 
+    from edgeport.runner.images import HOST_MAX_PIXELS, ImageTooLarge, decode_image
+
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     others = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
     if not files:
@@ -72,10 +74,14 @@ def _read_folder(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], i
     if len(files) > limit:  # spread the pick over the whole folder, deterministically
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     h = hashlib.sha256()
-    frames, names, bad = [], [], []
+    frames, names, bad, large = [], [], [], []
     for p in progress(files, "reading calibration images"):
         raw = p.read_bytes()
-        img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
+        try:
+            img = decode_image(raw, HOST_MAX_PIXELS, cv2.IMREAD_COLOR, p.name)
+        except ImageTooLarge as e:
+            large.append(str(e))
+            continue
         if img is None:
             bad.append(p.name)
             continue
@@ -86,7 +92,9 @@ def _read_folder(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], i
     if bad:  # one line for all of them: a folder of 10,000 broken files must not print 10,000 lines
         log.debug("undecodable calibration images in %s: %s", path, ", ".join(bad))
         log.warning("%d undecodable image(s) in %s skipped (e.g. %s)", len(bad), path, ", ".join(bad[:3]))
-    return frames, names, len(bad), h
+    if large:  # never decoded: a compression bomb of a few hundred KB can decode to gigabytes
+        log.warning("%d image(s) in %s skipped as too large to decode (e.g. %s)", len(large), path, large[0])
+    return frames, names, len(bad) + len(large), h
 
 
 def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], int, hashlib._Hash]:

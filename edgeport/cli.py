@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -477,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # torch warns "No CUDA runtime is found" whenever something imports its C++ extension helper on a CPU host.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:  # OpenCV's decoder lines repeat, per file, what edgeport says once (undecodable images skipped)
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     # SIGTERM (a CI timeout, systemd, kill) unwinds like Ctrl-C: temporary folders are removed and child
     # processes killed on the way out, instead of the process vanishing and leaving them behind.
     previous = signal.signal(signal.SIGTERM, _terminate)

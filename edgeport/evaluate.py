@@ -67,10 +67,15 @@ class LabelledSet:
 
 
 def read_image(path: Path, flags: int) -> np.ndarray | None:
-    import cv2
+    """The image decoded with OpenCV's ``flags``; None when it cannot be decoded, or when its header declares more
+    than HOST_MAX_PIXELS (said in a warning line: it is never decoded)."""
+    from edgeport.runner.images import HOST_MAX_PIXELS, ImageTooLarge, decode_image
 
-    raw = path.read_bytes()
-    return cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
+    try:
+        return decode_image(path.read_bytes(), HOST_MAX_PIXELS, flags, str(path))
+    except ImageTooLarge as e:
+        log.warning("skipped %s: edgeport does not decode larger images", e)
+        return None
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -264,7 +264,7 @@ def _export_stage(cfg: ProjectConfig, spec: InputSpec, samples: CalibrationSet, 
         "spec": spec.to_dict(), "optimize": dataclasses.asdict(cfg.optimize),
         "export": dataclasses.asdict(cfg.export), "opset": opset, "samples": samples.sha256,
         "torch": _dist_version("torch"), "onnx": _dist_version("onnx"), "onnxslim": _dist_version("onnxslim"),
-        "edgeport": __version__,
+        "edgeport": __version__, "name": cfg.model.name or default_name(cfg.model.source),  # the ONNX carries it
         "recover_images": recover_images.sha256 if recover_images is not None else None,
         "supervised": supervised[2] if supervised is not None else None,
     }
@@ -645,9 +645,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         mark = len(clock)  # shared sub-stages (ranges) the compile runs are listed under it
         try:
             with working_on(group.label):
-                stage, info, cached = art.compile_group(cfg, group, export_stage.dir / "model.onnx", reference,
-                                                        calib, spec, build_dir, val, memo)
-                host = art.host_outputs(stage, info)
+                stage, info, cached = art.compile_group(cfg, group, export_stage.dir / "model.onnx", calib, spec,
+                                                        build_dir, val, memo)
+                host = art.host_outputs(group, stage, info, reference, spec, build_dir)
                 accuracy = None
                 if val is not None and info["artifacts"]["host_runnable"]:
                     accuracy, _ = art.evaluate_group(group, stage, info, spec, build_dir, val,
@@ -703,12 +703,16 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
 
 
 def _drop_stale(out_dir: Path, name: str) -> None:
-    """Remove an earlier build's bundle of a target whose build failed now: dist/ shows only what this build made."""
+    """A target's build failed before its bundle was written: remove an earlier build's failed bundle of it, and
+    keep an earlier bundle that passed (a good bundle leaves dist/ only for one that passed), saying so."""
     from edgeport.bundle import remove_bundle
 
-    for old in (art.bundle_dest(out_dir, name, "passed"), art.bundle_dest(out_dir, name, "failed")):
-        if remove_bundle(old):
-            log.info("%s: removed the bundle of an earlier build from %s (this build of it failed)", name, old.parent)
+    if remove_bundle(art.bundle_dest(out_dir, name, "failed")):
+        log.info("%s: removed the failed bundle of an earlier build from %s", name, out_dir / art.FAILED_DIR)
+    kept = art.bundle_dest(out_dir, name, "passed")
+    if (kept / "manifest.json").is_file():
+        log.warning("%s: this build of it failed; %s still holds an earlier build's bundle, which passed its gates",
+                    name, kept)
 
 
 def _memo(build_dir: Path, clock: list[StageTime]) -> Any:

@@ -12,6 +12,7 @@ import sys
 import cv2
 
 from edgeport.runner.bench import bench, leave_one_cpu
+from edgeport.runner.images import DEFAULT_MAX_PIXELS, bound_opencv
 from edgeport.runner.loop import run_loop
 from edgeport.runner.manifest import RunnerError, load_manifest, refusal, schema_problem, verify_files
 from edgeport.runner.selftest import selftest
@@ -21,6 +22,7 @@ from edgeport.runner.serve import (
     STREAM_FPS,
     TOKEN_ENV,
     Service,
+    is_loopback,
     parse_bind,
     serve_without_source,
 )
@@ -63,7 +65,7 @@ def check_options(args, manifest):
 def check_serve_options(args):
     """RunnerError for a --serve option that cannot take effect."""
     if not args.serve:
-        for option, given in (("token", args.token), ("no-source", args.no_source),
+        for option, given in (("token", args.token), ("no-token", args.no_token), ("no-source", args.no_source),
                               ("max-clients", args.max_clients != SERVE_MAX_CLIENTS),
                               ("max-upload-mb", args.max_upload_mb != SERVE_MAX_BODY / 1048576.0),
                               ("stream-fps", args.stream_fps != STREAM_FPS)):
@@ -74,9 +76,15 @@ def check_serve_options(args):
         raise RunnerError("--serve runs the camera loop as a service; it does not combine with --%s"
                           % ("bench" if args.bench else "selftest"))
     try:
-        parse_bind(args.serve)
+        host, _ = parse_bind(args.serve)
     except ValueError as e:
         raise RunnerError("--serve %s" % e) from None
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if token and args.no_token:
+        raise RunnerError("--no-token and a token (--token or $%s) contradict each other; give one" % TOKEN_ENV)
+    if not token and not args.no_token and not is_loopback(host):
+        raise RunnerError("--serve %s reaches beyond loopback: pass --token TOKEN (or set %s) so that only who "
+                          "holds it sees the camera, or --no-token to serve it open" % (args.serve, TOKEN_ENV))
     if not args.max_upload_mb > 0:
         raise RunnerError("--max-upload-mb %g: give a size above 0" % args.max_upload_mb)
 
@@ -115,6 +123,17 @@ def seconds(text):
         raise argparse.ArgumentTypeError("%r is not a number of seconds" % text) from None
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError("%s is not 0 or more" % text)
+    return value
+
+
+def megapixels_arg(text):
+    """An argparse type: a number of megapixels above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of megapixels" % text) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("%s: give a number of megapixels above 0, e.g. 40" % text)
     return value
 
 
@@ -168,12 +187,17 @@ def build_parser(manifest):
                         "127.0.0.1 unless a host is given, e.g. 0.0.0.0:8080)")
     p.add_argument("--token", help="with --serve: the bearer token every endpoint but the probes requires "
                                    "(default: $%s; none: open to whoever reaches the port)" % TOKEN_ENV)
+    p.add_argument("--no-token", action="store_true", help="with --serve beyond loopback: serve without a token "
+                                                           "(anyone who reaches the port sees the camera)")
     p.add_argument("--no-source", action="store_true", help="with --serve: no camera; answer POST /infer only")
     p.add_argument("--max-clients", type=at_least(1), default=SERVE_MAX_CLIENTS,
                    help="with --serve: requests served at once, streams included; more get 503 (default "
                         "%(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=SERVE_MAX_BODY / 1048576.0,
                    help="with --serve: the largest POST /infer upload; larger ones get 413 (default %(default)g)")
+    p.add_argument("--max-pixels", type=megapixels_arg, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
+                   help="the largest image decoded, in megapixels, read from its header before decoding: POST /infer "
+                        "answers 413 beyond it, an image folder skips such files (default %(default)g)")
     p.add_argument("--stream-fps", type=seconds, default=STREAM_FPS,
                    help="with --serve: the live view's frame rate at most; the camera loop keeps its own "
                         "(default %(default)g; 0: every frame)")
@@ -186,7 +210,7 @@ def serve(args, manifest, bundle_dir, rt):
     host, port = parse_bind(args.serve)
     service = Service(manifest, args, host, port, token=args.token or os.environ.get(TOKEN_ENV),
                       max_clients=args.max_clients, max_body=int(args.max_upload_mb * 1048576),
-                      stream_fps=args.stream_fps)
+                      stream_fps=args.stream_fps, max_pixels=int(args.max_pixels * 1e6))
     args.source_open = not args.no_source
     service.start()
     try:
@@ -215,8 +239,9 @@ def serve(args, manifest, bundle_dir, rt):
 def main(argv=None, bundle_dir=None):
     bundle_dir = bundle_dir or os.path.dirname(os.path.abspath(__file__))
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
-    if not verbose and hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our own message says it once
+    if not verbose and hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):  # our own message says it once
+        levels = cv2.utils.logging
+        levels.setLogLevel(getattr(levels, "LOG_LEVEL_SILENT", levels.LOG_LEVEL_ERROR))
     try:
         manifest = load_manifest(bundle_dir)
         problem = schema_problem(manifest)  # before anything reads the manifest's keys
@@ -227,6 +252,7 @@ def main(argv=None, bundle_dir=None):
         if refused:
             raise RunnerError(refused)
         check_options(args, manifest)
+        bound_opencv(int(args.max_pixels * 1e6))  # OpenCV's own limit too, for formats images.py does not parse
         bad = verify_files(bundle_dir, manifest)
         if args.selftest:
             ok = selftest(bundle_dir, manifest, lambda: open_runtime(manifest, bundle_dir, args.device))

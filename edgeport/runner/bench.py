@@ -103,7 +103,7 @@ def bench(args, manifest, rt, out=sys.stdout, open_all=None):
     in_name = manifest["inputs"][0]["name"]
     n = args.max_frames or 300
     source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
-                         _decode_threads(args))
+                         _decode_threads(args), max_pixels=int(args.max_pixels * 1e6))
     inputs, count = [], 0
     try:
         while count < n:

@@ -32,7 +32,7 @@ def run_loop(args, manifest, rt, quiet=False, service=None):
     spec = manifest["preprocess"]
     in_name = manifest["inputs"][0]["name"]
     source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
-                         _decode_threads(args), args.loop)
+                         _decode_threads(args), args.loop, int(args.max_pixels * 1e6))
     grabber = LatestFrame(source)
     stop = {"flag": False}
 

@@ -8,9 +8,10 @@ same JSON record as a ``--jsonl`` line) and, for detection bundles, DeepStack's
 frames, the camera loop never waits for it; the JPEG of a frame is encoded once, by the first client
 that wants it, and only while somebody watches.
 
-Safe by default: it binds 127.0.0.1 unless a host is given (a warning when it binds beyond loopback
-without a token); at most ``max_clients`` requests at once, the probes aside (503 beyond); uploads up to ``max_body``
-bytes (413); a bad image is 400 with a message; with a token (``--token`` or EDGEPORT_TOKEN) every
+Safe by default: it binds 127.0.0.1 unless a host is given, and beyond loopback only with a token (or an explicit
+``--no-token``); at most ``max_clients`` requests at once, the probes aside (503 beyond); uploads up to ``max_body``
+bytes and ``max_pixels`` pixels, the pixels read from the image's header before it is decoded (413 beyond either);
+a bad image is 400 with a message; with a token (``--token`` or EDGEPORT_TOKEN) every
 endpoint but the health probes needs ``Authorization: Bearer TOKEN`` (401 without), and a browser opens
 ``/?token=TOKEN`` once, which sets a cookie. A handler's error is answered 500 and logged; it never
 reaches the camera loop.
@@ -36,6 +37,7 @@ import cv2
 import numpy as np
 
 from edgeport.runner.engine import LatencyStats, make_async, resident_bytes
+from edgeport.runner.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image
 from edgeport.runner.manifest import RunnerError
 from edgeport.runner.outputs import draw_overlay
 from edgeport.runner.preprocess import preprocess
@@ -144,10 +146,11 @@ class Service(object):
     """What the camera loop publishes and the HTTP handlers read; one per runner."""
 
     def __init__(self, manifest, args, host, port, token=None, max_clients=SERVE_MAX_CLIENTS,
-                 max_body=SERVE_MAX_BODY, stream_fps=STREAM_FPS, err=sys.stderr):
+                 max_body=SERVE_MAX_BODY, stream_fps=STREAM_FPS, err=sys.stderr, max_pixels=DEFAULT_MAX_PIXELS):
         self.manifest, self.args, self.host, self.port = manifest, args, host, port
         self.token = token or None
         self.max_clients, self.max_body, self.err = max_clients, max_body, err
+        self.max_pixels = max_pixels
         self.stream_interval = 1.0 / stream_fps if stream_fps else 0.0
         self.cond = threading.Condition()
         self.frame, self.raw, self.seq, self.jpeg, self.jpeg_seq, self.frame_time = None, None, 0, None, 0, 0.0
@@ -573,7 +576,12 @@ class _Handler(BaseHTTPRequestHandler):
         if ctype.startswith("multipart/form-data"):
             fields = parse_multipart(body, ctype)
             body = fields.get("image", fields.get("", b""))
-        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) if body else None
+        try:
+            image = decode_image(body, self.service.max_pixels, what="the upload")
+        except ImageTooLarge as e:
+            self.close_connection = True
+            self._error(413, "%s (the runner's --max-pixels); send a smaller image" % e)
+            return None, {}
         if image is None:
             self._error(400, "the upload is not an image OpenCV can decode (send a JPEG or PNG, as the body or "
                              "as the form field 'image')")

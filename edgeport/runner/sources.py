@@ -12,6 +12,7 @@ import time
 import cv2
 
 from edgeport.runner.engine import thread_cpu
+from edgeport.runner.images import DEFAULT_MAX_PIXELS, ImageTooLarge, megapixels, read_image
 from edgeport.runner.manifest import RunnerError
 from edgeport.zoo.scene import render_scene, render_scene_boxes
 
@@ -32,18 +33,47 @@ class SyntheticSource(object):
 
     live = False
 
-    def __init__(self, uri, width, height, fps):
+    KEYS = ("width", "height", "fps", "frames", "objects")
+
+    def __init__(self, uri, width, height, fps, max_pixels=DEFAULT_MAX_PIXELS):
         rest = uri[len("synthetic://"):]
         seed, _, query = rest.partition("?")
-        opts = dict(kv.split("=", 1) for kv in query.split("&") if "=" in kv)
-        self.seed = int(seed) if seed.isdigit() else 7
-        self.w = width or int(opts.get("width", 640))
-        self.h = height or int(opts.get("height", 480))
-        self.fps = fps or float(opts.get("fps", 30))
-        self.limit = int(opts.get("frames", 0))
+        opts = {}
+        for kv in query.split("&") if query else []:
+            key, eq, value = kv.partition("=")
+            if key not in self.KEYS or not eq:
+                raise RunnerError("%s: %r is not a parameter of synthetic:// (it takes %s, e.g. "
+                                  "synthetic://?width=320&height=240)" % (uri, kv, ", ".join(self.KEYS)))
+            opts[key] = value
+        if seed and not seed.isdigit():
+            raise RunnerError("%s: the seed %r is not a whole number (synthetic://SEED?...)" % (uri, seed))
+        self.seed = int(seed) if seed else 7
+        # The URI's own parameters win over --width/--height/--fps and the bundle's camera defaults.
+        self.w = self._number(uri, opts, "width", int, width or 640, 16)
+        self.h = self._number(uri, opts, "height", int, height or 480, 16)
+        self.fps = self._number(uri, opts, "fps", float, fps or 30, 0.001)
+        self.limit = self._number(uri, opts, "frames", int, 0, 0)
+        if opts.get("objects", "0") not in ("0", "1"):
+            raise RunnerError("%s: objects=%s: give 0 or 1" % (uri, opts["objects"]))
         self.objects = opts.get("objects") == "1"  # pedestrians and signs too (what a detector looks for)
+        if max_pixels and self.w * self.h > max_pixels:
+            raise RunnerError("%s: %dx%d (%s) is over the limit of %s (--max-pixels)"
+                              % (uri, self.w, self.h, megapixels(self.w * self.h), megapixels(max_pixels)))
         self.i = 0
         self.corrupt = self.reconnects = 0
+
+    @staticmethod
+    def _number(uri, opts, key, kind, default, minimum):
+        if key not in opts:
+            return default
+        try:
+            value = kind(opts[key])
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum or value != value or value == float("inf"):
+            raise RunnerError("%s: %s=%s: give a %s of at least %g" % (
+                uri, key, opts[key], "whole number" if kind is int else "number", minimum))
+        return value
 
     def read(self):
         if self.limit and self.i >= self.limit:
@@ -67,10 +97,11 @@ class FolderSource(object):
     EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     live = False
 
-    def __init__(self, path):
+    def __init__(self, path, max_pixels=DEFAULT_MAX_PIXELS):
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(self.EXTS))
         if not self.files:
             raise RunnerError("image folder %s holds no images (%s)" % (path, ", ".join(self.EXTS)))
+        self.max_pixels = max_pixels
         self.i = 0
         self.corrupt = self.reconnects = 0
 
@@ -80,8 +111,13 @@ class FolderSource(object):
 
     def read(self):
         while self.i < len(self.files):
-            img = cv2.imread(self.files[self.i])
+            path = self.files[self.i]
             self.i += 1
+            try:
+                img = read_image(path, self.max_pixels, what=path)
+            except ImageTooLarge as e:
+                sys.stderr.write("warning: skipped %s (--max-pixels)\n" % e)
+                img = None
             if _valid(img):
                 return img
             self.corrupt += 1
@@ -121,8 +157,9 @@ class CaptureSource(object):
     MAX_BAD_READS = 25
 
     def __init__(self, spec, api, live, width, height, fps, label=None, reconnect=5, timeout_ms=5000,
-                 decode_threads=0):
+                 decode_threads=0, max_pixels=DEFAULT_MAX_PIXELS):
         self.spec, self.api, self.live = spec, api, live
+        self.max_pixels = max_pixels
         self.decode_threads = decode_threads
         self.label = label or str(spec)
         self.size = (width, height, fps)
@@ -133,6 +170,12 @@ class CaptureSource(object):
         self.cap = self._open()
         if self.cap is None:
             raise RunnerError(self._why_not())
+        w, h = int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if max_pixels and w * h > max_pixels:
+            self.cap.release()
+            raise RunnerError("%s delivers %dx%d frames (%s), over the limit of %s (--max-pixels); ask for a "
+                              "smaller size (--width/--height) or raise --max-pixels"
+                              % (self.label, w, h, megapixels(w * h), megapixels(max_pixels)))
         self.declared = 0 if live else int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
 
     def _why_not(self):
@@ -278,16 +321,18 @@ class LoopSource(object):
         self.inner.release()
 
 
-def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0, decode_threads=1, loop=False):
+def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0, decode_threads=1, loop=False,
+                max_pixels=DEFAULT_MAX_PIXELS):
     """Open a frame source from its URI (see --help); ``decode_threads`` applies to FFmpeg sources, ``loop``
-    replays a video file or an image folder endlessly."""
+    replays a video file or an image folder endlessly; no source hands over frames of more than ``max_pixels``."""
     if loop:
         if not (os.path.isfile(uri) or os.path.isdir(uri)):
             raise RunnerError("--loop replays a video file or an image folder; %s is neither" % uri)
-        return LoopSource(lambda: open_source(uri, width, height, fps, reconnect, timeout, decode_threads))
+        return LoopSource(lambda: open_source(uri, width, height, fps, reconnect, timeout, decode_threads,
+                                              max_pixels=max_pixels))
     ms = int(timeout * 1000)
     if uri.startswith("synthetic://"):
-        return SyntheticSource(uri, width, height, fps)
+        return SyntheticSource(uri, width, height, fps, max_pixels)
     if uri.startswith("csi://"):
         if not has_gstreamer():
             raise RunnerError("csi:// needs OpenCV built with GStreamer (JetPack's python3-opencv); this OpenCV "
@@ -296,26 +341,27 @@ def open_source(uri, width=0, height=0, fps=0, reconnect=5, timeout=5.0, decode_
         if rest and not rest.isdigit():
             raise RunnerError("csi:// takes a sensor number, e.g. csi://0")
         return CaptureSource(csi_pipeline(int(rest or 0), width, height, fps), cv2.CAP_GSTREAMER, True, 0, 0, 0,
-                             label=uri, reconnect=reconnect, timeout_ms=ms)
+                             label=uri, reconnect=reconnect, timeout_ms=ms, max_pixels=max_pixels)
     linux = sys.platform.startswith("linux")
     if uri.isdigit():
         return CaptureSource(int(uri), cv2.CAP_V4L2 if linux else None, True, width, height, fps,
-                             label="camera %s" % uri, reconnect=reconnect, timeout_ms=ms)
+                             label="camera %s" % uri, reconnect=reconnect, timeout_ms=ms, max_pixels=max_pixels)
     if uri.startswith("v4l2://") or uri.startswith("/dev/video"):
         dev = uri[len("v4l2://"):] if uri.startswith("v4l2://") else uri
         if dev.isdigit():
             dev = "/dev/video" + dev
         return CaptureSource(dev, cv2.CAP_V4L2 if linux else None, True, width, height, fps, label=dev,
-                             reconnect=reconnect, timeout_ms=ms)
+                             reconnect=reconnect, timeout_ms=ms, max_pixels=max_pixels)
     if uri.startswith(("rtsp://", "rtsps://", "http://", "https://")):
         # Low latency: TCP transport, no input buffering in FFmpeg, a one-frame buffer in OpenCV.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay")
         return CaptureSource(uri, cv2.CAP_FFMPEG, True, 0, 0, 0, label=uri, reconnect=reconnect, timeout_ms=ms,
-                             decode_threads=decode_threads)
+                             decode_threads=decode_threads, max_pixels=max_pixels)
     if os.path.isdir(uri):
-        return FolderSource(uri)
+        return FolderSource(uri, max_pixels)
     if os.path.isfile(uri):
-        return CaptureSource(uri, cv2.CAP_FFMPEG, False, 0, 0, 0, label=uri, decode_threads=decode_threads)
+        return CaptureSource(uri, cv2.CAP_FFMPEG, False, 0, 0, 0, label=uri, decode_threads=decode_threads,
+                             max_pixels=max_pixels)
     raise RunnerError("source %s does not exist (camera index, /dev/videoN, v4l2://N, csi://N, rtsp://, http(s)://, "
                       "a video file, an image folder or synthetic://)" % uri)
 

@@ -414,6 +414,14 @@ RUNNER_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "--decode-threads has no effect on synthetic://"),
     ("abbreviated-option", lambda d: ["synthetic://", "--headles", "--max-frames", "2"],
      "unrecognized arguments: --headles"),
+    ("synthetic-width-text", lambda d: ["synthetic://?width=abc", "--headless", "--max-frames", "2"],
+     "width=abc: give a whole number of at least 16"),
+    ("synthetic-unknown-parameter", lambda d: ["synthetic://?widht=320", "--headless", "--max-frames", "2"],
+     "'widht=320' is not a parameter of synthetic:// (it takes width, height, fps, frames, objects"),
+    ("synthetic-over-max-pixels", lambda d: ["synthetic://?width=10000&height=8000", "--headless"],
+     "10000x8000 (80 MP) is over the limit of 40 MP (--max-pixels)"),
+    ("max-pixels-zero", lambda d: ["synthetic://", "--headless", "--max-pixels", "0"],
+     "give a number of megapixels above 0"),
 ]
 
 

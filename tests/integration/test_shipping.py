@@ -42,8 +42,10 @@ def test_a_failed_gate_is_written_apart_and_counted(failed_build):
     assert m["verdict"]["status"] == "failed" and "cosine" in m["verdict"]["reasons"][0]
     assert m["verdict"]["gates"]["parity"] == {"output": "failed"}
     assert not (proj / "dist" / "failed" / "intel-cpu-int8.tar.gz").exists()  # never archived
-    # the good bundle of the earlier build is gone: dist/ only shows what this build proved
-    assert not (proj / "dist" / "intel-cpu-int8").exists() and not (proj / "dist" / "intel-cpu-int8.tar.gz").exists()
+    # the good bundle of the earlier build stays, and the build says so: a good bundle leaves only for a better one
+    kept = json.loads((proj / "dist" / "intel-cpu-int8" / "manifest.json").read_text())
+    assert kept["verdict"]["status"] == "passed" and (proj / "dist" / "intel-cpu-int8.tar.gz").is_file()
+    assert "still holds an earlier build's bundle, which passed" in res.stderr, res.stderr[-2000:]
     good = json.loads((proj / "dist" / "intel-igpu-fp16" / "manifest.json").read_text())
     assert good["verdict"]["status"] == "passed" and (proj / "dist" / "intel-igpu-fp16.tar.gz").is_file()
     assert "FAILED its build gates" in (failed / "README.md").read_text()

@@ -75,6 +75,24 @@ def test_image_folder_counts_corrupt_files(openvino_venv, bundle, camvid, tmp_pa
     assert res.returncode == 0, res.stderr
     s = summary_of(res.stderr)
     assert s["frames"] == 5 and s["corrupt"] == 1
+    # OpenCV's own decoder lines are silenced: the summary counts the broken file, nothing else speaks of it
+    assert [ln for ln in res.stderr.splitlines() if not ln.startswith(("summary:", "warning:"))] == [], res.stderr
+
+
+def test_image_folder_skips_an_image_over_max_pixels_unread(openvino_venv, bundle, camvid, tmp_path):
+    from tests.runner.test_serve import png_bomb
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for p in sorted((camvid / "val").glob("*.png"))[:3]:
+        shutil.copy(p, folder / p.name)
+    (folder / "0000_huge.png").write_bytes(png_bomb(12000, 12000))
+    res = runner(openvino_venv, bundle, str(folder), "--headless")
+    assert res.returncode == 0, res.stderr
+    warned = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "0000_huge.png is 12000x12000 (144 MP), over the limit of 40 MP" in warned[0]
+    s = summary_of(res.stderr)
+    assert s["frames"] == 3 and s["corrupt"] == 1 and s["max_rss_mb"] < 400, s
 
 
 def test_truncated_video_is_a_clear_error(openvino_venv, bundle, camvid_video, tmp_path):

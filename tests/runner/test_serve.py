@@ -230,6 +230,62 @@ def test_no_source_serves_infer_only(openvino_venv, bundle, camvid):
     assert code == 0, err
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG of width x height black pixels, deflated: about 1 KB per megapixel."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z, row = zlib.compressobj(9), b"\x00" * (1 + 3 * width)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024.0
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(openvino_venv, bundle, camvid):
+    """A 20000x20000 PNG of about a megabyte (1.2 GB decoded) posted to /infer and to DeepStack's endpoint: 413
+    at once, named, and the runner's resident memory stays within 50 MB of what it was; a 60 MP image is refused
+    under the default 40 MP and served once --max-pixels allows it."""
+    bomb = png_bomb(20000, 20000)
+    assert len(bomb) < 2_000_000
+    svc = Served(openvino_venv, bundle, "--no-source")
+    try:
+        frame = sorted((camvid / "val").glob("*.png"))[3].read_bytes()
+        assert svc.request("POST", "/infer", frame, {"Content-Type": "image/png"})[0] == 200  # warm
+        before = _rss_mb(svc.proc.pid)
+        t0 = time.time()
+        code, _, body = svc.request("POST", "/infer", bomb, {"Content-Type": "image/png"})
+        assert code == 413 and time.time() - t0 < 5, (code, body)
+        error = json.loads(body)["error"]
+        assert "20000x20000 (400 MP), over the limit of 40 MP" in error and "--max-pixels" in error, error
+        boundary = "b0undary"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + bomb + f"\r\n--{boundary}--\r\n".encode()
+        code, _, body = svc.request("POST", "/v1/vision/detection", form,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert code in (404, 413), (code, body)  # a segmentation bundle: DeepStack's endpoint is not there
+        after = _rss_mb(svc.proc.pid)
+        assert after - before < 50, (before, after)
+        assert svc.request("POST", "/infer", frame, {"Content-Type": "image/png"})[0] == 200  # still serving
+        assert svc.request("POST", "/infer", png_bomb(10000, 6000), {"Content-Type": "image/png"})[0] == 413
+    finally:
+        code, err = svc.stop()
+    assert code == 0, err
+    svc = Served(openvino_venv, bundle, "--no-source", "--max-pixels", "80")
+    try:
+        code, _, body = svc.request("POST", "/infer", png_bomb(10000, 6000), {"Content-Type": "image/png"})
+        assert code == 200, body
+    finally:
+        svc.stop()
+
+
 def test_serve_options_are_checked(openvino_venv, bundle):
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(openvino_venv), "runner.py", *args], cwd=bundle, capture_output=True, text=True,
@@ -238,10 +294,16 @@ def test_serve_options_are_checked(openvino_venv, bundle):
     for args, message in ((["--token", "x"], "--token has no effect without --serve"),
                           (["--no-source"], "--no-source has no effect without --serve"),
                           (["--serve", "99999"], "port from 0"),
-                          (["--serve", "8080", "--bench"], "does not combine with --bench")):
+                          (["--serve", "8080", "--bench"], "does not combine with --bench"),
+                          (["--no-token"], "--no-token has no effect without --serve"),
+                          (["--serve", "0", "--max-pixels", "0"], "give a number of megapixels above 0"),
+                          (["--serve", "0", "--max-pixels", "lots"], "is not a number of megapixels"),
+                          (["--serve", "0.0.0.0:0", "--max-frames", "5"], "reaches beyond loopback: pass --token"),
+                          (["--serve", "0.0.0.0:0", "--token", "x", "--no-token"], "contradict each other")):
         res = run(*args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
-    res = run("synthetic://", "--headless", "--serve", "0.0.0.0:0", "--max-frames", "5")
+        assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1, res.stderr
+    res = run("synthetic://", "--headless", "--serve", "0.0.0.0:0", "--max-frames", "5", "--no-token")
     assert res.returncode == 0 and "beyond loopback without a token" in res.stderr, res.stderr
 
 
