@@ -37,6 +37,10 @@ def _configure(config: str | None, model: str | None, weights: str | None, input
             overrides[key] = value
     if class_names:
         overrides["labels"] = read_labels(Path(class_names))
+    embedded = embedded_name(cfg.model.source)
+    if task and embedded and task != embedded_spec(embedded).task:
+        raise ConfigError(f"--task {task}: {cfg.model.source} is a {embedded_spec(embedded).task} model, trained so; "
+                          "drop --task (an embedded model brings its own task)")
     if overrides:
         cfg.input = make_spec(overrides, base=cfg.input, where="flags")
     if calib is not None:
@@ -223,7 +227,7 @@ def doctor() -> list[dict[str, Any]]:
                      "install": av.install})
     for name, mods, extra in (("pytorch", {"torch": "torch", "torchvision": "torchvision"}, "torch"),
                               ("onnx", {"onnx": "onnx", "onnxslim": "onnxslim"}, "onnx"),
-                              ("pruning", {"torch_pruning": "torch-pruning"}, "prune")):
+                              ("pruning", {"torch": "torch", "torch_pruning": "torch-pruning"}, "torch,prune")):
         av = probe(name, extra, mods)
         rows.append({"name": name, "installed": av.installed, "versions": av.versions, "reason": av.reason,
                      "install": av.install})
@@ -259,6 +263,10 @@ def inspect(path: str) -> dict[str, Any]:
         except Exception as e:  # protobuf raises DecodeError and others for a file that is not ONNX
             raise ConfigError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+        if not proto.graph.node and not proto.graph.output:  # an empty file parses as an empty model
+            raise ConfigError(f"{path} is not an ONNX model: it holds no graph "
+                              f"({'0 bytes' if p.stat().st_size == 0 else 'no nodes, no outputs'}); export it again")
 
         def dims(t: Any) -> list[Any]:
             return [d.dim_value or d.dim_param for d in t.type.tensor_type.shape.dim]

@@ -29,6 +29,7 @@ from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import TMP_PREFIX, Stage, key_of, source_hash
 from edgeport.errors import EdgeportError
 from edgeport.preprocess import InputSpec
+from edgeport.record import write_record
 from edgeport.runner.metrics import compare
 from edgeport.tables import points
 from edgeport.tasks import get as get_task
@@ -257,6 +258,7 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
         key = primary(report["metrics"])[0]
         return {"metrics": report["metrics"], "reference": report["reference"], "metric": key,
                 "drop": report["drop"], "agreement": report["agreement"], "source": val.data.source,
+                "frames_sha256": val.data.frames_digest() if val.data.frames else None, "split_by": val.split,
                 "drop_vs_pruned": report.get("drop_vs_pruned"),
                 "count": report["count"], "halves": halves,
                 "split": SPLITS[val.split] if len(val.data) > 1 else "one image: no split",
@@ -291,8 +293,8 @@ def target_parity(cfg: ProjectConfig, target: Target, precision: str, info: dict
 
 def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: bool = False) -> dict[str, Any]:
     """The build's verdict on one artifact: its gates (parity per output, the task metric) and where they ran.
-    The metric gates INT8 artifacts, and every artifact when ``gate_all`` (pruning: each drop is against the
-    original model, and FP32 carries the pruning's).
+    The metric gates every precision, as `edgeport validate` does; with ``gate_all`` (pruning) each drop is against
+    the original model, and FP32 carries the pruning's.
 
     ``status`` is "passed", "failed" (with ``reasons``) or "device-only" (nothing could run on the build
     host; the device's ``runner.py --selftest`` against PyTorch is the gate).
@@ -300,10 +302,10 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: 
     reasons = [f"output '{n}': {', '.join(m['failed'])} vs PyTorch" for n, m in info["parity"].items() if not m["ok"]]
     acc = info.get("accuracy")
     if acc and acc["drop"] is not None:
-        acc["ok"] = not ((precision == "int8" or gate_all) and acc["drop"] > max_drop)
+        acc["ok"] = not acc["drop"] > max_drop
         acc["max_drop"] = max_drop
         if not acc["ok"]:
-            what = f"{precision.upper()} after pruning loses" if gate_all else "INT8 loses"
+            what = f"{precision.upper()} after pruning loses" if gate_all else f"{precision.upper()} loses"
             against = " against the original model" if gate_all else ""
             reasons.append(f"{what} {points(acc['drop'], max_drop)} {acc['metric']} points{against} on the report "
                            f"half of {acc['source']}, more than max_drop {max_drop:g}")
@@ -409,6 +411,7 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
             "provenance": {"edgeport": __version__, "torch": _dist_version("torch"), "onnx": _dist_version("onnx"),
                            "opset": export_info["opset"], "optimize": export_info["optimize"], **art.info,
                            "artifact_key": stage.key,  # bundles with the same key hold the same compile
+                           "build_dir": str(build_dir.resolve()),  # where validate finds the build's record
                            "calibration": calib.summary() if calib is not None else None,
                            "samples": samples.summary()},
             "parity": {"reference": "pytorch", "export": export_info["parity"], "artifact": info["parity"],
@@ -419,6 +422,7 @@ def write_target_bundle(cfg: ProjectConfig, target: Target, precision: str, stag
         reqs = list(target.requirements.get("pip", []))
         readme = _device_readme(target, precision, export_info["model"], runner is not None, verdict)
         extra = {"labels.txt": "\n".join(spec.labels) + "\n"} if spec.labels else None
+        write_record(build_dir, manifest)  # what validate's reference comes from (edgeport.record)
         write_bundle(dest, files=art.files, runner=runner, manifest=manifest,
                      golden=(samples.frames[:GOLDEN_CASES], inputs, golden, host_golden, info["tolerance"],
                              info["host_tolerance"]),

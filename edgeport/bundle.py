@@ -294,6 +294,8 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
 def verify_bundle(bundle: Path) -> list[str]:
     """Problems with a bundle's files (missing or hash mismatch); empty when intact."""
     manifest = read_manifest(bundle)
+    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return ["manifest.json lists no files with their sha256"]
     problems = []
     for name, digest in manifest["files"].items():
         p = bundle / name

@@ -89,6 +89,7 @@ def folder_lock(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[
     """
     with open(folder / LOCK_NAME, "a+") as fh:  # closing releases the flock
         said = False
+        t0 = time.time()
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +98,11 @@ def folder_lock(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 fh.seek(0)
-                holder = fh.read().strip() or "another process"
+                holder = fh.read().strip()  # empty for a moment: the holder writes its pid just after locking
+                if not holder and time.time() - t0 < 2.0:
+                    time.sleep(0.05)
+                    continue
+                holder = holder or "a process that has not written its pid"
                 if not wait:
                     raise ConfigError(f"{folder} is in use by another edgeport build ({holder}); wait for it or "
                                       "use another --build-dir / --out") from None

@@ -132,15 +132,44 @@ def _read_video(path: Path, limit: int) -> tuple[list[np.ndarray], list[str], in
     return frames, names, skipped, h
 
 
+SYNTHETIC_KEYS = ("n", "seed", "width", "height", "objects")
+
+
+def synthetic_params(source: str, keys: tuple[str, ...] = SYNTHETIC_KEYS) -> dict[str, int]:
+    """The whole-number parameters of ``synthetic://?k=v&...``; CalibrationError naming an unknown key, a value
+    that is not a whole number, or a size out of range (frames of 16 to 100 MP pixels a side)."""
+    from edgeport.runner.images import HOST_MAX_PIXELS, megapixels
+
+    parsed = urlparse(source)
+    if parsed.path.strip("/") or parsed.netloc:
+        raise CalibrationError(f"{source}: synthetic:// takes only parameters, e.g. {SYNTHETIC}?n=300")
+    out: dict[str, int] = {}
+    for key, value in parse_qsl(parsed.query, keep_blank_values=True):
+        if key not in keys:
+            raise CalibrationError(f"{source}: unknown parameter '{key}' (synthetic:// takes {', '.join(keys)})")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise CalibrationError(f"{source}: {key}={value!r} is not a whole number") from None
+        least = {"n": 1, "width": 16, "height": 16, "seed": 0, "objects": 0}[key]
+        if out[key] < least or (key == "objects" and out[key] > 1):
+            raise CalibrationError(f"{source}: {key}={value} " + ("must be 0 or 1" if key == "objects" else
+                                                                   f"must be at least {least}"))
+    if out.get("width", 1) * out.get("height", 1) > HOST_MAX_PIXELS:
+        raise CalibrationError(f"{source}: {out['width']}x{out['height']} frames are over "
+                               f"{megapixels(HOST_MAX_PIXELS)}")
+    return out
+
+
 def _synthetic(source: str, spec: InputSpec, limit: int) -> tuple[list[np.ndarray], list[str]]:
     """Road scenes (``objects=1``: with pedestrians and signs, as the detector sees them)."""
     from edgeport.zoo.scene import render_scene, render_scene_boxes
 
-    q = dict(parse_qsl(urlparse(source).query))
-    n = min(int(q.get("n", limit)), limit)
-    seed = int(q.get("seed", 1_000_000))
-    h, w = int(q.get("height", spec.hw[0])), int(q.get("width", spec.hw[1]))
-    render = render_scene_boxes if q.get("objects") == "1" else render_scene
+    q = synthetic_params(source)
+    n = min(q.get("n", limit), limit)
+    seed = q.get("seed", 1_000_000)
+    h, w = q.get("height", spec.hw[0]), q.get("width", spec.hw[1])
+    render = render_scene_boxes if q.get("objects") == 1 else render_scene
     frames = [render(seed + i, h, w)[0] for i in progress(range(n), "rendering synthetic frames")]
     return frames, [f"synthetic-{seed + i}" for i in range(n)]
 
@@ -209,6 +238,7 @@ def _check_count(source: str, count: int, skipped: int, minimum: int) -> None:
 def check_source(source: str, root: Path | None = None) -> None:
     """CalibrationError for a source that cannot be read at all (checked before any expensive stage)."""
     if source.startswith(SYNTHETIC):
+        synthetic_params(source)
         return
     path = resolve_path(source, root)
     if not path.exists():

@@ -326,15 +326,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(api.to_json(rows))
             return 0
+        from edgeport.tables import text_table
+
+        table = []
         for r in rows:
-            vers = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-            state = "ok " if r["installed"] else "-- "
-            line = f"{state} {r['name']:12} {vers}"
-            if r["reason"]:
-                line += f"  ({r['reason']})"
-            if not r["installed"] and r["install"]:
-                line += f"  -> {r['install']}"
-            print(line)
+            note = r["reason"] + (f" -> {r['install']}" if not r["installed"] and r["install"] else "")
+            table.append(["ok" if r["installed"] else "--", r["name"],
+                          ", ".join(f"{k} {v}" for k, v in r["versions"].items()) or "-", note])
+        print("\n".join(line.rstrip() for line in text_table(["", "what", "versions", "note"], table)))
         return 0
     if args.command == "inspect":
         res = api.inspect(args.path)
@@ -405,13 +404,19 @@ def _fleet(args: argparse.Namespace) -> int:
     else:
         print("\n".join(text_table(["host", "batch", "status", "version", "previous", "time", "note"], [
             [r["host"], str(r.get("batch", "-")), r["status"], r.get("version") or "-", r.get("previous") or "-",
-             f"{r.get('seconds', 0):.1f}s", r.get("message") or r.get("health") or ""] for r in results])))
+             f"{r.get('seconds', 0):.1f}s", _unprefixed(r["host"], r.get("message") or r.get("health") or "")]
+            for r in results])))
     bad = [r for r in results if r["status"] not in ("flashed", "unchanged", "rolled-back") or
            (args.action == "rollout" and r["status"] == "rolled-back")]
     if bad:
         raise DeviceError(f"fleet {args.action}: {len(bad)} of {len(results)} host(s) did not take it; "
-                          f"{bad[0]['host']}: {bad[0].get('message') or bad[0]['status']}")
+                          f"{bad[0]['host']}: {_unprefixed(bad[0]['host'], bad[0].get('message') or bad[0]['status'])}")
     return 0
+
+
+def _unprefixed(host: str, message: str) -> str:
+    """A device step's message without the host label it starts with (the caller names the host once)."""
+    return message[len(host) + 2:] if message.startswith(f"{host}: ") else message
 
 
 def _flash(args: argparse.Namespace) -> int:

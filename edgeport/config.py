@@ -61,7 +61,7 @@ class OptimizeConfig:
     finetune: str | None = None
     # Recovery after pruning (edgeport.recover): distillation from the original, on by default when pruning.
     recover_steps: int = 1500  # 0: no recovery
-    recover_seconds: float = 900.0  # a time budget; whichever of steps and seconds ends first
+    recover_seconds: float = 0.0  # 0: none (the steps are the contract); > 0: a budget that may stop it early
     recover_images: str | None = None  # unlabelled images to distil on (default: the calibration set)
     recover_batch: int = 8
     recover_lr: float = 1e-3
@@ -329,6 +329,12 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     task = dict(data.get("task", {}))
     _check_keys(task, _TASK_KEYS + all_option_keys(), where, "task")
     spec_args.update(data.get("input", {}))
+    if isinstance(spec_args.get("shape"), str):  # shape = "1x3x64x64", as --input takes it
+        spec_args["shape"] = list(parse_shape(spec_args["shape"], f"{where}: [input] shape"))
+    elif "shape" in spec_args and not (isinstance(spec_args["shape"], list) and
+                                       all(isinstance(v, int) and not isinstance(v, bool) for v in spec_args["shape"])):
+        raise ConfigError(f"{where}: [input] shape = {spec_args['shape']!r}: give four whole numbers, e.g. "
+                          "shape = [1, 3, 224, 224] or shape = \"1x3x224x224\"")
     spec_args.update(data.get("preprocess", {}))
     if "type" in task:
         spec_args["task"] = task.pop("type")
@@ -371,12 +377,12 @@ def read_labels(path: Path) -> list[str]:
         raise ConfigError(f"cannot read labels file {path}: {e.strerror}") from None
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1x3x224x224' -> (1, 3, 224, 224)."""
+def parse_shape(text: str, where: str = "--input") -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224); ConfigError naming ``where`` for anything else."""
     try:
         shape = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
     except ValueError:
-        raise ConfigError(f"--input {text!r}: expected a shape like 1x3x224x224") from None
+        raise ConfigError(f"{where} {text!r}: expected a shape like 1x3x224x224") from None
     if len(shape) != 4 or min(shape) <= 0:
-        raise ConfigError(f"--input {text!r}: expected 4 positive sizes like 1x3x224x224")
+        raise ConfigError(f"{where} {text!r}: expected 4 positive sizes like 1x3x224x224")
     return shape

@@ -51,6 +51,15 @@ class LabelledSet:
         """False for a plain image folder: only agreement with the reference can be measured."""
         return self.targets is not None
 
+    def frames_digest(self) -> str:
+        """A hash of the raw frames and their names, whatever the preprocessing: how `edgeport validate` knows it
+        scores the very frames a build gated on (and so takes the same half)."""
+        h = hashlib.sha256()
+        for name, frame in zip(self.names, self.frames):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(frame).tobytes())
+        return h.hexdigest()[:16]
+
     def subset(self, idx: list[int]) -> LabelledSet:
         """The samples at ``idx`` (NNCF's accuracy control ranks layers on subsets); its sha256 is the set's and
         the indices', so a build cache keyed by a subset (the selection half) sees a different split."""

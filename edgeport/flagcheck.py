@@ -27,9 +27,11 @@ INT8_FLAGS = {
 EVERY_TARGET = {"ignored_patterns"}
 
 
-def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], given: dict[str, Any]) -> None:
+def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], given: dict[str, Any],
+                      own_scenes: str | None = None) -> None:
     """ConfigError for the first flag in ``given`` (those set on the command line) that cannot take effect
-    for the ``chosen`` (target, precision) pairs."""
+    for the ``chosen`` (target, precision) pairs; ``own_scenes``: the embedded model's validation scenes, which the
+    build uses when none are given."""
     from edgeport.backends import get_backend
 
     int8 = [(t, get_backend(t.backend)) for t, p in chosen if p == "int8"]
@@ -53,8 +55,8 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
         if getattr(cfg.quantize, field) and deaf:
             raise ConfigError(f"[quantize] {field} cannot take effect on {', '.join(deaf)}: that backend cannot "
                               "keep layers in float; build those targets with a config without it")
-    val_images = given.get("val_images") or cfg.validation.images
-    check_val_labels(given.get("val_labels"), val_images)
+    check_val_labels(given.get("val_labels"), given.get("val_images") or cfg.validation.images)
+    val_images = given.get("val_images") or cfg.validation.images or own_scenes
     task = get_task(cfg.input.task)
     if given.get("val_labels") and not task.label_folder:
         raise ConfigError(f"--val-labels is for segmentation label maps; {task.labelled_how}")

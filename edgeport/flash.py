@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -105,7 +106,7 @@ class SSH:
     def run(self, script: str, *, stdin: bytes | None = None, timeout: float = 600,
             check: bool = True, step: str = "ssh") -> subprocess.CompletedProcess[bytes]:
         """Run ``script`` with sh on the device; StepError with its stderr's last line on failure."""
-        cmd = [*self.base, self.host.address, "sh -c " + shlex.quote(script)]
+        cmd = [*self.base, "--", self.host.address, "sh -c " + shlex.quote(script)]
         try:
             res = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -120,7 +121,7 @@ class SSH:
 
     def close(self) -> None:
         """End the shared connection."""
-        subprocess.run([*self.base, "-O", "exit", self.host.address], capture_output=True, timeout=10)
+        subprocess.run([*self.base, "-O", "exit", "--", self.host.address], capture_output=True, timeout=10)
 
 
 def _ssh_reason(stderr: bytes) -> str:
@@ -564,15 +565,69 @@ class FlashOptions:
     bytes_limit: int | None = None  # tests: stop the copy after this many bytes
 
 
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?\Z")
+
+
+def check_port(port: Any, where: str) -> int:
+    """``port`` as an int in 1-65535; ConfigError naming ``where`` otherwise."""
+    text = str(port).strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"{where}: port {text or repr(port)} is not a port number from 1 to 65535")
+    return int(text)
+
+
+def parse_address(text: str, where: str = "--host") -> tuple[str, int | None]:
+    """(USER@ADDRESS or ADDRESS, port or None) of ``[USER@]ADDRESS[:PORT]`` (an IPv6 address in brackets when a
+    port follows it: [fe80::1]:2222), checked before anything connects: a user name, a host name or an IP
+    address, a port from 1 to 65535, and no leading '-' anywhere (ssh would read it as an option). ConfigError
+    naming what is wrong and ``where``."""
+    import ipaddress
+
+    given = text
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"{where}: empty; give USER@ADDRESS, e.g. pi@192.168.1.20")
+    if text.startswith("-"):
+        raise ConfigError(f"{where} {given!r} begins with '-': give USER@ADDRESS[:PORT], e.g. pi@192.168.1.20 "
+                          "(ssh options are not taken here)")
+    user, at, rest = text.rpartition("@")
+    if at and not _USER.match(user):
+        raise ConfigError(f"{where} {given!r}: {user!r} is not a user name (letters, digits, '.', '_', '-'; not "
+                          "beginning with '-' or '.')" if user else f"{where} {given!r}: no user before '@'")
+    port = None
+    if rest.startswith("["):  # [v6]:port or [v6]
+        addr, close, tail = rest[1:].partition("]")
+        if not close or (tail and not tail.startswith(":")):
+            raise ConfigError(f"{where} {given!r}: an IPv6 address in brackets is [ADDRESS] or [ADDRESS]:PORT")
+        if tail:
+            port = check_port(tail[1:], f"{where} {given!r}")
+    elif rest.count(":") == 1:
+        addr, _, p = rest.partition(":")
+        port = check_port(p, f"{where} {given!r}")
+    else:
+        addr = rest
+    if not addr:
+        raise ConfigError(f"{where} {given!r}: no address" + (" after '@'" if at else "") +
+                          "; give USER@ADDRESS, e.g. pi@192.168.1.20")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        if ":" in addr or not _HOSTNAME.match(addr) or addr.replace(".", "").isdigit():
+            raise ConfigError(f"{where} {given!r}: {addr!r} is neither a host name nor an IP address") from None
+    return (f"{user}@{addr}" if at else addr), port
+
+
 def parse_hosts(hosts: list[str] | None, inventory: str | None, port: int | None, identity: str | None,
                 python: str | None) -> list[Host]:
-    """Hosts from repeated --host USER@ADDR[:PORT] and an inventory TOML ([[host]] address, port, ...)."""
+    """Hosts from repeated --host USER@ADDR[:PORT] and an inventory TOML ([[host]] address, port, ...), every
+    address and port checked before anything connects (parse_address)."""
     out = []
+    if port is not None:
+        port = check_port(port, "--port")
     for h in hosts or []:
-        addr, p = h, port or 22
-        if h.count(":") == 1 and h.rsplit(":", 1)[1].isdigit():
-            addr, p = h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])
-        out.append(Host(addr, p, identity, python or "python3"))
+        addr, p = parse_address(h)
+        out.append(Host(addr, p or port or 22, identity, python or "python3"))
     if inventory:
         path = Path(inventory)
         try:
@@ -585,7 +640,11 @@ def parse_hosts(hosts: list[str] | None, inventory: str | None, port: int | None
             unknown = set(entry) - {"address", "port", "identity", "python", "name"}
             if unknown:
                 raise ConfigError(f"inventory {path}: unknown key(s) {sorted(unknown)} in host {i + 1}")
-            out.append(Host(entry["address"], int(entry.get("port", port or 22)), entry.get("identity", identity),
+            where = f"inventory {path} host {i + 1}"
+            addr, p = parse_address(str(entry["address"]), where)
+            if "port" in entry:
+                p = check_port(entry["port"], where)
+            out.append(Host(addr, p or port or 22, entry.get("identity", identity),
                             entry.get("python", python or "python3"), entry.get("name", "")))
     if not out:
         raise ConfigError("no host: pass --host USER@ADDRESS (repeatable) or --inventory hosts.toml")
@@ -605,22 +664,31 @@ def over_hosts(hosts: list[Host], opts: FlashOptions, work: Any, refusal: Any) -
     return [refusal(h, refused[i]) if i in refused else next(done) for i, h in enumerate(hosts)]
 
 
-def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResult]:
-    """Flash ``bundle`` to every host in parallel; one result per host, in the given order."""
+def check_shippable(bundle: Path, force: bool = False, rollback: bool = False) -> dict[str, Any]:
+    """The manifest of ``bundle`` once it is known to be fit to put on a device, checked before any device is
+    contacted (flash and fleet alike): a bundle folder, its build's gates passed (or ``force``), every file's
+    sha256 as the manifest records it, a runner. BundleError naming what is wrong otherwise. A ``rollback`` only
+    reads the manifest (the devices go back to what they had)."""
     if not (bundle / "manifest.json").is_file():
         raise BundleError(f"{bundle}: not a bundle folder (no manifest.json); run `edgeport build` first")
     manifest = read_manifest(bundle)
     failed = failed_gates(manifest)
-    if failed and not opts.rollback and not opts.force:
+    if failed and not rollback and not force:
         raise BundleError(f"{bundle} FAILED its build gates ({'; '.join(failed)}); it must not ship. Fix the build, "
                           "or pass --force to flash it anyway (recorded in the device's history.log)")
-    if not opts.rollback:
+    if not rollback:
         problems = verify_bundle(bundle)
         if problems:
             raise BundleError(f"{bundle} is damaged ({'; '.join(problems[:3])}); rebuild it before flashing")
         if not (bundle / "runner.py").is_file():
             raise BundleError(f"{bundle}: this bundle has no runner.py ({manifest['target']} bundles are for apps); "
                               "nothing to run on a device")
+    return manifest
+
+
+def flash(bundle: Path, hosts: list[Host], opts: FlashOptions) -> list[HostResult]:
+    """Flash ``bundle`` to every host in parallel; one result per host, in the given order."""
+    manifest = check_shippable(bundle, opts.force, opts.rollback)
     if len(hosts) > 1:  # one engine for many hosts: Ansible's (edgeport.fleet)
         from edgeport.fleet import flash_many
 

@@ -25,6 +25,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,18 +195,59 @@ def _ansible_on_path() -> None:
 
 
 def load_inventory(inventory: str) -> dict[str, Any]:
-    """Ansible's view of the inventory (``ansible-inventory --list``); ConfigError when it cannot be read."""
-    import ansible_runner
-
+    """Ansible's view of the inventory (``ansible-inventory --list``); ConfigError when it cannot be read, with
+    where (line and column) and why, from Ansible's own parse error of the file's format."""
     _ansible_on_path()
-    if not Path(inventory).exists():
+    path = Path(inventory)
+    if not path.exists():
         raise ConfigError(f"--inventory {inventory}: no such file")
-    with tempfile.TemporaryDirectory(prefix="edgeport-inventory-") as tmp:  # else ansible-runner leaves one in /tmp
-        out, err = ansible_runner.get_inventory("list", [str(Path(inventory).resolve())], response_format="json",
-                                                quiet=True, private_data_dir=tmp)
-    if not isinstance(out, dict) or not out.get("_meta"):
-        raise ConfigError(f"--inventory {inventory}: Ansible cannot read it ({str(err).strip()[:200] or 'no hosts'})")
+    exe = shutil.which("ansible-inventory")
+    if exe is None:
+        raise ConfigError("ansible-inventory is not installed beside this python: pip install 'edgeport[fleet]'")
+    with tempfile.TemporaryDirectory(prefix="edgeport-inventory-") as tmp:
+        # A source no plugin can parse is an error, not an empty inventory ("no hosts") with a warning.
+        env = {**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_LOCAL_TEMP": tmp, "ANSIBLE_HOME": tmp, "PYTHONWARNINGS": "ignore"}
+        res = subprocess.run([exe, "-i", str(path.resolve()), "--list"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    try:
+        out = json.loads(res.stdout) if res.returncode == 0 else None
+    except ValueError:
+        out = None
+    if not isinstance(out, dict) or "_meta" not in out:
+        raise ConfigError(f"--inventory {inventory}: Ansible cannot read it: {_inventory_problem(path, res.stderr)}")
     return out
+
+
+def _inventory_problem(path: Path, stderr: str) -> str:
+    """Why Ansible could not parse an inventory, in one line: a YAML file's syntax error with its line and column,
+    else the message of the plugin for the file's format (ini, yaml, toml), else Ansible's last error line."""
+    suffix = path.suffix.lower()
+    if suffix in (".yml", ".yaml") and path.is_file():
+        import yaml
+
+        try:
+            yaml.safe_load(path.read_text(errors="replace"))
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            return f"{where}{e.problem or e.context} (YAML)"
+        except yaml.YAMLError as e:
+            return f"{e} (YAML)"
+    plugin = {".yml": "yaml", ".yaml": "yaml", ".toml": "toml"}.get(suffix, "ini")
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        m = re.search(rf"Failed to parse .*with '?{plugin}'? plugin: (.*)", ln)
+        if m:
+            why = m.group(1).strip()
+            if plugin == "ini" and not re.search(r":\d+:", why) and path.is_file():
+                # Ansible's INI parser does not say where a section header is broken; say which line it is
+                for n, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                    if text.strip().startswith("[") and not text.split("#")[0].split(";")[0].strip().endswith("]"):
+                        return f"line {n}: section header {text.strip()!r} has no closing ']' ({why})"
+            return why
+    errors = [ln.split("]:", 1)[-1].strip() for ln in lines if ln.startswith(("[ERROR]", "ERROR"))]
+    return errors[-1] if errors else (lines[-1] if lines else "no hosts")
 
 
 def inventory_hosts(inv: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -289,7 +333,12 @@ def run_playbook(action: str, inventory: str, bundles: dict[str, str], opts: Fle
 
 
 def rollout(bundles: list[Path], inventory: str, opts: FleetOptions, action: str = "rollout") -> list[dict[str, Any]]:
-    """Roll ``bundles`` out (or, with action ``rollback``, every host back to its previous version)."""
+    """Roll ``bundles`` out (or, with action ``rollback``, every host back to its previous version). Every bundle
+    is checked (flash.check_shippable) and the inventory read before the first host is contacted."""
+    from edgeport.flash import check_shippable
+
+    for b in bundles if action == "rollout" else []:
+        check_shippable(b, force=getattr(opts, "force", False))
     bmap = bundle_map(bundles) if action == "rollout" else {}
     hosts = inventory_hosts(load_inventory(inventory))
     if action == "rollout":

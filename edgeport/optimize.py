@@ -229,6 +229,10 @@ def optimize(model: Any, example: Any, *, fold: bool = True, prune_ratio: float 
             raise ConfigError("--prune needs an nn.Module; TorchScript and torch.export models cannot be pruned")
         report.before = measure(model, example)
         model = prune(model, example, prune_ratio, **(prune_options or {}))
+        if sum(p.numel() for p in model.parameters()) == report.before.params:
+            raise ConfigError(f"--prune {prune_ratio:g} removed nothing: no layer of this model can lose channels "
+                              "(its head and first convolution keep theirs, as do layers matched by prune_ignore; "
+                              "channels go in groups of 8); drop --prune")
         if finetune_hook:
             model = finetune(model, finetune_hook, spec)
         elif recover is not None:

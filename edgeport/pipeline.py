@@ -58,6 +58,7 @@ class TargetResult:
     accuracy: dict[str, Any] | None = None  # task metric on labelled data, drop and agreement vs FP32
     verdict: str | None = None  # passed | failed | device-only (the manifest's verdict.status)
     fallback: dict[str, Any] | None = None  # accuracy-aware INT8: layers kept in float, drop before and after
+    compile_cached: bool = False  # its artifact came from the build cache (the bundle may still be rewritten)
 
 
 @dataclass
@@ -236,17 +237,24 @@ def _distill(cfg: ProjectConfig, spec: InputSpec, original: Any, images: Calibra
     """(the recovery record, the loss per step) of distilling ``pruned`` from ``original`` on ``images``."""
     from edgeport.recover import distill
 
-    log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), up to %d "
-             "steps or %gs", len(images), images.source, cfg.optimize.recover_steps, cfg.optimize.recover_seconds)
+    budget = cfg.optimize.recover_seconds
+    log.info("recovering the pruned model: distillation from the original on %d unlabelled images (%s), %d steps%s",
+             len(images), images.source, cfg.optimize.recover_steps,
+             f" or {budget:g}s, whichever ends first (recover_seconds)" if budget else "")
     rep = distill(original, pruned, images.data, spec.task, cfg.optimize, images.source, spec.layout,
                   supervised[:2] if supervised is not None else None)
     out = rep.to_dict()
     if supervised is not None:
         out["supervised"] = {"weight": cfg.optimize.recover_supervised, "images": len(supervised[0]),
                              "from": cfg.optimize.recover_labelled}
-    log.info("recovered: %d steps in %.0fs (stopped by %s), distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
-             "its step count" if rep.stopped == "steps" else "recover_seconds", out["loss_first"] or 0.0,
-             out["loss_last"] or 0.0)
+    log.info("recovered: %d steps in %.0fs, distillation loss %.4f -> %.4f", rep.steps, rep.seconds,
+             out["loss_first"] or 0.0, out["loss_last"] or 0.0)
+    if rep.stopped == "time":
+        log.warning("recovery stopped at recover_seconds %g after %d of %d steps: this result depends on this "
+                    "machine's speed and load (the manifest records the steps that ran); set recover_seconds = 0 to "
+                    "run every step", budget, rep.steps, cfg.optimize.recover_steps)
+    out["steps_asked"] = cfg.optimize.recover_steps
+    out["seconds_budget"] = budget or None
     return out, rep.loss
 
 
@@ -347,7 +355,7 @@ def _pruning_check(cfg: ProjectConfig, val: ValidationRef | None, spec: InputSpe
              out["max_drop"])
     if drop > cfg.quantize.max_drop:
         todo = ("recover it (--recover-steps 1500, the default)" if not opt.get("recovery") and not opt.get("finetuned")
-                else "recover longer (--recover-steps, [optimize] recover_seconds)")
+                else "recover longer (--recover-steps)")
         raise PruningError(f"pruning {cfg.optimize.prune:.0%} ({how}) loses {points(drop, out['max_drop'])} {key} "
                            f"points against the original model on the report half of {val.data.source} "
                            f"({out['original']:.2f} -> {out['pruned']:.2f}), more than max_drop "
@@ -509,19 +517,23 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     from edgeport.flagcheck import check_build_flags
     from edgeport.model import check_source
 
-    if cfg.optimize.prune and not cfg.validation.images and embedded_name(cfg.model.source):
-        from edgeport.zoo import EMBEDDED  # pruning is measured against the original: on the embedded scenes
+    own_scenes = None
+    if not cfg.validation.images and embedded_name(cfg.model.source):
+        from edgeport.zoo import EMBEDDED
 
-        cfg.validation.images = EMBEDDED[embedded_name(cfg.model.source)][2]
-        log.info("pruning is measured against the original model on %s (the embedded model's validation scenes)",
-                 cfg.validation.images)
-    if cfg.optimize.prune == "auto" and not cfg.validation.images:
+        # The embedded models come with their own labelled scenes: the build gates (and INT8's accuracy-aware
+        # choice) use them, as `edgeport validate` does, so that what the build passes, validate passes.
+        own_scenes = EMBEDDED[embedded_name(cfg.model.source)][2]
+    if cfg.optimize.prune == "auto" and not (cfg.validation.images or own_scenes):
         raise ConfigError("--prune auto chooses a ratio by its accuracy: pass --val-images (labelled, or plain images "
                           "for agreement with the original), or give a ratio such as --prune 0.3")
 
     t_start = time.time()
     chosen = resolve_targets(targets, precision, cfg.root)
-    check_build_flags(cfg, chosen, given or {})
+    check_build_flags(cfg, chosen, given or {}, own_scenes)
+    if own_scenes:
+        cfg.validation.images = own_scenes
+        log.info("validation: %s (the embedded model's own labelled scenes)", own_scenes)
     check_source(cfg.model.source, cfg.model.weights, cfg.root)
     opset = choose_opset([t.opset_max for t, _ in chosen], cfg.export.opset)
     needs_calib = [f"{t.name}:{p}" for t, p in chosen if get_backend(t.backend).calibration_needed(p)]
@@ -693,7 +705,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
             spent = time.time() - t1 + (t1 - t0 if i == 0 else 0.0)  # the first target carries the compile
             results[target.name, group.precision] = TargetResult(
                 target.name, label, group.precision, status, str(dest), tinfo["parity"], spent,
-                "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"], art.fallback_summary(art_info))
+                "; ".join(verdict["reasons"]), tinfo.get("accuracy"), verdict["status"], art.fallback_summary(art_info),
+                cached)
     ordered = [results[t.name, p] for t, p in chosen]
     chart = export_stage.dir / RECOVERY_CHART
     return BuildReport(export_info["model"], str(export_stage.dir / "model.onnx"), export_cached, par, ordered,
@@ -843,6 +856,9 @@ def summary_line(report: BuildReport) -> str:
         return f"nothing changed: {counts['cached']} bundle(s) from the cache ({report.seconds:.1f}s)"
     parts = [f"{counts[k]} {k}" for k in ("built", "cached", "failed")] + \
         ([f"{counts['skipped']} skipped"] if counts["skipped"] else [])
+    rewritten = sum(r.status == "built" and r.compile_cached for r in report.targets)
+    if rewritten:  # bundles written anew around an artifact that came from the cache (no compile ran for them)
+        parts[0] += f" ({rewritten} of them from cached compiles)"
     line = f"{len(report.targets)} target(s): {', '.join(parts)} in {report.seconds:.1f}s"
     good = sorted({str(Path(r.bundle).parent) for r in report.targets if r.bundle and r.status != "failed"})
     bad = sorted({str(Path(r.bundle).parent) for r in report.targets if r.bundle and r.status == "failed"})

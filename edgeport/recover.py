@@ -4,8 +4,14 @@ Pruning removes channels; the pruned network computes a different function (the 
 -> 16.37). The original model is the teacher: on the calibration images (or ``[optimize] recover_images``), lightly
 augmented (horizontal flip, brightness and contrast), the pruned model is trained to match the original's outputs
 by the task's own loss (``Task.distill_loss``: KL divergence on class logits per image or per pixel, normalised
-squared error on boxes and scores), with Adam and a cosine learning rate, seeded, for ``recover_steps`` steps or
-``recover_seconds`` seconds, whichever ends first. No labels are read. The loss curve is drawn as a PNG.
+squared error on boxes and scores), with Adam and a cosine learning rate, seeded, for ``recover_steps`` steps. No
+labels are read. The loss curve is drawn as a PNG.
+
+The step count is the contract: the same settings run the same steps on an idle machine and on a loaded one, so
+the recovered model does not depend on the load (its weights match to the last bits only where the kernels' thread
+count and order match too). A time budget, ``recover_seconds``, is off by default; set, it is an explicit choice
+that may stop recovery early on a slow or busy machine, the learning rate then follows the cosine over whichever
+budget runs out first (so a cut run still ends at a low rate), and the manifest records the steps that ran.
 """
 from __future__ import annotations
 
@@ -102,8 +108,9 @@ def distill(teacher: Any, student: Any, images: np.ndarray, task: str, settings:
                 pick = torch.randint(0, len(sup_x), (min(batch, len(sup_x)),), generator=gen)
                 labelled = [v for _, v in named_outputs(student(sup_x[pick]))]
                 loss = loss + weight * sup_fn(labelled, sup_y[pick])
+            done = step / steps if not budget else max(step / steps, min(1.0, (time.time() - t0) / budget))
             for group in opt.param_groups:
-                group["lr"] = settings.recover_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = settings.recover_lr * 0.5 * (1 + math.cos(math.pi * done))
             opt.zero_grad()
             loss.backward()
             opt.step()

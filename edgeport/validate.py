@@ -75,7 +75,8 @@ class BundleResult:
         """validated | failed | built (nothing could run here)."""
         if any(c.status == "failed" for c in self.cases):
             return "failed"
-        return "validated" if any(c.status == "passed" and c.check != "files" for c in self.cases) else "built"
+        return "validated" if any(c.status == "passed" and c.check not in ("files", "manifest")
+                                  for c in self.cases) else "built"
 
 
 @dataclass
@@ -229,20 +230,23 @@ def config_from_manifests(paths: list[str], build_dir: str | None = None) -> Pro
     preprocessing and optimisation. ConfigError when the bundles hold different models or the recorded
     weights are gone or changed."""
     from edgeport.config import ModelConfig, OptimizeConfig
+    from edgeport.record import read_record
 
     bundles = find_bundles(paths or ["dist"])
     manifests = [(b, read_manifest(b)) for b in bundles]
     keys = {}
+    models = []  # each bundle's model as its build recorded it (edgeport.record), else as its manifest says
     for b, m in manifests:
-        model = m["model"]
+        record = read_record(m)
+        model = {**m["model"], **record["model"]} if record else m["model"]
+        models.append(model)
         keys.setdefault(json.dumps({k: model.get(k) for k in ("source", "weights", "seed", "spec", "optimize")},
                                    sort_keys=True), []).append(b.name)
     if len(keys) > 1:
         groups = "; ".join(", ".join(names) for names in keys.values())
         raise ConfigError(f"the bundles hold different models ({groups}); validate each group on its own or pass "
                           "--config")
-    bundle, manifest = manifests[0]
-    model = manifest["model"]
+    bundle, model = manifests[0][0], models[0]
     root = Path(model.get("root") or Path.cwd())
     weights = model.get("weights")
     if weights:
@@ -266,8 +270,9 @@ def config_from_manifests(paths: list[str], build_dir: str | None = None) -> Pro
         cfg.optimize = OptimizeConfig(**model["optimize"])
     if build_dir:
         cfg.build.build_dir = str(Path(build_dir).resolve())
-    log.info("reference from %s's manifest: %s%s (seed %s)", bundle.name, model["source"],
-             f" with {weights['path']}" if weights else "", model.get("seed", 0))
+    log.info("reference from %s's %s: %s%s (seed %s)", bundle.name,
+             "build record" if read_record(manifests[0][1]) else "manifest (its build folder is not here)",
+             model["source"], f" with {weights['path']}" if weights else "", model.get("seed", 0))
     return cfg
 
 
@@ -352,11 +357,12 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     if max_drop is not None and not ref_metrics:
         raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images with "
                           "--val-labels (segmentation) or class sub-folders (classification)")
-    drop_limit = cfg.quantize.max_drop if max_drop is None else max_drop
+    drop_limit = max_drop  # None: each bundle's recorded max_drop (the build's), else the project's
     results = []
     for bundle, manifest in progress(list(zip(bundles, manifests)), "validating bundles"):
-        res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_data, ref_metrics, drop_limit, localize,
-                               bench, bench_iters)
+        with np.errstate(all="ignore"):  # a damaged model's inf/NaN outputs fail their checks; no numpy warnings
+            res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_data, ref_metrics, drop_limit, localize,
+                                   bench, bench_iters)
         results.append(res)
     ref_latency = None
     if bench:
@@ -374,7 +380,7 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
 
 def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg: ProjectConfig,
                      data: LabelledSet | None, ref_data: dict[str, np.ndarray] | None,
-                     ref_metrics: dict[str, float] | None, drop_limit: float, localize: bool, bench: bool,
+                     ref_metrics: dict[str, float] | None, drop_limit: float | None, localize: bool, bench: bool,
                      bench_iters: int) -> BundleResult:
     from edgeport.evaluate import primary, task_metrics
     from edgeport.target import DEFAULT_TOLERANCES, get_target
@@ -390,6 +396,7 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     qdq_file = (manifest.get("files_by_role") or {}).get("qdq")
     if manifest["backend"] == "tensorrt" and qdq_file and not problems:
         res.cases.append(_lint_case(bundle / qdq_file, manifest))
+    res.cases.append(_manifest_case(bundle, manifest))
     failed = failed_gates(manifest)
     if failed:
         res.cases.append(Case(name, manifest["backend"], precision, "build verdict", "failed", {"reasons": failed},
@@ -460,16 +467,22 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             first = names[0]
             task = get_task(ref.spec.task)
             g, r = task.pack(got_data, names, ref.spec), task.pack(ref_data, names, ref.spec)
-            res.metrics = task_metrics(g, data, ref.spec.layout)
+            recorded = (manifest.get("parity") or {}).get("accuracy") or {}
+            limit = drop_limit if drop_limit is not None else recorded.get("max_drop", cfg.quantize.max_drop)
+            idx, where_metric = _gated_half(recorded, data)
+            sub = data.subset(idx) if idx is not None else data
+            g_s, r_s = (g[idx], r[idx]) if idx is not None else (g, r)
+            res.metrics = task_metrics(g_s, sub, ref.spec.layout)
+            reference = task_metrics(r_s, sub, ref.spec.layout) if idx is not None else ref_metrics
             key, value = primary(res.metrics)
-            drop = ref_metrics[key] - value if value is not None else 0.0
-            ok = drop <= drop_limit
+            drop = reference[key] - value if value is not None else 0.0
+            ok = drop <= limit
             whose = "the original (unpruned) model's" if pruned else "PyTorch's"
-            acc = {"metrics": res.metrics, "reference": ref_metrics, "metric": key, "drop": drop,
-                   "max_drop": drop_limit, "agreement": task.agreement(r, g, ref.spec)}
+            acc = {"metrics": res.metrics, "reference": reference, "metric": key, "drop": drop, "max_drop": limit,
+                   "agreement": task.agreement(r_s, g_s, ref.spec), "frames": where_metric}
             msg = "" if ok else (f"{label} {precision} output '{first}': {key} {value:.2f} is "
-                                 f"{points(drop, drop_limit)} points below {whose} {ref_metrics[key]:.2f} "
-                                 f"(max drop {drop_limit:g})")
+                                 f"{points(drop, limit)} points below {whose} {reference[key]:.2f} on {where_metric} "
+                                 f"(max drop {limit:g})")
             res.cases.append(Case(name, label, precision, key, "passed" if ok else "failed", acc, msg))
         metric_failed = any(c.check not in names and "drop" in c.metrics and c.status == "failed" for c in res.cases)
         if localize and res.status == "failed" and \
@@ -489,9 +502,25 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
             res.latency = {"median_ms": t.median, "p99_ms": t.p99, "fps": 1000.0 / t.median}
     for c in res.cases:
         c.seconds = time.time() - t0
-        if c.status == "failed" and differs and c.check != "files":
+        if c.status == "failed" and differs and c.check not in ("files", "manifest"):
             c.message += f" (the manifest's preprocess differs from the project's: {'; '.join(differs)})"
     return res
+
+
+def _manifest_case(bundle: Path, manifest: dict[str, Any]) -> Case:
+    """The manifest against what its build recorded (edgeport.record): every field that differs is named, and the
+    manifest's preprocessing must reproduce the golden inputs the build computed from the golden frames."""
+    from edgeport.record import golden_differences, manifest_differences, read_record
+
+    record = read_record(manifest)
+    found = (manifest_differences(manifest, record) if record else []) + golden_differences(bundle, manifest)
+    msg = ""
+    if found:
+        shown = "; ".join(found[:4]) + (f" (and {len(found) - 4} more)" if len(found) > 4 else "")
+        msg = (f"manifest.json was changed after the build (tampered): {shown}; rebuild the bundle, or restore its "
+               "manifest")
+    return Case(bundle.name, manifest["backend"], manifest["precision"], "manifest", "failed" if found else "passed",
+                {"differences": found, "record": "build record" if record else "golden cases only"}, msg)
 
 
 def _lint_case(path: Path, manifest: dict[str, Any]) -> Case:
@@ -505,6 +534,18 @@ def _lint_case(path: Path, manifest: dict[str, Any]) -> Case:
                 "failed" if findings else "passed",
                 {"rules": len(RULES), "findings": [str(f) for f in findings]},
                 f"{path.name} breaks TensorRT's Q/DQ placement rules: {msg}" if findings else "")
+
+
+def _gated_half(recorded: dict[str, Any], data: LabelledSet) -> tuple[list[int] | None, str]:
+    """(indices, words) of the frames a bundle's metric is judged on: where ``data`` holds the very frames its build
+    gated on (``recorded``: the manifest's accuracy record), the build's report half, the half nothing was tuned on,
+    so that validate and the build judge the same figure; else every frame."""
+    from edgeport.evaluate import split_halves
+
+    if data.frames and len(data) > 1 and recorded.get("frames_sha256") == data.frames_digest():
+        idx = split_halves(data, recorded.get("split_by", "blocks"))["report"]
+        return idx, f"the report half of {data.source} ({len(idx)} images, as the build gated it)"
+    return None, f"{data.source} ({len(data)} images)"
 
 
 def preprocess_diff(bundle_spec: dict[str, Any], project: InputSpec) -> list[str]:
@@ -533,7 +574,7 @@ def case_rows(report: ValidateReport) -> list[list[str]]:
     rows = []
     for c in report.cases:
         m = c.metrics
-        if c.check in ("files", "host run", "load", "build verdict", "qdq lint"):
+        if c.check in ("files", "manifest", "host run", "load", "build verdict", "qdq lint"):
             values = ["-"] * 5
         elif "drop" in m:
             key = m["metric"]
@@ -594,6 +635,9 @@ def text(report: ValidateReport) -> str:
 
         key = primary(report.reference_metrics)[0]
         lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
+        halves = sorted({c.metrics["frames"] for c in report.cases if "report half" in c.metrics.get("frames", "")})
+        if halves:  # each bundle's figure is against PyTorch on the same frames
+            lines.append(f"metric of bundles built on these frames: on {halves[0]}, each against PyTorch there")
     if any(b.latency for b in report.bundles):
         lines += ["", *text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
     lines += failures(report)

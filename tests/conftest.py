@@ -170,3 +170,30 @@ def run_cli_offline(*args: str, cwd: Path, timeout: int = 1200) -> subprocess.Co
     """`edgeport ARGS` with networking disabled: a network namespace holding only a downed loopback."""
     return subprocess.run([*offline_prefix(), sys.executable, "-m", "edgeport.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_build_and_validate_agree(project: Path) -> dict:
+    """`edgeport validate` on a project's dist/ gives each bundle the build's verdict, and its task metric the
+    build's figure (the build's reference is the exported ONNX, validate's PyTorch: within 0.02 points).
+    Returns validate's JSON report."""
+    import json
+
+    res = run_cli("validate", "--report", str(project / "validate-report"), cwd=project, timeout=900)
+    report = json.loads((project / "validate-report" / "validate.json").read_text())
+    checked = 0
+    for b in report["bundles"]:
+        manifest = json.loads((Path(b["path"]) / "manifest.json").read_text())
+        built = manifest["verdict"]["status"]
+        assert (built == "failed") == (b["status"] == "failed"), (b["name"], built, b["status"], res.stdout[-3000:])
+        acc = manifest["parity"]["accuracy"]
+        metric = [c for c in b["cases"] if "drop" in c["metrics"]]
+        if acc and acc.get("drop") is not None:
+            assert len(metric) == 1 and "report half" in metric[0]["metrics"]["frames"], (b["name"], metric)
+            key = acc["metric"]
+            assert abs(metric[0]["metrics"]["metrics"][key] - acc["metrics"][key]) < 0.02, (b["name"], metric, acc)
+            assert abs(metric[0]["metrics"]["drop"] - acc["drop"]) < 0.02, (b["name"], metric, acc)
+            assert metric[0]["metrics"]["max_drop"] == acc["max_drop"]
+            checked += 1
+    assert checked, "no bundle had a task metric to compare"
+    assert (res.returncode == 0) == all(b["status"] != "failed" for b in report["bundles"]), res.stdout[-2000:]
+    return report

@@ -14,7 +14,14 @@ import cv2
 from edgeport.runner.bench import bench, leave_one_cpu
 from edgeport.runner.images import DEFAULT_MAX_PIXELS, bound_opencv
 from edgeport.runner.loop import run_loop
-from edgeport.runner.manifest import RunnerError, load_manifest, refusal, schema_problem, verify_files
+from edgeport.runner.manifest import (
+    RunnerError,
+    load_manifest,
+    refusal,
+    schema_problem,
+    shape_problem,
+    verify_files,
+)
 from edgeport.runner.selftest import selftest
 from edgeport.runner.serve import (
     SERVE_MAX_BODY,
@@ -55,11 +62,32 @@ def check_options(args, manifest):
     for option, why in TASK_OPTIONS:
         if getattr(args, option) is not None and option not in honoured:
             raise RunnerError("--%s has no effect on a %s model (%s)" % (option, task, why))
+    check_output_paths(args)
     src = args.source or ""
     if args.decode_threads is not None and not (src.startswith(FFMPEG_PREFIXES) or os.path.isfile(src)):
         raise RunnerError("--decode-threads has no effect on %s (it sets FFmpeg's decoder threads for video files "
                           "and streams)" % src)
     check_serve_options(args)
+
+
+SAVE_EXTS = (".mp4", ".m4v", ".mov", ".avi", ".mkv")
+
+
+def check_output_paths(args):
+    """RunnerError for a --jsonl or --save file that cannot be written, before any source is opened."""
+    for flag, path in (("--jsonl", args.jsonl if args.jsonl != "-" else None), ("--save", args.save)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise RunnerError("%s %s is a folder; give a file in it, e.g. %s" % (
+                flag, path, os.path.join(path, "out.avi" if flag == "--save" else "frames.jsonl")))
+        if not os.path.isdir(folder):
+            raise RunnerError("%s %s: the folder %s does not exist; create it first" % (flag, path, folder))
+        if not os.access(folder, os.W_OK):
+            raise RunnerError("%s %s: no permission to write in %s" % (flag, path, folder))
+    if args.save and os.path.splitext(args.save)[1].lower() not in SAVE_EXTS:
+        raise RunnerError("--save %s: give a video file ending in %s" % (args.save, ", ".join(SAVE_EXTS)))
 
 
 def check_serve_options(args):
@@ -253,6 +281,9 @@ def main(argv=None, bundle_dir=None):
             raise RunnerError(refused)
         check_options(args, manifest)
         bound_opencv(int(args.max_pixels * 1e6))  # OpenCV's own limit too, for formats images.py does not parse
+        edited = shape_problem(bundle_dir, manifest)
+        if edited:
+            raise RunnerError(edited)
         bad = verify_files(bundle_dir, manifest)
         if args.selftest:
             ok = selftest(bundle_dir, manifest, lambda: open_runtime(manifest, bundle_dir, args.device))

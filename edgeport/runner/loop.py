@@ -33,6 +33,12 @@ def run_loop(args, manifest, rt, quiet=False, service=None):
     in_name = manifest["inputs"][0]["name"]
     source = open_source(args.source, args.width, args.height, args.fps, args.reconnect, args.timeout,
                          _decode_threads(args), args.loop, int(args.max_pixels * 1e6))
+    try:  # what can fail is made before the capture thread starts: no thread is left running on an error
+        out = Outputs(args)
+        post = task_part(spec["task"])(manifest, args)
+    except BaseException:
+        source.release()
+        raise
     grabber = LatestFrame(source)
     stop = {"flag": False}
 
@@ -42,8 +48,6 @@ def run_loop(args, manifest, rt, quiet=False, service=None):
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
-    out = Outputs(args)
-    post = task_part(spec["task"])(manifest, args)
     done = queue.Queue()
 
     def on_result(userdata, outs, ms=None):

@@ -78,3 +78,40 @@ def verify_files(bundle_dir, manifest):
         elif sha256_file(path) != digest:
             bad.append((name, "sha256 mismatch (modified after the build)"))
     return bad
+
+
+def _npy_shape(path):
+    """The shape in a .npy file's header (standard library only: the header is a Python literal)."""
+    import ast
+
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            return None
+        major = ord(f.read(1))
+        f.read(1)
+        size = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+        header = ast.literal_eval(f.read(size).decode("latin1"))
+    return list(header.get("shape", ())) if isinstance(header, dict) else None
+
+
+def shape_problem(bundle_dir, manifest):
+    """Why the manifest's input shape cannot be the model's, or None: the golden inputs were made by the build
+    for the model, so an input shape (manifest inputs or preprocess) that differs from theirs was edited."""
+    try:
+        declared = list(manifest["inputs"][0]["shape"])
+        pre = list(manifest["preprocess"]["shape"])
+        first = manifest["golden"]["cases"][0]["input"]
+    except (KeyError, IndexError, TypeError):
+        return "manifest.json lacks the input shape or the golden cases; rebuild the bundle"
+    try:
+        golden = _npy_shape(os.path.join(bundle_dir, first))
+    except (OSError, ValueError, SyntaxError):
+        golden = None
+    if golden is None:
+        return None  # verify_files names a missing or damaged golden file
+    for what, shape in (("inputs[0].shape", declared), ("preprocess.shape", pre)):
+        if shape != golden:
+            return ("manifest.json's %s %s is not the shape of %s (%s), which the build made for this model: the "
+                    "manifest was edited after the build; restore it or rebuild the bundle"
+                    % (what, "x".join(map(str, shape)), first, "x".join(map(str, golden))))
+    return None

@@ -25,7 +25,10 @@ class Outputs(object):
         self.args = args
         self.show = not args.headless and bool(os.environ.get("DISPLAY") or sys.platform in ("win32", "darwin"))
         self.writer = None
-        self.jsonf = sys.stdout if args.jsonl == "-" else (open(args.jsonl, "w") if args.jsonl else None)
+        try:
+            self.jsonf = sys.stdout if args.jsonl == "-" else (open(args.jsonl, "w") if args.jsonl else None)
+        except (IOError, OSError) as e:
+            raise RunnerError("--jsonl %s cannot be written (%s)" % (args.jsonl, e.strerror or e)) from None
         self.quit = False
 
     @property

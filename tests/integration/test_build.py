@@ -89,7 +89,7 @@ def test_readme_torchvision_example_builds_then_validates_in_a_fresh_process(tmp
     assert "recommended" in res.stderr  # 101 < 300 warns
     again = run_cli("validate", cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "0 failed" in again.stdout and "reference from intel-cpu-int8's manifest" in again.stderr
+    assert "0 failed" in again.stdout and "reference from intel-cpu-int8's build record" in again.stderr
 
 
 def test_random_init_model_with_vanishing_outputs_is_refused_with_advice(tmp_path, camvid):

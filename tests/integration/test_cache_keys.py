@@ -150,3 +150,5 @@ def test_fewer_samples_than_the_last_build_compare_with_their_own_outputs(built:
     assert m["parity"]["artifact"]["output"]["max_rel"] < 1e-4, m["parity"]["artifact"]
     row = [ln for ln in res.stdout.splitlines() if ln.startswith("compile openvino fp32")]
     assert len(row) == 1 and row[0].split()[-1] == "cached", res.stdout[-2000:]
+    # the bundle was written anew around a cached compile, and the summary says which
+    assert "1 target(s): 1 built (1 of them from cached compiles), 0 cached, 0 failed" in res.stdout, res.stdout[-500:]

@@ -117,6 +117,12 @@ def test_help_and_doctor_without_heavy_libraries(tmp_path):
         assert res.returncode == 0, res.stderr
     res = run_cli("doctor", env=env)
     assert "-- " in res.stdout and "openvino" in res.stdout and "pip install 'edgeport[openvino]'" in res.stdout
+    rows = {ln.split()[1]: ln for ln in res.stdout.splitlines()[2:]}
+    # pruning needs torch: not "ok" because torch-pruning's files are there
+    assert rows["pruning"].startswith("--") and "torch not installed" in rows["pruning"], res.stdout
+    assert "pip install 'edgeport[torch,prune]'" in rows["pruning"]
+    col = res.stdout.splitlines()[0].index("versions")  # every row's versions start under the heading
+    assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in rows.values()), res.stdout
     probe = subprocess.run([sys.executable, "-c", "import torch"], env={**env}, capture_output=True, text=True)
     assert probe.returncode != 0  # the block really blocks
 

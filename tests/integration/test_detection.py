@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import device_env, has, run_cli
+from tests.conftest import assert_build_and_validate_agree, device_env, has, run_cli
 
 pytestmark = pytest.mark.skipif(not (has("openvino") and has("onnx2tf") and has("pycocotools")),
                                 reason="needs the openvino, tflite and detection extras")
@@ -24,7 +24,7 @@ VAL = "synthetic://?objects=1&n=200"
 @pytest.fixture(scope="module")
 def roaddet(tmp_path_factory):
     proj = tmp_path_factory.mktemp("roaddet")
-    args = ["build", "--model", "edgeport:roaddet", "--val-images", VAL]
+    args = ["build", "--model", "edgeport:roaddet"]  # its own validation scenes, VAL, without a flag
     for t in TARGETS:
         args += ["--target", t]
     res = run_cli(*args, cwd=proj, timeout=1500)
@@ -67,10 +67,11 @@ def test_every_int8_artifact_keeps_its_map(roaddet):
 
 
 def test_validate_passes_on_the_detection_bundles(roaddet):
-    proj, _ = roaddet
-    res = run_cli("validate", cwd=proj, timeout=900)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "map" in res.stdout
+    """What the build passed, validate passes, with the same figures: both score the report half of VAL."""
+    proj, res = roaddet
+    assert f"validation: {VAL} (the embedded model's own labelled scenes)" in res.stderr
+    report = assert_build_and_validate_agree(proj)
+    assert report["ok"] and report["dataset"] == VAL
 
 
 @pytest.mark.parametrize("target,venv", [("intel-cpu-int8", "openvino_venv"), ("raspberry-pi-5-int8", "tflite_venv")])
@@ -105,6 +106,26 @@ def test_runner_draws_boxes_and_writes_detections_with_only_its_runtime(roaddet,
     raw = cv2.VideoCapture(str(scene_video))
     _, src = raw.read()
     assert np.abs(frame.astype(int) - src.astype(int)).max() > 100  # boxes and labels drawn over the frame
+
+
+def test_deepstack_endpoint_refuses_a_decompression_bomb(roaddet, openvino_venv, tmp_path):
+    """DeepStack's endpoint of a detection bundle reads the pixels from the header too: 413 before decoding."""
+    from tests.runner.test_serve import Served, png_bomb
+
+    bundle = tmp_path / "intel-cpu-int8"
+    shutil.copytree(roaddet[0] / "dist" / "intel-cpu-int8", bundle)
+    svc = Served(openvino_venv, bundle, "--no-source")
+    try:
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode()
+        form = head + png_bomb(20000, 20000) + f"\r\n--{boundary}--\r\n".encode()
+        code, _, body = svc.request("POST", "/v1/vision/detection", form,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert code == 413 and "20000x20000 (400 MP)" in json.loads(body)["error"], (code, body)
+    finally:
+        code, err = svc.stop()
+    assert code == 0, err
 
 
 ROOT = Path(__file__).resolve().parents[2]

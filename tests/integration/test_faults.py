@@ -5,6 +5,7 @@ Real processes and real signals: `edgeport build` runs as a user runs it, and is
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,8 @@ def test_two_concurrent_builds_on_the_same_folders(default_project, tmp_path: Pa
         assert p.returncode == 0, err[-3000:]
         assert "Traceback" not in err and "internal error" not in err
     assert sum("waiting for another edgeport build" in err for _, err in results) == 1, [e for _, e in results]
+    waited = next(err for _, err in results if "waiting for another edgeport build" in err)
+    assert re.search(r"waiting for another edgeport build \(pid \d+\)", waited), waited  # the holder, by pid
     dist = proj / "dist"
     for name in ("intel-cpu-int8", "intel-igpu-fp16"):
         assert archive_matches(dist / name), name

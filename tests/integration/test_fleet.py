@@ -87,6 +87,8 @@ def test_staged_rollout_canary_health_gate_and_fleet_rollback(fleet, bundles, tm
     # a bad bundle (its selftest fails on the device) stops at the canary; no other host is touched
     res, rows = _fleet(fleet, "rollout", str(bundles["broken"]), "--inventory", str(inv))
     assert res.returncode != 0 and "Traceback" not in res.stderr
+    error = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and "dev1: " in error[0] and "dev1: dev1:" not in error[0], error  # the host named once
     assert rows[0]["status"] == "failed" and rows[0]["step"] == "selftest", rows[0]
     assert [r["status"] for r in rows[1:]] == ["not reached"] * (N - 1)
     assert all(_current(h) == (a, "") for h in fleet["hosts"])

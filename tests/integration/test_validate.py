@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import has, needs_openvino, needs_torch, run_cli
+from tests.conftest import assert_build_and_validate_agree, has, needs_openvino, needs_torch, run_cli
 
 pytestmark = [needs_torch, needs_openvino]
 TARGETS = ["intel-cpu", "intel-igpu", "jetson-orin-nano"]
@@ -72,6 +72,14 @@ def _negate_openvino_weight(bundle: Path, index: int) -> None:
     (bundle / "model.bin").write_bytes(bytes(raw))
 
 
+def _scramble_bin(bundle: Path) -> None:
+    """The middle third of model.bin replaced by random bytes (hashes left stale)."""
+    raw = bytearray((bundle / "model.bin").read_bytes())
+    n = len(raw) // 3
+    raw[n:2 * n] = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    (bundle / "model.bin").write_bytes(bytes(raw))
+
+
 def _negate_onnx_weight(path: Path, name: str) -> None:
     import onnx
     from onnx import numpy_helper
@@ -102,9 +110,10 @@ def test_good_bundles_pass_and_junit_matches_the_table(project):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     rows = _table(res.stdout)
     bundles = sorted(p.name for p in (project / "dist").iterdir() if (p / "manifest.json").is_file())
-    # files + output + mIoU (synthetic scenes are the default model's labelled set) per bundle, and the Q/DQ
-    # lint of each TensorRT INT8 bundle
-    assert len(rows) == 3 * len(bundles) + sum(b.endswith("-int8") and b.startswith("jetson") for b in bundles)
+    # files + manifest + output + mIoU (synthetic scenes are the default model's labelled set) per bundle, and the
+    # Q/DQ lint of each TensorRT INT8 bundle
+    assert len(rows) == 4 * len(bundles) + sum(b.endswith("-int8") and b.startswith("jetson") for b in bundles)
+    assert all(r[3] == "manifest" and r[-1] == "passed" for r in rows if r[3] == "manifest")
     assert any(r[0] == "jetson-orin-nano-int8" and r[4:6] == ["qdq", "lint"] and r[-1] == "passed" for r in rows), rows
     assert {r[0] for r in rows} == set(bundles) and all(r[-1] == "passed" for r in rows)
     assert "tensorrt (emulated)" in res.stdout
@@ -125,6 +134,12 @@ def test_good_bundles_pass_and_junit_matches_the_table(project):
     assert png is not None and png.shape[0] > 100
 
 
+def test_build_and_validate_agree_on_the_embedded_segmenter(project):
+    """The default build gates on the embedded scenes' report half; validate scores the same frames there."""
+    report = assert_build_and_validate_agree(project)
+    assert report["ok"] and report["dataset"] == "synthetic://?n=32"
+
+
 def test_broken_bundles_fail_naming_backend_and_output(project, tmp_path):
     dist = project / "dist"
     broken = tmp_path / "broken"
@@ -137,6 +152,7 @@ def test_broken_bundles_fail_naming_backend_and_output(project, tmp_path):
                        lambda b: (_negate_onnx_weight(b / "model_qdq.onnx", "enc2.0.0.0.weight"), _rehash(b))),
         "tampered": ("intel-igpu-fp16", lambda b: _negate_openvino_weight(b, 4)),  # hashes left stale
         "naive-qdq": ("jetson-orin-nano-int8", lambda b: (_naive_qdq(b), _rehash(b))),
+        "garbage-bin": ("intel-igpu-fp16", _scramble_bin),  # NaN and inf outputs: failed, without numpy's warnings
     }
     for name, (src, damage) in cases.items():
         shutil.copytree(dist / src, broken / name)
@@ -167,6 +183,35 @@ def test_broken_bundles_fail_naming_backend_and_output(project, tmp_path):
     assert int(root.get("tests")) == len(rows) and int(root.get("failures")) == len(failed) == \
         sum(r[-1] == "failed" for r in rows)
     assert "error: " in res.stderr and "check(s) failed" in res.stderr
+    assert "Warning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_manifest_edited_in_both_places_is_named_and_the_reference_stays_the_builds(project, tmp_path):
+    """The mean shifted in both preprocess.mean and model.spec.mean: validate builds its PyTorch reference from the
+    build's record, not from the edited manifest, and names both fields; with the build folder gone, the golden
+    cases still show the manifest's preprocessing is not the build's."""
+    bundle = tmp_path / "edited" / "intel-cpu-int8"
+    shutil.copytree(project / "dist" / "intel-cpu-int8", bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    true_mean = m["model"]["spec"]["mean"]
+    shifted = [round(v + 0.2, 3) for v in true_mean]
+    m["preprocess"]["mean"] = m["model"]["spec"]["mean"] = shifted
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=1))
+    res = run_cli("validate", str(bundle), "--report", str(tmp_path / "r"), cwd=tmp_path)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "reference from intel-cpu-int8's build record" in res.stderr, res.stderr[-2000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("intel-cpu-int8: manifest.json was changed"))
+    assert f"manifest.model.spec.mean is {json.dumps(shifted)}, the build recorded {json.dumps(true_mean)}" in line
+    assert "manifest.preprocess.mean is" in line and "(tampered)" in line
+    report = json.loads((tmp_path / "r" / "validate.json").read_text())
+    assert abs(report["reference_metrics"]["miou"] - 89.75) < 0.05  # PyTorch with the build's mean
+    # the build folder out of reach: the golden frames and inputs are the record
+    m["provenance"]["build_dir"] = str(tmp_path / "gone")
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=1))
+    res = run_cli("validate", str(bundle), cwd=tmp_path)
+    assert res.returncode == 3, res.stdout[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("intel-cpu-int8: manifest.json was changed"))
+    assert "manifest.preprocess turns golden/frame_0.png into an input" in line, line
 
 
 def test_per_output_tolerance_from_edgeport_toml(project, tmp_path):

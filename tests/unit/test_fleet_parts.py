@@ -2,6 +2,7 @@
 command's refusals (one error line each, before anything runs)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -41,7 +42,10 @@ def test_refusals_are_one_line(tmp_path):
     inv.write_text("[jetson_orin_nano]\ncam ansible_host=10.0.0.1\n")
     bundle = tmp_path / "intel-cpu-int8"
     bundle.mkdir()
-    (bundle / "manifest.json").write_text(json.dumps({"schema": 2, "target": "intel-cpu", "precision": "int8"}))
+    (bundle / "runner.py").write_text("")
+    digest = hashlib.sha256(b"").hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps({"schema": 2, "target": "intel-cpu", "precision": "int8",
+                                                      "files": {"runner.py": digest}}))
     cases = [(["rollout", "--inventory", str(inv)], "name at least one bundle folder"),
              (["rollout", str(bundle), "--inventory", str(inv), "--batches", "0"], "--batches '0'"),
              (["rollout", str(bundle), "--inventory", str(tmp_path / "nope.ini")], "no such file"),

@@ -82,7 +82,9 @@ def _info(precision: str, drop: float) -> dict:
 
 
 def test_after_pruning_every_precision_is_held_to_max_drop_against_the_original():
-    assert verdict_of(_info("fp32", 2.0), "fp32", 1.0)["status"] == "passed"  # no pruning: FP32 is the reference
+    v = verdict_of(_info("fp32", 2.0), "fp32", 1.0)  # every precision is gated, as `edgeport validate` gates it
+    assert v["status"] == "failed" and v["reasons"][0].startswith("FP32 loses 2.00 miou points on the report half")
+    assert verdict_of(_info("fp16", 0.2), "fp16", 1.0)["status"] == "passed"
     v = verdict_of(_info("fp32", 2.0), "fp32", 1.0, gate_all=True)
     assert v["status"] == "failed" and "FP32 after pruning loses 2.00" in v["reasons"][0]
     assert "against the original model" in v["reasons"][0]

@@ -234,18 +234,17 @@ class Detection(Task):
     def synthetic(self, source: str, spec: InputSpec, limit: int) -> LabelledSet:
         """Road scenes with pedestrians and signs and the box of every visible car, pedestrian and sign
         (edgeport.zoo.scene.render_scene_boxes), at twice the model's size by default."""
-        from urllib.parse import parse_qsl, urlparse
-
+        from edgeport.calibration import synthetic_params
         from edgeport.evaluate import LabelledSet, pre, spec_key
         from edgeport.zoo.scene import DET_CLASSES, render_scene_boxes
 
         if spec.labels and list(spec.labels) != list(DET_CLASSES):
             raise CalibrationError(f"synthetic:// boxes are {', '.join(DET_CLASSES)}; this model detects "
                                    f"{', '.join(spec.labels)}: pass --val-images with --val-labels")
-        q = dict(parse_qsl(urlparse(source).query))
-        n, seed = min(int(q.get("n", 64)), limit), int(q.get("seed", 2_000_000))
+        q = synthetic_params(source)  # objects=1 is what it renders anyway
+        n, seed = min(q.get("n", 64), limit), q.get("seed", 2_000_000)
         ih, iw = input_hw(spec.to_dict())
-        h, w = int(q.get("height", 2 * ih)), int(q.get("width", 2 * iw))
+        h, w = q.get("height", 2 * ih), q.get("width", 2 * iw)
         inputs, targets, geoms, frames = [], [], [], []
         for i in progress(range(n), "rendering validation scenes"):
             frame, _, boxes, classes = render_scene_boxes(seed + i, h, w)

@@ -12,7 +12,6 @@ import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlparse
 
 import numpy as np
 
@@ -76,12 +75,13 @@ class Segmentation(Task):
                            h.hexdigest(), spec.ignore_index, skipped, frames)
 
     def synthetic(self, source: str, spec: InputSpec, limit: int) -> LabelledSet:
+        from edgeport.calibration import synthetic_params
         from edgeport.evaluate import LabelledSet, pre, spec_key
         from edgeport.zoo.scene import render_scene
 
-        q = dict(parse_qsl(urlparse(source).query))
-        n, seed = min(int(q.get("n", 64)), limit), int(q.get("seed", 2_000_000))
-        h, w = int(q.get("height", 2 * spec.hw[0])), int(q.get("width", 2 * spec.hw[1]))
+        q = synthetic_params(source, ("n", "seed", "width", "height"))
+        n, seed = min(q.get("n", 64), limit), q.get("seed", 2_000_000)
+        h, w = q.get("height", 2 * spec.hw[0]), q.get("width", 2 * spec.hw[1])
         inputs, targets, geoms, frames = [], [], [], []
         for i in progress(range(n), "rendering validation scenes"):
             frame, label = render_scene(seed + i, h, w)
