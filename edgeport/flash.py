@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -531,12 +532,24 @@ def install_service(ssh: SSH, manifest: dict[str, Any], model_dir: str, opts: Fl
     where = json.dumps({"serve": opts.serve} if opts.serve else {}).encode()
     ssh.run(f"cat > {_q(model_dir)}/{SERVICE_JSON}.tmp && mv -f {_q(model_dir)}/{SERVICE_JSON}.tmp "
             f"{_q(model_dir)}/{SERVICE_JSON}", stdin=where, step="service")
+    from edgeport.runner.serve import is_loopback, parse_bind
+
+    token_note = ""
+    if opts.serve and not is_loopback(parse_bind(opts.serve)[0]):
+        # Beyond loopback the runner serves only with a token: keep the team's, else make one (readable by the
+        # device user alone); devices status reads it from there.
+        env = f"{_q(model_dir)}/{SERVICE_ENV}"
+        token = f"EDGEPORT_TOKEN={secrets.token_urlsafe(24)}\n".encode()
+        made = ssh.run(f"grep -q '^EDGEPORT_TOKEN=' {env} 2>/dev/null && echo kept || "
+                       f"(umask 077 && cat >> {env} && echo made)", stdin=token, step="service").stdout.decode().strip()
+        token_note = (f"; its token is in {model_dir}/{SERVICE_ENV} on the device"
+                      + (" (made now)" if made == "made" else ""))
     sc = "systemctl --user" if user_unit else "systemctl"
     on = ssh.run(f"command -v systemctl >/dev/null && [ -d /run/systemd/system ] && {sc} daemon-reload && "
                  f"{sc} enable {name} && {sc} restart {name}", check=False, step="service")
     if on.returncode == 0:
-        return f"{name} enabled and started"
-    return f"{name} written to {unit_dir}; systemd is not running there, so it was not started"
+        return f"{name} enabled and started{token_note}"
+    return f"{name} written to {unit_dir}; systemd is not running there, so it was not started{token_note}"
 
 
 def _restart_service(ssh: SSH, manifest: dict[str, Any]) -> None:

@@ -309,3 +309,15 @@ def test_flash_service_serve_runs_and_devices_status_reads_its_health(sshd, bund
                      "--known-hosts", str(sshd["known_hosts"]), "--root", str(root), "--python", str(openvino_venv),
                      "--json")
     assert json.loads(status.stdout)[0]["health"].startswith(f"not answering on 127.0.0.1:{port}")
+    # beyond loopback the runner serves only with a token: flash keeps the team's, or makes one only they can read
+    res = _flash(sshd, root, str(bundles["a"]), "--service", "--serve", f"0.0.0.0:{port}", "--source",
+                 "synthetic://", "--unit-dir", str(units), python=openvino_venv)
+    assert res.returncode == 0 and "its token is in" in res.stdout and "(made now)" not in res.stdout, res.stdout
+    assert (root / "roadseg" / "service.env").read_text() == "EDGEPORT_TOKEN=fleet-secret\n"
+    (root / "roadseg" / "service.env").unlink()
+    res = _flash(sshd, root, str(bundles["a"]), "--service", "--serve", f"0.0.0.0:{port}", "--source",
+                 "synthetic://", "--unit-dir", str(units), python=openvino_venv)
+    assert res.returncode == 0 and "(made now)" in res.stdout, res.stdout + res.stderr
+    made = root / "roadseg" / "service.env"
+    assert made.read_text().startswith("EDGEPORT_TOKEN=") and len(made.read_text().strip()) > 30
+    assert made.stat().st_mode & 0o077 == 0
