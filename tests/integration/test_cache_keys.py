@@ -133,6 +133,9 @@ def test_a_stage_reruns_exactly_when_an_input_changes(built: Path, tmp_path: Pat
     assert (after != keys) == rewritten, (keys, after)
     if not rewritten:
         assert "nothing changed" in res.stdout, res.stdout[-1500:]
+    if "--name" in flags:  # it was dropped on a used build folder: the manifest kept the factory's name
+        names = {json.loads(m.read_text())["model"]["name"] for m in (p / "dist").glob("*/manifest.json")}
+        assert names == {"mynet"}, names
 
 
 def test_fewer_samples_than_the_last_build_compare_with_their_own_outputs(built: Path, tmp_path: Path) -> None:
