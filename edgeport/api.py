@@ -1,150 +1,59 @@
 """The Python API: every CLI command is one of these functions, with the same parameters."""
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
-from edgeport.config import ProjectConfig, load_config, make_spec, parse_shape, read_labels
+from edgeport import options
 from edgeport.errors import ConfigError
 from edgeport.tables import points
-from edgeport.zoo import embedded_calibration, embedded_name, embedded_spec
+from edgeport.zoo import embedded_calibration, embedded_name
 
 
-def _configure(config: str | None, model: str | None, weights: str | None, input: str | None,
-               task: str | None, class_names: str | None, calib: str | None, prune: float | str | None,
-               finetune: str | None, opset: int | None, dynamic_batch: bool | None, out: str | None,
-               build_dir: str | None, resize: str | None, mean: list[float] | None, std: list[float] | None,
-               color: str | None, name: str | None, cfg: ProjectConfig | None = None,
-               recover_steps: int | None = None) -> ProjectConfig:
-    """edgeport.toml (or ``cfg``) with flag overrides applied (flags win)."""
-    cfg = cfg or load_config(Path(config) if config else None)
-    if model and model != cfg.model.source:
-        cfg.model = dataclasses.replace(cfg.model, source=model, weights=None, name=None)
-        if cfg.input == ProjectConfig().input:  # the default model's spec does not carry over
-            embedded = embedded_name(model)
-            cfg.input = embedded_spec(embedded) if embedded else make_spec({"name": "input"})
-    if weights is not None:
-        cfg.model.weights = _here(weights)
-    if name is not None:
-        cfg.model.name = name
-    overrides: dict[str, Any] = {}
-    if input:
-        overrides["shape"] = parse_shape(input)
-    for key, value in (("task", task), ("resize", resize), ("color", color), ("mean", mean), ("std", std)):
-        if value is not None:
-            overrides[key] = value
-    if class_names:
-        overrides["labels"] = read_labels(Path(class_names))
-    embedded = embedded_name(cfg.model.source)
-    if task and embedded and task != embedded_spec(embedded).task:
-        raise ConfigError(f"--task {task}: {cfg.model.source} is a {embedded_spec(embedded).task} model, trained so; "
-                          "drop --task (an embedded model brings its own task)")
-    if overrides:
-        cfg.input = make_spec(overrides, base=cfg.input, where="flags")
-    if calib is not None:
-        cfg.calibration.source = calib if "://" in calib else _here(calib)
-    if prune is not None:
-        cfg.optimize.prune = prune
-        cfg.optimize.validate("--prune")
-    if finetune is not None:
-        cfg.optimize.finetune = finetune
-    if recover_steps is not None:
-        cfg.optimize.recover_steps = recover_steps
-        cfg.optimize.validate("--recover-steps")
-    if opset is not None:
-        cfg.export.opset = opset
-    if dynamic_batch is not None:
-        cfg.export.dynamic_batch = dynamic_batch
-    if out is not None:
-        cfg.build.out = _here(out)
-    if build_dir is not None:
-        cfg.build.build_dir = _here(build_dir)
-    return cfg
-
-
-def _here(path: str) -> str:
-    """A path given as a flag is relative to the current folder (a config file's paths to its own folder)."""
-    return str(Path(path).expanduser().absolute())
-
-
-def _configure_quant(cfg: ProjectConfig, int8_preset: str | None, int8_subset: int | None,
-                     int8_ignore: list[str] | None, accuracy_control: bool | None, max_drop: float | None,
-                     calib_method: str | None, val_images: str | None, val_labels: str | None) -> None:
-    """Apply the INT8 and validation flags to ``cfg`` (flags win over edgeport.toml)."""
-    q = cfg.quantize
-    if int8_preset is not None:
-        q.preset = int8_preset
-    if int8_subset is not None:
-        q.subset_size = int8_subset
-    if int8_ignore:
-        q.ignored_patterns = [*q.ignored_patterns, *int8_ignore]
-    if accuracy_control is not None:
-        q.accuracy_control = accuracy_control
-    if max_drop is not None:
-        q.max_drop = max_drop
-    if calib_method is not None:
-        q.method = calib_method
-    q.validate("flags")
-    if val_images is not None:
-        cfg.validation.images = val_images if "://" in val_images else _here(val_images)
-    if val_labels is not None:
-        cfg.validation.labels = _here(val_labels)
-
-
-def build(model: str | None = None, *, weights: str | None = None, input: str | None = None,
-          task: str | None = None, class_names: str | None = None, calib: str | None = None,
-          target: list[str] | None = None, precision: str | None = None, prune: float | str | None = None,
-          finetune: str | None = None, opset: int | None = None, dynamic_batch: bool | None = None,
-          out: str | None = None, build_dir: str | None = None, config: str | None = None,
-          resize: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-          color: str | None = None, name: str | None = None, int8_preset: str | None = None,
-          int8_subset: int | None = None, int8_ignore: list[str] | None = None,
-          accuracy_control: bool | None = None, max_drop: float | None = None, calib_method: str | None = None,
-          val_images: str | None = None, val_labels: str | None = None, recover_steps: int | None = None) -> Any:
+def build(model: str | None = None, **settings: Any) -> Any:
     """Build bundles for targets (all installed ones when none is given); returns a BuildReport.
 
-    With labelled validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric
-    (mIoU or top-1) is measured beside the reference's, and INT8 uses accuracy control. A setting
-    that cannot take effect for the selected targets is a ConfigError.
+    The keywords are the options of `edgeport build`, by the flags' names (``int8_ignore=[...]`` is
+    ``--int8-ignore``; edgeport.options declares them all, ``inspect.signature(build)`` lists them). With labelled
+    validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric (mIoU or top-1) is measured
+    beside the reference's, and INT8 uses accuracy control. A setting that cannot take effect for the selected
+    targets is a ConfigError.
     Example: build("torchvision:resnet18", input="1x3x224x224", task="classification",
     calib="images/", target=["intel-cpu:int8"])
     """
-    from edgeport.pipeline import run_build
+    from edgeport.build.run import run_build
 
-    given = {k: v for k, v in locals().items() if v is not None and k != "run_build"}
-    cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
-                     out, build_dir, resize, mean, std, color, name, recover_steps=recover_steps)
-    _configure_quant(cfg, int8_preset, int8_subset, int8_ignore, accuracy_control, max_drop, calib_method,
-                     val_images, val_labels)
-    return run_build(cfg, list(target or cfg.build.targets), precision or cfg.build.precision, given)
+    given = options.given(options.BUILD, {"model": model, **settings})
+    cfg = options.configure(options.BUILD, given)
+    return run_build(cfg, list(cfg.build.target), cfg.build.precision, given)
 
 
-def export(model: str | None = None, *, weights: str | None = None, input: str | None = None,
-           task: str | None = None, class_names: str | None = None, calib: str | None = None,
-           target: list[str] | None = None, prune: float | str | None = None, finetune: str | None = None,
-           opset: int | None = None, dynamic_batch: bool | None = None, out: str | None = None,
-           build_dir: str | None = None, config: str | None = None, resize: str | None = None,
-           mean: list[float] | None = None, std: list[float] | None = None, color: str | None = None,
-           name: str | None = None, recover_steps: int | None = None) -> dict[str, Any]:
+build.__signature__ = options.signature(  # type: ignore[attr-defined]
+    options.BUILD, [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)], [])
+
+
+def export(model: str | None = None, *, target: list[str] | None = None, out: str | None = None,
+           **settings: Any) -> dict[str, Any]:
     """Export the model to a checked, simplified ONNX (parity-tested against PyTorch).
 
-    The opset is the strictest ceiling of ``target`` (17 when none is given).
+    The opset is the strictest ceiling of ``target`` (17 when none is given); the other keywords are the options
+    of `edgeport export` (edgeport.options).
     Example: export("torchvision:resnet18?num_classes=10", input="1x3x224x224", out="resnet18.onnx")
     """
     import shutil
 
+    from edgeport.build.calibrate import calibration_stage
+    from edgeport.build.export import GOLDEN_CASES, export_stage
     from edgeport.cache import TMP_PREFIX, folder_lock, sweep_stale, writable_folder
     from edgeport.calibration import SYNTHETIC
     from edgeport.calibration import check_source as check_calibration
     from edgeport.export import choose_opset
     from edgeport.model import check_source
-    from edgeport.pipeline import GOLDEN_CASES, _calibration_stage, _export_stage
     from edgeport.target import get_target
 
-    cfg = _configure(config, model, weights, input, task, class_names, calib, prune, finetune, opset, dynamic_batch,
-                     None, build_dir, resize, mean, std, color, name, recover_steps=recover_steps)
+    cfg = options.configure(options.EXPORT, {"model": model, **settings})
     if cfg.optimize.prune == "auto":
         raise ConfigError("--prune auto chooses a ratio by its accuracy on validation data, which export does not "
                           "read: give a ratio (--prune 0.3), or use edgeport build")
@@ -154,18 +63,18 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
         raise ConfigError(f"--out {out}: an ONNX file name must end in .onnx")
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder; give an ONNX file name")
-    check_source(cfg.model.source, cfg.model.weights, cfg.root)
-    source = cfg.calibration.source
+    check_source(cfg.model.model, cfg.model.weights, cfg.root)
+    source = cfg.calibration.calib
     if source is None:
-        embedded = embedded_name(cfg.model.source)
+        embedded = embedded_name(cfg.model.model)
         source = embedded_calibration(embedded) if embedded else \
             f"{SYNTHETIC}?n={max(cfg.export.parity_samples, GOLDEN_CASES)}"
     check_calibration(source, cfg.root)
     build_path = writable_folder(cfg.resolve(cfg.build.build_dir), "--build-dir")
     with folder_lock(build_path):
         sweep_stale(build_path)
-        samples, _ = _calibration_stage(cfg, source, cfg.input, build_path, 1)
-        stage, info, cached = _export_stage(cfg, cfg.input, samples, chosen, build_path)
+        samples, _ = calibration_stage(cfg, source, cfg.input, build_path, 1)
+        stage, info, cached = export_stage(cfg, cfg.input, samples, chosen, build_path)
     dest = Path(out) if out else Path(f"{info['model']}.onnx")
     if dest.is_dir():  # the default name, known only now (a given --out was checked above)
         raise ConfigError(f"{dest} is a folder; give --out an ONNX file name")
@@ -179,33 +88,45 @@ def export(model: str | None = None, *, weights: str | None = None, input: str |
     return {"onnx": str(dest), "opset": chosen, "parity": info["parity"], "cached": cached}
 
 
-def validate(paths: list[str] | None = None, *, config: str | None = None, model: str | None = None,
-             weights: str | None = None, input: str | None = None, task: str | None = None,
-             class_names: str | None = None, resize: str | None = None, mean: list[float] | None = None,
-             std: list[float] | None = None, color: str | None = None, name: str | None = None,
-             build_dir: str | None = None, val_images: str | None = None, val_labels: str | None = None,
-             max_images: int | None = None, max_drop: float | None = None, localize: bool = False,
-             bench: bool = False, bench_iters: int = 200) -> Any:
+export.__signature__ = options.signature(  # type: ignore[attr-defined]
+    options.EXPORT, [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)],
+    [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("target", "out")])
+# validate's data options go to the gate itself (a dataset of the command line, or the bundles' recorded max_drop),
+# not into the reference's configuration
+_GATE_OPTIONS = ("val_images", "val_labels", "max_images", "max_drop")
+
+
+def validate(paths: list[str] | None = None, *, localize: bool = False, bench: bool = False, bench_iters: int = 200,
+             **settings: Any) -> Any:
     """Validate bundles (default: the project's dist folder) against the PyTorch model; a ValidateReport.
 
     Each bundle runs on its golden frames and, when given, on ``val_images`` (+ ``val_labels`` label
     maps for mIoU, or class sub-folders for top-1), preprocessed with its own manifest. The reference is
-    the project's (``config``, ./edgeport.toml, or the flags); with none of them, the model source,
-    weights (sha256-checked), seed and preprocessing the bundles' manifests record.
+    the project's (``config``, ./edgeport.toml, or the model options); with none of them, what the bundles' builds
+    recorded (edgeport.record): model source, weights (sha256-checked), seed and preprocessing.
     Example: validate(["dist"], val_images="camvid/val", val_labels="camvid/valannot", bench=True)
     """
     from edgeport.config import CONFIG_NAME
     from edgeport.flagcheck import check_val_labels
     from edgeport.validate import config_from_manifests, run_validate
 
-    check_val_labels(val_labels, val_images)
+    given = options.given(options.VALIDATE, settings)
+    gate = {k: given.pop(k, None) for k in _GATE_OPTIONS}
+    check_val_labels(gate["val_labels"], gate["val_images"])
     base = None
-    if config is None and model is None and not (Path.cwd() / CONFIG_NAME).is_file():
-        base = config_from_manifests(list(paths or []), build_dir)
-    cfg = _configure(config, model, weights, input, task, class_names, None, None, None, None, None, None,
-                     build_dir, resize, mean, std, color, name, cfg=base)
-    return run_validate(cfg, list(paths or []), images=val_images, labels=val_labels, max_images=max_images,
-                        max_drop=max_drop, localize=localize, bench=bench, bench_iters=bench_iters)
+    if "config" not in given and "model" not in given and not (Path.cwd() / CONFIG_NAME).is_file():
+        base = config_from_manifests(list(paths or []), given.get("build_dir"))
+    cfg = options.configure(options.VALIDATE, given, cfg=base)
+    return run_validate(cfg, list(paths or []), images=gate["val_images"], labels=gate["val_labels"],
+                        max_images=gate["max_images"], max_drop=gate["max_drop"], localize=localize, bench=bench,
+                        bench_iters=bench_iters)
+
+
+validate.__signature__ = options.signature(  # type: ignore[attr-defined]
+    options.VALIDATE, [inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)],
+    [inspect.Parameter("localize", inspect.Parameter.KEYWORD_ONLY, default=False),
+     inspect.Parameter("bench", inspect.Parameter.KEYWORD_ONLY, default=False),
+     inspect.Parameter("bench_iters", inspect.Parameter.KEYWORD_ONLY, default=200)])
 
 
 def targets() -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ RUNNER_PARTS = [
     _PKG / "runner" / "engine.py",
     _PKG / "runner" / "selftest.py",
     _PKG / "runner" / "outputs.py",
+    _PKG / "runner" / "http.py",
     _PKG / "runner" / "serve.py",
     _PKG / "runner" / "loop.py",
     _PKG / "runner" / "bench.py",

@@ -13,7 +13,7 @@ import numpy as np
 from edgeport.tasks import metric_keys, metric_label
 
 if TYPE_CHECKING:
-    from edgeport.validate import ValidateReport
+    from edgeport.validate_report import ValidateReport
 
 _COLORS = {"validated": (80, 160, 60), "failed": (60, 60, 200), "built": (150, 150, 150),
            "reference": (160, 110, 40)}  # BGR

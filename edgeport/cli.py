@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edgeport import __version__
+from edgeport import __version__, options
 from edgeport.errors import EdgeportError
-from edgeport.tasks import NAMES as TASK_NAMES
+from edgeport.flags import positive as _positive
 
 EXAMPLES = {
     "build": "examples:\n  edgeport build\n  edgeport build --model torchvision:resnet18 --input 1x3x224x224 "
@@ -51,59 +51,6 @@ EXAMPLES = {
 }
 
 
-def _model_flags(p: argparse.ArgumentParser, validate: bool = False) -> None:
-    title = "the reference model (default: --config, ./edgeport.toml, else what the bundles' manifests record)" \
-        if validate else "model and input"
-    g = p.add_argument_group(title)
-    g.add_argument("--model", help="edgeport:roadseg (default) | torchvision:NAME[?k=v] | file.py:factory | "
-                                   "package.module:factory | model.pt | model.pt2")
-    g.add_argument("--weights", help="state_dict or training checkpoint to load")
-    g.add_argument("--name", help="model name used in bundles")
-    g.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224")
-    g.add_argument("--task", choices=TASK_NAMES)
-    g.add_argument("--class-names", metavar="FILE", help="class names, one per line (as many as the model has "
-                                                         "classes)")
-    g.add_argument("--resize", choices=["stretch", "letterbox", "shorter-crop"])
-    g.add_argument("--color", choices=["RGB", "BGR"], help="channel order the model was trained on")
-    g.add_argument("--mean", type=float, nargs=3)
-    g.add_argument("--std", type=float, nargs=3)
-    g.add_argument("--config", help="project config (default: ./edgeport.toml if present)")
-    g.add_argument("--build-dir", help="cache folder (default: build)")
-    if validate:
-        return
-    g.add_argument("--calib", help="calibration/sample images: folder, video, .npy or synthetic://")
-    g = p.add_argument_group("optimise and export")
-    g.add_argument("--prune", type=_ratio_or_auto, metavar="RATIO|auto", help="structured channel pruning ratio, "
-                   "e.g. 0.3, held to the original model; auto: the largest of [optimize] prune_grid (0.3, 0.5, 0.7) "
-                   "within max_drop after recovery")
-    g.add_argument("--recover-steps", type=int, metavar="N", help="after --prune, distil the pruned model from the "
-                   "original for N steps on the calibration images, no labels (default 1500; 0: none)")
-    g.add_argument("--finetune", metavar="MODULE:FUNCTION", help="called as fn(model, spec) after pruning, instead "
-                   "of the distillation")
-    g.add_argument("--opset", type=_positive, help="ONNX opset (default: the strictest target's ceiling)")
-    g.add_argument("--dynamic-batch", action="store_true", default=None, help="dynamic batch dimension")
-
-
-def _ratio_or_auto(text: str) -> float | str:
-    """--prune's value: a number, or auto."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a ratio (e.g. 0.3) nor auto") from None
-
-
-def _val_flags(g: argparse._ArgumentGroup, build: bool) -> None:
-    what = "each artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses accuracy control" if build \
-        else "default: [validation] of the config, synthetic scenes for the default model"
-    g.add_argument("--val-images", metavar="DIR", help=f"validation images (or synthetic://): {what}")
-    g.add_argument("--val-labels", metavar="DIR", help="segmentation label maps matched to --val-images by file "
-                                                       "stem (classification: one sub-folder per class instead)")
-    g.add_argument("--max-drop", type=float, help="largest task-metric drop from PyTorch in points (default "
-                                                  "[quantize] max_drop, 1.0)")
-
-
 def _host_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices and SSH")
     g.add_argument("--host", action="append", metavar="USER@ADDR[:PORT]", help="a device; repeatable (in parallel)")
@@ -117,17 +64,6 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
                                                                       "this fingerprint")
     g.add_argument("--jobs", type=_positive, default=8, help="hosts handled at once (default 8)")
     g.add_argument("--json", action="store_true", help="results as JSON")
-
-
-def _positive(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,42 +99,20 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     b = cmd("build", "build, validate and bundle the model for device targets")
-    _model_flags(b)
-    b.add_argument("--target", action="append", help="target profile, repeatable; NAME or NAME:PRECISION "
-                                                     "(default: every target whose backend is installed)")
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8", "dynamic-range"],
-                   help="for the targets named without one (with no --target: the installed targets that "
-                        "support it)")
-    b.add_argument("--out", help="bundle folder (default: dist; bundles that fail their gates go to dist/failed)")
-    b.add_argument("--report", metavar="DIR", help="also write report.json, report.junit.xml and report.md "
-                                                   "(a CI job summary) here")
-    b.add_argument("--json", action="store_true", help="the build report as JSON on stdout (progress on stderr)")
-    q = b.add_argument_group("INT8 and validation")
-    _val_flags(q, build=True)
-    q.add_argument("--accuracy-control", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the most harmful layers in float until the INT8 drop is within --max-drop "
-                        "(OpenVINO; default: on when --val-images has labels)")
-    q.add_argument("--int8-preset", choices=["mixed", "performance"],
-                   help="NNCF preset (OpenVINO): performance (default, symmetric) or mixed (asymmetric activations)")
-    q.add_argument("--int8-subset", type=_positive, metavar="N", help="calibration images used (default 300)")
-    q.add_argument("--int8-ignore", action="append", metavar="REGEX",
-                   help="keep layers whose name matches in float (OpenVINO, TensorRT, TFLite convolutions); "
-                        "repeatable")
-    q.add_argument("--calib-method", choices=["max", "percentile", "entropy", "mse"],
-                   help="activation-range method for TensorRT and TFLite INT8 (default percentile; max: TFLite's "
-                        "own min/max; mse: least squared error)")
+    groups = options.add_flags(b, options.BUILD)
+    out = groups[options.OUTPUT_GROUP]
+    out.add_argument("--report", metavar="DIR", help="also write report.json, report.junit.xml and report.md "
+                                                     "(a CI job summary) here")
+    out.add_argument("--json", action="store_true", help="the build report as JSON on stdout (progress on stderr)")
     e = cmd("export", "export the model to ONNX (simplified, checked, parity-tested)")
-    _model_flags(e)
+    options.add_flags(e, options.EXPORT)
     e.add_argument("--target", action="append", help="choose the opset from these targets' ceilings")
     e.add_argument("--out", help="ONNX file to write (default: <model>.onnx)")
     v = cmd("validate", "check every bundle against the PyTorch model: golden frames and a dataset, per output "
                         "and task metric; exit 0 only when all pass")
     v.add_argument("paths", nargs="*", metavar="PATH", help="bundle folders or dist folders (default: the "
                                                           "project's dist)")
-    _model_flags(v, validate=True)
-    g = v.add_argument_group("data and checks")
-    _val_flags(g, build=False)
-    g.add_argument("--max-images", type=_positive, metavar="N", help="at most N dataset images (default 500)")
+    g = options.add_flags(v, options.VALIDATE)[options.DATA_GROUP]
     g.add_argument("--localize", action="store_true", help="for a failing bundle, name the first layer whose "
                                                            "output diverges (OpenVINO, TensorRT)")
     g.add_argument("--bench", action="store_true", help="also time each runtime here: size, metric, latency "
@@ -256,23 +170,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_MODEL_KEYS = ("model", "weights", "name", "input", "task", "class_names", "resize", "color", "mean", "std",
-               "config", "build_dir")
-_BUILD_KEYS = (*_MODEL_KEYS, "calib", "prune", "recover_steps", "finetune", "opset", "dynamic_batch", "out", "target")
-_QUANT_KEYS = ("int8_preset", "int8_subset", "int8_ignore", "accuracy_control", "max_drop", "calib_method",
-               "val_images", "val_labels")
+def _declared(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The declared options of ``command`` as the command line gave them (edgeport.options)."""
+    return {o.name: getattr(args, o.name) for o in options.options(command)}
 
 
 def _run(args: argparse.Namespace) -> int:
     from edgeport import api
 
     if args.command == "build":
-        from edgeport.pipeline import parity_table, raise_on_failure, stage_table, summary_line
+        from edgeport.build.report import parity_table, raise_on_failure, stage_table, summary_line
 
-        kw = {k: getattr(args, k) for k in _BUILD_KEYS + _QUANT_KEYS}
-        report = api.build(precision=args.precision, **kw)
+        report = api.build(**_declared(args, options.BUILD))
         if args.json:
-            from edgeport.report import to_json
+            from edgeport.build.report import to_json
 
             print(api.to_json(to_json(report)))
         else:
@@ -280,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
             print()
             print(stage_table(report))
         if args.report:
-            from edgeport.report import write_reports
+            from edgeport.build.report import write_reports
 
             for path in write_reports(report, Path(args.report)):
                 print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
@@ -288,10 +199,10 @@ def _run(args: argparse.Namespace) -> int:
         raise_on_failure(report)
         return 0
     if args.command == "validate":
-        from edgeport import validate as gate
+        from edgeport import validate_report as gate
 
-        keys = (*_MODEL_KEYS, "val_images", "val_labels", "max_images", "max_drop", "localize", "bench")
-        report = api.validate(args.paths, **{k: getattr(args, k) for k in keys})
+        report = api.validate(args.paths, localize=args.localize, bench=args.bench,
+                              **_declared(args, options.VALIDATE))
         print(api.to_json(gate.to_json(report)) if args.json else gate.text(report))
         if args.report:
             for path in gate.write_reports(report, Path(args.report)):
@@ -303,8 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "fleet":
         return _fleet(args)
     if args.command == "export":
-        kw = {k: getattr(args, k) for k in _BUILD_KEYS}
-        res = api.export(**kw)
+        res = api.export(target=args.target, out=args.out, **_declared(args, options.EXPORT))
         p = next(iter(res["parity"].values()))
         print(f"wrote {res['onnx']} (opset {res['opset']}; vs PyTorch max error {p['max_abs']:.2e} = "
               f"{p['max_rel']:.1e} of range, cosine {p['cosine']:.7f}){' [cached]' if res['cached'] else ''}")
@@ -364,7 +274,7 @@ def _serve_option(args: argparse.Namespace) -> str | None:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from edgeport import fleet
+    from edgeport.deploy import fleet
     from edgeport.errors import ConfigError, DeviceError
     from edgeport.tables import text_table
 
@@ -420,13 +330,14 @@ def _unprefixed(host: str, message: str) -> str:
 
 
 def _flash(args: argparse.Namespace) -> int:
-    from edgeport import flash as fl
+    from edgeport.deploy import flash as fl
+    from edgeport.deploy import hosts as hs
     from edgeport.errors import DeviceError
     from edgeport.tables import text_table
 
-    hosts = fl.parse_hosts(args.host, args.inventory, args.port, args.identity, args.python)
+    hosts = hs.parse_hosts(args.host, args.inventory, args.port, args.identity, args.python)
     flashing = args.command == "flash"
-    opts = fl.FlashOptions(root=args.root, accept_fingerprint=args.accept_fingerprint,
+    opts = hs.FlashOptions(root=args.root, accept_fingerprint=args.accept_fingerprint,
                            interactive=sys.stdin.isatty() and args.accept_fingerprint is None, jobs=args.jobs,
                            install=flashing and args.install, service=flashing and args.service,
                            source=args.source if flashing else None, unit_dir=args.unit_dir if flashing else None,
@@ -447,7 +358,13 @@ def _flash(args: argparse.Namespace) -> int:
         if bad:
             raise DeviceError(f"{len(bad)} host(s) could not be read: {bad[0]['error']}")
         return 0
-    results = fl.flash(Path(args.bundle), hosts, opts)
+    if len(hosts) > 1:  # one engine for many hosts: Ansible's (edgeport.deploy.fleet)
+        from edgeport.deploy.fleet import flash_many
+
+        bundle = Path(args.bundle)
+        results = flash_many(bundle, fl.check_shippable(bundle, opts.force, opts.rollback), hosts, opts)
+    else:
+        results = fl.flash(Path(args.bundle), hosts, opts)
     if args.json:
         from edgeport.api import to_json
 

@@ -1,8 +1,9 @@
 """Typed project configuration: edgeport.toml, overridden by CLI flags.
 
-Unknown keys and bad values are ConfigErrors naming the key, the file and a close match.
+Unknown keys and bad values are ConfigErrors naming the key, the file and a close match. A key with a flag has
+the flag's name (``--int8-ignore`` is ``[quantize] int8_ignore``); earlier names are still read (edgeport.options).
 
-    [model]        source, weights, name, seed
+    [model]        model, weights, name, seed
     [input]        name, shape, dtype, layout
     [preprocess]   resize, interpolation, pad_value, resize_size, color, scale, mean, std
     [task]         type, labels, labels_file, palette, ignore_index
@@ -10,12 +11,12 @@ Unknown keys and bad values are ConfigErrors naming the key, the file and a clos
                    recover_steps, recover_seconds, recover_images, recover_batch, recover_lr, recover_seed,
                    recover_supervised, recover_labelled, recover_labels
     [export]       opset, dynamic_batch, simplify, tolerance, parity_samples
-    [calibration]  source, max_images
-    [quantize]     preset, subset_size, fast_bias_correction, ignored_names, ignored_patterns,
-                   ignored_types, accuracy_control, max_drop, method
-    [validation]   images, labels, max_images, split, tolerance.<output>[@<precision>] (max_abs, max_rel,
+    [calibration]  calib, max_images
+    [quantize]     int8_preset, int8_subset, fast_bias_correction, int8_ignore_names, int8_ignore,
+                   int8_ignore_types, accuracy_control, max_drop, calib_method
+    [validation]   val_images, val_labels, max_images, split, tolerance.<output>[@<precision>] (max_abs, max_rel,
                    min_cosine, min_sqnr_db, min_agreement)
-    [build]        targets, precision, out, build_dir
+    [build]        target, precision, out, build_dir
 """
 from __future__ import annotations
 
@@ -31,7 +32,22 @@ from typing import Any
 import tomllib
 
 from edgeport.errors import ConfigError, close_match
+from edgeport.flags import (
+    ALL,
+    BUILD,
+    EXPORT,
+    INT8_GROUP,
+    MODEL_GROUP,
+    OPTIMISE_GROUP,
+    OUTPUT_GROUP,
+    VALIDATE,
+    Flag,
+    opt,
+    positive,
+    ratio_or_auto,
+)
 from edgeport.preprocess import InputSpec, default_spec
+from edgeport.target import PRECISIONS
 from edgeport.tasks import all_option_keys
 from edgeport.zoo import embedded_name, embedded_spec
 
@@ -43,9 +59,11 @@ DEFAULT_MODEL = "edgeport:roadseg"
 class ModelConfig:
     """Where the model comes from (see edgeport.model.load_model for the forms)."""
 
-    source: str = DEFAULT_MODEL
-    weights: str | None = None
-    name: str | None = None
+    model: str = opt(DEFAULT_MODEL, flag=Flag(
+        "edgeport:roadseg (default) | torchvision:NAME[?k=v] | file.py:factory | package.module:factory | model.pt | "
+        "model.pt2", MODEL_GROUP, ALL, aliases=("source",)))
+    weights: str | None = opt(None, flag=Flag("state_dict or training checkpoint to load", MODEL_GROUP, ALL, path=True))
+    name: str | None = opt(None, flag=Flag("model name used in bundles", MODEL_GROUP, ALL))
     seed: int = 0  # torch.manual_seed while the model is built: random-init weights are the same everywhere
 
 
@@ -54,13 +72,20 @@ class OptimizeConfig:
     """Graph-level optimisation before export."""
 
     fold_bn: bool = True
-    prune: float | str = 0.0  # a ratio, or "auto": the largest of prune_grid within max_drop (edgeport.prune_auto)
+    # a ratio, or "auto": the largest of prune_grid within max_drop (edgeport.build.prune_auto)
+    prune: float | str = opt(0.0, flag=Flag(
+        "structured channel pruning ratio, e.g. 0.3, held to the original model; auto: the largest of [optimize] "
+        "prune_grid (0.3, 0.5, 0.7) within max_drop after recovery", OPTIMISE_GROUP, (BUILD, EXPORT),
+        type=ratio_or_auto, metavar="RATIO|auto"))
     prune_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     prune_ignore: list[str] = field(default_factory=list)  # regular expressions of layer names kept whole
     prune_type_ratios: dict[str, float] = field(default_factory=dict)  # e.g. {Linear = 0.1}: a ratio per layer type
-    finetune: str | None = None
+    finetune: str | None = opt(None, flag=Flag("called as fn(model, spec) after pruning, instead of the distillation",
+                                                OPTIMISE_GROUP, (BUILD, EXPORT), metavar="MODULE:FUNCTION"))
     # Recovery after pruning (edgeport.recover): distillation from the original, on by default when pruning.
-    recover_steps: int = 1500  # 0: no recovery
+    recover_steps: int = opt(1500, flag=Flag(
+        "after --prune, distil the pruned model from the original for N steps on the calibration images, no labels "
+        "(default 1500; 0: none)", OPTIMISE_GROUP, (BUILD, EXPORT), type=int, metavar="N"))  # 0: no recovery
     recover_seconds: float = 0.0  # 0: none (the steps are the contract); > 0: a budget that may stop it early
     recover_images: str | None = None  # unlabelled images to distil on (default: the calibration set)
     recover_batch: int = 8
@@ -100,8 +125,10 @@ class OptimizeConfig:
 class ExportConfig:
     """ONNX export settings; opset None means the strictest selected target's ceiling."""
 
-    opset: int | None = None
-    dynamic_batch: bool = False
+    opset: int | None = opt(None, flag=Flag("ONNX opset (default: the strictest target's ceiling)", OPTIMISE_GROUP,
+                                            (BUILD, EXPORT), type=positive))
+    dynamic_batch: bool = opt(False, flag=Flag("dynamic batch dimension", OPTIMISE_GROUP, (BUILD, EXPORT),
+                                               action="store_true"))
     simplify: bool = True
     tolerance: float = 1e-4
     parity_samples: int = 8
@@ -111,67 +138,111 @@ class ExportConfig:
 class CalibrationConfig:
     """Calibration source: image folder, video file, .npy, or synthetic:// (the default)."""
 
-    source: str | None = None
+    calib: str | None = opt(None, flag=Flag("calibration/sample images: folder, video, .npy or synthetic://",
+                                            MODEL_GROUP, (BUILD, EXPORT), path=True, aliases=("source",)))
     max_images: int = 300
+
+
+OV, TFL, TRT = "openvino", "tflite", "tensorrt"
+PRESETS = ("mixed", "performance")
+RANGE_METHODS = ("max", "percentile", "entropy", "mse")
 
 
 @dataclass
 class QuantizeConfig:
-    """INT8 post-training quantization settings (NNCF for OpenVINO; ranges for TensorRT).
+    """INT8 post-training quantization settings (NNCF for OpenVINO; edgeport's ranges for TFLite and TensorRT).
 
-    ``preset`` "performance" (symmetric weights and activations) is the default: on the default
-    model it kept more accuracy than "mixed" (asymmetric activations): cosine 0.99958 vs 0.99901
-    and pixel agreement 99.78 % vs 99.65 % against PyTorch. ``accuracy_control`` None means "on when
-    labelled validation data is given"; ``max_drop`` is in points of the task metric (mIoU or
-    top-1 %). The ignored_* lists keep matching layers in float.
+    Each field names the backends whose INT8 compile reads it (its flag's ``readers``, or ``readers`` in the
+    metadata of a setting with no flag): a compile's cache key holds what it reads, and a flag that no selected
+    backend reads is refused. ``accuracy_control`` None means "on when labelled validation data is given";
+    ``max_drop`` is in points of the task metric (mIoU or top-1 %). The int8_ignore* lists keep matching layers
+    in float.
     """
 
-    preset: str = "performance"
-    subset_size: int = 300
-    fast_bias_correction: bool = True
-    ignored_names: list[str] = field(default_factory=list)
-    ignored_patterns: list[str] = field(default_factory=list)
-    ignored_types: list[str] = field(default_factory=list)
-    accuracy_control: bool | None = None
-    max_drop: float = 1.0
-    method: str = "percentile"  # TensorRT ranges: measured best on real data (see ranges.py)
+    int8_preset: str = opt("performance", flag=Flag(
+        "NNCF preset (OpenVINO): performance (default, symmetric) or mixed (asymmetric activations)", INT8_GROUP,
+        choices=PRESETS, readers=(OV,), int8=True, aliases=("preset",)))
+    int8_subset: int = opt(300, flag=Flag("calibration images used (default 300)", INT8_GROUP, type=positive,
+                                          metavar="N", readers=(OV, TFL, TRT), int8=True, aliases=("subset_size",)))
+    fast_bias_correction: bool = field(default=True, metadata={"readers": (OV,)})
+    int8_ignore_names: list[str] = field(default_factory=list, metadata={
+        "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_names",)})
+    int8_ignore: list[str] = opt(factory=list, flag=Flag(
+        "keep layers whose name matches in float (OpenVINO, TensorRT, TFLite convolutions); repeatable", INT8_GROUP,
+        action="append", metavar="REGEX", extend=True, readers=(OV, TFL, TRT), int8=True, every_target=True,
+        aliases=("ignored_patterns",)))
+    int8_ignore_types: list[str] = field(default_factory=list, metadata={
+        "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_types",)})
+    accuracy_control: bool | None = opt(None, flag=Flag(
+        "keep the most harmful layers in float until the INT8 drop is within --max-drop (default: on when "
+        "--val-images has labels)", INT8_GROUP, action="bool", readers=(OV, TFL, TRT), int8=True))
+    max_drop: float = opt(1.0, flag=Flag(
+        "largest task-metric drop from PyTorch in points (default [quantize] max_drop, 1.0)", INT8_GROUP,
+        (BUILD, VALIDATE), type=float, readers=(OV, TFL, TRT)))
+    calib_method: str = opt("percentile", flag=Flag(
+        "activation-range method for TensorRT and TFLite INT8 (default percentile; max: TFLite's own min/max; mse: "
+        "least squared error)", INT8_GROUP, choices=RANGE_METHODS, readers=(TFL, TRT),
+        int8=True, aliases=("method",)))
 
     def validate(self, where: str = "quantize") -> None:
         """ConfigError for a value no backend accepts."""
-        if self.preset not in PRESETS:
-            raise ConfigError(f"{where}: preset {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if self.method not in RANGE_METHODS:
-            raise ConfigError(f"{where}: method {self.method!r} is not one of {', '.join(RANGE_METHODS)}")
-        if self.subset_size < 1:
-            raise ConfigError(f"{where}: subset_size must be positive")
+        if self.int8_preset not in PRESETS:
+            raise ConfigError(f"{where}: int8_preset {self.int8_preset!r} is not one of {', '.join(PRESETS)}")
+        if self.calib_method not in RANGE_METHODS:
+            raise ConfigError(f"{where}: calib_method {self.calib_method!r} is not one of {', '.join(RANGE_METHODS)}")
+        if self.int8_subset < 1:
+            raise ConfigError(f"{where}: int8_subset must be positive")
         if not 0 < self.max_drop <= 100:
             raise ConfigError(f"{where}: max_drop {self.max_drop} must be in (0, 100] metric points")
-        for pattern in self.ignored_patterns:
+        for pattern in self.int8_ignore:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ConfigError(f"{where}: ignored pattern {pattern!r} (--int8-ignore / ignored_patterns) is not a "
+                raise ConfigError(f"{where}: ignored pattern {pattern!r} (--int8-ignore / int8_ignore) is not a "
                                   f"regular expression: {e}") from None
 
     @property
     def has_ignored(self) -> bool:
         """True when some layers are to stay in float."""
-        return bool(self.ignored_names or self.ignored_patterns or self.ignored_types)
+        return bool(self.int8_ignore_names or self.int8_ignore or self.int8_ignore_types)
 
 
-PRESETS = ("mixed", "performance")
-RANGE_METHODS = ("max", "percentile", "entropy", "mse")
-PRECISIONS = ("fp32", "fp16", "int8", "dynamic-range")
+def read_by(backend: str) -> frozenset[str]:
+    """The [quantize] settings ``backend``'s INT8 compile reads (what its compile's cache key holds): each field
+    names its readers, in its flag or, for a setting with no flag, in its metadata."""
+    return frozenset(name for name, readers, _, _ in quantize_settings() if backend in readers)
+
+
+def quantize_settings() -> list[tuple[str, tuple[str, ...], bool, Flag | None]]:
+    """(field, readers, every_target, flag or None) of each [quantize] setting."""
+    out = []
+    for f in dataclasses.fields(QuantizeConfig):
+        flag = f.metadata.get("flag")
+        if flag is not None:
+            out.append((f.name, flag.readers, flag.every_target, flag))
+        else:
+            out.append((f.name, f.metadata.get("readers", ()), f.metadata.get("every_target", False), None))
+    return out
+
+
 TOLERANCE_KEYS = ("max_abs", "max_rel", "min_cosine", "min_sqnr_db", "min_agreement")
+# How a labelled set is split into a selection half (tuning) and a report half (gates) (edgeport.evaluate.halves)
+SPLITS = {"blocks": "the first half of each folder in sorted order selects, the second half reports",
+          "alternate": "even positions select, odd positions report"}
 
 
 @dataclass
 class ValidationConfig:
     """Labelled validation data: images + label maps (segmentation), class folders, or synthetic://."""
 
-    images: str | None = None
-    labels: str | None = None
-    max_images: int = 500
+    val_images: str | None = opt(None, flag=Flag(
+        "validation images (or synthetic://): each artifact's mIoU / top-1 is measured beside PyTorch's, and INT8 uses "
+        "accuracy control", INT8_GROUP, (BUILD, VALIDATE), metavar="DIR", path=True, aliases=("images",)))
+    val_labels: str | None = opt(None, flag=Flag(
+        "segmentation label maps matched to --val-images by file stem (classification: one sub-folder per class "
+        "instead)", INT8_GROUP, (BUILD, VALIDATE), metavar="DIR", path=True, aliases=("labels",)))
+    max_images: int = opt(500, flag=Flag("at most N dataset images (default 500)", INT8_GROUP, (VALIDATE,),
+                                         type=positive, metavar="N"))
     # How the set is split into a selection half (tuning) and a report half (gate, headline): "blocks" (the first
     # half of each folder in sorted order selects: a video's neighbouring frames stay on one side) or "alternate"
     split: str = "blocks"
@@ -181,8 +252,6 @@ class ValidationConfig:
 
     def validate(self, where: str = "validation") -> None:
         """ConfigError naming a bad tolerance entry or split."""
-        from edgeport.evaluate import SPLITS
-
         if self.split not in SPLITS:
             raise ConfigError(f"{where}: 'validation.split' = {self.split!r}: one of {', '.join(SPLITS)}"
                               f"{close_match(str(self.split), SPLITS)}")
@@ -213,10 +282,15 @@ class ValidationConfig:
 class BuildSettings:
     """What to build and where. A target may carry its precision: 'intel-cpu:fp16'."""
 
-    targets: list[str] = field(default_factory=list)
-    precision: str | None = None
-    out: str = "dist"
-    build_dir: str = "build"
+    target: list[str] = opt(factory=list, flag=Flag(
+        "target profile, repeatable; NAME or NAME:PRECISION (default: every target whose backend is installed)",
+        OUTPUT_GROUP, action="append", aliases=("targets",)))
+    precision: str | None = opt(None, flag=Flag(
+        "for the targets named without one (with no --target: the installed targets that support it)", OUTPUT_GROUP,
+        choices=PRECISIONS))
+    out: str = opt("dist", flag=Flag("bundle folder (default: dist; bundles that fail their gates go to dist/failed)",
+                                     OUTPUT_GROUP, path=True))
+    build_dir: str = opt("build", flag=Flag("cache folder (default: build)", MODEL_GROUP, ALL, path=True))
 
 
 @dataclass
@@ -247,12 +321,12 @@ def resolve_path(p: str, root: Path | None) -> Path:
 _INPUT_KEYS = ("name", "shape", "dtype", "layout")
 _PRE_KEYS = ("resize", "interpolation", "pad_value", "resize_size", "color", "scale", "mean", "std")
 _TASK_KEYS = ("type", "labels", "labels_file", "palette", "ignore_index")
-_SECTIONS = {
+SECTIONS = {
     "model": ModelConfig, "optimize": OptimizeConfig, "export": ExportConfig,
     "calibration": CalibrationConfig, "quantize": QuantizeConfig, "validation": ValidationConfig,
     "build": BuildSettings,
 }
-_ALL_SECTIONS = list(_SECTIONS) + ["input", "preprocess", "task"]
+_ALL_SECTIONS = list(SECTIONS) + ["input", "preprocess", "task"]
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -280,14 +354,27 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def aliases_of(f: dataclasses.Field) -> tuple[str, ...]:
+    """The edgeport.toml keys a field had before (still read)."""
+    flag = f.metadata.get("flag")
+    return tuple(flag.aliases if flag is not None else f.metadata.get("aliases", ()))
+
+
 def _section(cls: type, data: dict[str, Any], where: str, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    older = {alias: name for name, f in fields.items() for alias in aliases_of(f)}
+    values: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in fields:
+        name = older.get(key, key)
+        if name not in fields:
             raise ConfigError(f"{where}: unknown key '{section}.{key}'{close_match(key, fields)}")
-        if not _type_ok(value, fields[key].type):
-            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} should be {fields[key].type}")
-    return cls(**data)
+        if name in values:
+            raise ConfigError(f"{where}: '{section}.{name}' is set twice (also as '{key}', its earlier name); keep "
+                              f"'{name}'")
+        if not _type_ok(value, fields[name].type):
+            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} should be {fields[name].type}")
+        values[name] = value
+    return cls(**values)
 
 
 def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str, section: str) -> None:
@@ -317,7 +404,7 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a [section] table")
     cfg = ProjectConfig(root=path.resolve().parent)
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         if name in data:
             setattr(cfg, name, _section(cls, data[name], where, name))
     cfg.quantize.validate(f"{where}: [quantize]")
@@ -345,8 +432,8 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     if options:
         spec_args["task_options"] = options
     spec_args.update(task)
-    embedded = embedded_name(cfg.model.source)
-    if embedded and cfg.model.source != DEFAULT_MODEL:
+    embedded = embedded_name(cfg.model.model)
+    if embedded and cfg.model.model != DEFAULT_MODEL:
         cfg.input = embedded_spec(embedded)
     if spec_args:
         cfg.input = make_spec(spec_args, base=cfg.input if embedded else None, where=where)

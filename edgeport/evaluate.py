@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgeport.calibration import IMAGE_EXTS, SYNTHETIC
-from edgeport.config import resolve_path
+from edgeport.config import SPLITS, resolve_path
 from edgeport.errors import CalibrationError
 from edgeport.preprocess import InputSpec
 from edgeport.progress import progress
@@ -181,10 +181,6 @@ def pack(outs: dict[str, np.ndarray], ds: LabelledSet) -> np.ndarray:
     output for classification and segmentation, boxes and scores together for detection."""
     assert ds.spec is not None, "load_labelled sets the spec"
     return get_task(ds.task).pack(outs, list(outs), ds.spec)
-
-
-SPLITS = {"blocks": "the first half of each folder in sorted order selects, the second half reports",
-          "alternate": "even positions select, odd positions report"}
 
 
 def halves(n: int, split: str = "blocks", groups: list[str] | None = None) -> dict[str, list[int]]:

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from edgeport.config import quantize_settings
 from edgeport.errors import ConfigError
 from edgeport.tasks import get as get_task
 
 if TYPE_CHECKING:
     from edgeport.config import ProjectConfig
     from edgeport.target import Target
-
-# The INT8 flags and the QuantizeConfig field each one sets.
-INT8_FLAGS = {
-    "int8_preset": ("--int8-preset", "preset"),
-    "int8_subset": ("--int8-subset", "subset_size"),
-    "int8_ignore": ("--int8-ignore", "ignored_patterns"),
-    "accuracy_control": ("--accuracy-control", "accuracy_control"),
-    "calib_method": ("--calib-method", "method"),
-}
-# Keep-in-float settings must be honoured by every INT8 target, not just one of them.
-EVERY_TARGET = {"ignored_patterns"}
-
 
 def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], given: dict[str, Any],
                       own_scenes: str | None = None) -> None:
@@ -36,27 +25,26 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
 
     int8 = [(t, get_backend(t.backend)) for t, p in chosen if p == "int8"]
     selected = ", ".join(f"{t.name}:{p}" for t, p in chosen)
-    for key, (flag, field) in INT8_FLAGS.items():
-        if given.get(key) is None or (key == "accuracy_control" and given[key] is False):
+    for field, readers, every, flag in quantize_settings():
+        deaf = [f"{t.name}:int8 ({t.backend})" for t, b in int8 if t.backend not in readers]
+        if flag is None or not flag.int8 or given.get(field) is None or given[field] is False:
+            if every and getattr(cfg.quantize, field) and deaf:  # from the config file: never silently
+                raise ConfigError(f"[quantize] {field} cannot take effect on {', '.join(deaf)}: that backend cannot "
+                                  "keep layers in float; build those targets with a config without it")
             continue
+        dashed = "--" + field.replace("_", "-")
         if not int8:
-            raise ConfigError(f"{flag} has no effect: no selected target builds INT8 (selected: {selected}); add "
+            raise ConfigError(f"{dashed} has no effect: no selected target builds INT8 (selected: {selected}); add "
                               "an INT8 target such as intel-cpu:int8, or drop the flag")
-        readers = [t.name for t, b in int8 if field in b.int8_settings]
-        deaf = [f"{t.name}:int8 ({t.backend})" for t, b in int8 if field not in b.int8_settings]
-        if not readers:
-            raise ConfigError(f"{flag} has no effect on the selected INT8 targets ({', '.join(deaf)}): "
-                              f"{_who_reads(field)}; drop the flag or add such a target")
-        if field in EVERY_TARGET and deaf:
-            raise ConfigError(f"{flag} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
-                              f"float; build it separately without {flag}")
-    for field in ("ignored_names", "ignored_patterns", "ignored_types"):  # from the config file: never silently
-        deaf = [f"{t.name}:int8 ({t.backend})" for t, b in int8 if field not in b.int8_settings]
-        if getattr(cfg.quantize, field) and deaf:
-            raise ConfigError(f"[quantize] {field} cannot take effect on {', '.join(deaf)}: that backend cannot "
-                              "keep layers in float; build those targets with a config without it")
-    check_val_labels(given.get("val_labels"), given.get("val_images") or cfg.validation.images)
-    val_images = given.get("val_images") or cfg.validation.images or own_scenes
+        if len(deaf) == len(int8):
+            who = f"only {' and '.join(readers)} INT8 read it" if readers else "no backend reads it"
+            raise ConfigError(f"{dashed} has no effect on the selected INT8 targets ({', '.join(deaf)}): {who}; drop "
+                              "the flag or add such a target")
+        if every and deaf:
+            raise ConfigError(f"{dashed} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
+                              f"float; build it separately without {dashed}")
+    check_val_labels(given.get("val_labels"), given.get("val_images") or cfg.validation.val_images)
+    val_images = given.get("val_images") or cfg.validation.val_images or own_scenes
     task = get_task(cfg.input.task)
     if given.get("val_labels") and not task.label_folder:
         raise ConfigError(f"--val-labels is for segmentation label maps; {task.labelled_how}")
@@ -75,10 +63,3 @@ def check_val_labels(val_labels: str | None, val_images: str | None) -> None:
     """ConfigError for label maps given without the images they belong to (build and validate alike)."""
     if val_labels and not val_images:
         raise ConfigError("--val-labels has no effect without --val-images (the images the label maps belong to)")
-
-
-def _who_reads(field: str) -> str:
-    from edgeport.backends import REGISTRY, get_backend
-
-    names = [n for n in REGISTRY if field in get_backend(n).int8_settings]
-    return f"only {' and '.join(names)} INT8 read it" if names else "no backend reads it"

@@ -1,11 +1,11 @@
 """`edgeport validate --localize`: the first layer where a bundle's artifact departs from the FP32 graph.
 
 Every intermediate tensor of the FP32 ONNX is computed in ONNX Runtime and compared with the
-tensor of the same name in the artifact: OpenVINO keeps ONNX tensor names on its IR outputs,
-and the Q/DQ model of a TensorRT bundle keeps them on the original nodes. Tensors are walked in
-the ONNX graph's topological order; the first one beyond tolerance is named, together with the
-layer that adds the most error by itself (often the one to keep in higher precision).
-TFLite is not covered: onnx2tf renames and re-lays-out every tensor.
+tensor of the same name in the artifact, as its backend gives them (``layer_outputs``: OpenVINO
+keeps ONNX tensor names on its IR outputs, the Q/DQ model of a TensorRT bundle keeps them on the
+original nodes; onnx2tf renames and re-lays-out every TFLite tensor, so TFLite is not covered).
+Tensors are walked in the ONNX graph's topological order; the first one beyond tolerance is named,
+together with the layer that adds the most error by itself (often the one to keep in higher precision).
 
 When only the task metric fails (every output within tolerance, the metric more than max_drop
 below FP32), ``metric_costs`` says which layers cost the metric: for a TensorRT bundle, each of the
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeport.backends import get_backend
 from edgeport.config import ProjectConfig
 from edgeport.model import file_sha256
 from edgeport.runner.metrics import compare
@@ -68,52 +69,20 @@ def ort_tensors_each(path: Path, x: np.ndarray) -> tuple[list[dict[str, np.ndarr
         nodes
 
 
-def openvino_tensors(xml: Path, x: np.ndarray, wanted: list[str], config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The IR's tensors named in ``wanted`` (ONNX tensor names survive conversion), as extra outputs."""
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(xml))
-    ports: dict[str, Any] = {}
-    for op in model.get_ordered_ops():
-        if op.get_type_name() in ("Result", "Constant", "Parameter"):
-            continue
-        for out in op.outputs():
-            for n in out.get_names():
-                ports.setdefault(n, out)
-    chosen = [n for n in wanted if n in ports]
-    model.add_outputs([ports[n] for n in chosen])
-    compiled = core.compile_model(model, "CPU", config)
-    res = compiled({0: x})
-    got: dict[str, np.ndarray] = {}
-    for port in compiled.outputs:
-        for n in port.get_names():
-            if n in wanted:
-                got[n] = np.asarray(res[port])
-    return got
-
-
 def localize_bundle(bundle: Path, manifest: dict[str, Any], cfg: ProjectConfig, x: np.ndarray,
                     tol: dict[str, Any]) -> dict[str, Any]:
     """Where the bundle's artifact first departs from the FP32 ONNX, for the NCHW input ``x``."""
-    backend = manifest["backend"]
-    if backend == "tflite":
-        return {"summary": "--localize covers OpenVINO and TensorRT bundles; onnx2tf renames TFLite tensors"}
+    backend = get_backend(manifest["backend"])
+    if not backend.names_layers_as_onnx:
+        return {"summary": f"--localize does not cover {backend.name} bundles: their tensors do not keep the ONNX "
+                           "graph's names"}
     onnx_path = _fp32_onnx(bundle, manifest, cfg)
     if onnx_path is None:
         return {"summary": "--localize needs the FP32 ONNX this bundle was built from (sha256 "
                            f"{manifest['model'].get('onnx_sha256', '?')[:12]}) in {cfg.build.build_dir}/; "
                            "run `edgeport build` for this project first"}
     ref, nodes = ort_tensors(onnx_path, x)
-    files = manifest["files_by_role"]
-    if backend == "openvino":
-        rt = manifest.get("runtime", {})
-        got = openvino_tensors(bundle / files["model"], x, list(ref),
-                               {"INFERENCE_PRECISION_HINT": rt.get("inference_precision", "f32")})
-        hint = "--int8-ignore '{name}' (or [quantize] ignored_names)"
-    else:
-        got, _ = ort_tensors(bundle / files.get("qdq", files["model"]), x)
-        hint = "--int8-ignore '{name}' keeps it out of the Q/DQ model (TensorRT runs it in FP16)"
+    got, hint = backend.layer_outputs(bundle, manifest, x, list(ref))
     check = {"max_rel": tol.get("max_rel"), "min_cosine": tol.get("min_cosine")}
     steps = []
     cos_of: dict[str, float] = {}
@@ -174,10 +143,11 @@ def metric_costs(bundle: Path, manifest: dict[str, Any], steps: list[dict[str, A
 
     from edgeport.evaluate import pack, primary, task_metrics
 
-    files = manifest["files_by_role"]
-    if manifest["backend"] != "tensorrt" or "qdq" not in files:
-        return {"costs": [], "costs_summary": "per-layer metric cost is measured for TensorRT Q/DQ bundles only"}
-    model = onnx.load(str(bundle / files["qdq"]))
+    qdq = get_backend(manifest["backend"]).qdq_model(bundle, manifest)
+    if qdq is None:
+        return {"costs": [], "costs_summary": "per-layer metric cost is measured for bundles with a Q/DQ model only "
+                                              "(TensorRT INT8)"}
+    model = onnx.load(str(qdq))
     weighted = {n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
     candidates = [s for s in sorted(steps, key=lambda s: -s["added"]) if s["node"] in weighted][:top]
 

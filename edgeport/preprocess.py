@@ -143,3 +143,10 @@ def default_spec() -> InputSpec:
         labels=list(SCENE_CLASSES),
         palette=[tuple(p) for p in SCENE_PALETTE],
     )
+
+
+def to_layout(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """A 4-D array from layout ``src`` (NCHW or NHWC) to ``dst``; other ranks pass through."""
+    if src == dst or arr.ndim != 4:
+        return arr
+    return arr.transpose(0, 2, 3, 1) if dst == "NHWC" else arr.transpose(0, 3, 1, 2)

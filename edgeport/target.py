@@ -13,6 +13,7 @@ from typing import Any
 
 import tomllib
 
+from edgeport.backends import REGISTRY
 from edgeport.errors import ConfigError, close_match
 
 
@@ -27,7 +28,7 @@ def _builtin_dir() -> Path:
 
 
 BUILTIN_DIR = _builtin_dir()
-BACKENDS = ("tensorrt", "openvino", "tflite")
+BACKENDS = tuple(REGISTRY)
 PRECISIONS = ("fp32", "fp16", "int8", "dynamic-range")
 
 # Default parity tolerances per precision. max_rel: max |a-b| over the reference output's

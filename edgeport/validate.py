@@ -16,91 +16,33 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeport.artifacts import to_layout
+from edgeport.backends import get_backend
 from edgeport.backends.base import Artifacts, Runtime, TensorInfo
 from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.config import ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
 from edgeport.model import default_name, file_sha256, source_fingerprint
-from edgeport.preprocess import InputSpec
+from edgeport.preprocess import InputSpec, to_layout
 from edgeport.progress import progress
 from edgeport.runner.metrics import compare
-from edgeport.tables import md_table, points, text_table
+from edgeport.tables import points
 from edgeport.tasks import get as get_task
-from edgeport.tasks import metric_cell
+from edgeport.validate_report import BundleResult, Case, ValidateReport
 from edgeport.zoo import EMBEDDED, embedded_name
 
 log = logging.getLogger("edgeport")
 
 
-@dataclass
-class Case:
-    """One check: a bundle's output against the reference, its task metric, or its files."""
-
-    bundle: str
-    backend: str
-    precision: str
-    check: str
-    status: str  # passed | failed | skipped
-    metrics: dict[str, Any] = field(default_factory=dict)
-    message: str = ""
-    seconds: float = 0.0
 
 
-@dataclass
-class BundleResult:
-    """Everything validate found about one bundle."""
-
-    name: str
-    path: str
-    target: str
-    backend: str
-    precision: str
-    runtime: str  # what ran it on this host
-    size_mb: float
-    cases: list[Case] = field(default_factory=list)
-    metrics: dict[str, float] | None = None  # task metrics on the labelled set
-    latency: dict[str, float] | None = None
-    localize: dict[str, Any] | None = None
-
-    @property
-    def status(self) -> str:
-        """validated | failed | built (nothing could run here)."""
-        if any(c.status == "failed" for c in self.cases):
-            return "failed"
-        return "validated" if any(c.status == "passed" and c.check not in ("files", "manifest")
-                                  for c in self.cases) else "built"
 
 
-@dataclass
-class ValidateReport:
-    """The gate's outcome."""
-
-    model: str
-    reference: str
-    dataset: str | None
-    reference_metrics: dict[str, float] | None
-    bundles: list[BundleResult]
-    seconds: float
-    reference_latency: dict[str, float] | None = None
-    reference_size_mb: float | None = None
-
-    @property
-    def cases(self) -> list[Case]:
-        """Every check of every bundle, in table order."""
-        return [c for b in self.bundles for c in b.cases]
-
-    @property
-    def ok(self) -> bool:
-        """True when no check failed."""
-        return all(c.status != "failed" for c in self.cases)
 
 
 # ---------------------------------------------------------------- bundles
@@ -138,16 +80,12 @@ def open_bundle(bundle: Path, manifest: dict[str, Any]) -> tuple[Runtime, str, s
     A TensorRT FP16/FP32 bundle has no host runtime of its own; its model.onnx (what the engine is
     built from) runs in ONNX Runtime. BackendUnavailableError when a runtime is not installed here.
     """
-    from edgeport.backends import get_backend
-
     art = artifacts_of(bundle, manifest)
     name = manifest["backend"]
-    if name == "tensorrt" and "qdq" not in art.files:
-        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
-
-        return (ORT.open_onnx(art.files["model"]), "tensorrt (onnx)",
-                f"onnxruntime on model.onnx; the {art.precision} engine is checked on the device")
     backend = get_backend(name)
+    other = backend.host_check(art)
+    if other is not None:
+        return other
     av = backend.available()
     av.require()
     label = f"{name} (emulated)" if art.info.get("emulated") else name
@@ -173,8 +111,8 @@ class Reference:
 
         self.cfg = cfg
         self.spec = cfg.input
-        self.name = cfg.model.name or default_name(cfg.model.source)
-        model = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
+        self.name = cfg.model.name or default_name(cfg.model.model)
+        model = load_model(cfg.model.model, cfg.model.weights, cfg.root, seed=cfg.model.seed)
         example = torch.zeros(tuple(self.spec.shape), dtype=torch.float32)
         first_forward(model, example)
         # Never pruned: pruned bundles are held to the original model (their manifests say they were pruned), and
@@ -215,7 +153,7 @@ def _other_model(manifest: dict[str, Any], cfg: ProjectConfig, weights_sha256: s
     """Why a bundle's model is not the reference's (source, weights, seed), or ''. ``weights_sha256`` is the
     reference's weights file's hash (hashed once for all bundles)."""
     m = manifest["model"]
-    if m.get("source") != cfg.model.source:
+    if m.get("source") != cfg.model.model:
         return "another model source"
     w = m.get("weights")
     if w and weights_sha256 and weights_sha256 != w["sha256"]:
@@ -262,7 +200,7 @@ def config_from_manifests(paths: list[str], build_dir: str | None = None) -> Pro
         raise ConfigError(f"{bundle}: the model source {model['source']} changed since the build (in {root}); "
                           "rebuild, or pass the project's --config")
     cfg = ProjectConfig(root=root)
-    cfg.model = ModelConfig(source=model["source"], weights=weights["path"] if weights else None,
+    cfg.model = ModelConfig(model=model["source"], weights=weights["path"] if weights else None,
                             name=model.get("name"), seed=int(model.get("seed", 0)))
     if model.get("spec"):
         cfg.input = InputSpec.from_dict(model["spec"])
@@ -330,14 +268,14 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         why = _other_model(m, cfg, weights_sha256)
         if why:
             raise ConfigError(f"{b} holds model '{m['model'].get('name')}' ({m['model'].get('source')}), but the "
-                              f"reference is '{cfg.model.name or default_name(cfg.model.source)}' "
-                              f"({cfg.model.source}): {why}; pass the project's --config, or no --config at all "
+                              f"reference is '{cfg.model.name or default_name(cfg.model.model)}' "
+                              f"({cfg.model.model}): {why}; pass the project's --config, or no --config at all "
                               "(the bundles' manifests then name the model)")
     ref = Reference(cfg)
-    source = images or cfg.validation.images
-    if source is None and embedded_name(cfg.model.source):
-        source = EMBEDDED[embedded_name(cfg.model.source)][2]
-    lab = labels if images else (labels or cfg.validation.labels)
+    source = images or cfg.validation.val_images
+    if source is None and embedded_name(cfg.model.model):
+        source = EMBEDDED[embedded_name(cfg.model.model)][2]
+    lab = labels if images else (labels or cfg.validation.val_labels)
     data: LabelledSet | None = None
     ref_metrics, ref_data = None, None
     if source:
@@ -393,9 +331,10 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     problems = verify_bundle(bundle)
     res.cases.append(Case(name, manifest["backend"], precision, "files", "failed" if problems else "passed",
                           {"problems": problems}, "; ".join(problems)))
-    qdq_file = (manifest.get("files_by_role") or {}).get("qdq")
-    if manifest["backend"] == "tensorrt" and qdq_file and not problems:
-        res.cases.append(_lint_case(bundle / qdq_file, manifest))
+    if not problems:  # the backend's own checks of its files (TensorRT: Q/DQ placement)
+        for check, ok, metrics, msg in get_backend(manifest["backend"]).bundle_checks(bundle, manifest):
+            res.cases.append(Case(name, manifest["backend"], precision, check, "passed" if ok else "failed", metrics,
+                                  msg))
     res.cases.append(_manifest_case(bundle, manifest))
     failed = failed_gates(manifest)
     if failed:
@@ -419,8 +358,9 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
         base_tol = target.tolerances(precision)
     except EdgeportError:
         base_tol = dict(DEFAULT_TOLERANCES[precision])
-    if label == "tensorrt (onnx)":
-        base_tol = dict(DEFAULT_TOLERANCES["fp32"])  # the ONNX runs in FP32 here
+    ran_in = get_backend(manifest["backend"]).host_precision(artifacts_of(bundle, manifest))
+    if ran_in != precision:  # e.g. a TensorRT FP16 bundle's ONNX, run in FP32 here
+        base_tol = dict(DEFAULT_TOLERANCES[ran_in])
     base_tol = get_task(ref.spec.task).tolerance(precision, base_tol)
     spec = manifest["preprocess"]
     ref_layout = ref.spec.layout
@@ -523,19 +463,6 @@ def _manifest_case(bundle: Path, manifest: dict[str, Any]) -> Case:
                 {"differences": found, "record": "build record" if record else "golden cases only"}, msg)
 
 
-def _lint_case(path: Path, manifest: dict[str, Any]) -> Case:
-    """The bundle's Q/DQ model against TensorRT's placement rules (edgeport.backends.tensorrt.qdq)."""
-    from edgeport.backends.tensorrt.qdq import RULES, lint
-
-    kept = (manifest.get("provenance") or {}).get("kept_float")
-    findings = lint(path, kept)
-    msg = "; ".join(map(str, findings[:5])) + (f" (and {len(findings) - 5} more)" if len(findings) > 5 else "")
-    return Case(path.parent.name, manifest["backend"], manifest["precision"], "qdq lint",
-                "failed" if findings else "passed",
-                {"rules": len(RULES), "findings": [str(f) for f in findings]},
-                f"{path.name} breaks TensorRT's Q/DQ placement rules: {msg}" if findings else "")
-
-
 def _gated_half(recorded: dict[str, Any], data: LabelledSet) -> tuple[list[int] | None, str]:
     """(indices, words) of the frames a bundle's metric is judged on: where ``data`` holds the very frames its build
     gated on (``recorded``: the manifest's accuracy record), the build's report half, the half nothing was tuned on,
@@ -560,143 +487,23 @@ def preprocess_diff(bundle_spec: dict[str, Any], project: InputSpec) -> list[str
     return out
 
 
-# ---------------------------------------------------------------- output
-def _fmt(v: Any, spec: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and np.isinf(v):
-        return "inf"
-    return format(v, spec)
 
 
-def case_rows(report: ValidateReport) -> list[list[str]]:
-    """The check table: one row per case (the JUnit test cases, in the same order)."""
-    rows = []
-    for c in report.cases:
-        m = c.metrics
-        if c.check in ("files", "manifest", "host run", "load", "build verdict", "qdq lint"):
-            values = ["-"] * 5
-        elif "drop" in m:
-            key = m["metric"]
-            values = ["-", "-", "-", f"{100 * m['agreement']:.2f}%",
-                      f"{key} {m['metrics'][key]:.2f} ({points(-m['drop'], -m['max_drop'], signed=True)})"]
-        else:
-            values = [_fmt(m.get("max_abs"), ".3g"), _fmt(m.get("cosine"), ".6f"), _fmt(m.get("sqnr_db"), ".1f"),
-                      f"{100 * m['agreement']:.2f}%" if "agreement" in m else "-", "-"]
-        rows.append([c.bundle, c.backend, c.precision, c.check, *values, c.status])
-    return rows
 
 
-CASE_HEAD = ["bundle", "backend", "precision", "check", "max_abs", "cosine", "sqnr_db", "agreement",
-             "metric (vs PyTorch)", "status"]
-BENCH_HEAD = ["backend", "precision", "bundle", "size MB", "metric", "median ms", "p99 ms", "FPS", "status"]
 
 
-def bench_rows(report: ValidateReport) -> list[list[str]]:
-    """The benchmark table: the PyTorch reference, then one row per bundle."""
-    def metric(m: dict[str, float] | None) -> str:
-        if not m:
-            return "-"
-        return metric_cell(m) or "-"
-
-    def lat(x: dict[str, float] | None) -> list[str]:
-        return [f"{x['median_ms']:.2f}", f"{x['p99_ms']:.2f}", f"{x['fps']:.0f}"] if x else ["-"] * 3
-
-    rows = [["pytorch", "fp32", "(reference)", _fmt(report.reference_size_mb, ".2f"),
-             metric(report.reference_metrics), *lat(report.reference_latency), "reference"]]
-    for b in report.bundles:
-        rows.append([b.backend, b.precision, b.name, f"{b.size_mb:.2f}", metric(b.metrics), *lat(b.latency), b.status])
-    return rows
 
 
-def _bench_notes(report: ValidateReport) -> list[str]:
-    if any(b.backend.startswith("tensorrt") and b.latency for b in report.bundles):
-        return ["tensorrt rows are timed in ONNX Runtime on this host (emulation), not TensorRT; "
-                "`runner.py --bench` measures the engine on the device."]
-    return []
 
 
-def failures(report: ValidateReport) -> list[str]:
-    """One line per failed check, naming bundle, backend and output; then what --localize found."""
-    lines = [f"{c.bundle}: {c.message}" for c in report.cases if c.status == "failed"]
-    for b in report.bundles:
-        if b.localize:
-            lines.append(f"{b.name}: {b.localize['summary']}")
-    return lines
 
 
-def text(report: ValidateReport) -> str:
-    """The terminal report."""
-    lines = text_table(CASE_HEAD, case_rows(report))
-    src = f"golden frames + {report.dataset}" if report.dataset else "golden frames"
-    lines.append(f"reference: {report.model} in {report.reference}; frames: {src}")
-    if report.reference_metrics:
-        from edgeport.evaluate import primary
-
-        key = primary(report.reference_metrics)[0]
-        lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
-        halves = sorted({c.metrics["frames"] for c in report.cases if "report half" in c.metrics.get("frames", "")})
-        if halves:  # each bundle's figure is against PyTorch on the same frames
-            lines.append(f"metric of bundles built on these frames: on {halves[0]}, each against PyTorch there")
-    if any(b.latency for b in report.bundles):
-        lines += ["", *text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
-    lines += failures(report)
-    n_fail = sum(c.status == "failed" for c in report.cases)
-    lines.append(f"{len(report.cases)} checks: {n_fail} failed, "
-                 f"{sum(c.status == 'skipped' for c in report.cases)} skipped ({report.seconds:.1f}s)")
-    return "\n".join(lines)
 
 
-def markdown(report: ValidateReport) -> str:
-    """A CI job summary."""
-    lines = [f"## edgeport validate: {report.model}", "", *md_table(CASE_HEAD, case_rows(report)), ""]
-    if report.dataset:
-        lines += [f"Frames: golden frames + {report.dataset}; reference {report.reference}.", ""]
-    if any(b.latency for b in report.bundles):
-        lines += ["### Benchmark (this host)", "", *md_table(BENCH_HEAD, bench_rows(report)), "",
-                  *_bench_notes(report), ""]
-    bad = failures(report)
-    lines.append(f"**{sum(c.status == 'failed' for c in report.cases)} failed check(s)**" if bad
-                 else "**all checks passed**")
-    lines += [f"- {b}" for b in bad]
-    return "\n".join(lines) + "\n"
 
 
-def to_json(report: ValidateReport) -> dict[str, Any]:
-    """Everything as plain JSON types."""
-    return {"model": report.model, "reference": report.reference, "dataset": report.dataset,
-            "reference_metrics": report.reference_metrics, "ok": report.ok, "seconds": report.seconds,
-            "reference_latency": report.reference_latency,
-            "bundles": [{**{k: v for k, v in vars(b).items() if k != "cases"}, "status": b.status,
-                         "cases": [vars(c) for c in b.cases]} for b in report.bundles]}
 
 
-def write_reports(report: ValidateReport, folder: Path) -> list[Path]:
-    """validate.json, validate.junit.xml, validate.md (and benchmark.png with latency) in ``folder``."""
-    import json
-
-    from edgeport.report import junit_xml
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "validate.json", folder / "validate.junit.xml", folder / "validate.md"]
-    paths[0].write_text(json.dumps(to_json(report), indent=2, default=str) + "\n")
-    cases = [{"suite": c.bundle, "name": f"{c.bundle} {c.check}", "status": c.status, "message": c.message,
-              "metrics": c.metrics, "seconds": c.seconds} for c in report.cases]
-    paths[1].write_text(junit_xml(f"edgeport validate {report.model}", cases) + "\n")
-    paths[2].write_text(markdown(report))
-    if any(b.latency for b in report.bundles):
-        from edgeport.chart import bench_chart
-
-        paths.append(bench_chart(report, folder / "benchmark.png"))
-    return paths
 
 
-def raise_on_failure(report: ValidateReport) -> None:
-    """ParityError (exit 3) when any check failed; the table has been printed."""
-    from edgeport.errors import ParityError
-
-    bad = [c for c in report.cases if c.status == "failed"]
-    if bad:
-        raise ParityError(f"{len(bad)} check(s) failed: " + "; ".join(f"{c.bundle} {c.check}" for c in bad))
-    if not any(b.status == "validated" for b in report.bundles):
-        raise ParityError("no bundle could be run on this host (see the skipped checks); nothing was validated")

@@ -23,10 +23,11 @@ from edgeport.cache import newest_stage
 
 def main() -> None:
     """Print the table (and write --json)."""
-    from edgeport.artifacts import _artifacts_from_dict, to_layout
     from edgeport.backends import get_backend
+    from edgeport.build.compile import artifacts_from_dict
     from edgeport.config import load_config, resolve_path
     from edgeport.evaluate import load_labelled, split_halves
+    from edgeport.preprocess import to_layout
     from edgeport.tasks import get as get_task
     from edgeport.tasks.segmentation.runner import segment
     from edgeport.tasks.segmentation.task import confusions, scores_of
@@ -43,7 +44,7 @@ def main() -> None:
     if cfg.input.task != "segmentation":
         raise SystemExit("error: this script scores segmentation projects (mIoU from confusion matrices)")
     build = resolve_path(cfg.build.build_dir, cfg.root) if cfg.build.build_dir else cfg.root / "build"
-    data = load_labelled(cfg.validation.images, cfg.validation.labels, cfg.input,
+    data = load_labelled(cfg.validation.val_images, cfg.validation.val_labels, cfg.input,
                          max_images=cfg.validation.max_images, root=cfg.root)
     idx = list(range(len(data))) if args.half == "whole" else split_halves(data, cfg.validation.split)[args.half]
     sub = data.subset(idx)
@@ -58,7 +59,7 @@ def main() -> None:
             continue
         stage = found.parent
         info = json.loads((stage / "stage.json").read_text())["info"]
-        art = _artifacts_from_dict(info["artifacts"], stage)
+        art = artifacts_from_dict(info["artifacts"], stage)
         with get_backend(art.backend).open(art) as rt:
             outs = rt.run_batches(to_layout(sub.inputs, spec.layout, art.spec.layout))
         packed = task.pack(outs, [o.name for o in art.outputs], spec)

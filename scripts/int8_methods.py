@@ -43,9 +43,9 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 def main() -> None:
     """Print the per-method table (and write --json)."""
     from edgeport.backends.tensorrt import qdq
-    from edgeport.backends.tensorrt.ranges import METHODS, collect_ranges
     from edgeport.config import load_config, resolve_path
     from edgeport.evaluate import load_labelled, primary, split_halves, task_metrics
+    from edgeport.quantize.ranges import METHODS, collect_ranges
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python "
                                  "scripts/int8_methods.py --config examples/camvid/edgeport.toml")
@@ -60,7 +60,7 @@ def main() -> None:
     build = resolve_path(cfg.build.build_dir, cfg.root) if cfg.build.build_dir else cfg.root / "build"
     onnx_path = _latest(build / "export", "model.onnx")
     calib = np.load(_latest(build / "calibration", "data.npy"))[:args.images]
-    data = load_labelled(cfg.validation.images, cfg.validation.labels, cfg.input,
+    data = load_labelled(cfg.validation.val_images, cfg.validation.val_labels, cfg.input,
                          max_images=cfg.validation.max_images, root=cfg.root)
     halves = split_halves(data, cfg.validation.split)
     sets = {h: data.subset(idx) for h, idx in halves.items()}

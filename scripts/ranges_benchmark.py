@@ -64,7 +64,7 @@ def plain_pass(onnx_path: Path, data: np.ndarray) -> float:
 
 def ranges_pass(onnx_path: Path, data: np.ndarray, method: str) -> float:
     """Seconds for edgeport's ranges by ``method``, set-up included (its progress bar silenced)."""
-    from edgeport.backends.tensorrt.ranges import collect_ranges
+    from edgeport.quantize.ranges import collect_ranges
 
     t = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):

@@ -29,6 +29,12 @@ class Quantization:
     settings: QuantizeConfig
     val: LabelledSet | None = None
     memo: Callable[[str, dict[str, Any], Callable[[], Any]], Any] | None = None
+    budget: float | None = None  # what INT8 may lose, when pruning spent part of max_drop; None: max_drop
+
+    @property
+    def max_drop(self) -> float:
+        """The drop INT8's accuracy-aware choices hold within: the budget the build gives, else max_drop."""
+        return self.settings.max_drop if self.budget is None else self.budget
 
     def cached(self, kind: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
         """``compute()`` through the build cache when there is one."""
@@ -45,7 +51,7 @@ class Quantization:
         when that backend's accuracy control uses it."""
         import dataclasses
 
-        settings = dataclasses.asdict(self.settings)
+        settings = {**dataclasses.asdict(self.settings), "max_drop": self.max_drop}
         uses_val = "accuracy_control" in fields and self.accuracy_control
         return {**{k: v for k, v in settings.items() if k in fields},
                 "val": self.val.sha256 if uses_val and self.val is not None else None,
@@ -70,7 +76,7 @@ class Availability:
 
 
 def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
-    """ONNX node names matched by [quantize] ignored_names / ignored_patterns (re.search) / ignored_types
+    """ONNX node names matched by [quantize] int8_ignore_names / int8_ignore (re.search) / int8_ignore_types
     (``--int8-ignore``): the layers to keep in float. A setting that matches no node is an error, never
     silently nothing."""
     import re
@@ -80,20 +86,20 @@ def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     nodes = [(n.name, n.op_type) for n in graph.node]
     found: set[str] = set()
-    for name in quant.ignored_names:
+    for name in quant.int8_ignore_names:
         if not any(n == name for n, _ in nodes):
-            raise ConversionError(f"[quantize] ignored_names: no layer of the model is named {name!r}")
+            raise ConversionError(f"[quantize] int8_ignore_names: no layer of the model is named {name!r}")
         found.add(name)
-    for pattern in quant.ignored_patterns:
+    for pattern in quant.int8_ignore:
         hits = {n for n, _ in nodes if re.search(pattern, n)}
         if not hits:
-            raise ConversionError(f"--int8-ignore / ignored_patterns {pattern!r} matches no layer of the model "
+            raise ConversionError(f"--int8-ignore / [quantize] int8_ignore {pattern!r} matches no layer of the model "
                                   f"(the exported ONNX's node names, such as {nodes[0][0]!r})")
         found |= hits
-    for kind in quant.ignored_types:
+    for kind in quant.int8_ignore_types:
         hits = {n for n, t in nodes if t == kind}
         if not hits:
-            raise ConversionError(f"[quantize] ignored_types: the model has no {kind!r} layer")
+            raise ConversionError(f"[quantize] int8_ignore_types: the model has no {kind!r} layer")
         found |= hits
     return found
 
@@ -239,7 +245,7 @@ class DeviceBackend:
     """What the device backends share; each defines name, available, compile and open."""
 
     name: str
-    int8_settings: frozenset[str] = frozenset()  # QuantizeConfig fields its INT8 compile honours
+    int8_settings: frozenset[str] = frozenset()  # the [quantize] settings its INT8 compile reads (config.read_by)
 
     def available(self) -> Availability:
         raise NotImplementedError
@@ -253,7 +259,7 @@ class DeviceBackend:
         default: ignored_* layers that match nothing)."""
         from edgeport.errors import ConfigError
 
-        if quant.has_ignored and "ignored_patterns" in self.int8_settings:
+        if quant.has_ignored and "int8_ignore" in self.int8_settings:
             try:
                 ignored_nodes(onnx, quant)
             except EdgeportError as e:
@@ -279,6 +285,63 @@ class DeviceBackend:
 
         return dataclasses.replace(artifacts, target=target.name,
                                    runtime=self.runtime_settings(target, artifacts.precision))
+
+    # ---- the device side (edgeport.deploy asks these; it never names a backend)
+    device_modules: tuple[str, ...] = ()  # any one of these importable on the device is its runtime
+
+    def device_import_check(self, python: str) -> str:
+        """A shell command that succeeds when the device's python imports numpy, OpenCV and this runtime."""
+        import shlex
+
+        py = shlex.quote(python)
+        alternatives = " || ".join(f"{py} -c 'import {m}'" for m in self.device_modules or (self.name,))
+        return f"{py} -c 'import numpy, cv2' && ({alternatives})"
+
+    def device_preflight(self, profile: dict[str, Any], facts: dict[str, str], python: str) -> list[str]:
+        """What on the device (``facts``, from edgeport.deploy.preflight) does not fit a bundle of ``profile``,
+        beyond architecture, Python and disk, which every bundle needs; one phrase each."""
+        return []
+
+    def device_setup(self, python: str, forced: bool) -> list[tuple[str, str, float]]:
+        """(step, shell command run in the version's folder, timeout in seconds) after the runtime imports: what
+        the device does before the selftest (TensorRT: build the engine)."""
+        return []
+
+    # ---- what `edgeport validate` asks of a bundle
+    names_layers_as_onnx = False  # its artifact's tensors keep the ONNX graph's names (validate --localize)
+
+    def layer_outputs(self, bundle: Path, manifest: dict[str, Any], x: Any,
+                      wanted: list[str]) -> tuple[dict[str, Any], str]:
+        """(the artifact's tensors named in ``wanted``, for the input ``x``; how to keep a layer {name} in float):
+        --localize compares them with the FP32 ONNX's. Only where ``names_layers_as_onnx``."""
+        raise NotImplementedError(f"{self.name} artifacts do not keep the ONNX graph's tensor names")
+
+    def qdq_model(self, bundle: Path, manifest: dict[str, Any]) -> Path | None:
+        """The bundle's Q/DQ ONNX, where it has one (a layer can be taken out of INT8 without a rebuild)."""
+        return None
+
+    def host_check(self, art: Artifacts) -> tuple[Runtime, str, str] | None:
+        """(runtime, label, what runs it) where validate checks this artifact with something else than
+        ``open`` (TensorRT FP16: its ONNX in ONNX Runtime); None: ``open`` it."""
+        return None
+
+    def host_precision(self, art: Artifacts) -> str:
+        """The precision the build host computes this artifact in (the tolerance validate holds it to)."""
+        return art.precision
+
+    def bundle_checks(self, bundle: Path, manifest: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any], str]]:
+        """Checks of the bundle's own files beyond their hashes: (check, passed, metrics, message) each."""
+        return []
+
+    bench_note: str | None = None  # said under validate --bench when one of its bundles was timed
+
+    def readme_run(self, target: Target, precision: str) -> list[str]:
+        """The device README's "run" section for a bundle with a runner (Markdown lines)."""
+        return ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
+                "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
+                "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
+                "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
 
     def runner_part(self) -> Path:
         """This backend's part of the assembled runner.py: runner.py beside its backend module."""

@@ -267,7 +267,7 @@ BUILD_CASES = [
     ("int8-preset-no-int8", None, ["--target", "intel-igpu:fp16", "--int8-preset", "mixed"],
      "--int8-preset has no effect: no selected target builds INT8", "calibration"),
     ("int8-ignore-bad-regex", None, ["--target", "intel-cpu:int8", "--int8-ignore", "(head"],
-     "--int8-ignore / ignored_patterns) is not a regular expression", "calibration"),
+     "--int8-ignore / int8_ignore) is not a regular expression", "calibration"),
     ("max-drop-no-val", None, ["--model", "net.py:make", *BASE[:4], "--target", "intel-cpu:int8", "--max-drop",
                                "0.5"], "--max-drop has no effect without labelled validation data", "calibration"),
     ("val-labels-no-images", None, ["--target", "intel-cpu:int8", "--val-labels", "lab"],

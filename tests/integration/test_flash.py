@@ -148,15 +148,16 @@ def test_flash_selftest_switch_rollback_and_failures(sshd, bundles, openvino_ven
     assert _links(root) == (cur, prev)
 
     # an interrupted copy leaves B current; the next flash resumes it
-    from edgeport import flash as fl
+    from edgeport.deploy import flash as fl
+    from edgeport.deploy.hosts import FlashOptions, Host
 
     c = tmp_path / "c"
     shutil.copytree(bundles["a"], c)
     m = json.loads((c / "manifest.json").read_text())
     m["build_key"] = "resume0000000000"
     (c / "manifest.json").write_text(json.dumps(m))
-    host = fl.Host(sshd["host"].split(":")[0], sshd["port"], str(sshd["key"]), str(openvino_venv))
-    opts = fl.FlashOptions(root=str(root), known_hosts=sshd["known_hosts"], bytes_limit=60_000)
+    host = Host(sshd["host"].split(":")[0], sshd["port"], str(sshd["key"]), str(openvino_venv))
+    opts = FlashOptions(root=str(root), known_hosts=sshd["known_hosts"], bytes_limit=60_000)
     [r] = fl.flash(c, [host], opts)
     assert (r.status, r.step) == ("failed", "copy") and "interrupted" in r.message
     assert _links(root) == (cur, prev)

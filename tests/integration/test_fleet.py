@@ -131,7 +131,7 @@ def test_emit_writes_a_project_for_your_own_ansible(bundles, tmp_path):  # noqa:
     assert res.returncode == 0, res.stderr
     play = (out / "rollout.yml").read_text()
     assert 'serial: [1, "50%"]' in play and "max_fail_percentage: 20" in play and "connection: local" in play
-    assert "edgeport.fleet" in (out / "roles" / "edgeport_rollout" / "tasks" / "main.yml").read_text()
+    assert "edgeport.deploy.fleet" in (out / "roles" / "edgeport_rollout" / "tasks" / "main.yml").read_text()
     settings = json.loads((out / "edgeport_settings.json").read_text())["edgeport_settings"]
     assert settings["bundles"] == {"intel_cpu": str(bundles["a"].resolve())}
     assert "[jetson_orin_nano]" in (out / "inventory.example.ini").read_text()

@@ -119,14 +119,8 @@ def test_ranges_match_a_plain_reference(tmp_path, method, bias):
     import onnx
     import onnxruntime as ort
 
-    from edgeport.backends.tensorrt.ranges import (
-        BINS,
-        _float_tensors,
-        _Instrumented,
-        collect_ranges,
-        entropy_amax,
-        mse_amax,
-    )
+    from edgeport.quantize.collectors import BINS, entropy_amax, mse_amax
+    from edgeport.quantize.ranges import _float_tensors, _Instrumented, collect_ranges
 
     path = tmp_path / "net.onnx"
     _branchy_net(path, bias)
@@ -180,7 +174,7 @@ def test_percentile_pass_gives_the_max_ranges_too(tmp_path, bias):
     methods given those max ranges skip their own first pass with the same result."""
     import numpy as np
 
-    from edgeport.backends.tensorrt.ranges import collect_ranges
+    from edgeport.quantize.ranges import collect_ranges
 
     path = tmp_path / "net.onnx"
     _branchy_net(path, bias, size=24)
@@ -199,7 +193,7 @@ def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
     reading whole tensors gives, to the bit, for every method, on every way a range is found."""
     import numpy as np
 
-    from edgeport.backends.tensorrt import ranges
+    from edgeport.quantize import collectors, ranges
 
     path = tmp_path / "net.onnx"
     _branchy_net(path, size=24)
@@ -210,10 +204,10 @@ def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
         fork = None  # no forks: one session, one worker
 
     for method in ranges.METHODS:
-        monkeypatch.setattr(ranges, "CHUNK", 1 << 16)
-        monkeypatch.setattr(ranges, "ROW", 1 << 16)
+        monkeypatch.setattr(collectors, "CHUNK", 1 << 16)
+        monkeypatch.setattr(collectors, "ROW", 1 << 16)
         whole = ranges.measure(Whole(path), data, method, "whole")
-        monkeypatch.setattr(ranges, "CHUNK", 700)  # 4,608 values per tensor: 7 pieces, the last short
-        monkeypatch.setattr(ranges, "ROW", 500)
+        monkeypatch.setattr(collectors, "CHUNK", 700)  # 4,608 values per tensor: 7 pieces, the last short
+        monkeypatch.setattr(collectors, "ROW", 500)
         pieces = ranges.collect_ranges(path, data, method)
         assert pieces == whole and len(pieces) == 8 and min(pieces.values()) > 0.0, method

@@ -56,7 +56,7 @@ def test_calibration_cache_parses_back_to_the_qdq_scales(jetson):
     import onnx
     from onnx import numpy_helper
 
-    from edgeport.backends.tensorrt.ranges import read_cache
+    from edgeport.backends.tensorrt.calib_cache import read_cache
 
     proj, _ = jetson
     bundle = proj / "dist" / "jetson-nano-int8"
@@ -203,7 +203,7 @@ def test_runner_on_a_host_without_tensorrt_says_so(jetson, openvino_venv):
 
 
 def test_range_methods_differ_and_entropy_clips():
-    from edgeport.backends.tensorrt.ranges import BINS, _Percentile, _Scratch, entropy_amax
+    from edgeport.quantize.collectors import BINS, _Percentile, _Scratch, entropy_amax
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, 200_000), [40.0]]).astype(np.float32)  # one outlier sets the max

@@ -187,7 +187,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
-from edgeport.backends.tflite import convert
+from edgeport.backends.tflite import convert, litert
 
 os.chdir(sys.argv[1])
 convert.write_sample(np.zeros((20, 64, 64, 3), np.uint8), Path(convert.SAMPLE))
@@ -207,9 +207,9 @@ def recorded(n):
 def ranges(blob):
     g = flatbuffer_utils.read_model_from_bytearray(bytearray(blob)).subgraphs[0]
     return {t.name.decode(): [float(t.quantization.min[0]), float(t.quantization.max[0])]
-            for t in g.tensors if convert._min_max(t)}
+            for t in g.tensors if litert._min_max(t)}
 
-print(json.dumps({"converter": ranges(recorded(40)), "edgeport": ranges(convert.calibrate(recorded(1), images)[0]),
+print(json.dumps({"converter": ranges(recorded(40)), "edgeport": ranges(litert.calibrate(recorded(1), images)[0]),
                   "one_image": ranges(recorded(1))}))
 """
 

@@ -96,7 +96,7 @@ def _naive_qdq(bundle: Path) -> None:
     from onnx import numpy_helper
 
     from edgeport.backends.tensorrt.qdq import naive_qdq
-    from edgeport.backends.tensorrt.ranges import _float_tensors
+    from edgeport.quantize.ranges import _float_tensors
 
     qdq = onnx.load(str(bundle / "model_qdq.onnx"))
     scales = {i.name[:-len("_edgeport_scale")]: float(numpy_helper.to_array(i)) * 127.0

@@ -70,6 +70,18 @@ def test_full_config_round_trip(tmp_path):
                    '[preprocess]\nresize = "letterbox"\npad_value = 0\n[task]\ntype = "classification"\n'
                    'labels_file = "labels.txt"\n[calibration]\nsource = "imgs"\n[build]\n'
                    'targets = ["intel-cpu:fp32"]\n')
-    c = load_config(cfg)
+    c = load_config(cfg)  # the keys' earlier names (source, targets) are still read
     assert c.input.shape == (1, 3, 64, 64) and c.input.resize == "letterbox" and c.input.labels == ["cat", "dog"]
-    assert c.build.targets == ["intel-cpu:fp32"] and c.resolve(c.calibration.source) == tmp_path / "imgs"
+    assert c.build.target == ["intel-cpu:fp32"] and c.resolve(c.calibration.calib) == tmp_path / "imgs"
+    assert c.model.model == "torchvision:resnet18?num_classes=2"
+    cfg.write_text('[model]\nmodel = "torchvision:resnet18"\n[calibration]\ncalib = "imgs"\n[build]\n'
+                   'target = ["intel-cpu:int8"]\n[quantize]\nint8_ignore = ["head"]\ncalib_method = "max"\n'
+                   'int8_subset = 64\nint8_preset = "mixed"\n[validation]\nval_images = "val"\n')
+    c = load_config(cfg)  # the flags' names
+    assert c.model.model == "torchvision:resnet18" and c.build.target == ["intel-cpu:int8"]
+    q = c.quantize
+    assert (q.int8_ignore, q.calib_method, q.int8_subset, q.int8_preset) == (["head"], "max", 64, "mixed")
+    assert c.validation.val_images == "val"
+    cfg.write_text('[quantize]\nint8_ignore = ["a"]\nignored_patterns = ["b"]\n')
+    with pytest.raises(ConfigError, match="'quantize.int8_ignore' is set twice \\(also as 'ignored_patterns'"):
+        load_config(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeport.backends.tensorrt.ranges import BINS, QUANT_LEVELS, entropy_amax
+from edgeport.quantize.collectors import BINS, QUANT_LEVELS, entropy_amax
 
 
 def _smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:

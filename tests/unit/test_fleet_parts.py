@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from edgeport.deploy.fleet import FleetOptions, check_batches, check_rollout, group_of, inventory_hosts, playbook_text
 from edgeport.errors import ConfigError
-from edgeport.fleet import FleetOptions, check_batches, check_rollout, group_of, inventory_hosts, playbook_text
 from tests.conftest import has, run_cli
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeport.backends.tensorrt.ranges import BINS, mse_amax
+from edgeport.quantize.collectors import BINS, mse_amax
 
 
 def _real_mse(x: np.ndarray, t: float) -> float:

@@ -29,20 +29,20 @@ def test_ignored_layers_stay_float(tmp_path):
     import onnxruntime as ort
 
     from edgeport.backends.tensorrt.qdq import ignored_nodes, write_qdq
-    from edgeport.backends.tensorrt.ranges import collect_ranges
     from edgeport.config import QuantizeConfig
     from edgeport.errors import ConversionError
+    from edgeport.quantize.ranges import collect_ranges
 
     src = tmp_path / "m.onnx"
     _two_convs(src)
     x = np.random.default_rng(1).normal(size=(16, 3, 8, 8)).astype(np.float32)
     amax = collect_ranges(src, x, "max")
-    assert ignored_nodes(src, QuantizeConfig(ignored_patterns=[r"^/head/"])) == {"/head/conv2"}
-    assert ignored_nodes(src, QuantizeConfig(ignored_names=["/enc/conv1"], ignored_types=["Relu"])) == \
+    assert ignored_nodes(src, QuantizeConfig(int8_ignore=[r"^/head/"])) == {"/head/conv2"}
+    assert ignored_nodes(src, QuantizeConfig(int8_ignore_names=["/enc/conv1"], int8_ignore_types=["Relu"])) == \
         {"/enc/conv1", "/enc/relu1"}
-    for bad, words in ((QuantizeConfig(ignored_patterns=["^/tail/"]), "matches no layer"),
-                       (QuantizeConfig(ignored_names=["/enc/conv9"]), "no layer of the model is named"),
-                       (QuantizeConfig(ignored_types=["Softmax"]), "has no 'Softmax' layer")):
+    for bad, words in ((QuantizeConfig(int8_ignore=["^/tail/"]), "matches no layer"),
+                       (QuantizeConfig(int8_ignore_names=["/enc/conv9"]), "no layer of the model is named"),
+                       (QuantizeConfig(int8_ignore_types=["Softmax"]), "has no 'Softmax' layer")):
         with pytest.raises(ConversionError, match=words):
             ignored_nodes(src, bad)
     full, part = tmp_path / "full.onnx", tmp_path / "part.onnx"

@@ -43,7 +43,7 @@ def _resnet_like(path):
 
 @pytest.fixture
 def resnet_like(tmp_path):
-    from edgeport.backends.tensorrt.ranges import collect_ranges
+    from edgeport.quantize.ranges import collect_ranges
 
     src = tmp_path / "m.onnx"
     _resnet_like(src)
@@ -169,7 +169,7 @@ def test_a_weight_shared_by_two_convolutions_gets_one_qdq(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from edgeport.backends.tensorrt.qdq import lint, write_qdq
-    from edgeport.backends.tensorrt.ranges import collect_ranges
+    from edgeport.quantize.ranges import collect_ranges
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w_shared"),

@@ -31,7 +31,7 @@ def _graph():
 
 
 def test_nonnegative_follows_the_sign_through_the_graph():
-    from edgeport.backends.tensorrt.ranges import _nonnegative
+    from edgeport.quantize.ranges import _nonnegative
 
     got = _nonnegative(_graph())
     assert {"r", "lin", "r2", "cat_pos", "pool2", "sig", "pool"} <= got
@@ -39,7 +39,7 @@ def test_nonnegative_follows_the_sign_through_the_graph():
 
 
 def test_plan_reads_each_value_once():
-    from edgeport.backends.tensorrt.ranges import _float_tensors, _plan
+    from edgeport.quantize.ranges import _float_tensors, _plan
 
     model = _graph()
     same, derived, unions = _plan(model, _float_tensors(model))
@@ -50,12 +50,12 @@ def test_plan_reads_each_value_once():
 
 @pytest.mark.parametrize("absolute", [False, True])
 def test_above_finds_exactly_the_values_past_the_floor(absolute, monkeypatch):
-    from edgeport.backends.tensorrt import ranges
+    from edgeport.quantize import collectors
 
-    monkeypatch.setattr(ranges, "ROW", 64)
+    monkeypatch.setattr(collectors, "ROW", 64)
     rng = np.random.default_rng(0)
     v = rng.standard_t(2, size=64 * 40 + 37).astype(np.float32)  # heavy tails both ways, a short last row
     for floor in (0.0, 1.0, 5.0, float(np.abs(v).max()), -1.0 if not absolute else 0.5):
         a = np.abs(v) if absolute else v
         want = np.sort(a[a > floor])
-        assert np.array_equal(np.sort(ranges._above(v, floor, absolute)), want), floor
+        assert np.array_equal(np.sort(collectors._above(v, floor, absolute)), want), floor

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgeport.artifacts import verdict_of  # noqa: E402
+from edgeport.build.gates import verdict_of  # noqa: E402
 from edgeport.config import OptimizeConfig  # noqa: E402
 from edgeport.recover import distill, loss_chart  # noqa: E402
 from edgeport.tasks import get as get_task  # noqa: E402
@@ -134,10 +134,10 @@ def test_a_supervised_term_trains_on_labels():
 def test_the_supervised_term_trains_on_a_set_apart_from_validation():
     """Off by default; it needs its own labelled set (refused up front without one), and a set sharing an image
     with the validation set is refused: the gates would score frames the model trained on."""
+    from edgeport.build.calibrate import supervised_set
     from edgeport.config import ProjectConfig
     from edgeport.errors import ConfigError
     from edgeport.evaluate import load_labelled
-    from edgeport.pipeline import supervised_set
     from edgeport.preprocess import InputSpec
 
     spec = InputSpec(shape=(1, 3, 32, 48), task="segmentation", labels=[str(i) for i in range(6)])

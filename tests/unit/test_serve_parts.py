@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from edgeport.runner.engine import LatencyStats
-from edgeport.runner.serve import Service, parse_bind, parse_multipart, tegrastats_figures
+from edgeport.runner.http import parse_multipart
+from edgeport.runner.serve import Service, parse_bind, tegrastats_figures
 
 
 def test_bind_addresses():

@@ -199,19 +199,19 @@ def _cfg(**quant):
     (["intel-cpu:int8"], {"accuracy_control": True}, "--accuracy-control needs labelled validation data"),
 ])
 def test_flags_that_cannot_take_effect_are_errors(targets, given, words):
+    from edgeport.build.run import resolve_targets
     from edgeport.flagcheck import check_build_flags
-    from edgeport.pipeline import resolve_targets
 
     with pytest.raises(ConfigError) as e:
         check_build_flags(_cfg(), resolve_targets(targets, None, ROOT), given)
     assert words in str(e.value)
 
 
-@pytest.mark.parametrize("field", ["ignored_names", "ignored_patterns", "ignored_types"])
+@pytest.mark.parametrize("field", ["int8_ignore_names", "int8_ignore", "int8_ignore_types"])
 def test_ignored_layers_are_read_by_every_int8_backend(field):
     from edgeport.backends import get_backend
+    from edgeport.build.run import resolve_targets
     from edgeport.flagcheck import check_build_flags
-    from edgeport.pipeline import resolve_targets
 
     chosen = resolve_targets(["intel-cpu:int8", "raspberry-pi-5:int8", "jetson-orin-nano:int8"], None, ROOT)
     assert all(field in get_backend(t.backend).int8_settings for t, _ in chosen)
@@ -219,20 +219,20 @@ def test_ignored_layers_are_read_by_every_int8_backend(field):
 
 
 def test_flags_that_take_effect_pass():
+    from edgeport.build.run import resolve_targets
     from edgeport.flagcheck import check_build_flags
-    from edgeport.pipeline import resolve_targets
 
     check_build_flags(_cfg(), resolve_targets(["raspberry-pi-5:int8"], None, ROOT), {"calib_method": "entropy"})
     chosen = resolve_targets(["intel-cpu:int8", "jetson-orin-nano:int8"], None, ROOT)
     check_build_flags(_cfg(), chosen, {"int8_ignore": [".*"], "calib_method": "max", "int8_preset": "mixed",
                                        "int8_subset": 100, "accuracy_control": False})
     cfg = _cfg()
-    cfg.validation.images = "val"
+    cfg.validation.val_images = "val"
     check_build_flags(cfg, chosen, {"max_drop": 0.5, "accuracy_control": True, "val_labels": "lab"})
 
 
 def test_precision_conflicts_and_unsupported_precisions_are_errors():
-    from edgeport.pipeline import resolve_targets
+    from edgeport.build.run import resolve_targets
 
     with pytest.raises(ConfigError, match="--target intel-cpu:int8 and --precision fp16 conflict"):
         resolve_targets(["intel-cpu:int8"], "fp16", ROOT)
@@ -247,6 +247,6 @@ def test_precision_conflicts_and_unsupported_precisions_are_errors():
 def test_bad_int8_ignore_regex_names_the_flag():
     from edgeport.config import QuantizeConfig
 
-    with pytest.raises(ConfigError, match=r"ignored pattern '\(head' \(--int8-ignore / ignored_patterns\) is not a "
+    with pytest.raises(ConfigError, match=r"ignored pattern '\(head' \(--int8-ignore / int8_ignore\) is not a "
                                           "regular expression"):
-        QuantizeConfig(ignored_patterns=["(head"]).validate("flags")
+        QuantizeConfig(int8_ignore=["(head"]).validate("flags")

@@ -19,7 +19,7 @@ from edgeport.backends.base import (
     TensorInfo,
     probe,
 )
-from edgeport.config import QuantizeConfig
+from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -158,9 +158,36 @@ class OpenVINOBackend(DeviceBackend):
     """The Intel backend (CPU, integrated GPU, NPU)."""
 
     name = "openvino"
-    # The [quantize] keys NNCF reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"preset", "subset_size", "fast_bias_correction", "ignored_names", "ignored_patterns",
-                               "ignored_types", "accuracy_control", "max_drop"})
+    int8_settings = read_by(name)  # as edgeport.config declares each setting's readers
+    device_modules = ("openvino",)
+    names_layers_as_onnx = True
+
+    def layer_outputs(self, bundle: Path, manifest: dict[str, Any], x: Any,
+                      wanted: list[str]) -> tuple[dict[str, Any], str]:
+        """The IR's tensors named in ``wanted`` (ONNX tensor names survive conversion), as extra outputs, at the
+        bundle's inference precision."""
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(bundle / manifest["files_by_role"]["model"]))
+        ports: dict[str, Any] = {}
+        for op in model.get_ordered_ops():
+            if op.get_type_name() in ("Result", "Constant", "Parameter"):
+                continue
+            for out in op.outputs():
+                for n in out.get_names():
+                    ports.setdefault(n, out)
+        chosen = [n for n in wanted if n in ports]
+        model.add_outputs([ports[n] for n in chosen])
+        config = {"INFERENCE_PRECISION_HINT": manifest.get("runtime", {}).get("inference_precision", "f32")}
+        compiled = core.compile_model(model, "CPU", config)
+        res = compiled({0: x})
+        got: dict[str, Any] = {}
+        for port in compiled.outputs:
+            for n in port.get_names():
+                if n in wanted:
+                    got[n] = np.asarray(res[port])
+        return got, "--int8-ignore '{name}' (or [quantize] int8_ignore_names)"
 
     def available(self) -> Availability:
         """Installed or not, with versions (nncf is needed for INT8 only)."""
@@ -225,9 +252,9 @@ class OpenVINOBackend(DeviceBackend):
         q = quant.settings
         name = model.inputs[0].get_any_name()
         calib_ds = nncf.Dataset([calib.data[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
-        preset = str(target.options.get("nncf_preset", q.preset)).upper()
+        preset = str(target.options.get("nncf_preset", q.int8_preset)).upper()
         kwargs: dict[str, Any] = {
-            "subset_size": min(len(calib), q.subset_size),
+            "subset_size": min(len(calib), q.int8_subset),
             "preset": getattr(nncf.QuantizationPreset, preset),
             "target_device": getattr(nncf.TargetDevice, device, nncf.TargetDevice.ANY),
             "fast_bias_correction": q.fast_bias_correction,
@@ -245,8 +272,8 @@ class OpenVINOBackend(DeviceBackend):
         report: dict[str, Any] = {"preset": preset.lower(), "subset_size": kwargs["subset_size"],
                                   "fast_bias_correction": q.fast_bias_correction,
                                   "target_device": kwargs["target_device"].value,
-                                  "ignored": {"names": q.ignored_names, "patterns": q.ignored_patterns,
-                                              "types": q.ignored_types, "layers": kept}}
+                                  "ignored": {"names": q.int8_ignore_names, "patterns": q.int8_ignore,
+                                              "types": q.int8_ignore_types, "layers": kept}}
         try:
             # NNCF draws its progress bars with rich on sys.stdout; stdout carries the build's table and JSON.
             with contextlib.redirect_stdout(sys.stderr):
@@ -264,8 +291,9 @@ class OpenVINOBackend(DeviceBackend):
 
             log.info("accuracy-controlled INT8 (NNCF, selection half, %d images): drop %s -> %s (max_drop %g); "
                      "kept in float: %s", ac["validation"]["count"],
-                     points(ac["drop_before"], q.max_drop) if ac["drop_before"] is not None else "?",
-                     points(ac["drop_after"], q.max_drop) if ac["drop_after"] is not None else "?", q.max_drop,
+                     points(ac["drop_before"], ac["max_drop"]) if ac["drop_before"] is not None else "?",
+                     points(ac["drop_after"], ac["max_drop"]) if ac["drop_after"] is not None else "?",
+                     ac["max_drop"],
                      ", ".join(report["kept_float"]) or "nothing")
         if report["fake_quantize_nodes"] == 0:
             raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
@@ -274,7 +302,6 @@ class OpenVINOBackend(DeviceBackend):
 
     def _run_nncf(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
                   kwargs: dict[str, Any], report: dict[str, Any]) -> Any:
-        q = quant.settings
         if quant.accuracy_control:
             if quant.val is None:
                 raise ConversionError("accuracy-controlled INT8 needs validation data (--val-images)")
@@ -284,7 +311,7 @@ class OpenVINOBackend(DeviceBackend):
             full = [m for n, m in scores if n == len(quant.val)]
             key, after = self._metric_of(qmodel, quant, spec, fp32)
             report["accuracy_control"] = {
-                "max_drop": q.max_drop, "validation": quant.val.summary(), "half": "selection", "metric": key,
+                "max_drop": quant.max_drop, "validation": quant.val.summary(), "half": "selection", "metric": key,
                 "reference": full[0] if full else None,
                 "drop_before": full[0] - full[1] if len(full) > 1 else None,
                 "drop_after": full[0] - after if full else None}
@@ -323,10 +350,10 @@ class OpenVINOBackend(DeviceBackend):
             scores.append((len(idx), metric))
             return metric / 100.0
 
-        log.info("accuracy-controlled INT8: max drop %.2f points of %s on %d images", quant.settings.max_drop,
+        log.info("accuracy-controlled INT8: max drop %.2f points of %s on %d images", quant.max_drop,
                  "agreement with FP32" if fp32 is not None else "the task metric", len(val))
         return nncf.quantize_with_accuracy_control(
-            model, calib_ds, val_ds, validate, max_drop=quant.settings.max_drop / 100.0,
+            model, calib_ds, val_ds, validate, max_drop=quant.max_drop / 100.0,
             drop_type=nncf.DropType.ABSOLUTE, **kwargs)
 
     def open(self, artifacts: Artifacts) -> OpenVINORuntime:

@@ -2,7 +2,7 @@
 
 The bundle carries the ONNX at the profile's opset; for INT8 an explicit-quantization Q/DQ
 ONNX and, for TensorRT 8.x, a native calibration cache, both from one set of activation
-ranges (edgeport.backends.tensorrt.ranges); build_engine.py, which builds and caches the engine
+ranges (edgeport.quantize.ranges); build_engine.py, which builds and caches the engine
 on the device; and the runner's TensorRT part. On the host, INT8 is *emulated*: ONNX Runtime
 runs the Q/DQ model, which predicts the engine's INT8 accuracy before anything is flashed. It
 is reported as "tensorrt (emulated)", never as a TensorRT measurement. FP16/FP32 engines have
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
-from edgeport.config import QuantizeConfig
+from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
 
 if TYPE_CHECKING:
@@ -46,9 +46,86 @@ class TensorRTBackend(DeviceBackend):
     """The Jetson backend: artifacts built here, engines built on the device."""
 
     name = "tensorrt"
-    # The [quantize] keys ranges and Q/DQ reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"method", "subset_size", "ignored_names", "ignored_patterns", "ignored_types",
-                               "accuracy_control", "max_drop"})
+    int8_settings = read_by(name)  # as edgeport.config declares each setting's readers
+    device_modules = ("tensorrt",)
+    names_layers_as_onnx = True  # the Q/DQ model keeps them on the original nodes
+    bench_note = ("tensorrt rows are timed in ONNX Runtime on this host (emulation), not TensorRT; "
+                  "`runner.py --bench` measures the engine on the device.")
+
+    def layer_outputs(self, bundle: Path, manifest: dict[str, Any], x: Any,
+                      wanted: list[str]) -> tuple[dict[str, Any], str]:
+        """The Q/DQ model's tensors (the ONNX's for FP16/FP32), run in ONNX Runtime."""
+        from edgeport.localize import ort_tensors
+
+        files = manifest["files_by_role"]
+        got, _ = ort_tensors(bundle / files.get("qdq", files["model"]), x)
+        return got, "--int8-ignore '{name}' keeps it out of the Q/DQ model (TensorRT runs it in FP16)"
+
+    def qdq_model(self, bundle: Path, manifest: dict[str, Any]) -> Path | None:
+        """model_qdq.onnx of an INT8 bundle."""
+        rel = manifest.get("files_by_role", {}).get("qdq")
+        return bundle / rel if rel else None
+
+    def host_check(self, art: Artifacts) -> tuple[Runtime, str, str] | None:
+        """FP16/FP32: no host runtime has the engine; its model.onnx (what the engine is built from) runs in ONNX
+        Runtime. INT8: the Q/DQ model, through ``open``."""
+        if "qdq" in art.files:
+            return None
+        from edgeport.backends.onnxruntime.backend import BACKEND as ORT
+
+        return (ORT.open_onnx(art.files["model"]), "tensorrt (onnx)",
+                f"onnxruntime on model.onnx; the {art.precision} engine is checked on the device")
+
+    def host_precision(self, art: Artifacts) -> str:
+        """The Q/DQ model emulates INT8; without one, the ONNX runs in FP32 on the host."""
+        return art.precision if "qdq" in art.files else "fp32"
+
+    def bundle_checks(self, bundle: Path, manifest: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any], str]]:
+        """The Q/DQ model against TensorRT's placement rules (edgeport.backends.tensorrt.qdq)."""
+        path = self.qdq_model(bundle, manifest)
+        if path is None:
+            return []
+        from edgeport.backends.tensorrt.qdq import RULES, lint
+
+        findings = lint(path, (manifest.get("provenance") or {}).get("kept_float"))
+        msg = "; ".join(map(str, findings[:5])) + (f" (and {len(findings) - 5} more)" if len(findings) > 5 else "")
+        return [("qdq lint", not findings, {"rules": len(RULES), "findings": [str(f) for f in findings]},
+                 f"{path.name} breaks TensorRT's Q/DQ placement rules: {msg}" if findings else "")]
+
+    def device_preflight(self, profile: dict[str, Any], facts: dict[str, str], python: str) -> list[str]:
+        """A Jetson: L4T, the profile's TensorRT major version, and an OpenCV with GStreamer (csi://)."""
+        problems = []
+        want = str(profile.get("runtime", {}).get("tensorrt", ""))
+        jp = profile.get("runtime", {}).get("jetpack", "?")
+        if not facts.get("l4t"):
+            problems.append(f"L4T: the bundle is for a Jetson (JetPack {jp}), the device has no /etc/nv_tegra_release")
+        have = facts.get("tensorrt", "")
+        if not have:
+            problems.append(f"TensorRT: the bundle needs TensorRT {want} (JetPack {jp}); {python} on the device "
+                            "cannot import tensorrt")
+        elif want and have.split(".")[0] != want.split(".")[0]:
+            problems.append(f"TensorRT: the bundle is for TensorRT {want} (JetPack {jp}), the device has {have}; "
+                            f"rebuild for a profile with TensorRT {have.split('.')[0]}.x")
+        if facts.get("l4t") and facts.get("gstreamer", "").upper() != "YES":
+            problems.append(f"OpenCV: {python}'s cv2 has no GStreamer, so csi:// cameras cannot open; use JetPack's "
+                            "python3-opencv, not a pip OpenCV")
+        return problems
+
+    def device_setup(self, python: str, forced: bool) -> list[tuple[str, str, float]]:
+        """The engine is built on the device, for its GPU and TensorRT (build_engine.py caches it)."""
+        import shlex
+
+        return [("build engine", f"{shlex.quote(python)} build_engine.py{' --force' if forced else ''}", 3600.0)]
+
+    def readme_run(self, target: Target, precision: str) -> list[str]:
+        """Install pycuda only (TensorRT and OpenCV come with JetPack), build the engine, then run."""
+        return ["## Run on the Jetson", "", "```", "python3 -m pip install -r requirements.txt   # pycuda; "
+                "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
+                "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
+                f"python3 runner.py {target.camera.get('source', 'csi://0')}",
+                "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
+                "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
 
     def available(self) -> Availability:
         """Host side needs only onnx and onnxruntime; TensorRT itself lives on the device."""
@@ -61,7 +138,8 @@ class TensorRTBackend(DeviceBackend):
     def versions_key(self) -> str:
         """The toolchain, plus the Q/DQ placement and range code's versions (a cached Q/DQ model of older rules
         is written again)."""
-        from edgeport.backends.tensorrt import qdq, ranges
+        from edgeport.backends.tensorrt import qdq
+        from edgeport.quantize import ranges
 
         return f"{super().versions_key()} qdq {qdq.PLACEMENT_VERSION} ranges {ranges.CODE_VERSION}"
 
@@ -70,8 +148,8 @@ class TensorRTBackend(DeviceBackend):
         """ONNX (+ Q/DQ ONNX for INT8) and build_engine.py: the same for every Jetson profile (the profile's
         TensorRT version only shapes its calibration cache, which ``for_target`` writes)."""
         from edgeport.backends.tensorrt import qdq
-        from edgeport.backends.tensorrt import ranges as rg
         from edgeport.model import file_sha256
+        from edgeport.quantize import ranges as rg
 
         self.available().require()
         target.check_precision(precision)
@@ -85,7 +163,7 @@ class TensorRTBackend(DeviceBackend):
                 raise ConversionError("TensorRT INT8 needs a calibration set (--calib)")
             quant = quant or Quantization(QuantizeConfig())
             settings = quant.settings
-            method, n = settings.method, min(len(calib), settings.subset_size)
+            method, n = settings.calib_method, min(len(calib), settings.int8_subset)
             key = {"onnx": file_sha256(onnx), "calib": calib.sha256, "method": method, "images": n,
                    "code": rg.CODE_VERSION}
             choosing = quant.accuracy_control and quant.val is not None and method != "max"
@@ -146,7 +224,7 @@ class TensorRTBackend(DeviceBackend):
             return weighted - kept
 
         assert quant.val is not None
-        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, quant.settings.max_drop, start)
+        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, quant.max_drop, start)
         log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in float: "
                  "%s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
                  points(fb["drop_after"], fb["max_drop"]), fb["max_drop"], ", ".join(fb["kept_float"]) or "nothing")
@@ -164,7 +242,7 @@ class TensorRTBackend(DeviceBackend):
         build_engine.py picks by default."""
         import dataclasses
 
-        from edgeport.backends.tensorrt import ranges as rg
+        from edgeport.backends.tensorrt.calib_cache import write_cache
 
         trt_version = str(target.runtime.get("tensorrt", ""))
         if not trt_version:
@@ -175,7 +253,7 @@ class TensorRTBackend(DeviceBackend):
         info["tensorrt_target"] = trt_version
         if artifacts.precision == "int8":
             if major_minor[0] == 8 and amax:
-                rg.write_cache(amax, trt_version, out / "calib.cache")
+                write_cache(amax, trt_version, out / "calib.cache")
                 files["calib_cache"] = out / "calib.cache"
             info["int8_mode_default"] = "cache" if major_minor < (8, 5) else "qdq"
         return dataclasses.replace(artifacts, target=target.name, files=files, info=info,

@@ -87,7 +87,7 @@ def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: An
     Q/DQ model (``write(amax)`` writes it to ``out``) holds the smaller drop on the selection half
     (edgeport.evaluate.DropGauge; a tie keeps the first); (its method, {method: drop held}, (the gauge, the
     chosen plain Q/DQ model's outputs): where the accuracy loop starts). As for TFLite: no one method wins on
-    every model (edgeport.backends.tflite.convert.choose_ranges)."""
+    every model (edgeport.backends.tflite.fallback.choose_ranges)."""
     from edgeport.evaluate import DropGauge
 
     gauge = DropGauge(_run(onnx, val), val, layout)

@@ -100,7 +100,7 @@ def write_qdq(onnx_path: Path, ranges: dict[str, float], out: Path,
     import onnx
     from onnx import helper, numpy_helper
 
-    from edgeport.backends.tensorrt.ranges import scale_of
+    from edgeport.backends.tensorrt.calib_cache import scale_of
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
@@ -356,7 +356,7 @@ def naive_qdq(onnx_path: Path, ranges: dict[str, float], out: Path) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
-    from edgeport.backends.tensorrt.ranges import scale_of
+    from edgeport.backends.tensorrt.calib_cache import scale_of
 
     model = onnx.load(str(onnx_path))
     graph = model.graph

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
-from edgeport.backends.tflite.convert import TF_CONV
+from edgeport.backends.tflite.litert import TF_CONV
 from edgeport.backends.tflite.rewrite import rewrite_for_onnx2tf
 from edgeport.cache import TMP_PREFIX
 from edgeport.children import run_child
+from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
 from edgeport.progress import progress
 
@@ -142,9 +143,8 @@ class TFLiteBackend(DeviceBackend):
     """The ARM backend (Raspberry Pi, arm64 Linux, Android)."""
 
     name = "tflite"
-    # The [quantize] keys the TFLite converter reads (an INT8 flag no selected backend reads is an error).
-    int8_settings = frozenset({"method", "subset_size", "accuracy_control", "max_drop", "ignored_names",
-                               "ignored_patterns", "ignored_types"})
+    int8_settings = read_by(name)  # as edgeport.config declares each setting's readers
+    device_modules = ("ai_edge_litert", "tflite_runtime", "tensorflow")  # the runner part tries them in this order
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""
@@ -180,8 +180,8 @@ class TFLiteBackend(DeviceBackend):
             if calib is not None:
                 np.save(work / "calib.npy", calib.nhwc().astype(np.float32))
                 job["calib"] = str(work / "calib.npy")
-                job["subset_size"] = quant.settings.subset_size if quant is not None else 300
-                job["method"] = quant.settings.method if quant is not None else "max"
+                settings = quant.settings if quant is not None else QuantizeConfig()  # the defaults: one place
+                job["subset_size"], job["method"] = settings.int8_subset, settings.calib_method
             if precision == "int8" and quant is not None and quant.settings.has_ignored:
                 job["keep_float"] = self._keep_float(onnx, quant.settings)
             if precision == "int8" and quant is not None and quant.accuracy_control and quant.val is not None:
@@ -190,7 +190,7 @@ class TFLiteBackend(DeviceBackend):
 
                 with open(work / "val.pkl", "wb") as f:  # the selection half, for the child's float fallback
                     pickle.dump(dataclasses.replace(quant.val, frames=[]), f)
-                job["fallback"] = {"val": str(work / "val.pkl"), "max_drop": quant.settings.max_drop,
+                job["fallback"] = {"val": str(work / "val.pkl"), "max_drop": quant.max_drop,
                                    "layout": spec.layout}
             frames = calib.frames if calib is not None and calib.frames else []
             if frames:

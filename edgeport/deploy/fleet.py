@@ -4,7 +4,7 @@ Ansible does what fleets already trust it for: the inventory (groups by device k
 rolling batches (``serial``: a canary, then growing batches), ``max_fail_percentage``, forks, and
 a playbook a team can run from its own Ansible (``--emit``). Each host's work is one task that runs
 on the controller (``connection: local``) and calls :func:`step`, the same device-side steps as
-``edgeport flash`` (edgeport.flash: preflight, checksummed resumable copy that skips unchanged
+``edgeport flash`` (edgeport.deploy.flash: preflight, checksummed resumable copy that skips unchanged
 files, device-side sha256, selftest, atomic switch of current/previous, service restart), then a
 **health gate**: the runner's parity smoke test on the bundle's golden frames in ``current``, and,
 where the host serves (``edgeport_serve``), its ``/readyz``. A host that fails the gate after the
@@ -35,6 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeport.bundle import read_manifest
+from edgeport.deploy.copy import expected_digests
+from edgeport.deploy.flash import check_shippable, flash_host, model_dir_of, return_to_previous, status, version_of
+from edgeport.deploy.hosts import FlashOptions, Host, HostResult
+from edgeport.deploy.service import probe_health
+from edgeport.deploy.ssh import check_host_keys, remote_path, session
 from edgeport.errors import ConfigError, DeviceError
 
 log = logging.getLogger("edgeport")
@@ -80,13 +86,13 @@ def check_batches(batches: list[int | str]) -> list[int | str]:
 # ---------------------------------------------------------------- the playbook
 ROLE_TASKS = """\
 # edgeport's rollout role: one task per host, run on the controller (the device needs no Python for
-# Ansible); it calls edgeport's own device steps over SSH (edgeport.fleet.step) and prints one JSON line.
+# Ansible); it calls edgeport's own device steps over SSH (edgeport.deploy.fleet.step) and prints one JSON line.
 - name: edgeport step
   ansible.builtin.command:
     argv:
       - "{{ edgeport_controller_python | default(ansible_playbook_python) }}"
       - "-m"
-      - "edgeport.fleet"
+      - "edgeport.deploy.fleet"
       - "{{ edgeport_action }}"
       - "{{ {'name': edgeport_label | default(inventory_hostname),
              'address': ansible_host | default(inventory_hostname), 'user': ansible_user | default(''),
@@ -163,7 +169,7 @@ def emit(dest: Path, bundles: list[Path], opts: FleetOptions) -> list[Path]:
         "edgeport fleet project (written by `edgeport fleet rollout --emit`).\n\n"
         "  ansible-playbook -i inventory.ini rollout.yml -e @edgeport_settings.json\n"
         "  ansible-playbook -i inventory.ini rollback.yml -e @edgeport_settings.json\n\n"
-        "The controller needs edgeport installed (the role runs `python -m edgeport.fleet`; set\n"
+        "The controller needs edgeport installed (the role runs `python -m edgeport.deploy.fleet`; set\n"
         "edgeport_controller_python to its python if it is not ansible's). Devices need only the runner's\n"
         "Python (3.6+) and runtime.\n")
     return [*paths, dest / "edgeport_settings.json"]
@@ -335,8 +341,6 @@ def run_playbook(action: str, inventory: str, bundles: dict[str, str], opts: Fle
 def rollout(bundles: list[Path], inventory: str, opts: FleetOptions, action: str = "rollout") -> list[dict[str, Any]]:
     """Roll ``bundles`` out (or, with action ``rollback``, every host back to its previous version). Every bundle
     is checked (flash.check_shippable) and the inventory read before the first host is contacted."""
-    from edgeport.flash import check_shippable
-
     for b in bundles if action == "rollout" else []:
         check_shippable(b, force=getattr(opts, "force", False))
     bmap = bundle_map(bundles) if action == "rollout" else {}
@@ -348,8 +352,6 @@ def rollout(bundles: list[Path], inventory: str, opts: FleetOptions, action: str
 
 # ---------------------------------------------------------------- one host (run by the playbook's task)
 def _host(spec: dict[str, Any]) -> Any:
-    from edgeport.flash import Host
-
     address = f"{spec['user']}@{spec['address']}" if spec.get("user") else spec["address"]
     return Host(address, int(spec.get("port") or 22), spec.get("identity") or None, spec.get("python") or "python3",
                 spec["name"])
@@ -358,8 +360,6 @@ def _host(spec: dict[str, Any]) -> Any:
 def step(action: str, spec: dict[str, Any], settings: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """One host's rollout (flash's steps, then the health gate; rolled back when the gate fails after the
     switch) or rollback; (ok, the record printed for Ansible)."""
-    from edgeport.flash import FlashOptions, check_host_keys, expected_digests, flash_host, read_manifest
-
     host = _host(spec)
     opts = FlashOptions(root=spec.get("root") or "~/edgeport", known_hosts=Path(settings["known_hosts"]).expanduser(),
                         install=bool(settings.get("install")), service=bool(settings.get("service")),
@@ -408,10 +408,8 @@ def step(action: str, spec: dict[str, Any], settings: dict[str, Any]) -> tuple[b
 
 def _current_manifest(host: Any, opts: Any) -> dict[str, Any]:
     """A stand-in manifest for rollback: the model whose folder is under the root (one model per fleet)."""
-    from edgeport.flash import _q, session
-
     with session(host, opts) as ssh:
-        out = ssh.run(f"cd {_q(opts.root)} 2>/dev/null && ls -d */ 2>/dev/null", check=False,
+        out = ssh.run(f"cd {remote_path(opts.root)} 2>/dev/null && ls -d */ 2>/dev/null", check=False,
                       step="rollback").stdout.decode().split()
     if len(out) > 1:
         raise DeviceError(f"{host.label}: {len(out)} models under {opts.root} ({', '.join(m.rstrip('/') for m in out)}"
@@ -427,14 +425,12 @@ def health_gate(host: Any, opts: Any, manifest: dict[str, Any], timeout: float,
     device-side health probe). One SSH session, none when there is nothing left to ask."""
     import shlex
 
-    from edgeport.flash import _model_dir, _q, probe_health, session
-
     if selftest is not None and not opts.serve:
         return True, f"parity smoke test passed ({selftest})"
-    model_dir = _model_dir(manifest, opts.root)
+    model_dir = model_dir_of(manifest, opts.root)
     with session(host, opts) as ssh:
         if selftest is None:
-            st = ssh.run(f"cd {_q(model_dir)}/current && {shlex.quote(host.python)} runner.py --selftest",
+            st = ssh.run(f"cd {remote_path(model_dir)}/current && {shlex.quote(host.python)} runner.py --selftest",
                          check=False, timeout=600, step="health")
             lines = (st.stdout + st.stderr).decode(errors="replace").strip().splitlines()
             if st.returncode != 0:
@@ -449,10 +445,8 @@ def health_gate(host: Any, opts: Any, manifest: dict[str, Any], timeout: float,
 
 
 def _roll_back(host: Any, opts: Any, manifest: dict[str, Any], why: str) -> str:
-    from edgeport.flash import _model_dir, return_to_previous, session
-
     with session(host, opts) as ssh:
-        prev, _ = return_to_previous(ssh, manifest, _model_dir(manifest, opts.root), opts.service,
+        prev, _ = return_to_previous(ssh, manifest, model_dir_of(manifest, opts.root), opts.service,
                                      f"rolled back: {why}")
     return f"rolled back to {prev}"
 
@@ -460,8 +454,6 @@ def _roll_back(host: Any, opts: Any, manifest: dict[str, Any], why: str) -> str:
 def flash_many(bundle: Path, manifest: dict[str, Any], hosts: list[Any], opts: Any) -> list[Any]:
     """``edgeport flash`` to several hosts: through this engine (Ansible, one batch of all hosts, ``--jobs`` forks,
     no host's failure stopping another), after flash's own host-key checks (first contact included)."""
-    from edgeport.flash import HostResult, check_host_keys, version_of
-
     if importlib.util.find_spec("ansible_runner") is None:
         raise ConfigError("flashing several hosts runs through Ansible: pip install 'edgeport[fleet]' (or flash one "
                           "--host at a time)")
@@ -509,8 +501,6 @@ def flash_many(bundle: Path, manifest: dict[str, Any], hosts: list[Any], opts: A
 def fleet_status(inventory: str, known_hosts: str) -> list[dict[str, Any]]:
     """Per inventory host: current and previous version, service, health and the last rollout (history.log's last
     line), all from edgeport.flash.status (one SSH session per host)."""
-    from edgeport.flash import FlashOptions, status
-
     rows = []
     for name, v in inventory_hosts(load_inventory(inventory)).items():
         spec = {"name": name, "address": v.get("ansible_host", name), "user": v.get("ansible_user", ""),
@@ -522,7 +512,7 @@ def fleet_status(inventory: str, known_hosts: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edgeport.fleet ACTION HOST_JSON SETTINGS_JSON``: one host's step, one JSON line on stdout."""
+    """``python -m edgeport.deploy.fleet ACTION HOST_JSON SETTINGS_JSON``: one host's step, one JSON line on stdout."""
     argv = sys.argv[1:] if argv is None else argv
     action, spec, settings = argv[0], json.loads(argv[1]), json.loads(argv[2])
     try:

@@ -98,7 +98,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
     opt = cfg.optimize
     max_drop = cfg.quantize.max_drop
     sel = val.subset(split_halves(val, cfg.validation.split)["selection"])
-    original = load_model(cfg.model.source, cfg.model.weights, cfg.root, seed=cfg.model.seed)
+    original = load_model(cfg.model.model, cfg.model.weights, cfg.root, seed=cfg.model.seed)
     example = torch.from_numpy(images.data[:1].copy())
     outputs = [n for n, _ in named_outputs(first_forward(original, example))]
     key, ref_value, ref_packed = _score(original, outputs, sel, None)

@@ -1,0 +1,2 @@
+"""INT8 machinery shared by the backends, written once: activation ranges (one class per method).
+"""
