@@ -26,8 +26,8 @@ RECOMMENDED = 300
 # The floor: below ~50 frames, per-tensor activation ranges follow a handful of scenes (one
 # bright frame sets a max range). NNCF's default subset is 300 and NVIDIA recommends ~500;
 # Ultralytics' Jetson table shows INT8 losing half its mAP with 4 calibration images.
-# 50 still admits small labelled sets such as CamVid val (101). On the default model (homogeneous
-# synthetic scenes) 4, 8, 50 and 300 frames all gave 94.9 mIoU: that model is too easy to show it.
+# 50 still admits small labelled sets such as CamVid val (101). The default model (homogeneous synthetic
+# scenes) is too easy to show the floor (docs/code-figures.md).
 MINIMUM = 50
 SYNTHETIC = "synthetic://"
 

@@ -42,6 +42,7 @@ from edgeport.flags import (
     OUTPUT_GROUP,
     VALIDATE,
     Flag,
+    dashed,
     opt,
     positive,
     ratio_or_auto,
@@ -174,7 +175,7 @@ class QuantizeConfig:
     int8_ignore_types: list[str] = field(default_factory=list, metadata={
         "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_types",)})
     accuracy_control: bool | None = opt(None, flag=Flag(
-        "keep the most harmful layers in float until the INT8 drop is within --max-drop (default: on when "
+        "keep the most harmful layers in float until the INT8 drop is within max_drop (default: on when "
         "--val-images has labels)", INT8_GROUP, action="bool", readers=(OV, TFL, TRT), int8=True))
     max_drop: float = opt(1.0, flag=Flag(
         "largest task-metric drop from PyTorch in points (default [quantize] max_drop, 1.0)", INT8_GROUP,
@@ -198,8 +199,8 @@ class QuantizeConfig:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ConfigError(f"{where}: ignored pattern {pattern!r} (--int8-ignore / int8_ignore) is not a "
-                                  f"regular expression: {e}") from None
+                raise ConfigError(f"{where}: ignored pattern {pattern!r} ({dashed('int8_ignore')} / int8_ignore) is "
+                                  f"not a regular expression: {e}") from None
 
     @property
     def has_ignored(self) -> bool:

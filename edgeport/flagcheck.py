@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeport.config import quantize_settings
 from edgeport.errors import ConfigError
+from edgeport.flags import dashed
 from edgeport.tasks import get as get_task
 
 if TYPE_CHECKING:
@@ -32,25 +33,25 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
                 raise ConfigError(f"[quantize] {field} cannot take effect on {', '.join(deaf)}: that backend cannot "
                                   "keep layers in float; build those targets with a config without it")
             continue
-        dashed = "--" + field.replace("_", "-")
+        name = dashed(field)
         if not int8:
-            raise ConfigError(f"{dashed} has no effect: no selected target builds INT8 (selected: {selected}); add "
+            raise ConfigError(f"{name} has no effect: no selected target builds INT8 (selected: {selected}); add "
                               "an INT8 target such as intel-cpu:int8, or drop the flag")
         if len(deaf) == len(int8):
             who = f"only {' and '.join(readers)} INT8 read it" if readers else "no backend reads it"
-            raise ConfigError(f"{dashed} has no effect on the selected INT8 targets ({', '.join(deaf)}): {who}; drop "
+            raise ConfigError(f"{name} has no effect on the selected INT8 targets ({', '.join(deaf)}): {who}; drop "
                               "the flag or add such a target")
         if every and deaf:
-            raise ConfigError(f"{dashed} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
-                              f"float; build it separately without {dashed}")
+            raise ConfigError(f"{name} cannot take effect on {', '.join(deaf)}: that backend cannot keep layers in "
+                              f"float; build it separately without {name}")
     check_val_labels(given.get("val_labels"), given.get("val_images") or cfg.validation.val_images)
     val_images = given.get("val_images") or cfg.validation.val_images or own_scenes
     task = get_task(cfg.input.task)
     if given.get("val_labels") and not task.label_folder:
         raise ConfigError(f"--val-labels is for segmentation label maps; {task.labelled_how}")
     if given.get("max_drop") is not None and not val_images:
-        raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images (and "
-                          "--val-labels), whose task metric it limits")
+        raise ConfigError(f"{dashed('max_drop')} has no effect without labelled validation data: pass "
+                          "--val-images (and --val-labels), whose task metric it limits")
     if given.get("recover_steps") is not None and not cfg.optimize.prune:
         raise ConfigError("--recover-steps has no effect without pruning: it distils a pruned model from the original; "
                           "add --prune 0.3 (or [optimize] prune), or drop the flag")

@@ -49,6 +49,11 @@ class Flag:
         return "Any"
 
 
+def dashed(name: str) -> str:
+    """An option's flag from its field name, for messages: 'max_drop' -> '--max-drop'."""
+    return "--" + name.replace("_", "-")
+
+
 def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, flag: Flag) -> Any:
     """A config dataclass field declared with its flag."""
     if factory is not dataclasses.MISSING:

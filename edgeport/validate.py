@@ -27,6 +27,7 @@ from edgeport.bundle import failed_gates, read_manifest, verify_bundle
 from edgeport.config import ProjectConfig
 from edgeport.errors import BundleError, ConfigError, EdgeportError
 from edgeport.evaluate import LabelledSet
+from edgeport.flags import dashed
 from edgeport.model import default_name, file_sha256, source_fingerprint
 from edgeport.preprocess import InputSpec, to_layout
 from edgeport.progress import progress
@@ -293,8 +294,8 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
     if max_images is not None and data is None:
         raise ConfigError("--max-images has no effect without a dataset: pass --val-images (or [validation] images)")
     if max_drop is not None and not ref_metrics:
-        raise ConfigError("--max-drop has no effect without labelled validation data: pass --val-images with "
-                          "--val-labels (segmentation) or class sub-folders (classification)")
+        raise ConfigError(f"{dashed('max_drop')} has no effect without labelled validation data: pass "
+                          "--val-images with --val-labels (segmentation) or class sub-folders (classification)")
     drop_limit = max_drop  # None: each bundle's recorded max_drop (the build's), else the project's
     results = []
     for bundle, manifest in progress(list(zip(bundles, manifests)), "validating bundles"):

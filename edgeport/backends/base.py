@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edgeport.errors import BackendUnavailableError, ConversionError, EdgeportError
+from edgeport.flags import dashed
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -93,8 +94,8 @@ def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
     for pattern in quant.int8_ignore:
         hits = {n for n, _ in nodes if re.search(pattern, n)}
         if not hits:
-            raise ConversionError(f"--int8-ignore / [quantize] int8_ignore {pattern!r} matches no layer of the model "
-                                  f"(the exported ONNX's node names, such as {nodes[0][0]!r})")
+            raise ConversionError(f"{dashed('int8_ignore')} / [quantize] int8_ignore {pattern!r} matches no layer of "
+                                  f"the model (the exported ONNX's node names, such as {nodes[0][0]!r})")
         found |= hits
     for kind in quant.int8_ignore_types:
         hits = {n for n, t in nodes if t == kind}

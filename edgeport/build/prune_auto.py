@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeport.flags import dashed
 from edgeport.errors import PruningError
 from edgeport.tables import points
 
@@ -136,7 +137,7 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
         raise PruningError(f"--prune auto: no ratio of {', '.join(f'{r:g}' for r in opt.prune_grid)} stays within "
                            f"max_drop {max_drop:g} on the selection half after recovery (the best, {best['ratio']:g}, "
                            f"loses {points(best['drop'], max_drop)} {key} points): recover longer "
-                           "(--recover-steps), give smaller ratios ([optimize] prune_grid), or raise --max-drop")
+                           f"(--recover-steps), give smaller ratios ([optimize] prune_grid), or raise {dashed('max_drop')}")
     return max(good), rows, recovered
 
 

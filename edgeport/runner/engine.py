@@ -119,10 +119,9 @@ def resident_bytes():
 class LatencyStats(object):
     """Count, mean, min, max and percentiles of millisecond figures in fixed memory.
 
-    A runner is a service that runs for days: keeping every latency (0.06 MB per 1,000 frames for
-    two lists) grows without bound. Values go into log-spaced bins 1 % apart from 1 us to 1000 s
-    (2,100 counters); a percentile is read back to within 0.5 % of the exact one, the extremes
-    exactly.
+    A runner is a service that runs for days: keeping every latency grows without bound. Values go into
+    log-spaced bins 1 % apart from 1 us to 1000 s (2,100 counters); a percentile is read back to within
+    0.5 % of the exact one, the extremes exactly.
     """
 
     LOW, RATIO, BINS = 1e-3, 1.01, 2100

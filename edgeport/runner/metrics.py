@@ -17,8 +17,8 @@ def class_argmax(arr, axis):
     """np.argmax over a class axis, ties to the first class.
 
     For a few classes on a non-last axis (NCHW maps) a running maximum over the class planes gives
-    the same result several times faster than numpy's strided reduction (0.07 vs 0.44 ms for
-    7x120x160), which matters at a thousand frames a second and on whole validation sets.
+    the same result several times faster than numpy's strided reduction (docs/code-figures.md), which
+    matters at a thousand frames a second and on whole validation sets.
     """
     axis = axis % arr.ndim
     n = arr.shape[axis]

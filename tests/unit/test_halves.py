@@ -52,7 +52,7 @@ def test_config_refuses_an_unknown_split():
 
 def test_the_loops_hold_the_worse_half_of_the_selection_set():
     """DropGauge: 2 of 8 wrong, both in the first half: 25 points on the whole set, 50 on the first half."""
-    from edgeport.evaluate import DropGauge
+    from edgeport.quantize.loop import DropGauge
 
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
     ds = LabelledSet("test", "classification", np.zeros((8, 1), np.float32), labels, [{}] * 8,
@@ -70,7 +70,7 @@ def test_the_loops_hold_the_worse_half_of_the_selection_set():
 def test_the_loops_record_keeps_a_trial_only_when_it_holds_less():
     """Tuning: a group tried at once (a detector's heads) is kept only if it lowers the drop held; the report
     gives the first step's drops as 'before' and the last kept step's as 'after'."""
-    from edgeport.evaluate import DropGauge, Tuning
+    from edgeport.quantize.loop import DropGauge, Tuning
 
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
     ds = LabelledSet("test", "classification", np.zeros((8, 1), np.float32), labels, [{}] * 8,

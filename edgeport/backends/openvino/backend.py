@@ -21,6 +21,7 @@ from edgeport.backends.base import (
 )
 from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
+from edgeport.flags import dashed
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -187,7 +188,7 @@ class OpenVINOBackend(DeviceBackend):
             for n in port.get_names():
                 if n in wanted:
                     got[n] = np.asarray(res[port])
-        return got, "--int8-ignore '{name}' (or [quantize] int8_ignore_names)"
+        return got, dashed("int8_ignore") + " '{name}' (or [quantize] int8_ignore_names)"
 
     def available(self) -> Availability:
         """Installed or not, with versions (nncf is needed for INT8 only)."""
@@ -297,7 +298,7 @@ class OpenVINOBackend(DeviceBackend):
                      ", ".join(report["kept_float"]) or "nothing")
         if report["fake_quantize_nodes"] == 0:
             raise ConversionError("NNCF inserted no quantizers: nothing in this model was quantized to INT8 "
-                                  "(check --int8-ignore)")
+                                  f"(check {dashed('int8_ignore')})")
         return qmodel, report
 
     def _run_nncf(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,

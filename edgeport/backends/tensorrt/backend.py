@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from edgeport.backends.base import Artifacts, Availability, DeviceBackend, Quantization, Runtime, TensorInfo, probe
 from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
+from edgeport.flags import dashed
 
 if TYPE_CHECKING:
     from edgeport.calibration import CalibrationSet
@@ -59,7 +60,7 @@ class TensorRTBackend(DeviceBackend):
 
         files = manifest["files_by_role"]
         got, _ = ort_tensors(bundle / files.get("qdq", files["model"]), x)
-        return got, "--int8-ignore '{name}' keeps it out of the Q/DQ model (TensorRT runs it in FP16)"
+        return got, dashed("int8_ignore") + " '{name}' keeps it out of the Q/DQ model (TensorRT runs it in FP16)"
 
     def qdq_model(self, bundle: Path, manifest: dict[str, Any]) -> Path | None:
         """model_qdq.onnx of an INT8 bundle."""

@@ -1,17 +1,9 @@
-"""Accuracy-aware INT8 for TensorRT: weighted layers kept in float until the drop is within max_drop.
+"""Accuracy-aware INT8 for TensorRT: the Q/DQ model as the shared loop (edgeport.quantize.loop) keeps layers in float.
 
-TensorRT runs a layer without Q/DQ in FP16/FP32 (explicit quantization), so keeping a layer in
-float means writing the Q/DQ model without it. The loop, on the selection half of the labelled set:
-
-1. write the Q/DQ model, run it in ONNX Runtime, measure the task metric's drop from the FP32 ONNX
-   (without labels: the drop of agreement with FP32, in points);
-2. while the drop exceeds max_drop (on the whole selection set or on either of its halves:
-   edgeport.evaluate.DropGauge), rank the quantized weighted layers by the error each adds by
-   itself (per-channel relative squared error of its output minus that of its input, both against
-   FP32, on a few images), keep the worst in float, and measure again;
-3. stop within max_drop on the whole set and on both halves, or after a quarter of the weighted
-   layers (at most 12): what is kept, and the drop before and after, go to the manifest whatever
-   the outcome (the build's gate judges the result on the report half).
+TensorRT runs a layer without Q/DQ in FP16/FP32 (explicit quantization), so keeping a layer in float means
+writing the Q/DQ model without it; it runs in ONNX Runtime on the selection half, and a quantized weighted layer's
+cost is the per-channel relative squared error of its output minus that of its input, both against FP32, on a few
+images.
 """
 from __future__ import annotations
 
@@ -81,65 +73,75 @@ def last_weighted(onnx: Path) -> set[str]:
     return {n.name for n in graph.node if n.op_type in weighted and not any(reaches(o) for o in n.output)}
 
 
+class QdqModel:
+    """The Q/DQ model as the shared accuracy-aware loop (edgeport.quantize.loop) writes and measures it: the ONNX
+    with Q/DQ pairs for ``amax``, written to ``out`` with some weighted nodes left in float (TensorRT runs those
+    in FP16/FP32), run in ONNX Runtime on the selection set."""
+
+    def __init__(self, onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet) -> None:
+        self.onnx, self._write, self.out, self.keep, self.val = onnx, write, out, keep, val
+        self.quantized: set[str] = write(keep)  # the weighted nodes the model last written quantizes
+        self.weighted = len(self.quantized)
+        self._reference: Any = None  # the FP32 tensors on the ranking images: the same at every step
+
+    def write(self, kept: list[str]) -> None:
+        """The Q/DQ model with ``kept`` (beyond the user's ignored nodes) in float."""
+        self.quantized = self._write(self.keep | set(kept))
+
+    def outputs(self) -> np.ndarray:
+        """The model last written, on the selection set."""
+        return _run(self.out, self.val)
+
+    def heads(self) -> list[str]:
+        """The last weighted nodes (a detector's box and score convolutions) that are quantized."""
+        return sorted(last_weighted(self.onnx) & self.quantized)
+
+    def describe(self, name: str, what: str) -> str:
+        """A node by its ONNX name."""
+        return name
+
+    def rank(self, kept: list[str]) -> list[tuple[str, str, float]]:
+        """The quantized weighted nodes by the error each adds by itself (``rank_layers``), worst first."""
+        if self._reference is None:
+            from edgeport.localize import ort_tensors_each
+
+            self._reference = ort_tensors_each(self.onnx, self.val.inputs[:RANK_IMAGES])
+        ranked = rank_layers(self._reference, self.out, self.val.inputs[:RANK_IMAGES], self.quantized - set(kept))
+        return [(name, "layer", added) for name, added in ranked]
+
+
 def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: Any, out: Path, val: LabelledSet,
                   layout: str) -> tuple[str, dict[str, float], tuple[Any, np.ndarray]]:
     """Of activation ranges by several methods ({method: amax}, the configured method first), the one whose
     Q/DQ model (``write(amax)`` writes it to ``out``) holds the smaller drop on the selection half
-    (edgeport.evaluate.DropGauge; a tie keeps the first); (its method, {method: drop held}, (the gauge, the
-    chosen plain Q/DQ model's outputs): where the accuracy loop starts). As for TFLite: no one method wins on
-    every model (edgeport.backends.tflite.fallback.choose_ranges)."""
-    from edgeport.evaluate import DropGauge
+    (edgeport.quantize.loop.choose_ranges); (its method, {method: drop held}, (the gauge, the chosen plain Q/DQ
+    model's outputs): where the accuracy loop starts)."""
+    from edgeport.quantize.loop import DropGauge
+    from edgeport.quantize.loop import choose_ranges as choose
 
     gauge = DropGauge(_run(onnx, val), val, layout)
-    held, outputs = {}, {}
-    for method, amax in candidates.items():
+
+    def plain(method: str, amax: dict[str, float]) -> np.ndarray:
         write(amax)
-        outputs[method] = _run(out, val)
-        held[method] = float(gauge(outputs[method])[1])
-    chosen = min(held, key=lambda m: held[m])
-    log.info("activation ranges chosen on the selection half: %s (%s drop): %s",
-             ", ".join(f"{m} holds {d:.4f}" for m, d in held.items()), gauge.key, chosen)
+        return _run(out, val)
+
+    chosen, held, outputs = choose(candidates, plain, gauge, lambda msg: log.info("%s", msg))
     return chosen, held, (gauge, outputs[chosen])
 
 
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str,
                       max_drop: float, start: tuple[Any, np.ndarray] | None = None) -> dict[str, Any]:
-    """Keep the layers that cost most in float until the drop is within ``max_drop`` (module docstring).
+    """Keep the weighted nodes that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
     ``keep`` left in float. ``start``: (the drop gauge, the plain Q/DQ model's outputs on the selection half)
-    when the range choice has measured them already. Returns the report: kept layers, drops before and after,
+    when the range choice has measured them already. Returns the report: kept nodes, drops before and after,
     every step."""
-    from edgeport.evaluate import DropGauge, Tuning
+    from edgeport.quantize.loop import DropGauge
+    from edgeport.quantize.loop import accuracy_fallback as loop
 
+    model = QdqModel(onnx, write, out, keep, val)
     gauge, plain = start or (DropGauge(_run(onnx, val), val, layout), None)
-    quantized = write(keep)
-    tuning = Tuning(gauge, max_drop, _run(out, val) if plain is None else plain, len(val), val.labelled)
-    kept: list[str] = []
-    limit = min(12, max(1, len(quantized) // 4))
-    heads = sorted(last_weighted(onnx) & quantized)
-    if tuning.over and heads:  # the heads (a detector's box and score convolutions) as one step, if it helps
-        trial = write(keep | set(heads))
-        if tuning.trial(heads, _run(out, val)):
-            kept, quantized = list(heads), trial
-            log.info("accuracy fallback: kept the last weighted layers (%s) in float: drop %.4f (worst half %.4f)",
-                     ", ".join(heads), tuning.drop, tuning.held)
-            limit += len(heads)
-        else:
-            quantized = write(keep)
-    reference = None  # the FP32 tensors on the ranking images: the same at every step
-    while tuning.over and len(kept) < limit:
-        if reference is None:
-            from edgeport.localize import ort_tensors_each
-
-            reference = ort_tensors_each(onnx, val.inputs[:RANK_IMAGES])
-        ranked = rank_layers(reference, out, val.inputs[:RANK_IMAGES], quantized - set(kept))
-        if not ranked:
-            break
-        worst, added = ranked[0]
-        kept.append(worst)
-        log.info("accuracy fallback: %s %.4f points over max_drop %g (the selection set or its worse half); keeping "
-                 "%s in float (adds %.3g relative error)", gauge.key, tuning.held - max_drop, max_drop, worst, added)
-        quantized = write(keep | set(kept))
-        tuning.step(kept, _run(out, val))
-    return tuning.report(kept)
+    tuning, kept = loop(model, gauge, max_drop, model.outputs() if plain is None else plain, val,
+                        lambda msg: log.info("%s", msg))
+    return tuning.report([name for name, _ in kept])

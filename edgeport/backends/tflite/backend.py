@@ -27,6 +27,7 @@ from edgeport.cache import TMP_PREFIX
 from edgeport.children import run_child
 from edgeport.config import QuantizeConfig, read_by
 from edgeport.errors import ConversionError
+from edgeport.flags import dashed
 from edgeport.progress import progress
 
 if TYPE_CHECKING:
@@ -281,7 +282,8 @@ class TFLiteBackend(DeviceBackend):
         if other:
             raise ConversionError(f"TFLite INT8 can keep only convolutions in float; {', '.join(other[:3])}"
                                   + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-                                  + " matched [quantize] ignored_* / --int8-ignore: narrow the match to Conv layers")
+                                  + f" matched [quantize] int8_ignore* / {dashed('int8_ignore')}: narrow the match to "
+                                  "Conv layers")
         return [[*numbering[n], n] for n in sorted(keep)]
 
     def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:

@@ -81,7 +81,7 @@ class _Selection:
     def gauge(self, calibrated: bytes) -> Any:
         """The drop gauge against the float model (``calibrated`` run in float: its recorded ranges do not
         change that, so every candidate's calibrated model gives the same gauge, measured once)."""
-        from edgeport.evaluate import DropGauge
+        from edgeport.quantize.loop import DropGauge
 
         if self._gauge is None:
             self._gauge = DropGauge(self.outputs(calibrated), self.val, "NHWC")
@@ -91,66 +91,77 @@ class _Selection:
 def choose_ranges(candidates: dict[str, bytes], selection: _Selection,
                   given: list[str]) -> tuple[str, dict[str, float], dict[str, tuple[bytes, Any]]]:
     """Of calibrated models that differ only in their activation ranges ({method: model}, the configured method
-    first), the one whose plain INT8 holds the smaller drop on the selection half (edgeport.evaluate.DropGauge;
-    a tie keeps the first); (its method, {method: drop held}, {method: (its plain INT8, its outputs)}: the
-    accuracy loop starts from the chosen one's).
+    first), the one whose plain INT8 holds the smaller drop on the selection half (edgeport.quantize.loop
+    .choose_ranges); (its method, {method: drop held}, {method: (its plain INT8, its outputs)}: the accuracy loop
+    starts from the chosen one's)."""
+    from edgeport.quantize.loop import choose_ranges as choose
 
-    Chosen per model because no one method wins everywhere: the 99.99th percentile wins on the CamVid U-Net,
-    min/max on the CenterNet detector of tests/models/centernet.py, whose box regression the clipped top 0.01 %
-    costs (the figures: docs/ranges.md)."""
+    blobs: dict[str, bytes] = {}
+
+    def plain(method: str, calibrated: bytes) -> Any:
+        blobs[method] = quantize(calibrated, given)
+        return selection.outputs(blobs[method])
+
     gauge = selection.gauge(next(iter(candidates.values())))
-    tried, held = {}, {}
-    for m, calibrated in candidates.items():
-        blob = quantize(calibrated, given)
-        tried[m] = (blob, selection.outputs(blob))
-        held[m] = float(gauge(tried[m][1])[1])
-    chosen = min(held, key=lambda m: held[m])
-    _stage("activation ranges chosen on the selection half: " + ", ".join(
-        f"{m} holds {d:.4f}" for m, d in held.items()) + f" ({gauge.key} drop): {chosen}")
-    return chosen, held, tried
+    chosen, held, outputs = choose(candidates, plain, gauge, _stage)
+    return chosen, held, {m: (blobs[m], outputs[m]) for m in candidates}
+
+
+class SelectiveModel:
+    """The INT8 model as the shared accuracy-aware loop (edgeport.quantize.loop) writes and measures it:
+    TensorFlow's selective quantization of the calibrated model, the layers kept in float (and the user's
+    ``given``) denylisted, QUANTIZE/DEQUANTIZE around them; its heads are the last weighted ops and every op after
+    them (``decode_tail``), whose outputs then stay in float too."""
+
+    def __init__(self, plain: bytes, calibrated: bytes, selection: _Selection, given: list[str]) -> None:
+        self.blob, self.calibrated, self.selection, self.given = plain, calibrated, selection, given
+        self.weighted = sum(op["op_name"] in QUANTIZED_OPS
+                            for op in _interpreter(plain)._get_ops_details())  # noqa: SLF001 (no public op list)
+        self.tail = decode_tail(calibrated)
+        self._reference: Any = None  # the float model's tensors on the ranking images: the same at every step
+
+    def write(self, kept: list[str]) -> None:
+        """The model with ``kept`` in float (and the model's outputs in float when the heads are among them)."""
+        self.blob = quantize(self.calibrated, self.given + list(kept), float_outputs=bool(set(kept) & set(self.tail)))
+
+    def outputs(self) -> Any:
+        """The model last written, on the selection half."""
+        return self.selection.outputs(self.blob)
+
+    def heads(self) -> list[str]:
+        """The heads and the ops after them (``decode_tail``)."""
+        return list(self.tail)
+
+    def describe(self, name: str, what: str) -> str:
+        """An op and the TensorFlow op its fused tensor name ends in."""
+        return f"{what} {short_name(name)}"
+
+    def rank(self, kept: list[str]) -> list[tuple[str, str, float]]:
+        """The ops that compute in int8 by the error each adds (``rank_ops``), worst first."""
+        images = self.selection.images[:RANK_IMAGES]
+        self._reference = self._reference or all_tensors(self.calibrated, images)
+        return rank_ops(self.blob, self._reference, images, set(kept) | set(self.given))
 
 
 def accuracy_fallback(plain: bytes, calibrated: bytes, selection: _Selection, given: list[str],
                       plain_outputs: Any = None) -> tuple[bytes, dict[str, Any]]:
-    """Keep the TFLite ops that add the most error in float (TensorFlow's selective quantization: the
-    quantizer's denylisted nodes, with QUANTIZE/DEQUANTIZE around them) until the task metric's drop from
-    the float model on the selection half, and on each of its halves (edgeport.evaluate.DropGauge), is within
-    max_drop; at most a quarter of the weighted ops (12). ``plain_outputs``: ``plain``'s outputs on the
-    selection half, when the range choice has measured them already."""
-    from edgeport.evaluate import Tuning
+    """Keep the TFLite ops that add the most error in float (``SelectiveModel``) until the task metric's drop from
+    the float model on the selection half, and on each of its halves, is within max_drop
+    (edgeport.quantize.loop.accuracy_fallback). ``plain_outputs``: ``plain``'s outputs on the selection half, when
+    the range choice has measured them already. Returns the model and the report."""
+    from edgeport.quantize.loop import HEADS
+    from edgeport.quantize.loop import accuracy_fallback as loop
 
-    images, outputs = selection.images, selection.outputs
-    max_drop = float(selection.job["max_drop"])
-    gauge = selection.gauge(calibrated)  # the whole selection set and its halves: the worst held
-    blob = plain
-    tuning = Tuning(gauge, max_drop, outputs(blob) if plain_outputs is None else plain_outputs, len(images),
-                    selection.val.labelled)
-    n_weighted = sum(op["op_name"] in QUANTIZED_OPS for op in _interpreter(plain)._get_ops_details())  # noqa: SLF001
-    limit = min(12, max(1, n_weighted // 4))
-    kept: list[tuple[str, str]] = []
-    _stage(f"accuracy-aware INT8: {gauge.key} drop {tuning.drop:.4f} on the selection half ({len(images)} images; "
-           f"worse of its halves {tuning.held:.4f}), max_drop {max_drop:g}")
-    tail = decode_tail(calibrated)
-    if tuning.over and tail:  # the heads and what follows them (a detector's box decoding): as one step
-        trial = quantize(calibrated, given + tail, float_outputs=True)
-        if tuning.trial(tail, outputs(trial)):
-            blob = trial
-            kept += [(t, "decode tail") for t in tail]
-            _stage(f"kept the last weighted layers and the {len(tail)} op(s) from them on in float: drop "
-                   f"{tuning.drop:.4f}")
-    reference = None  # the float model's tensors on the ranking images: the same at every step
-    while tuning.over and len(kept) < limit + len(tail):
-        reference = reference or all_tensors(calibrated, images[:RANK_IMAGES])
-        ranked = rank_ops(blob, reference, images[:RANK_IMAGES], {k for k, _ in kept} | set(given))
-        if not ranked:
-            break
-        name, op, added = ranked[0]
-        kept.append((name, op))
-        with_tail = any(op == "decode tail" for _, op in kept)
-        blob = quantize(calibrated, given + [k for k, _ in kept], float_outputs=with_tail)
-        tuning.step([k for k, _ in kept], outputs(blob))
-        _stage(f"kept {op} {short_name(name)} in float (adds {added:.3g} relative error): drop {tuning.drop:.4f}")
-    return blob, tuning.report(_kept_names(kept), kept_tensors=[k for k, _ in kept], ops=[op for _, op in kept])
+    model = SelectiveModel(plain, calibrated, selection, given)
+
+    def say(msg: str) -> None:
+        _stage(msg)
+
+    tuning, kept = loop(model, selection.gauge(calibrated), float(selection.job["max_drop"]),
+                        model.outputs() if plain_outputs is None else plain_outputs, selection.val, say)
+    named = [(k, "decode tail" if what == HEADS else what) for k, what in kept]
+    return model.blob, tuning.report(_kept_names(named), kept_tensors=[k for k, _ in named],
+                                     ops=[op for _, op in named])
 
 
 def _kept_names(kept: list[tuple[str, str]]) -> list[str]:

@@ -123,11 +123,10 @@ class Detection(Task):
         return dataclasses.replace(spec, task_options=options)
 
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
-        """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most:
-        2.3 % of the range in FP16 on the embedded detector while its detections held), and in INT8 the cosine of
-        the score output is set by thousands of near-zero background scores (0.979 for the CamVid detector in
-        TFLite INT8, whose mAP moved by 0.16): the detections' agreement and the mAP drop are the gates there, the
-        cosine floor drops to 0.95. FP32 keeps every check (export and conversion bugs show there)."""
+        """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most
+        while the detections hold), and in INT8 the cosine of the score output is set by thousands of near-zero
+        background scores (docs/code-figures.md): the detections' agreement and the mAP drop are the gates there,
+        the cosine floor drops to 0.95. FP32 keeps every check (export and conversion bugs show there)."""
         if precision == "fp32":
             return tol
         out = {**tol, "max_rel": None}

@@ -1,0 +1,170 @@
+"""Accuracy-aware INT8, written once for every backend that keeps layers in float itself (TensorRT's Q/DQ model,
+TFLite's selective quantization; OpenVINO's is NNCF's): the drop gauge, the choice of activation ranges, and the
+loop that keeps the layers that cost most in float until the drop is within max_drop.
+
+A backend supplies an ``Int8Model`` (how to write the INT8 model with some layers in float, run it on the
+selection set, rank its quantized layers by the error each adds, and which layers are its heads); on the selection
+half of the labelled set the loop then
+
+1. measures the plain INT8 model's drop from FP32 (the task metric; without labels, agreement with FP32 in points),
+   on the whole set and on each of its halves (``DropGauge``: the worst of them is the drop held);
+2. if the drop held is over max_drop, tries the heads in float at once (a detector's box regression and scores),
+   kept only if that holds a smaller drop;
+3. while the drop held is over max_drop, keeps the layer that adds the most error in float, writes and measures
+   again; at most a quarter of the weighted layers (12 at the most), plus the heads when they were kept.
+
+What is kept, and the drop before and after, go to the manifest whatever the outcome: the build's gate judges the
+result on the report half, which chose nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeport.evaluate import LabelledSet, score, split_halves
+
+HEADS = "heads"  # the label of the layers kept by the heads step
+
+
+class DropGauge:
+    """The drop edgeport's accuracy-aware loops hold within max_drop on a selection set: the worse of the drop on
+    the whole set and on each of its two halves (in blocks, whatever ``[validation] split`` is: the selection
+    set is already one side of that split, and its halves only need to keep neighbouring frames together). A
+    decision that holds on both halves of the tuning data, not only on their sum, is one the report half is
+    likelier to confirm: a drop just under max_drop on the sum whose halves disagree keeps tuning (sets of fewer
+    than 4 samples: the whole set only)."""
+
+    def __init__(self, fp32: np.ndarray, ds: LabelledSet, layout: str) -> None:
+        n = len(ds)
+        parts = [list(range(n))] + (list(split_halves(ds).values()) if n >= 4 else [])
+        self.fp32, self.layout = fp32, layout
+        self.parts = [(idx, ds.subset(idx) if len(idx) < n else ds) for idx in parts]
+        refs = [score(fp32[idx], fp32[idx], sub, layout) for idx, sub in self.parts]
+        self.key, self.reference = refs[0]
+        self.refs = [r for _, r in refs]
+
+    def __call__(self, got: np.ndarray) -> tuple[float, float]:
+        """(the drop on the whole set, the drop held: the worst of the whole and each half)."""
+        drops = [ref - score(got[idx], self.fp32[idx], sub, self.layout)[1]
+                 for ref, (idx, sub) in zip(self.refs, self.parts)]
+        return drops[0], max(drops)
+
+
+class Tuning:
+    """The record of an accuracy-aware loop: the drop and the drop held (``DropGauge``) at every step, what was
+    kept in float at each, and the report it writes into the manifest."""
+
+    def __init__(self, gauge: DropGauge, max_drop: float, first: np.ndarray, images: int, labelled: bool) -> None:
+        self.gauge, self.max_drop, self.images, self.labelled = gauge, max_drop, images, labelled
+        drop, held = gauge(first)
+        self.steps: list[dict[str, Any]] = [{"kept": [], "drop": drop, "held": held}]
+
+    @property
+    def drop(self) -> float:
+        """The whole selection set's drop at the step kept."""
+        return float(self.steps[-1]["drop"])
+
+    @property
+    def held(self) -> float:
+        """The drop held at the step kept: the worst of the whole set and its halves."""
+        return float(self.steps[-1]["held"])
+
+    @property
+    def over(self) -> bool:
+        """True while the drop held is beyond max_drop."""
+        return self.held > self.max_drop
+
+    def step(self, kept: list[str], got: np.ndarray) -> None:
+        """Record the outputs ``got`` with ``kept`` in float as the next step."""
+        drop, held = self.gauge(got)
+        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
+
+    def trial(self, kept: list[str], got: np.ndarray) -> bool:
+        """Record ``got`` as the next step only if it holds a smaller drop (a group tried at once, such as a
+        detector's heads); True when it was kept."""
+        drop, held = self.gauge(got)
+        if held >= self.held:
+            return False
+        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
+        return True
+
+    def report(self, kept_float: list[str], **extra: Any) -> dict[str, Any]:
+        """The manifest's ``accuracy_fallback``: metric, drops before and after (whole set and held), the layers
+        kept in float, every step."""
+        return {"metric": self.gauge.key, "reference": self.gauge.reference, "max_drop": self.max_drop,
+                "drop_before": self.steps[0]["drop"], "drop_after": self.drop, "held_before": self.steps[0]["held"],
+                "held_after": self.held, "kept_float": kept_float, "steps": self.steps, "images": self.images,
+                "met": not self.over, "labelled": self.labelled, **extra}
+
+
+class Int8Model(Protocol):
+    """What a backend supplies to the loop: one INT8 model, written again with layers kept in float."""
+
+    weighted: int  # the quantized weighted layers of the plain model (the loop's limit is a quarter of them)
+
+    def write(self, kept: list[str]) -> None:
+        """Write the INT8 model with the layers ``kept`` (beyond the user's own) in float."""
+
+    def outputs(self) -> np.ndarray:
+        """The model last written, run on the selection set, its outputs packed as the task reads them."""
+
+    def heads(self) -> list[str]:
+        """The layers the heads step keeps in float at once (the last weighted layers, what follows them)."""
+
+    def rank(self, kept: list[str]) -> list[tuple[str, str, float]]:
+        """(layer, what it is, the error it adds) of the model last written's quantized layers not in ``kept``,
+        worst first."""
+
+    def describe(self, name: str, what: str) -> str:
+        """How a log line names a layer."""
+
+
+def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any], np.ndarray], gauge: DropGauge,
+                  say: Callable[[str], None]) -> tuple[str, dict[str, float], dict[str, np.ndarray]]:
+    """Of activation ranges by several methods ({method: ranges}, the configured method first), the one whose plain
+    INT8 model (``plain_outputs(method, ranges)`` writes and runs it) holds the smaller drop on the selection set;
+    a tie keeps the first. (its method, {method: drop held}, {method: its plain model's outputs}). Chosen per
+    model, because no one method wins on every model (docs/ranges.md)."""
+    held, outputs = {}, {}
+    for method, ranges in candidates.items():
+        outputs[method] = plain_outputs(method, ranges)
+        held[method] = float(gauge(outputs[method])[1])
+    chosen = min(held, key=lambda m: held[m])
+    say("activation ranges chosen on the selection half: " + ", ".join(f"{m} holds {d:.4f}" for m, d in held.items())
+        + f" ({gauge.key} drop): {chosen}")
+    return chosen, held, outputs
+
+
+def accuracy_fallback(model: Int8Model, gauge: DropGauge, max_drop: float, plain_outputs: np.ndarray,
+                      val: LabelledSet, say: Callable[[str], None]) -> tuple[Tuning, list[tuple[str, str]]]:
+    """Keep the layers that cost most in float until the drop held is within ``max_drop`` (module docstring).
+    ``model`` holds the plain INT8 model (written, its outputs ``plain_outputs``). Returns the record and the layers
+    kept, (name, what it is) each; the model last written is the one with them in float."""
+    tuning = Tuning(gauge, max_drop, plain_outputs, len(val), val.labelled)
+    say(f"accuracy-aware INT8: {gauge.key} drop {tuning.drop:.4f} on the selection half ({len(val)} images; worse of "
+        f"its halves {tuning.held:.4f}), max_drop {max_drop:g}")
+    kept: list[tuple[str, str]] = []
+    limit = min(12, max(1, model.weighted // 4))
+    heads = model.heads()
+    if tuning.over and heads:
+        model.write(heads)
+        if tuning.trial(heads, model.outputs()):
+            kept = [(h, HEADS) for h in heads]
+            limit += len(heads)
+            say(f"kept the heads in float ({len(heads)} layer(s)): drop {tuning.drop:.4f} (worse of its halves "
+                f"{tuning.held:.4f})")
+        else:
+            model.write([])
+    while tuning.over and len(kept) < limit:
+        ranked = model.rank([k for k, _ in kept])
+        if not ranked:
+            break
+        name, what, added = ranked[0]
+        say(f"{gauge.key} {tuning.held - max_drop:.4f} points over max_drop {max_drop:g} (the selection set or its "
+            f"worse half): keeping {model.describe(name, what)} in float (adds {added:.3g} relative error)")
+        kept.append((name, what))
+        model.write([k for k, _ in kept])
+        tuning.step([k for k, _ in kept], model.outputs())
+    return tuning, kept
