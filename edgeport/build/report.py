@@ -214,6 +214,11 @@ def cases(report: BuildReport) -> list[dict[str, Any]]:
             out.append({"suite": suite, "name": f"{suite} {r.accuracy['metric']}",
                         "status": "passed" if ok else "failed", "message": "" if ok else r.message,
                         "metrics": r.accuracy, "seconds": 0.0})
+        elif r.accuracy and r.accuracy.get("agreement") is not None:  # a plain image folder: agreement gates
+            failed = r.verdict == "failed" and "agreement" in r.message and "report half" in r.message
+            out.append({"suite": suite, "name": f"{suite} agreement (report half)",
+                        "status": "failed" if failed else "passed", "message": r.message if failed else "",
+                        "metrics": r.accuracy, "seconds": 0.0})
     return out
 
 def to_json(report: BuildReport) -> dict[str, Any]:
