@@ -47,6 +47,7 @@ from edgeport.flags import (
     positive,
     ratio_or_auto,
 )
+from edgeport.intake import carried_spec
 from edgeport.preprocess import InputSpec, default_spec
 from edgeport.target import PRECISIONS
 from edgeport.tasks import all_option_keys
@@ -434,10 +435,13 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
         spec_args["task_options"] = options
     spec_args.update(task)
     embedded = embedded_name(cfg.model.model)
+    carried = carried_spec(cfg.model.model, cfg.root)  # what an Ultralytics, HF or timm model brings
     if embedded and cfg.model.model != DEFAULT_MODEL:
         cfg.input = embedded_spec(embedded)
+    elif carried is not None:
+        cfg.input = carried
     if spec_args:
-        cfg.input = make_spec(spec_args, base=cfg.input if embedded else None, where=where)
+        cfg.input = make_spec(spec_args, base=cfg.input if embedded or carried else None, where=where)
     return cfg
 
 

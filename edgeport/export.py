@@ -54,7 +54,7 @@ def export_onnx(model: Any, example: Any, path: Path, *, opset: int, input_name:
     import onnx
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():
         output_names = [name for name, _ in named_outputs(model(example))]
     dynamic_axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic_batch else None
     buf = io.StringIO()
@@ -67,9 +67,14 @@ def export_onnx(model: Any, example: Any, path: Path, *, opset: int, input_name:
     except Exception as e:
         text = f"{e}\n{buf.getvalue()}\n{native.read()}"
         op = _unsupported_op(text)
-        what = f"op {op} is not supported by the ONNX exporter" if op else str(e).splitlines()[0]
-        raise ConversionError(f"ONNX export at opset {opset} failed: {what}; replace it in the model, "
-                              "or raise the opset if every target allows it") from e
+        where = user_frame(e)
+        at = f" at {where}" if where else ""
+        if op:
+            raise ConversionError(f"ONNX export at opset {opset} failed{at}: op {op} is not supported by the ONNX "
+                                  "exporter; replace it in the model, or raise the opset if every target allows "
+                                  "it") from e
+        raise ConversionError(f"ONNX export at opset {opset} failed{at}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]} (-v shows the traceback)") from e
     proto = onnx.load(str(path))
     if simplify:
         proto = _simplify(proto)
@@ -82,6 +87,27 @@ def export_onnx(model: Any, example: Any, path: Path, *, opset: int, input_name:
         set_metadata(proto, metadata)
     onnx.save(proto, str(path))
     return output_names
+
+
+def user_frame(error: BaseException) -> str | None:
+    """'file.py:LINE in Module.forward' for the innermost frame of ``error``'s traceback that is the user's code
+    (not torch, not the standard library, not edgeport), or None when the error never reached it."""
+    import torch
+
+    skip = [str(Path(torch.__file__).parent), str(Path(__file__).parent), str(Path(os.__file__).parent)]
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        filename = frame.f_code.co_filename
+        if not filename.startswith("<") and not any(filename.startswith(s) for s in skip):
+            owner = frame.f_locals.get("self")
+            name = frame.f_code.co_name
+            if isinstance(owner, torch.nn.Module):
+                name = f"{type(owner).__name__}.{name}"
+            found = f"{filename}:{tb.tb_lineno} in {name}"
+        tb = tb.tb_next
+    return found
 
 
 @contextlib.contextmanager
@@ -165,7 +191,7 @@ def torch_outputs(model: Any, batch: np.ndarray, output_names: list[str]) -> dic
     import torch
 
     outs: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(len(batch)):
             out = named_outputs(model(torch.from_numpy(batch[i:i + 1])))
             for name, (_, o) in zip(output_names, out):

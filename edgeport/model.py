@@ -8,6 +8,9 @@ Forms:
     package.module:factory                the same, importable by name
     model.pt                              TorchScript
     model.pt2                             torch.export program
+    ultralytics:best.pt                   an Ultralytics YOLOv8/YOLO11 detect checkpoint (edgeport.intake)
+    hf:path/to/folder                     a local Hugging Face transformers checkpoint folder
+    timm:resnet18?num_classes=10          a timm model
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ from urllib.parse import parse_qsl
 
 from edgeport.config import resolve_path
 from edgeport.errors import ModelError
+from edgeport.intake import find as find_hub
+from edgeport.intake import fingerprint as hub_fingerprint
+from edgeport.intake import local_path
+from edgeport.intake import require as require_hub
 from edgeport.zoo import EMBEDDED, embedded_files, embedded_name
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w.]*$")
@@ -56,7 +63,9 @@ def source_fingerprint(source: str, root: Path | None = None) -> str:
     h = hashlib.sha256(source.encode())
     root = root or Path.cwd()
     kind, target = classify(source)
-    if kind in ("file", "torchscript", "export"):
+    if kind == "hub":
+        h.update(hub_fingerprint(source, root).encode())
+    elif kind in ("file", "torchscript", "export"):
         path = Path(target.split(":")[0]) if kind == "file" else Path(target)
         path = path if path.is_absolute() else root / path
         if path.is_file():
@@ -97,6 +106,8 @@ def _embedded(source: str) -> str:
 
 def classify(source: str) -> tuple[str, str]:
     """(kind, rest) for a --model string; ModelError when it fits no form."""
+    if find_hub(source) is not None:
+        return "hub", source
     if source.startswith("edgeport:"):
         return "default", source.split(":", 1)[1]
     if source.startswith("torchvision:"):
@@ -110,7 +121,8 @@ def classify(source: str) -> tuple[str, str]:
     if _MODULE_RE.match(source):
         return "module", source
     raise ModelError(f"--model {source!r}: expected torchvision:<name>[?k=v], path/file.py:factory, "
-                     "package.module:factory, a TorchScript .pt or a torch.export .pt2")
+                     "package.module:factory, a TorchScript .pt, a torch.export .pt2, ultralytics:best.pt, "
+                     "hf:DIR or timm:NAME")
 
 
 def check_source(source: str, weights: str | None, root: Path | None = None) -> None:
@@ -120,6 +132,10 @@ def check_source(source: str, weights: str | None, root: Path | None = None) -> 
     kind, rest = classify(source)
     if kind == "default":
         _embedded(source)
+    if kind == "hub":
+        hub, rest = find_hub(source)  # type: ignore[misc]
+        hub.check(rest, root, weights)
+        require_hub(hub)
     if kind in ("file", "torchscript", "export"):
         path = resolve_path(rest.rpartition(":")[0] if kind == "file" else rest, root)
         if not path.is_file():
@@ -134,6 +150,9 @@ def check_source(source: str, weights: str | None, root: Path | None = None) -> 
 def default_name(source: str) -> str:
     """A short model name for bundles and reports."""
     kind, rest = classify(source)
+    if kind == "hub":
+        hub, rest = find_hub(source)  # type: ignore[misc]
+        return hub.name(rest)
     if kind in ("default", "torchvision"):
         return rest.split("?")[0]
     if kind in ("file", "module"):
@@ -163,7 +182,15 @@ def _load_model(source: str, weights: str | None, root: Path) -> Any:
     import torch
 
     kind, rest = classify(source)
-    if kind == "default":
+    if kind == "hub":
+        hub, rest = find_hub(source)  # type: ignore[misc]
+        hub.check(rest, root, weights)
+        require_hub(hub)
+        model = hub.load(rest, root)
+        if weights:
+            load_weights(hub.weights_into(model), local_path(weights, root))
+            weights = None
+    elif kind == "default":
         module, _, factory = EMBEDDED[_embedded(source)][0].partition(":")
         model = getattr(importlib.import_module(module), factory)(pretrained=weights is None)
     elif kind == "torchvision":
@@ -324,7 +351,7 @@ def first_forward(model: Any, example: Any) -> Any:
     import torch
 
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             return model(example)
     except Exception as e:  # the user's code: any exception is theirs to fix
         msg = _first_fact(str(e)) or "no message"

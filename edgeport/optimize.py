@@ -61,7 +61,7 @@ def measure(model: Any, example: Any, runs: int = 20) -> ModelStats:
     except ImportError:
         pass
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():
         model(example)
         for _ in range(runs):
             t = time.perf_counter()
@@ -90,7 +90,7 @@ def fold_bn(model: Any, example: Any, tolerance: float = 1e-4) -> tuple[Any, int
         log.info("BN folding skipped: torch.fx cannot trace the model (%s)", str(e).splitlines()[0])
         return model, 0, 0.0
     left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
-    with torch.inference_mode():
+    with torch.no_grad():
         ref, out = _first(model(example)), _first(fused(example))
     span = float(ref.max() - ref.min()) or 1.0
     err = float((ref - out).abs().max()) / span
@@ -115,7 +115,7 @@ def float32_error(model: Any, example: Any) -> float:
 
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():
         ref = _first(model(example)).double()
         try:
             wide = _first(copy.deepcopy(model).double()(example.double()))
@@ -135,7 +135,7 @@ def _head_layers(model: Any, example: Any) -> list[Any]:
     """Layers whose output channels are the model's outputs: never pruned."""
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():
         out = _first(model(example))
     n_out = out.shape[1]
     heads = []

@@ -146,6 +146,7 @@ def _here(path: str) -> str:
 def configure(command: str, values: dict[str, Any], cfg: ProjectConfig | None = None) -> ProjectConfig:
     """edgeport.toml (``values["config"]``, else ./edgeport.toml), or ``cfg``, with the options given in ``values``
     applied: the flags win. ConfigError for a value no setting accepts."""
+    from edgeport.intake import carried_spec
     from edgeport.preprocess import InputSpec
     from edgeport.zoo import embedded_name, embedded_spec
 
@@ -157,7 +158,8 @@ def configure(command: str, values: dict[str, Any], cfg: ProjectConfig | None = 
         cfg.model = dataclasses.replace(cfg.model, model=model, weights=None, name=None)
         if cfg.input == ProjectConfig().input:  # the default model's spec does not carry over
             embedded = embedded_name(model)
-            cfg.input = embedded_spec(embedded) if embedded else make_spec({"name": "input"})
+            carried = None if embedded else carried_spec(model, cfg.root)
+            cfg.input = embedded_spec(embedded) if embedded else carried or make_spec({"name": "input"})
     spec: dict[str, Any] = {}
     touched: set[str] = set()
     for o in options(command):
@@ -179,9 +181,10 @@ def configure(command: str, values: dict[str, Any], cfg: ProjectConfig | None = 
         setattr(section, o.field, value)
         touched.add(o.section)
     embedded = embedded_name(cfg.model.model)
-    if "task" in spec and embedded and spec["task"] != embedded_spec(embedded).task:
-        raise ConfigError(f"--task {spec['task']}: {cfg.model.model} is a {embedded_spec(embedded).task} model, "
-                          "trained so; drop --task (an embedded model brings its own task)")
+    own = embedded_spec(embedded) if embedded else carried_spec(cfg.model.model, cfg.root)
+    if "task" in spec and own is not None and spec["task"] != own.task:
+        raise ConfigError(f"--task {spec['task']}: {cfg.model.model} is a {own.task} model, "
+                          "trained so; drop --task (the model brings its own task)")
     if spec:
         cfg.input = make_spec(spec, base=cfg.input, where="flags")
     assert isinstance(cfg.input, InputSpec)
