@@ -15,8 +15,8 @@ from edgeport.zoo import embedded_calibration, embedded_name
 def build(model: str | None = None, **settings: Any) -> Any:
     """Build bundles for targets (all installed ones when none is given); returns a BuildReport.
 
-    The keywords are the options of `edgeport build`, by the flags' names (``int8_ignore=[...]`` is
-    ``--int8-ignore``; edgeport.options declares them all, ``inspect.signature(build)`` lists them). With labelled
+    The keywords are the options of `edgeport build`, by the flags' names (a flag's dashes are
+    underscores here; edgeport.options declares them all, ``inspect.signature(build)`` lists them). With labelled
     validation data (``val_images`` [+ ``val_labels``]) every artifact's task metric (mIoU or top-1) is measured
     beside the reference's, and INT8 uses accuracy control. A setting that cannot take effect for the selected
     targets is a ConfigError.

@@ -1,8 +1,8 @@
 """Flags that cannot take effect are errors, never silently ignored (STYLE.md rule 16).
 
-Checked before any expensive stage: a build with ``--calib-method entropy`` and no TensorRT INT8
-target, or ``--int8-ignore`` (or a config's ``[quantize] ignored_*``) with an INT8 target whose backend
-cannot keep layers in float, stops at once with one line naming the flag and what would make it apply.
+Checked before any expensive stage: a build with an INT8 setting that no selected backend reads (an
+entropy range method and no TensorRT INT8 target), or layers kept in float (``[quantize] int8_ignore*``) with an
+INT8 target whose backend cannot keep them, stops at once with one line naming the flag and what would make it apply.
 """
 from __future__ import annotations
 

@@ -76,9 +76,33 @@ class Availability:
             raise BackendUnavailableError(f"backend {self.name} is not available ({self.reason}); {self.install}")
 
 
+def tail_nodes(onnx_path: Path) -> set[str]:
+    """The nodes after a model's last weighted layers: not weighted (Conv, ConvTranspose, Gemm, MatMul) and reaching
+    no weighted node on the way to the outputs (a detector's box decoding, its score activation)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    memo: dict[str, bool] = {}
+
+    def reaches(tensor: str) -> bool:
+        if tensor not in memo:
+            memo[tensor] = False
+            memo[tensor] = any(n.op_type in weighted or any(reaches(o) for o in n.output)
+                               for n in readers.get(tensor, []))
+        return memo[tensor]
+
+    return {n.name for n in graph.node
+            if n.op_type not in weighted and n.name and not any(reaches(o) for o in n.output)}
+
+
 def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:
-    """ONNX node names matched by [quantize] int8_ignore_names / int8_ignore (re.search) / int8_ignore_types
-    (``--int8-ignore``): the layers to keep in float. A setting that matches no node is an error, never
+    """ONNX node names matched by [quantize] int8_ignore_names / int8_ignore (re.search) / int8_ignore_types:
+    the layers to keep in float. A setting that matches no node is an error, never
     silently nothing."""
     import re
 

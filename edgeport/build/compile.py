@@ -121,8 +121,9 @@ def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precisio
             "calib": calib.sha256 if needs_calib and calib is not None else None,
             "quant": quant.key(backend.int8_settings) if quant is not None else None,
             "versions": backend.versions_key(),
-            # the backend's own code and the INT8 machinery every backend shares: a change to either compiles again
-            "code": source_hash(*Path(backend.runner_part()).parent.glob("*.py"), *QUANTIZE.glob("*.py")),
+            # the backend's own code, the helpers and INT8 machinery every backend shares: a change compiles again
+            "code": source_hash(*Path(backend.runner_part()).parent.glob("*.py"), *QUANTIZE.glob("*.py"),
+                                Path(backend.runner_part()).parent.parent / "base.py"),
             "edgeport": __version__, "format": STAGE_FORMAT}
 
 def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, calib: CalibrationSet | None, spec: InputSpec,

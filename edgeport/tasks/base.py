@@ -27,6 +27,9 @@ class Task:
     short = ""  # how table cells name it, e.g. "mIoU"
     label_folder = False  # takes a separate folder of labels (--val-labels)
     labelled_how = ""  # how a labelled set of this task is laid out, for error messages
+    # INT8 keeps the arithmetic after the last weighted layers (a detector's box decoding) in float where the
+    # backend decides per op (OpenVINO): coordinates and offsets lose more to 8 bits than they save in time
+    float_tail = False
 
     @property
     def option_keys(self) -> tuple[str, ...]:

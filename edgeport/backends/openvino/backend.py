@@ -261,20 +261,25 @@ class OpenVINOBackend(DeviceBackend):
             "fast_bias_correction": q.fast_bias_correction,
         }
         kept: list[str] = []
-        if q.has_ignored:
+        from edgeport.backends.base import ignored_nodes, tail_nodes
+        from edgeport.tasks import get as get_task
+
+        tail = sorted(tail_nodes(onnx)) if get_task(spec.task).float_tail else []
+        if q.has_ignored or tail:
             # The settings name ONNX nodes (as for TensorRT and TFLite); the IR keeps those names, a convolution's
             # with a '/WithoutBiases' suffix: NNCF gets the IR's own op names, so nothing matched is dropped silently.
-            from edgeport.backends.base import ignored_nodes
-
-            kept = sorted(ignored_nodes(onnx, q))
+            kept = sorted(ignored_nodes(onnx, q)) if q.has_ignored else []
+            wanted = set(kept) | set(tail)
             ov_names = [op.get_friendly_name() for op in model.get_ops()
-                        if any(op.get_friendly_name() == n or op.get_friendly_name().startswith(n + "/") for n in kept)]
+                        if any(op.get_friendly_name() == n or op.get_friendly_name().startswith(n + "/")
+                               for n in wanted)]
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=ov_names, validate=False)
         report: dict[str, Any] = {"preset": preset.lower(), "subset_size": kwargs["subset_size"],
                                   "fast_bias_correction": q.fast_bias_correction,
                                   "target_device": kwargs["target_device"].value,
                                   "ignored": {"names": q.int8_ignore_names, "patterns": q.int8_ignore,
-                                              "types": q.int8_ignore_types, "layers": kept}}
+                                              "types": q.int8_ignore_types, "layers": kept},
+                                  "float_tail": tail}
         try:
             # NNCF draws its progress bars with rich on sys.stdout; stdout carries the build's table and JSON.
             with contextlib.redirect_stdout(sys.stderr):

@@ -52,6 +52,7 @@ class Detection(Task):
     short = "mAP"
     label_folder = True
     labelled_how = "detection labels go in --val-labels: a folder of YOLO .txt files or a COCO .json file"
+    float_tail = True
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
         """Decoder required; thresholds in [0, 1]; defaults filled in (the runner reads them from the manifest)."""
