@@ -76,9 +76,12 @@ class Availability:
             raise BackendUnavailableError(f"backend {self.name} is not available ({self.reason}); {self.install}")
 
 
-def tail_nodes(onnx_path: Path) -> set[str]:
-    """The nodes after a model's last weighted layers: not weighted (Conv, ConvTranspose, Gemm, MatMul) and reaching
-    no weighted node on the way to the outputs (a detector's box decoding, its score activation)."""
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def weighted_reach(onnx_path: Path) -> tuple[Any, Callable[[str], bool]]:
+    """(the ONNX graph, reaches(tensor): whether a weighted node (Conv, ConvTranspose, Gemm, MatMul) reads the
+    tensor or anything computed from it)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -86,18 +89,24 @@ def tail_nodes(onnx_path: Path) -> set[str]:
     for node in graph.node:
         for t in node.input:
             readers.setdefault(t, []).append(node)
-    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     memo: dict[str, bool] = {}
 
     def reaches(tensor: str) -> bool:
         if tensor not in memo:
             memo[tensor] = False
-            memo[tensor] = any(n.op_type in weighted or any(reaches(o) for o in n.output)
+            memo[tensor] = any(n.op_type in WEIGHTED or any(reaches(o) for o in n.output)
                                for n in readers.get(tensor, []))
         return memo[tensor]
 
+    return graph, reaches
+
+
+def tail_nodes(onnx_path: Path) -> set[str]:
+    """The nodes after a model's last weighted layers: not weighted and reaching no weighted node on the way to
+    the outputs (a detector's box decoding, its score activation)."""
+    graph, reaches = weighted_reach(onnx_path)
     return {n.name for n in graph.node
-            if n.op_type not in weighted and n.name and not any(reaches(o) for o in n.output)}
+            if n.op_type not in WEIGHTED and n.name and not any(reaches(o) for o in n.output)}
 
 
 def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:

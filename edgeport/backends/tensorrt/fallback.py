@@ -53,24 +53,10 @@ def rank_layers(reference: tuple[list[dict[str, np.ndarray]], list[Any]], qdq: P
 def last_weighted(onnx: Path) -> set[str]:
     """The weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose outputs reach no other weighted node: a model's
     heads, where a detector's box regression and class scores come out."""
-    import onnx as onnx_lib
+    from edgeport.backends.base import WEIGHTED, weighted_reach
 
-    graph = onnx_lib.load(str(onnx), load_external_data=False).graph
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for t in node.input:
-            readers.setdefault(t, []).append(node)
-    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-    memo: dict[str, bool] = {}
-
-    def reaches(tensor: str) -> bool:
-        if tensor not in memo:
-            memo[tensor] = False
-            memo[tensor] = any(n.op_type in weighted or any(reaches(o) for o in n.output)
-                               for n in readers.get(tensor, []))
-        return memo[tensor]
-
-    return {n.name for n in graph.node if n.op_type in weighted and not any(reaches(o) for o in n.output)}
+    graph, reaches = weighted_reach(onnx)
+    return {n.name for n in graph.node if n.op_type in WEIGHTED and not any(reaches(o) for o in n.output)}
 
 
 class QdqModel:
