@@ -141,7 +141,8 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: 
             reasons.append(f"{what} {points(acc['drop'], max_drop)} {acc['metric']} points{against} on the report "
                            f"half of {acc['source']}, more than max_drop {max_drop:g}")
     floor = min((t.get("min_agreement") or 0.0 for t in (info.get("tolerance") or {}).values()), default=0.0)
-    if acc and acc["drop"] is None and acc.get("agreement") is not None and acc["agreement"] < floor:
+    own = acc and acc["drop"] is None and acc.get("agreement") is not None and not gate_all  # pruned: vs the original
+    if own and acc["agreement"] < floor:
         # a plain image folder: no metric, so agreement on its report half is the gate (validate checks it too)
         reasons.append(f"agreement {acc['agreement']:.4f} < {floor:.4f} vs PyTorch on the report half of "
                        f"{acc['source']}")
@@ -156,7 +157,7 @@ def verdict_of(info: dict[str, Any], precision: str, max_drop: float, gate_all: 
     status = "failed" if reasons else ("passed" if art["host_runnable"] else "device-only")
     gates = {"parity": {n: "passed" if m["ok"] else "failed" for n, m in info["parity"].items()},
              "metric": None if not acc or acc["drop"] is None else ("passed" if acc["ok"] else "failed")}
-    if acc and acc["drop"] is None and acc.get("agreement") is not None:
+    if own:
         gates["agreement"] = "failed" if acc["agreement"] < floor else "passed"
     return {"status": status, "reasons": reasons, "checked": checked, "gates": gates}
 
