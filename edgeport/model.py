@@ -14,7 +14,6 @@ Forms:
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib
 import importlib.util
@@ -23,13 +22,13 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from edgeport.config import resolve_path
 from edgeport.errors import ModelError
 from edgeport.intake import find as find_hub
 from edgeport.intake import fingerprint as hub_fingerprint
 from edgeport.intake import local_path
+from edgeport.intake import query as split_query
 from edgeport.intake import require as require_hub
 from edgeport.zoo import EMBEDDED, embedded_files, embedded_name
 
@@ -46,16 +45,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20, limit: int | None = None) -> s
             if left is not None:
                 left -= len(block)
     return h.hexdigest()
-
-
-def _parse_kwargs(query: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        try:
-            kwargs[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            kwargs[key] = raw
-    return kwargs
 
 
 def source_fingerprint(source: str, root: Path | None = None) -> str:
@@ -221,8 +210,7 @@ def _load_model(source: str, weights: str | None, root: Path) -> Any:
 
 
 def _torchvision(rest: str) -> Any:
-    name, _, query = rest.partition("?")
-    kwargs = _parse_kwargs(query)
+    name, kwargs = split_query(rest)
     if kwargs.get("weights") not in (None, "None"):
         raise ModelError(f"torchvision:{rest}: edgeport never downloads weights; drop 'weights=' and pass "
                          "a local file with --weights")
