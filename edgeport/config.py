@@ -146,7 +146,7 @@ class CalibrationConfig:
 
 
 OV, TFL, TRT = "openvino", "tflite", "tensorrt"
-PRESETS = ("mixed", "performance")
+PRESETS = ("auto", "mixed", "performance")
 RANGE_METHODS = ("max", "percentile", "entropy", "mse")
 
 
@@ -161,8 +161,9 @@ class QuantizeConfig:
     in float.
     """
 
-    int8_preset: str = opt("performance", flag=Flag(
-        "NNCF preset (OpenVINO): performance (default, symmetric) or mixed (asymmetric activations)", INT8_GROUP,
+    int8_preset: str = opt("auto", flag=Flag(
+        "NNCF preset (OpenVINO): performance (symmetric), mixed (asymmetric activations) or auto (default: the "
+        "model's own recipe, mixed for Ultralytics models as their exporter does; else performance)", INT8_GROUP,
         choices=PRESETS, readers=(OV,), int8=True, aliases=("preset",)))
     int8_subset: int = opt(300, flag=Flag("calibration images used (default 300)", INT8_GROUP, type=positive,
                                           metavar="N", readers=(OV, TFL, TRT), int8=True, aliases=("subset_size",)))

@@ -9,8 +9,10 @@ pycocotools COCOeval against the boxes derived from CamVid's label maps (scripts
 tools calibrate INT8 on CamVid train frames (Ultralytics through a data yaml whose val split is train).
 
 Speed: the OpenVINO INT8 model of each tool on the same video (CamVid val frames at 480x360, looped), Ultralytics'
-``predict`` loop against edgeport's runner, each in its own process, interleaved, ``--rounds`` times; steady-state
-FPS (the frames after the first ``WARMUP``) and FPS with the process start included. Prints a Markdown table.
+``predict`` loop against edgeport's runner (its default for a video file, OpenVINO's throughput hint, and
+``--hint latency``, the hint Ultralytics uses; the same threads), each in its own process, interleaved,
+``--rounds`` times; steady-state FPS (the frames after the first ``WARMUP``) and FPS with the process start
+included. Prints a Markdown table.
 
 Example:
     .venv/bin/python scripts/train_yolo_camvid.py --epochs 30
@@ -138,8 +140,10 @@ def _ultralytics_runtime(path: Path) -> Any:
 
 
 def score_all(weights: Path, data: Path, out: Path, exports: dict[str, tuple[Path, float]],
-              imgsz: int) -> dict[str, dict[str, Any]]:
-    """{model: {'map', 'map50'}} on the report half of CamVid val, one evaluator for every model."""
+              imgsz: int, bootstrap: int = 0) -> dict[str, dict[str, Any]]:
+    """{model: {'map', 'map50'}} on the report half of CamVid val, one evaluator for every model; with
+    ``bootstrap`` draws, each INT8 model's 'interval': the 95 % paired bootstrap interval of its mAP minus
+    PyTorch's over the frames."""
     import dataclasses
 
     import torch
@@ -166,7 +170,7 @@ def score_all(weights: Path, data: Path, out: Path, exports: dict[str, tuple[Pat
     with torch.no_grad():
         outs = [model(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]
     ref = {k: np.concatenate([o[k].numpy() for o in outs]) for k in ("boxes", "scores")}
-    rows["pytorch fp32"] = task.metrics(task.pack(ref, ["boxes", "scores"], spec), sub, "NCHW")
+    packed: dict[str, tuple[Any, Any]] = {"pytorch fp32": (task.pack(ref, ["boxes", "scores"], spec), sub)}
     dist = out / "edgeport" / "dist"
     for bundle in sorted([*dist.iterdir(), *(dist / "failed").glob("*")]):
         manifest_path = bundle / "manifest.json"
@@ -178,14 +182,21 @@ def score_all(weights: Path, data: Path, out: Path, exports: dict[str, tuple[Pat
             got = rt.run_batches(to_layout(x, "NCHW", manifest["preprocess"]["layout"]))
         names = [o["name"] for o in manifest["outputs"]]
         verdict = " FAILED its gates" if bundle.parent.name == "failed" else ""
-        rows[f"edgeport {bundle.name} ({label}){verdict}"] = task.metrics(task.pack(got, names, spec), sub, "NCHW")
+        packed[f"edgeport {bundle.name} ({label}){verdict}"] = (task.pack(got, names, spec), sub)
     for name, (path, _) in exports.items():
         raw = np.concatenate([_ultralytics_runtime(path)(x[i:i + 1]) for i in range(len(x))])
         if raw[:, :4].max() <= 2.0:  # LiteRT exports divide the boxes by the input size
             raw = raw.copy()
             raw[:, :4] *= imgsz
-        rows[f"ultralytics {name}"] = task.metrics(task.pack({"output": raw}, ["output"], yolo_spec), sub_yolo,
-                                                   "NCHW")
+        packed[f"ultralytics {name}"] = (task.pack({"output": raw}, ["output"], yolo_spec), sub_yolo)
+    rows = {name: task.metrics(out, ds_, "NCHW") for name, (out, ds_) in packed.items()}
+    if bootstrap:
+        draws = np.random.default_rng(0).integers(0, len(x), size=(bootstrap, len(x)))
+        ref_maps = [task.metrics(packed["pytorch fp32"][0][d], sub.subset(list(d)), "NCHW")["map"] for d in draws]
+        for name, (out, ds_) in packed.items():
+            if "int8" in name:
+                diffs = [task.metrics(out[d], ds_.subset(list(d)), "NCHW")["map"] - r for d, r in zip(draws, ref_maps)]
+                rows[name]["interval"] = tuple(float(v) for v in np.percentile(diffs, [2.5, 97.5]))
     return rows
 
 
@@ -206,21 +217,23 @@ def speed(ov_int8: Path, bundle: Path, clip: Path, frames: int, imgsz: int, roun
           threads: int) -> dict[str, dict[str, float]]:
     """Steady-state and whole-process FPS of each tool's OpenVINO INT8 model on ``clip``, interleaved."""
     env = {"YOLO_OFFLINE": "True", "YOLO_VERBOSE": "False"}
-    got: dict[str, dict[str, list[float]]] = {"ultralytics predict": {"steady": [], "process": []},
-                                              "edgeport runner": {"steady": [], "process": []}}
+    runners = {"edgeport runner": [], "edgeport runner --hint latency": ["--hint", "latency"]}
+    got: dict[str, dict[str, list[float]]] = {tool: {"steady": [], "process": []}
+                                              for tool in ("ultralytics predict", *runners)}
     for _ in range(rounds):
         seconds, out = run([sys.executable, "-c", PREDICT, str(ov_int8), str(clip), str(imgsz)], env=env)
         stamps = json.loads(out.strip().splitlines()[-1])
         got["ultralytics predict"]["steady"].append((len(stamps) - WARMUP) / (stamps[-1] - stamps[WARMUP - 1]))
         got["ultralytics predict"]["process"].append(len(stamps) / seconds)
-        with tempfile.TemporaryDirectory() as tmp:
-            jsonl = Path(tmp) / "frames.jsonl"
-            force = ["--force"] if bundle.parent.name == "failed" else []  # speed does not depend on the verdict
-            seconds, _ = run([sys.executable, str(bundle / "runner.py"), str(clip), "--headless", "--jsonl",
-                              str(jsonl), "--threads", str(threads), *force])
-            stamps = [json.loads(line)["timestamp"] for line in jsonl.read_text().splitlines() if line.strip()]
-        got["edgeport runner"]["steady"].append((len(stamps) - WARMUP) / (stamps[-1] - stamps[WARMUP - 1]))
-        got["edgeport runner"]["process"].append(len(stamps) / seconds)
+        for tool, extra in runners.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                jsonl = Path(tmp) / "frames.jsonl"
+                force = ["--force"] if bundle.parent.name == "failed" else []  # speed does not depend on the verdict
+                seconds, _ = run([sys.executable, str(bundle / "runner.py"), str(clip), "--headless", "--jsonl",
+                                  str(jsonl), "--threads", str(threads), *extra, *force])
+                stamps = [json.loads(line)["timestamp"] for line in jsonl.read_text().splitlines() if line.strip()]
+            got[tool]["steady"].append((len(stamps) - WARMUP) / (stamps[-1] - stamps[WARMUP - 1]))
+            got[tool]["process"].append(len(stamps) / seconds)
     return {tool: {k: float(np.median(v)) for k, v in d.items()} for tool, d in got.items()}
 
 
@@ -234,6 +247,8 @@ def main() -> None:
     ap.add_argument("--loops", type=int, default=3, help="times the val frames repeat in the video (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="runner inference threads (default 0: OpenVINO's "
                                                            "choice, as Ultralytics leaves it)")
+    ap.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap draws for the INT8 rows' "
+                    "intervals (default 200; 0: none)")
     ap.add_argument("--speed-only", action="store_true", help="only the speed rounds, on the models an earlier run "
                                                               "left in --out")
     args = ap.parse_args()
@@ -255,12 +270,13 @@ def main() -> None:
     print("ultralytics exports ...", file=sys.stderr)
     exports = ultralytics_exports(args.weights, data, args.out, args.imgsz)
     print("scoring ...", file=sys.stderr)
-    rows = score_all(args.weights, data, args.out, exports, args.imgsz)
+    rows = score_all(args.weights, data, args.out, exports, args.imgsz, args.bootstrap)
     print(f"\nmAP on the report half of CamVid val (derived boxes); edgeport build {build_s:.0f} s for 5 targets\n")
-    print("| model | mAP@[.5:.95] | mAP@.5 | export s |\n| --- | --- | --- | --- |")
+    print("| model | mAP@[.5:.95] | mAP@.5 | INT8 - FP32, 95 % interval | export s |\n| --- | --- | --- | --- | --- |")
     for name, m in rows.items():
         secs = next((f"{s:.0f}" for n, (_, s) in exports.items() if name == f"ultralytics {n}"), "-")
-        print(f"| {name} | {m['map']:.2f} | {m['map50']:.2f} | {secs} |")
+        ci = f"{m['interval'][0]:+.2f} to {m['interval'][1]:+.2f}" if "interval" in m else "-"
+        print(f"| {name} | {m['map']:.2f} | {m['map50']:.2f} | {ci} | {secs} |")
     if "openvino int8" in exports:
         clip = args.out / "camvid-val.mp4"
         n = video(args.camvid, clip, args.loops)
@@ -281,9 +297,11 @@ def print_speed(fps: dict[str, dict[str, float]]) -> None:
     print("\n| tool | steady FPS | FPS with process start |\n| --- | --- | --- |")
     for tool, v in fps.items():
         print(f"| {tool} | {v['steady']:.1f} | {v['process']:.1f} |")
-    ratio = fps["edgeport runner"]["steady"] / fps["ultralytics predict"]["steady"]
-    print(f"\nedgeport / ultralytics steady FPS: {ratio:.2f}x")
-
+    for tool in fps:
+        if tool.startswith("edgeport"):
+            ratio = fps[tool]["steady"] / fps["ultralytics predict"]["steady"]
+            print(f"\n{tool} / ultralytics predict, steady FPS: {ratio:.2f}x", end="")
+    print()
 
 if __name__ == "__main__":
     main()

@@ -79,12 +79,31 @@ class Availability:
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def weighted_reach(onnx_path: Path) -> tuple[Any, Callable[[str], bool]]:
+def decoding_nodes(graph: Any) -> set[str]:
+    """Weighted nodes that decode a distribution rather than learn a feature: a Conv or MatMul whose data input
+    is a Softmax's output (through Reshape/Transpose), such as a DFL box head's fixed-bin convolution (the
+    expected value over 16 bins). Rounding its bins to INT8 moves every box edge."""
+    made_by = {o: n for n in graph.node for o in n.output}
+    found: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in WEIGHTED or not node.input:
+            continue
+        src = made_by.get(node.input[0])
+        while src is not None and src.op_type in ("Reshape", "Transpose"):
+            src = made_by.get(src.input[0]) if src.input else None
+        if src is not None and src.op_type == "Softmax":
+            found.add(node.name)
+    return found
+
+
+def weighted_reach(onnx_path: Path, decoding: bool = False) -> tuple[Any, Callable[[str], bool]]:
     """(the ONNX graph, reaches(tensor): whether a weighted node (Conv, ConvTranspose, Gemm, MatMul) reads the
-    tensor or anything computed from it)."""
+    tensor or anything computed from it); with ``decoding``, a distribution's decoding layer
+    (``decoding_nodes``) does not count as weighted."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    skip = decoding_nodes(graph) if decoding else set()
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for t in node.input:
@@ -94,19 +113,60 @@ def weighted_reach(onnx_path: Path) -> tuple[Any, Callable[[str], bool]]:
     def reaches(tensor: str) -> bool:
         if tensor not in memo:
             memo[tensor] = False
-            memo[tensor] = any(n.op_type in WEIGHTED or any(reaches(o) for o in n.output)
+            memo[tensor] = any((n.op_type in WEIGHTED and n.name not in skip) or any(reaches(o) for o in n.output)
                                for n in readers.get(tensor, []))
         return memo[tensor]
 
     return graph, reaches
 
 
-def tail_nodes(onnx_path: Path) -> set[str]:
-    """The nodes after a model's last weighted layers: not weighted and reaching no weighted node on the way to
-    the outputs (a detector's box decoding, its score activation)."""
-    graph, reaches = weighted_reach(onnx_path)
-    return {n.name for n in graph.node
-            if n.op_type not in WEIGHTED and n.name and not any(reaches(o) for o in n.output)}
+def tail_nodes(onnx_path: Path, heads_of: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The nodes after a model's last learned layers, reaching none on the way to the outputs: a detector's box
+    decoding (its DFL softmax and fixed-bin convolution included) and its score activation; with ``heads_of``
+    (output names), also the last learned layers that lead to those outputs only (a detector's class logits)."""
+    graph, reaches = weighted_reach(onnx_path, decoding=True)
+    skip = decoding_nodes(graph)
+    tail = {n.name for n in graph.node
+            if (n.op_type not in WEIGHTED or n.name in skip) and n.name and not any(reaches(o) for o in n.output)}
+    if not heads_of:
+        return tail
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    outputs = {o.name for o in graph.output}
+    memo: dict[str, frozenset[str]] = {}
+
+    def leads_to(tensor: str) -> frozenset[str]:
+        if tensor not in memo:
+            memo[tensor] = frozenset()
+            found = {tensor} & outputs
+            for n in readers.get(tensor, []):
+                for o in n.output:
+                    found |= leads_to(o)
+            memo[tensor] = frozenset(found)
+        return memo[tensor]
+
+    wanted = set(heads_of)
+    heads = {n.name for n in graph.node
+             if n.op_type in WEIGHTED and n.name not in skip and n.name and not any(reaches(o) for o in n.output)
+             and all(leads_to(o) and leads_to(o) <= wanted for o in n.output)}
+    return tail | heads
+
+
+def float_tail(onnx_path: Path, spec: InputSpec) -> set[str]:
+    """The nodes the task keeps in float in INT8 (``Task.float_tail``: a detector's decoding and class-logit
+    layers, ``tail_nodes``); empty for a task that keeps none."""
+    import onnx
+
+    from edgeport.tasks import get as get_task
+
+    task = get_task(spec.task)
+    if not task.float_tail:
+        return set()
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    shapes = {o.name: [int(d.dim_value) for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    return tail_nodes(onnx_path, task.float_outputs(spec, shapes))
 
 
 def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:

@@ -9,6 +9,7 @@ verdict, and its own bundle (edgeport.build.bundles).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeport import __version__
+from edgeport import __version__, intake
 from edgeport.backends import get_backend
 from edgeport.backends.base import Artifacts, Quantization, TensorInfo
 from edgeport.cache import Stage, key_of, source_hash
@@ -28,7 +29,7 @@ from edgeport.preprocess import InputSpec, to_layout
 if TYPE_CHECKING:
     from edgeport.build.validation import ValidationRef
     from edgeport.calibration import CalibrationSet
-    from edgeport.config import ProjectConfig
+    from edgeport.config import ProjectConfig, QuantizeConfig
     from edgeport.target import Target
 
 log = logging.getLogger("edgeport")
@@ -109,12 +110,21 @@ def group_targets(cfg: ProjectConfig, chosen: list[tuple[Target, str]], onnx_sha
         groups.setdefault(key, Group(target.backend, precision, settings)).targets.append(target)
     return list(groups.values())
 
+def quantize_settings(cfg: ProjectConfig) -> QuantizeConfig:
+    """The [quantize] settings with ``int8_preset = "auto"`` made concrete: the model's own exporter's preset
+    (mixed for Ultralytics models), else performance."""
+    q = cfg.quantize
+    if q.int8_preset != "auto":
+        return q
+    return dataclasses.replace(q, int8_preset=intake.int8_preset(cfg.model.model) or "performance")
+
+
 def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precision: str, onnx_sha256: str,
                       calib: CalibrationSet | None, val: ValidationRef | None,
                       budget: float | None = None) -> dict[str, Any]:
     """What determines one artifact: the cache key of its compile."""
     needs_calib = backend.calibration_needed(precision)
-    quant = Quantization(cfg.quantize, val.selection if val is not None else None, budget=budget) \
+    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, budget=budget) \
         if needs_calib else None
     return {"onnx": onnx_sha256, "backend": backend.name, "precision": precision,
             "target": backend.artifact_settings(target, precision),
@@ -133,7 +143,7 @@ def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, calib: Calibrati
     backend = get_backend(group.backend)
     stage = Stage(build_dir, f"artifact/{group.backend}-{group.precision}", group.settings)
     needs_calib = backend.calibration_needed(group.precision)
-    quant = Quantization(cfg.quantize, val.selection if val is not None else None, memo, budget) \
+    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, memo, budget) \
         if needs_calib else None
 
     def run(tmp: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class Hub(Protocol):
     package: str  # the importable package it needs
     extra: str  # the pip extra that installs it
     forms: str  # the forms of REST, for error lines
+    int8_preset: str | None  # the NNCF preset the model's own exporter quantizes with (None: edgeport's default)
 
     def check(self, rest: str, root: Path, weights: str | None) -> None:
         """ModelError for a form that cannot work, found without importing torch or the package."""
@@ -71,6 +72,12 @@ def require(hub: Hub) -> None:
     if importlib.util.find_spec(hub.package) is None:
         raise ModelError(f"--model {hub.prefix}:... needs the '{hub.package}' package, which is not installed: "
                          f"pip install 'edgeport[{hub.extra}]'")
+
+
+def int8_preset(source: str) -> str | None:
+    """The NNCF preset a hub model's own exporter uses (``int8_preset = "auto"`` takes it), None for others."""
+    found = find(source)
+    return found[0].int8_preset if found is not None else None
 
 
 def fingerprint(source: str, root: Path) -> str:

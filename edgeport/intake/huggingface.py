@@ -39,6 +39,7 @@ class _HuggingFace:
     package = "transformers"
     extra = "hf"
     forms = "hf:DIR (a local transformers checkpoint folder: config.json, weights, preprocessor_config.json)"
+    int8_preset = None
 
     def _read(self, rest: str, root: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
         folder = local_path(rest, root)

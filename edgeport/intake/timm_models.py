@@ -22,6 +22,7 @@ class _Timm:
     package = "timm"
     extra = "timm"
     forms = "timm:NAME[?k=v] (e.g. timm:resnet18, timm:convnext_atto?num_classes=10)"
+    int8_preset = None
 
     def check(self, rest: str, root: Path, weights: str | None) -> None:
         """ModelError for an empty name or a request for downloaded weights."""

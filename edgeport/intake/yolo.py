@@ -76,6 +76,7 @@ class _Yolo:
     package = "ultralytics"
     extra = "ultralytics"
     forms = "ultralytics:PATH.pt (a trained detect checkpoint) or ultralytics:yolo11n.yaml?nc=3[&imgsz=320]"
+    int8_preset = "mixed"  # Ultralytics' OpenVINO INT8 export: asymmetric activations (SiLU dips below zero)
 
     def check(self, rest: str, root: Path, weights: str | None) -> None:
         """ModelError for a missing checkpoint, an unknown form, or --weights beside a checkpoint."""

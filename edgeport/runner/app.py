@@ -39,7 +39,7 @@ from edgeport.runner.task import task_part
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def open_runtime(manifest, bundle_dir, device=None, threads=None):
+def open_runtime(manifest, bundle_dir, device=None, threads=None, **options):
     """Replaced in runner.py by the bundle's backend part (defined after this file there)."""
     raise RunnerError("this runner has no backend part; rebuild the bundle")
 
@@ -53,7 +53,7 @@ TASK_OPTIONS = (("topk", "it lists the top classes of a classifier"),)
 def check_options(args, manifest):
     """RunnerError for an option that cannot take effect on this bundle or source (never silently ignored)."""
     backend = manifest.get("backend", "?")
-    for option, value in (("device", args.device), ("threads", args.threads)):
+    for option, value in (("device", args.device), ("threads", args.threads), ("hint", args.hint)):
         if value is not None and option not in RUNTIME_OPTIONS:
             raise RunnerError("--%s has no effect on a %s bundle (its runtime takes only: %s)"
                               % (option, backend, ", ".join("--" + o for o in RUNTIME_OPTIONS) or "neither"))
@@ -68,6 +68,13 @@ def check_options(args, manifest):
         raise RunnerError("--decode-threads has no effect on %s (it sets FFmpeg's decoder threads for video files "
                           "and streams)" % src)
     check_serve_options(args)
+
+
+def default_hint(args):
+    """A video file or image folder is work to finish, with nothing waiting on real time: requests run side by
+    side ("throughput"); a camera, a stream and the service keep the bundle's own hint (None)."""
+    src = args.source or ""
+    return "throughput" if not args.serve and (os.path.isfile(src) or os.path.isdir(src)) else None
 
 
 SAVE_EXTS = (".mp4", ".m4v", ".mov", ".avi", ".mkv")
@@ -196,6 +203,10 @@ def build_parser(manifest):
     p.add_argument("--threads", type=at_least(0), default=None,
                    help="CPU inference threads (default: the runtime's choice, but one CPU is left to capture "
                         "and drawing; 0: the runtime's choice)")
+    p.add_argument("--hint", choices=("latency", "throughput"),
+                   help="OpenVINO's performance hint: throughput runs the requests in flight side by side on fewer "
+                        "threads each, latency one at a time on all of them (default: throughput for a video file "
+                        "or image folder, the bundle's own, latency, for cameras, streams and --serve)")
     p.add_argument("--decode-threads", type=at_least(0),
                    help="FFmpeg decoder threads for video files and streams (default 1: frame threading costs "
                         "CPU that inference needs and delays streams; 0: FFmpeg's choice)")
@@ -292,9 +303,10 @@ def main(argv=None, bundle_dir=None):
             raise RunnerError("bundle files fail their sha256 check (%s); rebuild or re-copy the bundle"
                               % "; ".join("%s: %s" % b for b in bad))
         threads = leave_one_cpu() if args.threads is None else (args.threads or None)
-        rt = open_runtime(manifest, bundle_dir, args.device, threads)
+        hint = {"hint": args.hint or default_hint(args)} if "hint" in RUNTIME_OPTIONS else {}
+        rt = open_runtime(manifest, bundle_dir, args.device, threads, **hint)
         if args.bench:
-            bench(args, manifest, rt, open_all=lambda: open_runtime(manifest, bundle_dir, args.device, None))
+            bench(args, manifest, rt, open_all=lambda: open_runtime(manifest, bundle_dir, args.device, None, **hint))
         elif args.serve:
             return serve(args, manifest, bundle_dir, rt)
         else:

@@ -31,6 +31,11 @@ class Task:
     # backend decides per op (OpenVINO): coordinates and offsets lose more to 8 bits than they save in time
     float_tail = False
 
+    def float_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> list[str]:
+        """The outputs whose last learned layers INT8 keeps in float too, with the tail (``float_tail``): none by
+        default."""
+        return []
+
     @property
     def option_keys(self) -> tuple[str, ...]:
         """The [task] settings it reads besides type and labels (edgeport.tasks.OPTION_KEYS)."""

@@ -456,6 +456,7 @@ RUNNER_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("duration-negative", lambda d: ["synthetic://", "--headless", "--duration", "-1"], "is not 0 or more"),
     ("requests-zero", lambda d: ["synthetic://", "--headless", "--requests", "0"], "0 is below 1"),
     ("threads-negative", lambda d: ["synthetic://", "--headless", "--threads", "-2"], "-2 is below 0"),
+    ("hint-unknown", lambda d: ["synthetic://", "--headless", "--hint", "fast"], "invalid choice: 'fast'"),
     ("timeout-text", lambda d: ["synthetic://", "--headless", "--timeout", "soon"], "is not a number of seconds"),
     ("source-missing", lambda d: [str(d / "nothere.mp4"), "--headless"], "does not exist"),
     ("folder-all-corrupt", lambda d: [str(_write_images(d / "bad", 5, corrupt=True)), "--headless"],

@@ -110,7 +110,7 @@ def test_a_model_openvino_cannot_convert_names_the_op(tmp_path):
 def test_bad_int8_settings_are_one_line_errors(tmp_path):
     (tmp_path / "edgeport.toml").write_text("[quantize]\npreset = 'fastest'\n")
     res = run_cli("build", "--target", "intel-cpu", cwd=tmp_path)
-    assert res.returncode == 2 and "int8_preset 'fastest' is not one of mixed, performance" in res.stderr
+    assert res.returncode == 2 and "int8_preset 'fastest' is not one of auto, mixed, performance" in res.stderr
     (tmp_path / "edgeport.toml").write_text("[quantize]\nmax_dorp = 2\n")
     res = run_cli("build", "--target", "intel-cpu", cwd=tmp_path)
     assert res.returncode == 2 and "did you mean 'max_drop'" in res.stderr

@@ -180,6 +180,16 @@ def test_threads_option_sets_the_engine(openvino_venv, bundle, camvid_video):
     assert s["frames"] == 20 and s["inference_threads"] >= 1
 
 
+def test_hint_option_sets_openvinos_performance_hint(openvino_venv, bundle, camvid_video):
+    """A video file runs with the throughput hint unless told; --hint latency gives the bundle's own back."""
+    for extra, hint in (([], "throughput"), (["--hint", "latency"], "latency")):
+        res = runner(openvino_venv, bundle, str(camvid_video), "--headless", "--bench", "--max-frames", "30",
+                     "--bench-rounds", "1", "--threads", "0", *extra)
+        assert res.returncode == 0, res.stderr
+        b = bench_of(res.stdout)
+        assert "%s hint" % hint in b["runtime"] and b["end_to_end_fps"] > 0, b["runtime"]
+
+
 class _Stream:
     """An HTTP server on 127.0.0.1 that serves a video slowly, as a live stream does, and can die."""
 

@@ -254,6 +254,7 @@ class OpenVINOBackend(DeviceBackend):
         name = model.inputs[0].get_any_name()
         calib_ds = nncf.Dataset([calib.data[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
         preset = str(target.options.get("nncf_preset", q.int8_preset)).upper()
+        preset = "PERFORMANCE" if preset == "AUTO" else preset  # the build resolves auto; the API may not
         kwargs: dict[str, Any] = {
             "subset_size": min(len(calib), q.int8_subset),
             "preset": getattr(nncf.QuantizationPreset, preset),
@@ -261,10 +262,9 @@ class OpenVINOBackend(DeviceBackend):
             "fast_bias_correction": q.fast_bias_correction,
         }
         kept: list[str] = []
-        from edgeport.backends.base import ignored_nodes, tail_nodes
-        from edgeport.tasks import get as get_task
+        from edgeport.backends.base import float_tail, ignored_nodes
 
-        tail = sorted(tail_nodes(onnx)) if get_task(spec.task).float_tail else []
+        tail = sorted(float_tail(onnx, spec))
         if q.has_ignored or tail:
             # The settings name ONNX nodes (as for TensorRT and TFLite); the IR keeps those names, a convolution's
             # with a '/WithoutBiases' suffix: NNCF gets the IR's own op names, so nothing matched is dropped silently.

@@ -18,7 +18,7 @@ class OpenVINODeviceRuntime(object):
     infer requests in flight, so capture, inference and drawing overlap.
     """
 
-    def __init__(self, manifest, bundle_dir, device=None, threads=None):
+    def __init__(self, manifest, bundle_dir, device=None, threads=None, hint=None):
         import openvino as ov
 
         rt = manifest["runtime"]
@@ -27,7 +27,7 @@ class OpenVINODeviceRuntime(object):
         if device not in core.available_devices and device != "AUTO":
             raise RunnerError("OpenVINO device %s is not present here (found: %s); pass --device CPU to run on "
                                "the CPU" % (device, ", ".join(core.available_devices)))
-        config = {"PERFORMANCE_HINT": rt.get("performance_hint", "LATENCY")}
+        config = {"PERFORMANCE_HINT": hint.upper() if hint else rt.get("performance_hint", "LATENCY")}
         if device in ("CPU", "GPU"):
             config["INFERENCE_PRECISION_HINT"] = rt.get("inference_precision", "f32")
         model = core.read_model(os.path.join(bundle_dir, manifest["files_by_role"]["model"]))
@@ -49,6 +49,7 @@ class OpenVINODeviceRuntime(object):
         self.name = "openvino %s on %s" % (ov.__version__.split("-")[0], device)
         if self.threads:
             self.name += ", %d thread%s" % (self.threads, "" if self.threads == 1 else "s")
+        self.name += ", %s hint" % config["PERFORMANCE_HINT"].lower()
 
     def _cpu_threads(self):
         """Threads the CPU plugin chose or was given (0 on other devices)."""
@@ -103,13 +104,14 @@ class OpenVINOAsync(ThreadedAsync):
         self.free.put(item[0])
 
 
-RUNTIME_OPTIONS = ("device", "threads")  # the runner options this runtime honours (the core refuses the others)
+RUNTIME_OPTIONS = ("device", "threads", "hint")  # the runner options this runtime honours (the core refuses the others)
 
 
-def open_runtime(manifest, bundle_dir, device=None, threads=None):
+def open_runtime(manifest, bundle_dir, device=None, threads=None, hint=None):
     """The runtime for this bundle.
 
     ``threads``: CPU inference threads, or a function from the plugin's own choice to the
     number wanted (the core's policy that leaves a core to capture); None keeps the choice.
+    ``hint``: "latency" or "throughput" in place of the bundle's performance hint.
     """
-    return OpenVINODeviceRuntime(manifest, bundle_dir, device, threads)
+    return OpenVINODeviceRuntime(manifest, bundle_dir, device, threads, hint)

@@ -180,7 +180,9 @@ class TensorRTBackend(DeviceBackend):
             amax = quant.cached("ranges", key, lambda: rg.collect_ranges(
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images",
                 largest=largest if method == "percentile" else None, known=known))
-            keep = qdq.ignored_nodes(onnx, settings)
+            # the user's float layers, and the task's: a detector's decoding and class-logit convolutions (FP16)
+            tail = qdq.float_tail(onnx, spec) & qdq.weighted_nodes(onnx)
+            keep = qdq.ignored_nodes(onnx, settings) | tail
             ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
             start = None  # the selection half's gauge and plain outputs, when the range choice measured them
             if choosing:  # the selection half chooses
@@ -203,7 +205,7 @@ class TensorRTBackend(DeviceBackend):
             files["qdq"] = out / "model_qdq.onnx"
             info.update({"emulated": True, "ranges": ranges,
                          "qdq": counts, "qdq_lint": f"passed {len(qdq.RULES)} rules",
-                         "kept_float": sorted(keep), "amax": amax})
+                         "kept_float": sorted(keep), "float_tail": sorted(tail), "amax": amax})
         inputs, outputs = _onnx_io(model)
         for t in inputs:
             t.layout = spec.layout

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeport.backends.base import ignored_nodes
+from edgeport.backends.base import float_tail, ignored_nodes
 
-__all__ = ["ignored_nodes", "lint", "naive_qdq", "weighted_nodes", "write_qdq"]
+__all__ = ["float_tail", "ignored_nodes", "lint", "naive_qdq", "weighted_nodes", "write_qdq"]
 PLACEMENT_VERSION = 2  # bumped whenever placement changes, so cached Q/DQ models are written again
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Single-input ops TensorRT moves a DequantizeLinear through (a DQ -> Resize -> Concat input counts as quantized).

@@ -135,6 +135,15 @@ class Detection(Task):
             out["min_cosine"] = min(out["min_cosine"], 0.95)
         return out
 
+    def float_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> list[str]:
+        """The class-score output of a two-output detector: its last convolutions are a few channels wide, cost
+        next to nothing in float, and their INT8 rounding moves every confidence the thresholds decide on."""
+        try:
+            roles = output_roles(spec.task_options["decoder"], shapes)
+        except (RunnerError, KeyError):
+            return []
+        return [roles["scores"]] if "scores" in roles else []
+
     def check_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> None:
         """ConfigError when the declared decoder does not fit the outputs, or the labels not their classes."""
         try:
