@@ -37,11 +37,12 @@ def fallback_summary(info: dict[str, Any]) -> dict[str, Any] | None:
     """What accuracy-aware INT8 did to an artifact, the same shape for every backend (None when it did not
     run): by whom, the layers kept in float, the drop before and after on the selection half."""
     fb = info.get("accuracy_fallback")
+    q = info.get("quantization") or {}
+    choice = (info.get("ranges") or q.get("ranges") or {}).get("choice")
     if fb:
         return {"by": "edgeport", "kept_float": fb["kept_float"], "metric": fb["metric"], "images": fb["images"],
                 "drop_before": fb["drop_before"], "drop_after": fb["drop_after"], "max_drop": fb["max_drop"],
-                "held_after": fb.get("held_after"), "met": fb["met"]}
-    q = info.get("quantization") or {}
+                "held_after": fb.get("held_after"), "met": fb["met"], "ranges": choice}
     ac = q.get("accuracy_control")
     if ac:
         return {"by": "NNCF", "kept_float": q.get("kept_float", []), "metric": ac.get("metric", ""),

@@ -148,7 +148,21 @@ def fallback_line(fb: dict[str, Any]) -> str:
         drops += f" (worse of its halves {points(fb['held_after'], lim)})"
     kept = ", ".join(fb["kept_float"]) if fb["kept_float"] else "nothing"
     return (f"accuracy-aware INT8 ({fb['by']}) kept in float: {kept}; {drops} on the selection half "
-            f"({fb['images']} images, max_drop {lim:g})" + ("" if fb.get("met", True) else ", NOT met"))
+            f"({fb['images']} images, max_drop {lim:g})" + ("" if fb.get("met", True) else ", NOT met")
+            + (f"; {ranges_line(fb['ranges'])}" if fb.get("ranges") else ""))
+
+
+def ranges_line(choice: dict[str, Any]) -> str:
+    """The activation-range choice with its evidence: each method's agreement with FP32 and its gain over the
+    default with the 95 % interval."""
+    if not choice["over_default"]:
+        return f"ranges {choice['chosen']}"
+    gains = ", ".join(f"{m} {g['gain']:+.3f} [{g['interval'][0]:+.3f}, {g['interval'][1]:+.3f}]"
+                      for m, g in choice["over_default"].items())
+    why = "its interval clears the default" if choice["chosen"] != choice["default"] else "no interval clears it"
+    return (f"ranges {choice['chosen']} ({choice['default']} agrees {choice['agreement'][choice['default']]:.3f} % "
+            f"with FP32; over it: {gains} points, resampling {next(iter(choice['over_default'].values()))['resampled']}"
+            f"; {why})")
 
 def _signed_drop(a: dict[str, Any]) -> str:
     """The change from FP32 (minus the drop), with the digits that tell it from -max_drop."""

@@ -122,19 +122,31 @@ class Int8Model(Protocol):
 
 
 def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any], np.ndarray], gauge: DropGauge,
-                  say: Callable[[str], None]) -> tuple[str, dict[str, float], dict[str, np.ndarray]]:
-    """Of activation ranges by several methods ({method: ranges}, the configured method first), the one whose plain
-    INT8 model (``plain_outputs(method, ranges)`` writes and runs it) holds the smaller drop on the selection set;
-    a tie keeps the first. (its method, {method: drop held}, {method: its plain model's outputs}). Chosen per
-    model, because no one method wins on every model (docs/ranges.md)."""
-    held, outputs = {}, {}
+                  say: Callable[[str], None]) -> tuple[str, dict[str, float], dict[str, np.ndarray], dict[str, Any]]:
+    """Of activation ranges by several methods ({method: ranges}, the configured method first: the default), the
+    default unless another's plain INT8 model (``plain_outputs(method, ranges)`` writes and runs it) agrees with
+    FP32 better on the selection set by a paired bootstrap interval that lies above zero (edgeport.quantize
+    .evidence); chosen per model, because no one method wins on every model (docs/ranges.md). (its method,
+    {method: drop held}, {method: its plain model's outputs}, the evidence for the manifest)."""
+    from edgeport.quantize.evidence import frame_agreement, paired_gain
+
+    ds = gauge.parts[0][1]
+    held, outputs, agree = {}, {}, {}
     for method, ranges in candidates.items():
         outputs[method] = plain_outputs(method, ranges)
         held[method] = float(gauge(outputs[method])[1])
-    chosen = min(held, key=lambda m: held[m])
-    say("activation ranges chosen on the selection half: " + ", ".join(f"{m} holds {d:.4f}" for m, d in held.items())
-        + f" ({gauge.key} drop): {chosen}")
-    return chosen, held, outputs
+        agree[method] = frame_agreement(gauge.fp32, outputs[method], ds)
+    default = next(iter(candidates))
+    gains = {m: paired_gain(agree[m], agree[default], ds.names) for m in candidates if m != default}
+    clear = [m for m, g in gains.items() if g.clears]
+    chosen = max(clear, key=lambda m: gains[m].mean) if clear else default
+    say(f"activation ranges on the selection half ({len(ds)} frames): {default} agrees {agree[default].mean():.3f} %"
+        + "".join(f", {m} {g}" for m, g in gains.items()) + f" -> {chosen}"
+        + ("" if chosen != default or not gains else " (no interval clears the default)"))
+    evidence = {"default": default, "chosen": chosen, "frames": len(ds),
+                "agreement": {m: round(float(a.mean()), 4) for m, a in agree.items()},
+                "over_default": {m: g.to_dict() for m, g in gains.items()}}
+    return chosen, held, outputs, evidence
 
 
 def accuracy_fallback(model: Int8Model, gauge: DropGauge, max_drop: float, plain_outputs: np.ndarray,

@@ -189,7 +189,7 @@ class TensorRTBackend(DeviceBackend):
                 from edgeport.backends.tensorrt.fallback import choose_ranges
 
                 candidates = {method: amax, "max": known if known is not None else max_ranges()}
-                chosen, ranges["held_on_selection"], start = choose_ranges(
+                chosen, ranges["held_on_selection"], start, ranges["choice"] = choose_ranges(
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)
                 ranges["method"], amax = chosen, candidates[chosen]

@@ -97,11 +97,11 @@ class QdqModel:
 
 
 def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: Any, out: Path, val: LabelledSet,
-                  layout: str) -> tuple[str, dict[str, float], tuple[Any, np.ndarray]]:
-    """Of activation ranges by several methods ({method: amax}, the configured method first), the one whose
-    Q/DQ model (``write(amax)`` writes it to ``out``) holds the smaller drop on the selection half
-    (edgeport.quantize.loop.choose_ranges); (its method, {method: drop held}, (the gauge, the chosen plain Q/DQ
-    model's outputs): where the accuracy loop starts)."""
+                  layout: str) -> tuple[str, dict[str, float], tuple[Any, np.ndarray], dict[str, Any]]:
+    """Of activation ranges by several methods ({method: amax}, the configured method first), the default unless
+    another's Q/DQ model (``write(amax)`` writes it to ``out``) agrees with FP32 better on the selection half by a
+    clear interval (edgeport.quantize.loop.choose_ranges); (its method, {method: drop held}, (the gauge, the
+    chosen plain Q/DQ model's outputs): where the accuracy loop starts, the evidence)."""
     from edgeport.quantize.loop import DropGauge
     from edgeport.quantize.loop import choose_ranges as choose
 
@@ -111,8 +111,8 @@ def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: An
         write(amax)
         return _run(out, val)
 
-    chosen, held, outputs = choose(candidates, plain, gauge, lambda msg: log.info("%s", msg))
-    return chosen, held, (gauge, outputs[chosen])
+    chosen, held, outputs, evidence = choose(candidates, plain, gauge, lambda msg: log.info("%s", msg))
+    return chosen, held, (gauge, outputs[chosen]), evidence
 
 
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str,

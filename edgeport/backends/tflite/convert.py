@@ -151,7 +151,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if amax is not None:  # the recorded ranges are min/max: narrow them to the method's
             narrowed, ranges = narrow_ranges(calibrated, amax, method, n)
             if selection is not None:  # the selection half chooses between them
-                chosen, ranges["held_on_selection"], tried = choose_ranges(
+                chosen, ranges["held_on_selection"], tried, ranges["choice"] = choose_ranges(
                     {method: narrowed, "max": calibrated}, selection, kept)
                 ranges["method"] = chosen
             calibrated = narrowed if ranges["method"] == method else calibrated

@@ -89,11 +89,11 @@ class _Selection:
 
 
 def choose_ranges(candidates: dict[str, bytes], selection: _Selection,
-                  given: list[str]) -> tuple[str, dict[str, float], dict[str, tuple[bytes, Any]]]:
+                  given: list[str]) -> tuple[str, dict[str, float], dict[str, tuple[bytes, Any]], dict[str, Any]]:
     """Of calibrated models that differ only in their activation ranges ({method: model}, the configured method
-    first), the one whose plain INT8 holds the smaller drop on the selection half (edgeport.quantize.loop
-    .choose_ranges); (its method, {method: drop held}, {method: (its plain INT8, its outputs)}: the accuracy loop
-    starts from the chosen one's)."""
+    first), the default unless another agrees with FP32 better on the selection half by a clear interval
+    (edgeport.quantize.loop.choose_ranges); (its method, {method: drop held}, {method: (its plain INT8, its
+    outputs)}: the accuracy loop starts from the chosen one's, the evidence)."""
     from edgeport.quantize.loop import choose_ranges as choose
 
     blobs: dict[str, bytes] = {}
@@ -103,8 +103,8 @@ def choose_ranges(candidates: dict[str, bytes], selection: _Selection,
         return selection.outputs(blobs[method])
 
     gauge = selection.gauge(next(iter(candidates.values())))
-    chosen, held, outputs = choose(candidates, plain, gauge, _stage)
-    return chosen, held, {m: (blobs[m], outputs[m]) for m in candidates}
+    chosen, held, outputs, evidence = choose(candidates, plain, gauge, _stage)
+    return chosen, held, {m: (blobs[m], outputs[m]) for m in candidates}, evidence
 
 
 class SelectiveModel:
