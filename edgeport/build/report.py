@@ -159,7 +159,8 @@ def ranges_line(choice: dict[str, Any]) -> str:
         return f"ranges {choice['chosen']}"
     gains = ", ".join(f"{m} {g['gain']:+.3f} [{g['interval'][0]:+.3f}, {g['interval'][1]:+.3f}]"
                       for m, g in choice["over_default"].items())
-    why = "its interval clears the default" if choice["chosen"] != choice["default"] else "no interval clears it"
+    why = ("its interval clears the default" if choice["chosen"] != choice["default"] else "no interval clears it") \
+        if choice.get("by", "agreement") == "agreement" else "chosen by the labelled metric's drop held"
     return (f"ranges {choice['chosen']} ({choice['default']} agrees {choice['agreement'][choice['default']]:.3f} % "
             f"with FP32; over it: {gains} points, resampling {next(iter(choice['over_default'].values()))['resampled']}"
             f"; {why})")

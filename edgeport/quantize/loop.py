@@ -126,9 +126,12 @@ def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any]
     """Of activation ranges by several methods ({method: ranges}, the configured method first: the default), the
     default unless another's plain INT8 model (``plain_outputs(method, ranges)`` writes and runs it) agrees with
     FP32 better on the selection set by a paired bootstrap interval that lies above zero (edgeport.quantize
-    .evidence); chosen per model, because no one method wins on every model (docs/ranges.md). (its method,
+    .evidence); for a task whose agreement is too coarse for it (``Task.choice_by_agreement`` False: detection),
+    the one holding the smaller drop of the labelled metric. Chosen per model, because no one method wins on
+    every model (docs/ranges.md). (its method,
     {method: drop held}, {method: its plain model's outputs}, the evidence for the manifest)."""
     from edgeport.quantize.evidence import frame_agreement, paired_gain
+    from edgeport.tasks import get as get_task
 
     ds = gauge.parts[0][1]
     held, outputs, agree = {}, {}, {}
@@ -140,10 +143,15 @@ def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any]
     gains = {m: paired_gain(agree[m], agree[default], ds.names) for m in candidates if m != default}
     clear = [m for m, g in gains.items() if g.clears]
     chosen = max(clear, key=lambda m: gains[m].mean) if clear else default
+    by_agreement = get_task(ds.task).choice_by_agreement
+    if not by_agreement:  # the labelled metric's drop held decides; a tie keeps the default
+        chosen = min(held, key=lambda m: held[m])
+    why = ("" if chosen != default or not gains else " (no interval clears the default)") if by_agreement else \
+        " (by the drop held: " + ", ".join(f"{m} {d:.4f}" for m, d in held.items()) + f" {gauge.key})"
     say(f"activation ranges on the selection half ({len(ds)} frames): {default} agrees {agree[default].mean():.3f} %"
-        + "".join(f", {m} {g}" for m, g in gains.items()) + f" -> {chosen}"
-        + ("" if chosen != default or not gains else " (no interval clears the default)"))
+        + "".join(f", {m} {g}" for m, g in gains.items()) + f" -> {chosen}{why}")
     evidence = {"default": default, "chosen": chosen, "frames": len(ds),
+                "by": "agreement" if by_agreement else "metric drop held",
                 "agreement": {m: round(float(a.mean()), 4) for m, a in agree.items()},
                 "over_default": {m: g.to_dict() for m, g in gains.items()}}
     return chosen, held, outputs, evidence

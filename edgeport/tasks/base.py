@@ -30,6 +30,9 @@ class Task:
     # INT8 keeps the arithmetic after the last weighted layers (a detector's box decoding) in float where the
     # backend decides per op (OpenVINO): coordinates and offsets lose more to 8 bits than they save in time
     float_tail = False
+    # INT8 choices (activation ranges) go by agreement with FP32 frame by frame (edgeport.quantize.evidence);
+    # False: by the labelled metric's drop, where the task's per-frame agreement is too coarse to tell variants apart
+    choice_by_agreement = True
 
     def float_outputs(self, spec: InputSpec, shapes: dict[str, list[int]]) -> list[str]:
         """The outputs whose last learned layers INT8 keeps in float too, with the tail (``float_tail``): none by

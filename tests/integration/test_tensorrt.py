@@ -137,6 +137,11 @@ def test_emulated_int8_accuracy_is_reported(jetson):
     held = ranges["held_on_selection"]
     assert info["emulated"] is True and set(held) == {"percentile", "max"}, ranges
     _assert_shown_choice(ranges)
+    edges = ranges["fp16_edges"]  # the first and the last layer in FP16, each only on a clear interval
+    assert set(edges) == {"first layer", "last layer"}, edges
+    for edge in edges.values():
+        assert edge["taken"] == (edge["interval"][0] > 0) and edge["interval"][0] <= edge["gain"], edge
+        assert (set(edge["layers"]) <= set(info["kept_float"])) == edge["taken"], (edge, info["kept_float"])
     assert "ranges " + ranges["method"] in res.stdout and "resampling" in res.stdout
 
 

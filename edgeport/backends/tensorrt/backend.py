@@ -193,6 +193,15 @@ class TensorRTBackend(DeviceBackend):
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)
                 ranges["method"], amax = chosen, candidates[chosen]
+            if quant.accuracy_control and quant.val is not None:  # TensorRT's known-good FP16 layers, each
+                from edgeport.backends.tensorrt.fallback import choose_edges, plain_start  # on a clear interval
+
+                start = start or plain_start(onnx, lambda: qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep),
+                                             out / "model_qdq.onnx", quant.val, spec.layout)
+                edges, plain, ranges["fp16_edges"] = choose_edges(
+                    onnx, lambda k: qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", k), out / "model_qdq.onnx",
+                    keep, quant.val, start[0], start[1])
+                keep, start = keep | set(edges), (start[0], plain)
             if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec, start)
                 info["accuracy_fallback"] = fb

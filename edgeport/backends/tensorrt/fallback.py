@@ -131,3 +131,57 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
     tuning, kept = loop(model, gauge, max_drop, model.outputs() if plain is None else plain, val,
                         lambda msg: log.info("%s", msg))
     return tuning.report([name for name, _ in kept])
+
+
+def plain_start(onnx: Path, write: Any, out: Path, val: LabelledSet, layout: str) -> tuple[Any, np.ndarray]:
+    """(the drop gauge on the selection set, the plain Q/DQ model's outputs there; ``write()`` writes it to
+    ``out``): where the FP16 layers' choice and the accuracy loop start when no range choice measured them."""
+    from edgeport.quantize.loop import DropGauge
+
+    gauge = DropGauge(_run(onnx, val), val, layout)
+    write()
+    return gauge, _run(out, val)
+
+
+def edge_layers(onnx: Path, weighted: set[str]) -> dict[str, list[str]]:
+    """TensorRT users' known-good mixed precision, as candidates: {"first layer": the first quantized weighted
+    node in graph order (it reads the image, whose full range INT8 steps coarsely), "last layer": the weighted
+    nodes whose outputs reach no other weighted node (the classifier or segmentation head)}, each one present."""
+    import onnx as onnx_lib
+
+    order = [n.name for n in onnx_lib.load(str(onnx), load_external_data=False).graph.node if n.name in weighted]
+    last = sorted(last_weighted(onnx) & weighted)
+    out: dict[str, list[str]] = {}
+    if order and order[0] not in last:
+        out["first layer"] = [order[0]]
+    if last:
+        out["last layer"] = last
+    return out
+
+
+def choose_edges(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, gauge: Any,
+                 outputs: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Each of ``edge_layers`` kept in FP16 only when its Q/DQ model (``write(keep)``) agrees with FP32 better
+    than the model without it, frame by frame on the selection set, by a paired bootstrap interval above zero
+    (edgeport.quantize.evidence), tried in turn, each against the model the last one left. (the layers taken,
+    the outputs of the model they give, {candidate: its layers, gain and interval, taken}); the Q/DQ model at
+    ``out`` is left as the layers taken write it."""
+    from edgeport.backends.tensorrt import qdq
+    from edgeport.quantize.evidence import frame_agreement, paired_gain
+
+    taken: list[str] = []
+    base = frame_agreement(gauge.fp32, outputs, val)
+    evidence: dict[str, Any] = {}
+    for what, layers in edge_layers(onnx, qdq.weighted_nodes(onnx) - keep).items():
+        write(keep | set(taken) | set(layers))
+        got = _run(out, val)
+        agree = frame_agreement(gauge.fp32, got, val)
+        gain = paired_gain(agree, base, val.names)
+        evidence[what] = {"layers": layers, **gain.to_dict(), "taken": gain.clears}
+        log.info("%s in FP16 (%s): agreement with FP32 %s on the selection half -> %s", what, ", ".join(layers),
+                 gain, "kept in FP16" if gain.clears else "stays INT8 (its interval does not clear zero)")
+        if gain.clears:
+            taken += layers
+            base, outputs = agree, got
+    write(keep | set(taken))
+    return taken, outputs, evidence
