@@ -96,14 +96,8 @@ def decoding_nodes(graph: Any) -> set[str]:
     return found
 
 
-def weighted_reach(onnx_path: Path, decoding: bool = False) -> tuple[Any, Callable[[str], bool]]:
-    """(the ONNX graph, reaches(tensor): whether a weighted node (Conv, ConvTranspose, Gemm, MatMul) reads the
-    tensor or anything computed from it); with ``decoding``, a distribution's decoding layer
-    (``decoding_nodes``) does not count as weighted."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    skip = decoding_nodes(graph) if decoding else set()
+def _reach(graph: Any, skip: set[str]) -> Callable[[str], bool]:
+    """reaches(tensor): whether a weighted node not in ``skip`` reads the tensor or anything computed from it."""
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for t in node.input:
@@ -117,40 +111,46 @@ def weighted_reach(onnx_path: Path, decoding: bool = False) -> tuple[Any, Callab
                                for n in readers.get(tensor, []))
         return memo[tensor]
 
-    return graph, reaches
+    return reaches
+
+
+def weighted_reach(onnx_path: Path) -> tuple[Any, Callable[[str], bool]]:
+    """(the ONNX graph, reaches(tensor): whether a weighted node (Conv, ConvTranspose, Gemm, MatMul) reads the
+    tensor or anything computed from it)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return graph, _reach(graph, set())
 
 
 def tail_nodes(onnx_path: Path, heads_of: list[str] | tuple[str, ...] = ()) -> set[str]:
     """The nodes after a model's last learned layers, reaching none on the way to the outputs: a detector's box
-    decoding (its DFL softmax and fixed-bin convolution included) and its score activation; with ``heads_of``
-    (output names), also the last learned layers that lead to those outputs only (a detector's class logits)."""
-    graph, reaches = weighted_reach(onnx_path, decoding=True)
+    decoding (its DFL softmax and fixed-bin convolution included: ``decoding_nodes`` do not count as learned) and
+    its score activation; with ``heads_of`` (output names), also the last learned layers that lead to those
+    outputs only (a detector's class logits)."""
+    import onnx
+
+    return _tail(onnx.load(str(onnx_path), load_external_data=False).graph, heads_of)
+
+
+def _tail(graph: Any, heads_of: list[str] | tuple[str, ...]) -> set[str]:
     skip = decoding_nodes(graph)
-    tail = {n.name for n in graph.node
-            if (n.op_type not in WEIGHTED or n.name in skip) and n.name and not any(reaches(o) for o in n.output)}
+    reaches = _reach(graph, skip)
+    last = {n.name for n in graph.node if n.name and not any(reaches(o) for o in n.output)}
+    tail = {n.name for n in graph.node if n.name in last and (n.op_type not in WEIGHTED or n.name in skip)}
     if not heads_of:
         return tail
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for t in node.input:
-            readers.setdefault(t, []).append(node)
-    outputs = {o.name for o in graph.output}
-    memo: dict[str, frozenset[str]] = {}
-
-    def leads_to(tensor: str) -> frozenset[str]:
-        if tensor not in memo:
-            memo[tensor] = frozenset()
-            found = {tensor} & outputs
-            for n in readers.get(tensor, []):
-                for o in n.output:
-                    found |= leads_to(o)
-            memo[tensor] = frozenset(found)
-        return memo[tensor]
-
-    wanted = set(heads_of)
-    heads = {n.name for n in graph.node
-             if n.op_type in WEIGHTED and n.name not in skip and n.name and not any(reaches(o) for o in n.output)
-             and all(leads_to(o) and leads_to(o) <= wanted for o in n.output)}
+    made_by = {o: n for n in graph.node for o in n.output}
+    wanted, outputs = set(heads_of), [o.name for o in graph.output]
+    others: set[str] = set()  # every node on the way to an output not wanted
+    stack = [o for o in outputs if o not in wanted]
+    while stack:
+        node = made_by.get(stack.pop())
+        if node is not None and node.name not in others:
+            others.add(node.name)
+            stack.extend(node.input)
+    heads = {n.name for n in graph.node if n.name in last and n.op_type in WEIGHTED and n.name not in skip
+             and n.name not in others}
     return tail | heads
 
 
@@ -166,7 +166,7 @@ def float_tail(onnx_path: Path, spec: InputSpec) -> set[str]:
         return set()
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     shapes = {o.name: [int(d.dim_value) for d in o.type.tensor_type.shape.dim] for o in graph.output}
-    return tail_nodes(onnx_path, task.float_outputs(spec, shapes))
+    return _tail(graph, task.float_outputs(spec, shapes))
 
 
 def ignored_nodes(onnx_path: Path, quant: QuantizeConfig) -> set[str]:

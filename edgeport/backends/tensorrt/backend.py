@@ -181,7 +181,8 @@ class TensorRTBackend(DeviceBackend):
                 onnx, calib.data[:n], method, f"{method} activation ranges from {n} calibration images",
                 largest=largest if method == "percentile" else None, known=known))
             # the user's float layers, and the task's: a detector's decoding and class-logit convolutions (FP16)
-            tail = qdq.float_tail(onnx, spec) & qdq.weighted_nodes(onnx)
+            weighted = qdq.weighted_nodes(onnx)
+            tail = qdq.float_tail(onnx, spec) & weighted
             keep = qdq.ignored_nodes(onnx, settings) | tail
             ranges: dict[str, Any] = {"method": method, "images": n, "tensors": len(amax)}
             start = None  # the selection half's gauge and plain outputs, when the range choice measured them
@@ -193,17 +194,19 @@ class TensorRTBackend(DeviceBackend):
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
                     out / "model_qdq.onnx", quant.val, spec.layout)
                 ranges["method"], amax = chosen, candidates[chosen]
-            if quant.accuracy_control and quant.val is not None:  # TensorRT's known-good FP16 layers, each
-                from edgeport.backends.tensorrt.fallback import choose_edges, plain_start  # on a clear interval
-
-                start = start or plain_start(onnx, lambda: qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep),
-                                             out / "model_qdq.onnx", quant.val, spec.layout)
-                edges, plain, ranges["fp16_edges"] = choose_edges(
-                    onnx, lambda k: qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", k), out / "model_qdq.onnx",
-                    keep, quant.val, start[0], start[1])
-                keep, start = keep | set(edges), (start[0], plain)
             if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
-                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, quant, spec, start)
+                from edgeport.backends.tensorrt.fallback import choose_edges, plain_start
+
+                def write(kept: set[str]) -> None:
+                    qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", kept)
+
+                # TensorRT's known-good FP16 layers first, each taken only on a clear interval
+                gauge, plain = start or plain_start(onnx, lambda: write(keep), out / "model_qdq.onnx", quant.val,
+                                                    spec.layout)
+                edges, plain, ranges["fp16_edges"] = choose_edges(onnx, write, out / "model_qdq.onnx", keep,
+                                                                  weighted - keep, quant.val, gauge, plain)
+                keep, start = keep | set(edges), (gauge, plain)
+                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, weighted, quant, spec, start)
                 info["accuracy_fallback"] = fb
                 keep = keep | set(fb["kept_float"])
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
@@ -222,14 +225,13 @@ class TensorRTBackend(DeviceBackend):
                          {"precision": precision}, info, host_runnable=precision == "int8")
 
     @staticmethod
-    def _fallback(onnx: Path, amax: dict[str, float], out: Path, keep: set[str], quant: Quantization,
-                  spec: InputSpec, start: Any = None) -> dict[str, Any]:
-        """The accuracy-aware loop (fallback.py) on the selection half: the layers it keeps in float."""
+    def _fallback(onnx: Path, amax: dict[str, float], out: Path, keep: set[str], weighted: set[str],
+                  quant: Quantization, spec: InputSpec, start: Any = None) -> dict[str, Any]:
+        """The accuracy-aware loop (fallback.py) on the selection half: the layers it keeps in float (of the
+        model's ``weighted`` nodes)."""
         from edgeport.backends.tensorrt import qdq
         from edgeport.backends.tensorrt.fallback import accuracy_fallback
         from edgeport.tables import points
-
-        weighted = qdq.weighted_nodes(onnx)
 
         def write(kept: set[str]) -> set[str]:
             qdq.write_qdq(onnx, amax, out, kept)

@@ -53,10 +53,16 @@ def rank_layers(reference: tuple[list[dict[str, np.ndarray]], list[Any]], qdq: P
 def last_weighted(onnx: Path) -> set[str]:
     """The weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose outputs reach no other weighted node: a model's
     heads, where a detector's box regression and class scores come out."""
+    return _last_weighted(onnx)[1]
+
+
+def _last_weighted(onnx: Path) -> tuple[list[str], set[str]]:
+    """(every node's name in graph order, ``last_weighted``) from one read of the graph."""
     from edgeport.backends.base import WEIGHTED, weighted_reach
 
     graph, reaches = weighted_reach(onnx)
-    return {n.name for n in graph.node if n.op_type in WEIGHTED and not any(reaches(o) for o in n.output)}
+    return [n.name for n in graph.node], {n.name for n in graph.node
+                                          if n.op_type in WEIGHTED and not any(reaches(o) for o in n.output)}
 
 
 class QdqModel:
@@ -147,10 +153,9 @@ def edge_layers(onnx: Path, weighted: set[str]) -> dict[str, list[str]]:
     """TensorRT users' known-good mixed precision, as candidates: {"first layer": the first quantized weighted
     node in graph order (it reads the image, whose full range INT8 steps coarsely), "last layer": the weighted
     nodes whose outputs reach no other weighted node (the classifier or segmentation head)}, each one present."""
-    import onnx as onnx_lib
-
-    order = [n.name for n in onnx_lib.load(str(onnx), load_external_data=False).graph.node if n.name in weighted]
-    last = sorted(last_weighted(onnx) & weighted)
+    names, heads = _last_weighted(onnx)
+    order = [n for n in names if n in weighted]
+    last = sorted(heads & weighted)
     out: dict[str, list[str]] = {}
     if order and order[0] not in last:
         out["first layer"] = [order[0]]
@@ -159,20 +164,19 @@ def edge_layers(onnx: Path, weighted: set[str]) -> dict[str, list[str]]:
     return out
 
 
-def choose_edges(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, gauge: Any,
-                 outputs: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+def choose_edges(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[str], val: LabelledSet,
+                 gauge: Any, outputs: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     """Each of ``edge_layers`` kept in FP16 only when its Q/DQ model (``write(keep)``) agrees with FP32 better
     than the model without it, frame by frame on the selection set, by a paired bootstrap interval above zero
     (edgeport.quantize.evidence), tried in turn, each against the model the last one left. (the layers taken,
     the outputs of the model they give, {candidate: its layers, gain and interval, taken}); the Q/DQ model at
-    ``out`` is left as the layers taken write it."""
-    from edgeport.backends.tensorrt import qdq
+    ``out`` is left as the layers taken write it. ``quantized``: the weighted nodes the candidates come from."""
     from edgeport.quantize.evidence import frame_agreement, paired_gain
 
     taken: list[str] = []
     base = frame_agreement(gauge.fp32, outputs, val)
     evidence: dict[str, Any] = {}
-    for what, layers in edge_layers(onnx, qdq.weighted_nodes(onnx) - keep).items():
+    for what, layers in edge_layers(onnx, quantized).items():
         write(keep | set(taken) | set(layers))
         got = _run(out, val)
         agree = frame_agreement(gauge.fp32, got, val)
