@@ -156,7 +156,8 @@ class QuantizeConfig:
 
     Each field names the backends whose INT8 compile reads it (its flag's ``readers``, or ``readers`` in the
     metadata of a setting with no flag): a compile's cache key holds what it reads, and a flag that no selected
-    backend reads is refused. ``accuracy_control`` None means "on when labelled validation data is given";
+    backend reads is refused. ``accuracy_control`` None means "on when validation data is given" (without
+    labels it holds agreement with FP32 to the target's agreement gate: edgeport.build.compile.int8_budget);
     ``max_drop`` is in points of the task metric (mIoU or top-1 %). The int8_ignore* lists keep matching layers
     in float.
     """
@@ -177,8 +178,9 @@ class QuantizeConfig:
     int8_ignore_types: list[str] = field(default_factory=list, metadata={
         "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_types",)})
     accuracy_control: bool | None = opt(None, flag=Flag(
-        "keep the most harmful layers in float until the INT8 drop is within max_drop (default: on when "
-        "--val-images has labels)", INT8_GROUP, action="bool", readers=(OV, TFL, TRT), int8=True))
+        "keep the most harmful layers in float until the INT8 drop is within max_drop (default: on with "
+        "--val-images; without labels it holds agreement with FP32 to the target's agreement gate)", INT8_GROUP,
+        action="bool", readers=(OV, TFL, TRT), int8=True))
     max_drop: float = opt(1.0, flag=Flag(
         "largest task-metric drop from PyTorch in points (default [quantize] max_drop, 1.0)", INT8_GROUP,
         (BUILD, VALIDATE), type=float, readers=(OV, TFL, TRT)))

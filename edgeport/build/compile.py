@@ -119,13 +119,29 @@ def quantize_settings(cfg: ProjectConfig) -> QuantizeConfig:
     return dataclasses.replace(q, int8_preset=intake.int8_preset(cfg.model.model) or "performance")
 
 
+def int8_budget(cfg: ProjectConfig, target: Target, precision: str, val: ValidationRef | None,
+                budget: float | None) -> float | None:
+    """What INT8's accuracy-aware choices may lose (None: max_drop). On a set without labels with accuracy control
+    left to its default, the loop holds agreement with FP32 to the target's own gate: the points below 100 that its
+    ``min_agreement`` allows (5 for INT8's 0.95), or ``budget`` (what pruning left) when that is less."""
+    from edgeport.tasks import get as get_task
+
+    if val is None or val.data.labelled or cfg.quantize.accuracy_control is not None:
+        return budget
+    floor = get_task(cfg.input.task).tolerance(precision, target.tolerances(precision)).get("min_agreement")
+    if floor is None:
+        return budget
+    slack = round(100.0 * (1.0 - float(floor)), 6)
+    return slack if budget is None else min(budget, slack)
+
+
 def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precision: str, onnx_sha256: str,
                       calib: CalibrationSet | None, val: ValidationRef | None,
                       budget: float | None = None) -> dict[str, Any]:
     """What determines one artifact: the cache key of its compile."""
     needs_calib = backend.calibration_needed(precision)
-    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, budget=budget) \
-        if needs_calib else None
+    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None,
+                         budget=int8_budget(cfg, target, precision, val, budget)) if needs_calib else None
     return {"onnx": onnx_sha256, "backend": backend.name, "precision": precision,
             "target": backend.artifact_settings(target, precision),
             "calib": calib.sha256 if needs_calib and calib is not None else None,
@@ -143,8 +159,8 @@ def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, calib: Calibrati
     backend = get_backend(group.backend)
     stage = Stage(build_dir, f"artifact/{group.backend}-{group.precision}", group.settings)
     needs_calib = backend.calibration_needed(group.precision)
-    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, memo, budget) \
-        if needs_calib else None
+    quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, memo,
+                         int8_budget(cfg, group.targets[0], group.precision, val, budget)) if needs_calib else None
 
     def run(tmp: Path) -> dict[str, Any]:
         t0 = time.time()

@@ -60,11 +60,12 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
     backend = get_backend(group.backend)
     ev = Stage(build_dir, f"evaluation/{group.backend}-{group.precision}",
                {"artifact": stage.key, "val": val.data.sha256, "split": val.split, "format": STAGE_FORMAT,
-                "agreement_gate": agreement_gate and not val.data.labelled, "pruned": val.pruned is not None})
+                "evidence": 1, "agreement_gate": agreement_gate and not val.data.labelled, "pruned": val.pruned is not None})
 
     def run(tmp: Path) -> dict[str, Any]:
         from edgeport.config import SPLITS
         from edgeport.evaluate import primary, task_metrics
+        from edgeport.quantize.evidence import drop_evidence
 
         art = artifacts_from_dict(info["artifacts"], stage.dir)
         task = get_task(spec.task)
@@ -90,10 +91,14 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
                 halves[half]["drop_vs_pruned"] = pruned[key] - value
         report = halves["report"]  # the gate's and the headline's: the half nothing was tuned on
         key = primary(report["metrics"])[0]
+        if report["drop"] is not None and "agreement" not in report["reference"]:  # its interval, its spread
+            idx = val.halves()["report"]
+            report.update(drop_evidence(val.outputs[idx], got[idx], val.data.subset(idx), spec.layout))
         return {"metrics": report["metrics"], "reference": report["reference"], "metric": key,
                 "drop": report["drop"], "agreement": report["agreement"], "source": val.data.source,
                 "frames_sha256": val.data.frames_digest() if val.data.frames else None, "split_by": val.split,
-                "drop_vs_pruned": report.get("drop_vs_pruned"),
+                "drop_vs_pruned": report.get("drop_vs_pruned"), "interval": report.get("interval"),
+                "resampled": report.get("resampled"), "leave_one_sequence_out": report.get("leave_one_sequence_out"),
                 "count": report["count"], "halves": halves,
                 "split": SPLITS[val.split] if len(val.data) > 1 else "one image: no split",
                 "whole": {"metrics": task_metrics(got, val.data, spec.layout), "reference": val.metrics,

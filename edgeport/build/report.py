@@ -117,6 +117,8 @@ def parity_table(report: BuildReport) -> str:
                 for r in report.targets if r.accuracy and r.accuracy.get("drop_vs_pruned") is not None]
         if conv:
             lines.append(f"against the pruned FP32 ({pr['metric']} {pr['pruned']:.2f}): " + ", ".join(conv))
+    if (ev := evidence_line(report)) is not None:
+        lines.append(ev)
     for r in report.targets:
         if r.fallback:
             lines.append(f"{r.target}-{r.precision}: {fallback_line(r.fallback)}")
@@ -148,7 +150,8 @@ def fallback_line(fb: dict[str, Any]) -> str:
         drops += f" (worse of its halves {points(fb['held_after'], lim)})"
     kept = ", ".join(fb["kept_float"]) if fb["kept_float"] else "nothing"
     return (f"accuracy-aware INT8 ({fb['by']}) kept in float: {kept}; {drops} on the selection half "
-            f"({fb['images']} images, max_drop {lim:g})" + ("" if fb.get("met", True) else ", NOT met")
+            f"({fb['images']} images, {'agreement allowed to drop' if fb['metric'] == 'agreement' else 'max_drop'} "
+            f"{lim:g})" + ("" if fb.get("met", True) else ", NOT met")
             + (f"; {ranges_line(fb['ranges'])}" if fb.get("ranges") else ""))
 
 
@@ -164,6 +167,31 @@ def ranges_line(choice: dict[str, Any]) -> str:
     return (f"ranges {choice['chosen']} ({choice['default']} agrees {choice['agreement'][choice['default']]:.3f} % "
             f"with FP32; over it: {gains} points, resampling {next(iter(choice['over_default'].values()))['resampled']}"
             f"; {why})")
+
+def evidence_line(report: BuildReport) -> str | None:
+    """How far each artifact's change on the report half could move: its 95 % interval and, when the half spans
+    several sequences, the change with each left out in turn (edgeport.quantize.evidence.drop_evidence); targets
+    that share an artifact's figures share an entry. None when no artifact has an interval."""
+    entries: dict[str, list[str]] = {}
+    how = ""
+    for r in report.targets:
+        a = r.accuracy
+        if not a or a.get("drop") is None or not a.get("interval"):
+            continue
+        lo, hi = a["interval"]
+        text = f"{-a['drop']:+.2f} [{-hi:+.2f}, {-lo:+.2f}]"
+        loso = a.get("leave_one_sequence_out")
+        if loso:
+            text += (f", one of {len(loso['drops'])} sequences left out {-loso['spread'][1]:+.2f} to "
+                     f"{-loso['spread'][0]:+.2f}")
+        entries.setdefault(text, []).append(f"{r.target}-{r.precision}")
+        how = a.get("resampled") or how
+    if not entries:
+        return None
+    metric = next(r.accuracy["metric"] for r in report.targets if r.accuracy and r.accuracy.get("interval"))
+    return (f"{metric} change on the report half, 95 % interval ({how}): "
+            + "; ".join(f"{', '.join(names)} {text}" for text, names in entries.items()))
+
 
 def _signed_drop(a: dict[str, Any]) -> str:
     """The change from FP32 (minus the drop), with the digits that tell it from -max_drop."""
@@ -293,6 +321,8 @@ def to_markdown(report: BuildReport) -> str:
     if report.pruning:
         lines += [f"- {pruning_line(report.pruning, 'recovery.png' if report.recovery_chart else None)}; every drop "
                   "is against the original (unpruned) model", ""]
+    if (ev := evidence_line(report)) is not None:
+        lines += [f"- {ev}", ""]
     fallbacks = [f"- {r.target}-{r.precision}: {fallback_line(r.fallback)}" for r in report.targets if r.fallback]
     if fallbacks:
         lines += [*fallbacks, ""]

@@ -141,9 +141,11 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
 
         val_data = load_labelled(cfg.validation.val_images, cfg.validation.val_labels, spec,
                                  max_images=cfg.validation.max_images, root=cfg.root)
-        if given.get("accuracy_control") and not val_data.labelled:
-            log.info("%s has no labels: accuracy-aware INT8 holds agreement with FP32 (top-1 or pixel, in percent) "
-                     "within max_drop points", val_data.source)
+        if cfg.quantize.accuracy_control is not False and not val_data.labelled:
+            log.info("%s has no labels: accuracy-aware INT8 holds agreement with FP32 (top-1, pixel or detection, "
+                     "in percent) on its selection half within %s", val_data.source,
+                     "max_drop points" if cfg.quantize.accuracy_control else "each target's agreement gate "
+                     "(min_agreement: 5 points for INT8)")
     calib = None
     clock: list[StageTime] = []
     t0 = time.time()

@@ -95,3 +95,41 @@ def paired_gain(variant: np.ndarray, default: np.ndarray, names: list[str], draw
     means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return Gain(float(diff.mean()), float(low), float(high), how)
+
+
+def drop_evidence(ref: np.ndarray, got: np.ndarray, ds: Any, layout: str, draws: int = 1000,
+                  seed: int = 0) -> dict[str, Any]:
+    """How far an artifact's drop from the float model on a labelled set could move on other frames: its 95 %
+    paired bootstrap interval (the same resampled units, ``units(ds.names)``, for both models; tasks whose metric
+    is a sum over frames, ``Task.frame_stats``), and, when the set spans two sequences or more, the drop with each
+    sequence left out in turn (its spread: what new footage could do to the figure)."""
+    from edgeport.evaluate import primary, task_metrics
+    from edgeport.tasks import get as get_task
+
+    task = get_task(ds.task)
+    out: dict[str, Any] = {}
+    ref_stats, got_stats = task.frame_stats(ref, ds, layout), task.frame_stats(got, ds, layout)
+    if ref_stats is not None and got_stats is not None and len(ds) > 1:
+        groups, how = units(ds.names)
+        ref_u = np.stack([ref_stats[g].sum(0) for g in groups])
+        got_u = np.stack([got_stats[g].sum(0) for g in groups])
+        pick = np.random.default_rng(seed).integers(0, len(groups), size=(draws, len(groups)))
+        drops = np.array([task.metric_of(ref_u[p].sum(0)) - task.metric_of(got_u[p].sum(0)) for p in pick])
+        low, high = np.percentile(drops, [2.5, 97.5])
+        out["interval"] = [round(float(low), 4), round(float(high), 4)]
+        out["resampled"] = how
+
+    def drop_on(idx: list[int]) -> float:
+        if ref_stats is not None and got_stats is not None:
+            return task.metric_of(ref_stats[idx].sum(0)) - task.metric_of(got_stats[idx].sum(0))
+        sub = ds.subset(idx)
+        return float(primary(task_metrics(ref[idx], sub, layout))[1]) - \
+            float(primary(task_metrics(got[idx], sub, layout))[1])
+
+    seqs: dict[str, list[int]] = {}
+    for i, name in enumerate(ds.names):
+        seqs.setdefault(sequence_of(name), []).append(i)
+    if len(seqs) >= 2:
+        left = {s: round(drop_on(sorted(i for t, idx in seqs.items() if t != s for i in idx)), 4) for s in seqs}
+        out["leave_one_sequence_out"] = {"drops": left, "spread": [min(left.values()), max(left.values())]}
+    return out

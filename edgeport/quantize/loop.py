@@ -10,11 +10,19 @@ half of the labelled set the loop then
    on the whole set and on each of its halves (``DropGauge``: the worst of them is the drop held);
 2. if the drop held is over max_drop, tries the heads in float at once (a detector's box regression and scores),
    kept only if that holds a smaller drop;
-3. while the drop held is over max_drop, keeps the layer that adds the most error in float, writes and measures
+3. while the drop held is over max_drop, tries the layer that adds the most error in float, writes and measures
    again; at most a quarter of the weighted layers (12 at the most), plus the heads when they were kept.
 
-What is kept, and the drop before and after, go to the manifest whatever the outcome: the build's gate judges the
-result on the report half, which chose nothing.
+Every step is a non-default choice, so it must be shown: a layer (or the heads) is kept only when its gain in
+agreement with FP32, frame by frame, over the last step kept has a paired bootstrap interval above zero
+(edgeport.quantize.evidence). A layer whose interval does not clear stays pending: the next layer is tried with it
+(a layer whose INT8 input is produced by another INT8 layer gains only with that one in float too), and what is
+still pending when the loop ends goes back to INT8. For a task whose per-frame agreement is too coarse for it
+(``Task.choice_by_agreement`` False: detection) the interval is recorded and the labelled metric's drop held
+decides alone.
+
+What is kept, each step's interval, and the drop before and after go to the manifest whatever the outcome: the
+build's gate judges the result on the report half, which chose nothing.
 """
 from __future__ import annotations
 
@@ -54,12 +62,22 @@ class DropGauge:
 
 class Tuning:
     """The record of an accuracy-aware loop: the drop and the drop held (``DropGauge``) at every step, what was
-    kept in float at each, and the report it writes into the manifest."""
+    kept in float at each with its agreement gain's interval over the step before, the steps put back, and the
+    report it writes into the manifest."""
 
     def __init__(self, gauge: DropGauge, max_drop: float, first: np.ndarray, images: int, labelled: bool) -> None:
+        from edgeport.quantize.evidence import frame_agreement
+        from edgeport.tasks import get as get_task
+
         self.gauge, self.max_drop, self.images, self.labelled = gauge, max_drop, images, labelled
+        self.ds = gauge.parts[0][1]
+        self.by_agreement = get_task(self.ds.task).choice_by_agreement
+        self.agree = frame_agreement(gauge.fp32, first, self.ds)
         drop, held = gauge(first)
-        self.steps: list[dict[str, Any]] = [{"kept": [], "drop": drop, "held": held}]
+        self.steps: list[dict[str, Any]] = [{"kept": [], "drop": drop, "held": held,
+                                             "agreement": round(float(self.agree.mean()), 4)}]
+        self.rejected: list[dict[str, Any]] = []
+        self.last_gain: Any = None  # the Gain of the last step tried (for the log line)
 
     @property
     def drop(self) -> float:
@@ -76,27 +94,39 @@ class Tuning:
         """True while the drop held is beyond max_drop."""
         return self.held > self.max_drop
 
-    def step(self, kept: list[str], got: np.ndarray) -> None:
-        """Record the outputs ``got`` with ``kept`` in float as the next step."""
+    def _try(self, kept: list[str], got: np.ndarray, must_hold_less: bool) -> bool:
+        from edgeport.quantize.evidence import frame_agreement, paired_gain
+
         drop, held = self.gauge(got)
-        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
+        agree = frame_agreement(self.gauge.fp32, got, self.ds)
+        gain = self.last_gain = paired_gain(agree, self.agree, self.ds.names)
+        step = {"kept": list(kept), "drop": drop, "held": held, "agreement": round(float(agree.mean()), 4),
+                "gain": gain.to_dict()}
+        if (must_hold_less and held >= self.held) or (self.by_agreement and not gain.clears):
+            self.rejected.append(step)
+            return False
+        self.steps.append(step)
+        self.agree = agree
+        return True
+
+    def step(self, kept: list[str], got: np.ndarray) -> bool:
+        """Take the outputs ``got`` with ``kept`` in float as the next step when its agreement gain over the step
+        before clears (module docstring); True when taken, else it is recorded as put back."""
+        return self._try(kept, got, must_hold_less=False)
 
     def trial(self, kept: list[str], got: np.ndarray) -> bool:
-        """Record ``got`` as the next step only if it holds a smaller drop (a group tried at once, such as a
-        detector's heads); True when it was kept."""
-        drop, held = self.gauge(got)
-        if held >= self.held:
-            return False
-        self.steps.append({"kept": list(kept), "drop": drop, "held": held})
-        return True
+        """As ``step``, and only if it also holds a smaller drop (a group tried at once, such as a detector's
+        heads); True when it was kept."""
+        return self._try(kept, got, must_hold_less=True)
 
     def report(self, kept_float: list[str], **extra: Any) -> dict[str, Any]:
         """The manifest's ``accuracy_fallback``: metric, drops before and after (whole set and held), the layers
-        kept in float, every step."""
+        kept in float, every step (with its gain's interval) and every step put back."""
         return {"metric": self.gauge.key, "reference": self.gauge.reference, "max_drop": self.max_drop,
                 "drop_before": self.steps[0]["drop"], "drop_after": self.drop, "held_before": self.steps[0]["held"],
-                "held_after": self.held, "kept_float": kept_float, "steps": self.steps, "images": self.images,
-                "met": not self.over, "labelled": self.labelled, **extra}
+                "held_after": self.held, "kept_float": kept_float, "steps": self.steps, "rejected": self.rejected,
+                "images": self.images, "met": not self.over, "labelled": self.labelled,
+                "kept_by": "agreement interval" if self.by_agreement else "metric drop held", **extra}
 
 
 class Int8Model(Protocol):
@@ -174,17 +204,31 @@ def accuracy_fallback(model: Int8Model, gauge: DropGauge, max_drop: float, plain
             kept = [(h, HEADS) for h in heads]
             limit += len(heads)
             say(f"kept the heads in float ({len(heads)} layer(s)): drop {tuning.drop:.4f} (worse of its halves "
-                f"{tuning.held:.4f})")
+                f"{tuning.held:.4f}); agreement {tuning.last_gain}")
         else:
+            say(f"the heads in float ({len(heads)} layer(s)) not kept: agreement {tuning.last_gain}")
             model.write([])
-    while tuning.over and len(kept) < limit:
-        ranked = model.rank([k for k, _ in kept])
+    pending: list[tuple[str, str]] = []  # tried, no gain shown alone: kept only with what follows, if that clears
+    while tuning.over and len(kept) + len(pending) < limit:
+        ranked = model.rank([k for k, _ in kept + pending])
         if not ranked:
             break
         name, what, added = ranked[0]
         say(f"{gauge.key} {tuning.held - max_drop:.4f} points over max_drop {max_drop:g} (the selection set or its "
-            f"worse half): keeping {model.describe(name, what)} in float (adds {added:.3g} relative error)")
-        kept.append((name, what))
+            f"worse half): trying {model.describe(name, what)} in float (adds {added:.3g} relative error)")
+        trial = kept + pending + [(name, what)]
+        model.write([k for k, _ in trial])
+        if tuning.step([k for k, _ in trial], model.outputs()):
+            with_pending = f" with the {len(pending)} layer(s) tried before it" if pending else ""
+            kept, pending = trial, []
+            say(f"kept {model.describe(name, what)}{with_pending} in float: agreement {tuning.last_gain} over the "
+                "last step kept")
+        else:
+            pending.append((name, what))
+            say(f"{model.describe(name, what)} in float: agreement {tuning.last_gain} over the last step kept does "
+                "not clear zero; it stays in float only if the next layer's step clears")
+    if pending:  # what did not clear goes back to INT8
+        say(f"put back in INT8 ({len(pending)} layer(s) whose agreement gain does not clear zero): "
+            + ", ".join(model.describe(n, w) for n, w in pending))
         model.write([k for k, _ in kept])
-        tuning.step([k for k, _ in kept], model.outputs())
     return tuning, kept

@@ -128,6 +128,15 @@ class Task:
         """This task's metrics in percent (with ``count``) from the first output of every sample (N, ...)."""
         raise NotImplementedError
 
+    def frame_stats(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> np.ndarray | None:
+        """Per frame, the counts whose sum over any set of frames gives the headline metric (``metric_of``): what
+        a bootstrap resamples without scoring again. None where the metric is not such a sum (mAP)."""
+        return None
+
+    def metric_of(self, stats: np.ndarray) -> float:
+        """The headline metric of ``frame_stats`` summed over a set of frames."""
+        raise NotImplementedError
+
 
 def class_logit_kl(student: Any, teacher: Any, temperature: float = 2.0) -> Any:
     """KL divergence from the teacher's softened class distribution (class axis 1: per image, or per pixel of an

@@ -91,3 +91,22 @@ def test_the_accuracy_aware_loop_keeps_the_breaking_layer_in_float_everywhere(pr
         assert f"{name}: accuracy-aware INT8" in res.stdout and CONSUMER in res.stdout
     md = (project / "rep" / "report.md").read_text()
     assert md.count("accuracy-aware INT8") == 3
+
+
+def test_without_labels_the_loop_holds_agreement_to_the_gate(project, camvid):
+    """A plain image folder (no labels) and accuracy control left to its default: the loop runs on agreement
+    with FP32 on the folder's selection half, held to the target's agreement gate (INT8's 0.95: 5 points), says
+    so, keeps the breaking layer in float, and the build passes its agreement gate on the report half."""
+    res = run_cli("build", "--target", "raspberry-pi-5:int8", "--target", "jetson-orin-nano:int8", "--calib",
+                  "synthetic://", "--val-images", str(camvid / "val"), "--out", "unlabelled",
+                  cwd=project)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "has no labels: accuracy-aware INT8 holds agreement with FP32" in res.stderr + res.stdout
+    for name in BUNDLES[1:]:
+        m = json.loads((project / "unlabelled" / name / "manifest.json").read_text())
+        fb = m["provenance"]["accuracy_fallback"]
+        assert fb["metric"] == "agreement" and fb["max_drop"] == pytest.approx(5.0) and not fb["labelled"], fb
+        assert CONSUMER in fb["kept_float"] or any(CONSUMER in k for k in fb.get("kept_tensors", [])), (name, fb)
+        assert fb["drop_before"] > 50.0 > 10.0 > fb["held_after"], fb  # within a few layers of the gate's 5
+        assert all(s["gain"]["interval"][0] > 0 for s in fb["steps"][1:]), fb["steps"]  # each step shown
+        assert m["verdict"]["gates"]["agreement"] == "passed", m["verdict"]

@@ -100,10 +100,12 @@ def test_huggingface_segformer_folder_builds_everywhere(tmp_path: Path, camvid: 
 
 
 @pytest.mark.skipif(not has("timm"), reason="timm not installed")
-@pytest.mark.parametrize("name", ["regnetx_002", "convnext_atto"])
+@pytest.mark.parametrize("name", ["convnext_atto"])
 def test_timm_models_build_everywhere(tmp_path: Path, camvid: Path, name: str) -> None:
     """Briefly trained weights (tests/models/classifier.py: random ones tie, and INT8 flips the ties) given with
-    --weights; agreement on CamVid val's frames (a plain image folder) beside the golden frames."""
+    --weights; agreement on CamVid val's frames (a plain image folder) beside the golden frames, which INT8's
+    accuracy-aware loop holds on their selection half by default. One model (LayerNorm, GELU, depthwise
+    convolutions): regnetx_002 passed beside it and was left out for CI's time."""
     from tests.models.classifier import train
 
     weights = train(name, camvid, tmp_path / f"{name}.pth")
@@ -112,6 +114,8 @@ def test_timm_models_build_everywhere(tmp_path: Path, camvid: Path, name: str) -
     m = _manifest(tmp_path, "intel-cpu-int8")
     assert m["preprocess"]["shape"] == [1, 3, 128, 128] and m["outputs"][0]["shape"] == [1, 5]
     assert m["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)  # from timm's data config
+    fb = _manifest(tmp_path, "jetson-orin-nano-int8")["provenance"]["accuracy_fallback"]
+    assert fb["metric"] == "agreement" and not fb["labelled"] and fb["max_drop"] == pytest.approx(5.0), fb
 
 
 def test_hub_forms_fail_with_one_line(tmp_path: Path) -> None:

@@ -67,14 +67,16 @@ def test_the_loops_hold_the_worse_half_of_the_selection_set():
     assert gauge(fp32) == (pytest.approx(0.0), pytest.approx(0.0))
 
 
-def test_the_loops_record_keeps_a_trial_only_when_it_holds_less():
-    """Tuning: a group tried at once (a detector's heads) is kept only if it lowers the drop held; the report
-    gives the first step's drops as 'before' and the last kept step's as 'after'."""
+def test_the_loops_record_keeps_a_trial_only_when_it_holds_less_and_its_gain_clears():
+    """Tuning: a group tried at once (a detector's heads) is kept only if it lowers the drop held and its
+    agreement gain over the step before has an interval above zero; a gain on one frame of 12 (one block of
+    four) does not clear, a gain on every block does. The report gives the first step's drops as 'before', the
+    last kept step's as 'after', each step's interval and the steps put back."""
     from edgeport.quantize.loop import DropGauge, Tuning
 
-    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
-    ds = LabelledSet("test", "classification", np.zeros((8, 1), np.float32), labels, [{}] * 8,
-                     [f"f{i}.png" for i in range(8)], "0" * 64)
+    labels = np.array([0, 1, 2] * 4)
+    ds = LabelledSet("test", "classification", np.zeros((12, 1), np.float32), labels, [{}] * 12,
+                     [f"f{i:02d}.png" for i in range(12)], "0" * 64)
     fp32 = np.eye(3, dtype=np.float32)[labels] * 5.0
 
     def wrong(*idx: int) -> np.ndarray:
@@ -82,12 +84,16 @@ def test_the_loops_record_keeps_a_trial_only_when_it_holds_less():
         got[list(idx)] = np.eye(3, dtype=np.float32)[[(labels[i] + 1) % 3 for i in idx]] * 5.0
         return got
 
-    t = Tuning(DropGauge(fp32, ds, "NCHW"), 10.0, wrong(0, 1), 8, True)
-    assert t.over and t.held == pytest.approx(50.0)
-    assert not t.trial(["heads"], wrong(0, 1, 2)) and len(t.steps) == 1  # worse: not kept
-    assert t.trial(["heads"], wrong(0)) and t.held == pytest.approx(25.0)
-    t.step(["heads", "conv"], fp32)
+    every_block = (0, 1, 4, 5, 8, 9)  # two frames of each block of four neighbours
+    t = Tuning(DropGauge(fp32, ds, "NCHW"), 10.0, wrong(*every_block, 2), 12, True)
+    assert t.over and t.drop == pytest.approx(7 / 12 * 100)
+    assert not t.trial(["heads"], wrong(*every_block, 2, 3)) and len(t.steps) == 1  # worse: not kept
+    assert not t.trial(["heads"], wrong(*every_block)) and len(t.steps) == 1  # one frame better: not shown
+    assert t.rejected[-1]["gain"]["interval"][0] <= 0.0
+    assert t.trial(["heads"], wrong(0, 4, 8, 2)) and t.steps[-1]["gain"]["interval"][0] > 0.0
+    assert t.step(["heads", "conv"], fp32)
     r = t.report(["heads", "conv"])
-    assert (r["drop_before"], r["held_before"]) == (pytest.approx(25.0), pytest.approx(50.0))
+    assert r["drop_before"] == pytest.approx(7 / 12 * 100)
     assert r["drop_after"] == pytest.approx(0.0) and r["met"] and [s["kept"] for s in r["steps"]] == \
         [[], ["heads"], ["heads", "conv"]]
+    assert len(r["rejected"]) == 2 and r["kept_by"] == "agreement interval"

@@ -35,3 +35,24 @@ def test_a_consistent_gain_clears_and_noise_does_not() -> None:
     one_block = default.copy()
     one_block[:8] += 3.0
     assert not paired_gain(one_block, default, names).clears
+
+
+def test_the_drop_has_its_interval_and_the_spread_with_each_sequence_left_out() -> None:
+    """Top-1 on 3 sequences of 8 frames; INT8 is wrong on 4 frames of sequence B only: 4/24 = 16.7 points on the
+    whole set, 0 with B left out, 25 with A or C left out; the interval (3 sequences: blocks) holds the drop."""
+    from edgeport.evaluate import LabelledSet
+    from edgeport.quantize.evidence import drop_evidence
+
+    labels = np.array([0, 1, 2, 3] * 6)
+    names = [f"{s}_{i:03d}.png" for s in "ABC" for i in range(8)]
+    ds = LabelledSet("test", "classification", np.zeros((24, 1), np.float32), labels, [{}] * 24, names, "0" * 64)
+    ref = np.eye(4, dtype=np.float32)[labels]
+    got = ref.copy()
+    got[[8, 10, 12, 14]] = np.eye(4, dtype=np.float32)[(labels[[8, 10, 12, 14]] + 1) % 4]
+    ev = drop_evidence(ref, got, ds, "NCHW")
+    assert ev["leave_one_sequence_out"]["drops"] == {"A": 25.0, "B": 0.0, "C": 25.0}
+    assert ev["leave_one_sequence_out"]["spread"] == [0.0, 25.0]
+    low, high = ev["interval"]
+    assert low < 4 / 24 * 100 < high and low >= 0.0 and ev["resampled"].endswith("neighbouring frames")
+    one = drop_evidence(ref[8:16], got[8:16], ds.subset(list(range(8, 16))), "NCHW")  # one sequence: no spread
+    assert "leave_one_sequence_out" not in one and one["interval"][1] > 0

@@ -64,5 +64,14 @@ class Classification(Task):
         top5 = float(np.mean([t[i] in order[i, :5] for i in range(len(t))]))
         return {"top1": 100 * top1, "top5": 100 * top5, "count": len(t)}
 
+    def frame_stats(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> np.ndarray:
+        """(N, 2): whether top-1 is right, and 1 (the frame)."""
+        right = outputs.reshape(len(outputs), -1).argmax(1) == np.asarray(ds.targets)
+        return np.stack([right.astype(np.float64), np.ones(len(right))], 1)
+
+    def metric_of(self, stats: np.ndarray) -> float:
+        """Top-1 in percent."""
+        return 100.0 * float(stats[0]) / max(float(stats[1]), 1.0)
+
 
 TASK = Classification()

@@ -123,6 +123,15 @@ class Segmentation(Task):
         return segmentation_metrics([segment(outputs[i:i + 1], layout == "NHWC") for i in range(len(outputs))],
                                     ds, outputs.shape[-1 if layout == "NHWC" else 1])
 
+    def frame_stats(self, outputs: np.ndarray, ds: LabelledSet, layout: str) -> np.ndarray:
+        """(N, classes, classes): each frame's confusion matrix (``confusions``)."""
+        return confusions([segment(outputs[i:i + 1], layout == "NHWC") for i in range(len(outputs))], ds,
+                          outputs.shape[-1 if layout == "NHWC" else 1])
+
+    def metric_of(self, stats: np.ndarray) -> float:
+        """mIoU of a summed confusion matrix."""
+        return scores_of(stats)["miou"]
+
 
 def segmentation_metrics(masks: list[np.ndarray], ds: LabelledSet, n_classes: int) -> dict[str, float]:
     """mIoU over the classes present in labels or predictions, and pixel accuracy, at label resolution."""
