@@ -30,6 +30,9 @@ RECOMMENDED = 300
 # scenes) is too easy to show the floor (docs/code-figures.md).
 MINIMUM = 50
 SYNTHETIC = "synthetic://"
+# INT8's accuracy-aware choices hold back the last quarter of a calibration set of HELD_FROM frames or more (at
+# most HELD_MOST) from range measurement, to judge their choices on frames the ranges did not see.
+HELD_FROM, HELD_MOST = 100, 100
 
 
 @dataclass
@@ -42,13 +45,27 @@ class CalibrationSet:
     skipped: int = 0
     frames: list[np.ndarray] = field(default_factory=list)  # first few raw BGR frames (golden inputs)
     names: list[str] = field(default_factory=list)  # names of those frames
+    held: np.ndarray | None = None  # frames held back from range measurement, for INT8's decisions (hold_back)
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def hold_back(self) -> CalibrationSet:
+        """The set less its last quarter (at most ``HELD_MOST`` frames), which it keeps as ``held``: frames the
+        activation ranges are not measured on, on which INT8's choices are judged beside the validation set's
+        selection half (a contiguous part, so neighbouring frames of a video do not sit on both sides). Itself
+        when it has fewer than ``HELD_FROM`` frames."""
+        if len(self) < HELD_FROM or self.held is not None:
+            return self
+        k = min(HELD_MOST, len(self) // 4)
+        sha = hashlib.sha256(f"{self.sha256}|held back {k}".encode()).hexdigest()
+        return CalibrationSet(self.source, self.data[:-k], sha, self.skipped, self.frames, self.names,
+                              self.data[-k:])
+
     def summary(self) -> dict[str, object]:
         """Manifest form."""
-        return {"source": self.source, "count": len(self), "skipped": self.skipped, "sha256": self.sha256}
+        return {"source": self.source, "count": len(self), "skipped": self.skipped, "sha256": self.sha256,
+                **({"held_back": len(self.held)} if self.held is not None else {})}
 
     def batches(self, size: int = 1):
         """Yield (size, ...) float32 arrays."""

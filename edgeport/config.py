@@ -179,7 +179,8 @@ class QuantizeConfig:
         "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_types",)})
     accuracy_control: bool | None = opt(None, flag=Flag(
         "keep the most harmful layers in float until the INT8 drop is within max_drop (default: on with "
-        "--val-images; without labels it holds agreement with FP32 to the target's agreement gate)", INT8_GROUP,
+        "--val-images; without labels it holds agreement with FP32 to the target's agreement gate; asked for "
+        "without --val-images, it judges on a quarter of the calibration set held back)", INT8_GROUP,
         action="bool", readers=(OV, TFL, TRT), int8=True))
     max_drop: float = opt(1.0, flag=Flag(
         "largest task-metric drop from PyTorch in points (default [quantize] max_drop, 1.0)", INT8_GROUP,

@@ -69,10 +69,27 @@ class LabelledSet:
         return LabelledSet(self.source, self.task, self.inputs[idx], t, [self.geometries[i] for i in idx],
                            [self.names[i] for i in idx], sha, self.ignore_index, 0, [], self.spec)
 
+    def joined(self, extra: LabelledSet) -> LabelledSet:
+        """This set's frames, then ``extra``'s, as one unlabelled set: what INT8's choices measure agreement with
+        FP32 on (their labelled metric reads this set alone)."""
+        sha = hashlib.sha256(f"{self.sha256}+{extra.sha256}".encode()).hexdigest()
+        return LabelledSet(f"{self.source} + {extra.source}", self.task, np.concatenate([self.inputs, extra.inputs]),
+                           None, list(self.geometries) + list(extra.geometries), list(self.names) + list(extra.names),
+                           sha, self.ignore_index, spec=self.spec or extra.spec)
+
     def summary(self) -> dict[str, Any]:
         """Manifest form."""
         return {"source": self.source, "count": len(self), "skipped": self.skipped, "sha256": self.sha256,
                 "ignore_index": self.ignore_index, "labelled": self.labelled}
+
+
+def unlabelled(source: str, task: str, inputs: np.ndarray, sha256: str, spec: InputSpec | None,
+               prefix: str = "frame") -> LabelledSet:
+    """Preprocessed frames without labels (calibration frames held back for INT8's decisions), named
+    ``{prefix}_{i:05d}`` in their order: one sequence of neighbouring frames for the bootstrap's blocks."""
+    n = len(inputs)
+    return LabelledSet(source, task, inputs, None, [{} for _ in range(n)], [f"{prefix}_{i:05d}" for i in range(n)],
+                       sha256, spec=spec)
 
 
 def read_image(path: Path, flags: int) -> np.ndarray | None:

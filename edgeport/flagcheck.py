@@ -55,9 +55,6 @@ def check_build_flags(cfg: ProjectConfig, chosen: list[tuple[Target, str]], give
     if given.get("recover_steps") is not None and not cfg.optimize.prune:
         raise ConfigError("--recover-steps has no effect without pruning: it distils a pruned model from the original; "
                           "add --prune 0.3 (or [optimize] prune), or drop the flag")
-    if given.get("accuracy_control") and not val_images:
-        raise ConfigError("--accuracy-control needs labelled validation data: pass --val-images (and --val-labels "
-                          "for segmentation)")
 
 
 def check_val_labels(val_labels: str | None, val_images: str | None) -> None:

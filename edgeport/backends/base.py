@@ -1,6 +1,7 @@
 """The one seam between the shared pipeline and the device backends."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
@@ -31,6 +32,21 @@ class Quantization:
     val: LabelledSet | None = None
     memo: Callable[[str, dict[str, Any], Callable[[], Any]], Any] | None = None
     budget: float | None = None  # what INT8 may lose, when pruning spent part of max_drop; None: max_drop
+    extra: LabelledSet | None = None  # calibration frames held back from the ranges (CalibrationSet.hold_back)
+
+    @property
+    def selection(self) -> LabelledSet | None:
+        """The set whose drop accuracy-aware INT8 holds within max_drop: the validation set's selection half,
+        else (no validation data) the held-back calibration frames, by agreement with FP32."""
+        return self.val if self.val is not None else self.extra
+
+    @functools.cached_property
+    def frames(self) -> LabelledSet | None:
+        """Every frame INT8's choices measure agreement with FP32 on: the selection set's, then the held-back
+        calibration frames (``LabelledSet.joined``)."""
+        if self.val is not None and self.extra is not None:
+            return self.val.joined(self.extra)
+        return self.selection
 
     @property
     def max_drop(self) -> float:
@@ -47,7 +63,7 @@ class Quantization:
         holds the task metric within max_drop, without them agreement with FP32 within the budget the build gives
         (edgeport.build.compile.int8_budget: the target's agreement gate)."""
         on = self.settings.accuracy_control
-        return self.val is not None if on is None else bool(on)
+        return self.selection is not None if on is None else bool(on)
 
     def key(self, fields: frozenset[str]) -> dict[str, Any]:
         """Cache-key form: the settings in ``fields`` (those a backend reads), and the validation data only
@@ -58,6 +74,7 @@ class Quantization:
         uses_val = "accuracy_control" in fields and self.accuracy_control
         return {**{k: v for k, v in settings.items() if k in fields},
                 "val": self.val.sha256 if uses_val and self.val is not None else None,
+                "held": self.extra.sha256 if uses_val and self.extra is not None else None,
                 "accuracy_control": self.accuracy_control if "accuracy_control" in fields else None}
 
 

@@ -135,13 +135,25 @@ def int8_budget(cfg: ProjectConfig, target: Target, precision: str, val: Validat
     return slack if budget is None else min(budget, slack)
 
 
+def held_frames(calib: CalibrationSet | None, spec: InputSpec) -> Any:
+    """The calibration frames held back from the ranges (``CalibrationSet.hold_back``) as an unlabelled set named
+    in their order, or None."""
+    from edgeport.evaluate import unlabelled
+
+    if calib is None or calib.held is None:
+        return None
+    sha = hashlib.sha256(f"{calib.sha256}|held".encode()).hexdigest()
+    return unlabelled(f"{calib.source} (held back from the ranges)", spec.task, calib.held, sha, spec, "calibration")
+
+
 def artifact_settings(cfg: ProjectConfig, backend: Any, target: Target, precision: str, onnx_sha256: str,
                       calib: CalibrationSet | None, val: ValidationRef | None,
                       budget: float | None = None) -> dict[str, Any]:
     """What determines one artifact: the cache key of its compile."""
     needs_calib = backend.calibration_needed(precision)
     quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None,
-                         budget=int8_budget(cfg, target, precision, val, budget)) if needs_calib else None
+                         budget=int8_budget(cfg, target, precision, val, budget),
+                         extra=held_frames(calib, cfg.input)) if needs_calib else None
     return {"onnx": onnx_sha256, "backend": backend.name, "precision": precision,
             "target": backend.artifact_settings(target, precision),
             "calib": calib.sha256 if needs_calib and calib is not None else None,
@@ -160,7 +172,8 @@ def compile_group(cfg: ProjectConfig, group: Group, onnx: Path, calib: Calibrati
     stage = Stage(build_dir, f"artifact/{group.backend}-{group.precision}", group.settings)
     needs_calib = backend.calibration_needed(group.precision)
     quant = Quantization(quantize_settings(cfg), val.selection if val is not None else None, memo,
-                         int8_budget(cfg, group.targets[0], group.precision, val, budget)) if needs_calib else None
+                         int8_budget(cfg, group.targets[0], group.precision, val, budget),
+                         held_frames(calib, spec)) if needs_calib else None
 
     def run(tmp: Path) -> dict[str, Any]:
         t0 = time.time()

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeport.backends import get_backend
 from edgeport.build.bundles import drop_stale, write_target_bundle
@@ -27,6 +27,10 @@ from edgeport.errors import ConfigError, EdgeportError
 from edgeport.progress import working_on
 from edgeport.target import Target, get_target
 from edgeport.zoo import embedded_calibration, embedded_name
+
+if TYPE_CHECKING:
+    from edgeport.calibration import CalibrationSet
+    from edgeport.evaluate import LabelledSet
 
 log = logging.getLogger("edgeport")
 
@@ -121,6 +125,33 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     report.seconds = time.time() - t_start
     return report
 
+def int8_calibration(cfg: ProjectConfig, calib: CalibrationSet | None, val: LabelledSet | None,
+                     chosen: list[tuple[Target, str]]) -> CalibrationSet | None:
+    """The calibration set INT8 compiles measure ranges on: when their accuracy-aware choices run (validation
+    data, or --accuracy-control) and go by agreement with FP32 (``Task.choice_by_agreement``; without validation
+    data always), less the quarter held back to judge those choices on frames the ranges did not see
+    (``CalibrationSet.hold_back``)."""
+    from edgeport.tasks import get as get_task
+
+    q = cfg.quantize.accuracy_control
+    if calib is None or not any(p == "int8" for _, p in chosen) or q is False or (val is None and not q):
+        return calib
+    if val is not None and not get_task(cfg.input.task).choice_by_agreement:
+        return calib  # a detector's choices go by the labelled metric: unlabelled frames would not inform them
+    held = calib.hold_back()
+    if held.held is None and val is None:
+        from edgeport.calibration import HELD_FROM
+
+        raise ConfigError(f"--accuracy-control without --val-images judges INT8 on a quarter of the calibration set "
+                          f"held back from the ranges, which needs {HELD_FROM} calibration images or more ({len(calib)} "
+                          "given): pass --val-images DIR, or more calibration images")
+    if held.held is not None:
+        log.info("INT8: %d of the %d calibration images measure the activation ranges; %d held back to judge INT8's "
+                 "choices on, beside %s", len(held), len(calib), len(held.held),
+                 "the validation set's selection half" if val is not None else "nothing else (no validation data)")
+    return held
+
+
 def _sweep(folder: Path) -> None:
     """Remove what an interrupted build left in ``folder`` (the caller holds its lock), and say so."""
     from edgeport.cache import sweep_stale
@@ -157,6 +188,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         n = max(cfg.export.parity_samples, GOLDEN_CASES)
         samples, cached = calibration_stage(cfg, f"{SYNTHETIC}?n={n}", spec, build_dir, 1)
     clock.append(StageTime("calibration set", f"{len(samples)} images", time.time() - t0, cached))
+    int8_calib = int8_calibration(cfg, calib, val_data, chosen)  # less the frames held back for INT8's choices
     recover_images = recovery_images(cfg, source, calib, spec, build_dir)
     supervised = supervised_set(cfg, spec, val_data) if recover_images is not None else None
     auto, recovered = None, None
@@ -215,7 +247,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
     runnable = [(t, p) for t, p in chosen if (t.name, p) not in results]
     for backend in {get_backend(t.backend) for t, p in runnable if p == "int8"}:
         backend.check_quantization(export_stage.dir / "model.onnx", cfg.quantize)  # one line, before any compile
-    groups = group_targets(cfg, runnable, export_info["onnx_sha256"], calib, val, budget)
+    groups = group_targets(cfg, runnable, export_info["onnx_sha256"], int8_calib, val, budget)
     memo = _memo(build_dir, clock)
     noise: dict[str, Any] = {}  # the FP32 model's noise floor, measured on the first INT8 metric failure
     compiles = 0
@@ -224,7 +256,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         mark = len(clock)  # shared sub-stages (ranges) the compile runs are listed under it
         try:
             with working_on(group.label):
-                stage, info, cached = compile_group(cfg, group, export_stage.dir / "model.onnx", calib, spec,
+                stage, info, cached = compile_group(cfg, group, export_stage.dir / "model.onnx", int8_calib, spec,
                                                         build_dir, val, memo, budget)
                 host = host_outputs(group, stage, info, reference, spec, build_dir)
                 accuracy = None
@@ -256,7 +288,8 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                         verdict["reasons"].append(noise_reason(export_stage.dir / "model.onnx", val, spec,
                                                                    max_drop, noise))
                     dest, bundle_cached = write_target_bundle(cfg, target, group.precision, stage, tinfo,
-                                                                  reference, host, record, export_info, calib,
+                                                                  reference, host, record, export_info,
+                                                                  int8_calib if group.precision == "int8" else calib,
                                                                   samples, spec, out_dir, build_dir, verdict)
             except EdgeportError as e:
                 drop_stale(out_dir, name)

@@ -44,14 +44,24 @@ class DropGauge:
     likelier to confirm: a drop just under max_drop on the sum whose halves disagree keeps tuning (sets of fewer
     than 4 samples: the whole set only)."""
 
-    def __init__(self, fp32: np.ndarray, ds: LabelledSet, layout: str) -> None:
+    def __init__(self, fp32: np.ndarray, ds: LabelledSet, layout: str, frames: LabelledSet | None = None) -> None:
         n = len(ds)
         parts = [list(range(n))] + (list(split_halves(ds).values()) if n >= 4 else [])
+        # the frames agreement is measured on (``ds``'s first, then calibration frames held back); ``fp32`` and
+        # every output the gauge reads cover them all, the drop reads ``ds``'s
+        self.frames = frames if frames is not None else ds
         self.fp32, self.layout = fp32, layout
         self.parts = [(idx, ds.subset(idx) if len(idx) < n else ds) for idx in parts]
         refs = [score(fp32[idx], fp32[idx], sub, layout) for idx, sub in self.parts]
         self.key, self.reference = refs[0]
         self.refs = [r for _, r in refs]
+
+    @property
+    def where(self) -> str:
+        """The frames the choices are judged on, for log lines."""
+        n, total = len(self.parts[0][0]), len(self.frames)
+        return f"{n} frames" if total == n else f"{total} frames ({n} of the selection set, {total - n} " \
+            "calibration frames held back from the ranges)"
 
     def __call__(self, got: np.ndarray) -> tuple[float, float]:
         """(the drop on the whole set, the drop held: the worst of the whole and each half)."""
@@ -70,7 +80,7 @@ class Tuning:
         from edgeport.tasks import get as get_task
 
         self.gauge, self.max_drop, self.images, self.labelled = gauge, max_drop, images, labelled
-        self.ds = gauge.parts[0][1]
+        self.ds = gauge.frames
         self.by_agreement = get_task(self.ds.task).choice_by_agreement
         self.agree = frame_agreement(gauge.fp32, first, self.ds)
         drop, held = gauge(first)
@@ -125,7 +135,7 @@ class Tuning:
         return {"metric": self.gauge.key, "reference": self.gauge.reference, "max_drop": self.max_drop,
                 "drop_before": self.steps[0]["drop"], "drop_after": self.drop, "held_before": self.steps[0]["held"],
                 "held_after": self.held, "kept_float": kept_float, "steps": self.steps, "rejected": self.rejected,
-                "images": self.images, "met": not self.over, "labelled": self.labelled,
+                "images": self.images, "frames": len(self.ds), "met": not self.over, "labelled": self.labelled,
                 "kept_by": "agreement interval" if self.by_agreement else "metric drop held", **extra}
 
 
@@ -163,7 +173,7 @@ def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any]
     from edgeport.quantize.evidence import frame_agreement, paired_gain
     from edgeport.tasks import get as get_task
 
-    ds = gauge.parts[0][1]
+    ds = gauge.frames
     held, outputs, agree = {}, {}, {}
     for method, ranges in candidates.items():
         outputs[method] = plain_outputs(method, ranges)
@@ -178,9 +188,9 @@ def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any]
         chosen = min(held, key=lambda m: held[m])
     why = ("" if chosen != default or not gains else " (no interval clears the default)") if by_agreement else \
         " (by the drop held: " + ", ".join(f"{m} {d:.4f}" for m, d in held.items()) + f" {gauge.key})"
-    say(f"activation ranges on the selection half ({len(ds)} frames): {default} agrees {agree[default].mean():.3f} %"
+    say(f"activation ranges on {gauge.where}: {default} agrees {agree[default].mean():.3f} %"
         + "".join(f", {m} {g}" for m, g in gains.items()) + f" -> {chosen}{why}")
-    evidence = {"default": default, "chosen": chosen, "frames": len(ds),
+    evidence = {"default": default, "chosen": chosen, "frames": len(ds), "held_back": len(ds) - len(gauge.parts[0][0]),
                 "by": "agreement" if by_agreement else "metric drop held",
                 "agreement": {m: round(float(a.mean()), 4) for m, a in agree.items()},
                 "over_default": {m: g.to_dict() for m, g in gains.items()}}

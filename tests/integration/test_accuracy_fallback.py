@@ -110,3 +110,19 @@ def test_without_labels_the_loop_holds_agreement_to_the_gate(project, camvid):
         assert fb["drop_before"] > 50.0 > 10.0 > fb["held_after"], fb  # within a few layers of the gate's 5
         assert all(s["gain"]["interval"][0] > 0 for s in fb["steps"][1:]), fb["steps"]  # each step shown
         assert m["verdict"]["gates"]["agreement"] == "passed", m["verdict"]
+
+
+def test_without_validation_data_asked_for_it_judges_on_held_back_calibration_frames(project):
+    """--accuracy-control and no --val-images: a quarter of the 300 calibration frames (75) is held back from the
+    ranges, and the loop holds agreement with FP32 on them (max_drop in agreement points), keeping the breaking
+    layer in float; the manifest says how many frames measured the ranges and how many judged."""
+    res = run_cli("build", "--target", "jetson-orin-nano:int8", "--calib", "synthetic://", "--accuracy-control",
+                  "--out", "noval", cwd=project)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "225 of the 300 calibration images measure the activation ranges; 75 held back" in res.stderr
+    m = json.loads((project / "noval" / "jetson-orin-nano-int8" / "manifest.json").read_text())
+    fb = m["provenance"]["accuracy_fallback"]
+    assert fb["metric"] == "agreement" and not fb["labelled"] and fb["images"] == fb["frames"] == 75, fb
+    assert CONSUMER in fb["kept_float"] and fb["drop_before"] > 50.0, fb
+    prov = m["provenance"]
+    assert prov["ranges"]["images"] == 225 and prov["calibration"]["held_back"] == 75, prov["calibration"]

@@ -272,9 +272,9 @@ BUILD_CASES = [
                                "0.5"], "--max-drop has no effect without labelled validation data", "calibration"),
     ("val-labels-no-images", None, ["--target", "intel-cpu:int8", "--val-labels", "lab"],
      "--val-labels has no effect without --val-images", "calibration"),
-    ("accuracy-control-no-val", None, ["--model", "net.py:make", *BASE[:4], "--target", "intel-cpu:int8",
-                                       "--accuracy-control"], "--accuracy-control needs labelled validation data",
-     "calibration"),
+    ("accuracy-control-few-calib", None, ["--model", "net.py:make", *BASE[:4], "--target", "intel-cpu:int8",
+                                          "--accuracy-control", "--calib", "synthetic://?n=60"],
+     "needs 100 calibration images or more (60 given)", None),
     ("accuracy-control-no-int8", None, ["--target", "intel-igpu:fp16", "--accuracy-control", "--val-images",
                                         "synthetic://?n=8"], "--accuracy-control has no effect: no selected target "
                                                              "builds INT8", "calibration"),

@@ -56,3 +56,26 @@ def test_the_drop_has_its_interval_and_the_spread_with_each_sequence_left_out() 
     assert low < 4 / 24 * 100 < high and low >= 0.0 and ev["resampled"].endswith("neighbouring frames")
     one = drop_evidence(ref[8:16], got[8:16], ds.subset(list(range(8, 16))), "NCHW")  # one sequence: no spread
     assert "leave_one_sequence_out" not in one and one["interval"][1] > 0
+
+
+def test_a_quarter_of_the_calibration_set_is_held_back_to_judge_int8_choices() -> None:
+    """CalibrationSet.hold_back keeps the last quarter (at most 100) apart from the ranges, with its own identity;
+    the held frames join the selection set's for agreement, after them (LabelledSet.joined)."""
+    from edgeport.calibration import HELD_FROM, CalibrationSet
+    from edgeport.evaluate import LabelledSet, unlabelled
+
+    data = np.arange(120, dtype=np.float32).reshape(120, 1)
+    cs = CalibrationSet("calib", data, "a" * 64)
+    held = cs.hold_back()
+    assert len(held) == 90 and held.held is not None and held.held[:, 0].tolist() == list(range(90, 120))
+    assert held.sha256 != cs.sha256 and held.hold_back() is held
+    small = CalibrationSet("calib", data[:HELD_FROM - 1], "b" * 64)
+    assert small.hold_back() is small and small.held is None
+    big = CalibrationSet("calib", np.zeros((1000, 1), np.float32), "c" * 64).hold_back()
+    assert len(big.held) == 100 and len(big) == 900
+    val = LabelledSet("val", "classification", np.ones((4, 1), np.float32), np.array([0, 1, 0, 1]), [{}] * 4,
+                      [f"0016E5_{i:05d}.png" for i in range(4)], "d" * 64)
+    extra = unlabelled("held", "classification", held.held, "e" * 64, None, "calibration")
+    both = val.joined(extra)
+    assert len(both) == 34 and not both.labelled and both.names[3] == "0016E5_00003.png"
+    assert both.names[4] == "calibration_00000" and both.inputs[4, 0] == 90.0

@@ -196,7 +196,6 @@ def _cfg(**quant):
     (["jetson-orin-nano:int8"], {"int8_preset": "mixed"}, "only openvino INT8 read it"),
     (["intel-cpu:int8"], {"max_drop": 0.5}, "--max-drop has no effect without labelled validation data"),
     (["intel-cpu:int8"], {"val_labels": "x"}, "--val-labels has no effect without --val-images"),
-    (["intel-cpu:int8"], {"accuracy_control": True}, "--accuracy-control needs labelled validation data"),
 ])
 def test_flags_that_cannot_take_effect_are_errors(targets, given, words):
     from edgeport.build.run import resolve_targets

@@ -309,15 +309,18 @@ class OpenVINOBackend(DeviceBackend):
     def _run_nncf(self, nncf: Any, model: Any, calib_ds: Any, quant: Quantization, spec: InputSpec,
                   kwargs: dict[str, Any], report: dict[str, Any]) -> Any:
         if quant.accuracy_control:
-            if quant.val is None:
-                raise ConversionError("accuracy-controlled INT8 needs validation data (--val-images)")
+            sel = quant.selection
+            if sel is None:
+                raise ConversionError("accuracy-controlled INT8 needs validation data (--val-images) or a calibration "
+                                      "set of 100 images or more (a quarter is held back to judge INT8 on)")
             scores: list[tuple[int, float]] = []
-            fp32 = None if quant.val.labelled else _outputs(_cpu(model), quant.val, range(len(quant.val)))
+            fp32 = None if sel.labelled else _outputs(_cpu(model), sel, range(len(sel)))
             qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs, scores, fp32)
-            full = [m for n, m in scores if n == len(quant.val)]
+            full = [m for n, m in scores if n == len(sel)]
             key, after = self._metric_of(qmodel, quant, spec, fp32)
             report["accuracy_control"] = {
-                "max_drop": quant.max_drop, "validation": quant.val.summary(), "half": "selection", "metric": key,
+                "max_drop": quant.max_drop, "validation": sel.summary(),
+                "half": "selection" if quant.val is not None else "held-back calibration frames", "metric": key,
                 "reference": full[0] if full else None,
                 "drop_before": full[0] - full[1] if len(full) > 1 else None,
                 "drop_after": full[0] - after if full else None}
@@ -330,7 +333,7 @@ class OpenVINOBackend(DeviceBackend):
         with ``fp32``, the float model's outputs, on an unlabelled set)."""
         from edgeport.evaluate import score
 
-        val = quant.val
+        val = quant.selection
         assert val is not None
         got = _outputs(_cpu(qmodel), val, range(len(val)))
         return score(got, got if fp32 is None else fp32, val, spec.layout)
@@ -344,7 +347,7 @@ class OpenVINOBackend(DeviceBackend):
         the plainly quantized model's."""
         from edgeport.evaluate import score
 
-        val = quant.val
+        val = quant.selection
         assert val is not None
         name = model.inputs[0].get_any_name()
         val_ds = nncf.Dataset(list(range(len(val))), lambda i: {name: val.inputs[i:i + 1]})

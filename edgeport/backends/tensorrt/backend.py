@@ -167,7 +167,8 @@ class TensorRTBackend(DeviceBackend):
             method, n = settings.calib_method, min(len(calib), settings.int8_subset)
             key = {"onnx": file_sha256(onnx), "calib": calib.sha256, "method": method, "images": n,
                    "code": rg.CODE_VERSION}
-            choosing = quant.accuracy_control and quant.val is not None and method != "max"
+            sel, frames = quant.selection, quant.frames  # the drop's set; every frame agreement is measured on
+            choosing = quant.accuracy_control and sel is not None and method != "max"
 
             def max_ranges() -> dict[str, float]:
                 return quant.cached("ranges", {**key, "method": "max"}, lambda: largest or rg.collect_ranges(
@@ -192,19 +193,19 @@ class TensorRTBackend(DeviceBackend):
                 candidates = {method: amax, "max": known if known is not None else max_ranges()}
                 chosen, ranges["held_on_selection"], start, ranges["choice"] = choose_ranges(
                     onnx, candidates, lambda a: qdq.write_qdq(onnx, a, out / "model_qdq.onnx", keep),
-                    out / "model_qdq.onnx", quant.val, spec.layout)
+                    out / "model_qdq.onnx", sel, spec.layout, frames)
                 ranges["method"], amax = chosen, candidates[chosen]
-            if quant.accuracy_control and quant.val is not None:  # the loop writes and measures its own models
+            if quant.accuracy_control and sel is not None:  # the loop writes and measures its own models
                 from edgeport.backends.tensorrt.fallback import choose_edges, plain_start
 
                 def write(kept: set[str]) -> None:
                     qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", kept)
 
                 # TensorRT's known-good FP16 layers first, each taken only on a clear interval
-                gauge, plain = start or plain_start(onnx, lambda: write(keep), out / "model_qdq.onnx", quant.val,
-                                                    spec.layout)
+                gauge, plain = start or plain_start(onnx, lambda: write(keep), out / "model_qdq.onnx", sel,
+                                                    spec.layout, frames)
                 edges, plain, ranges["fp16_edges"] = choose_edges(onnx, write, out / "model_qdq.onnx", keep,
-                                                                  weighted - keep, quant.val, gauge, plain)
+                                                                  weighted - keep, sel, gauge, plain)
                 keep, start = keep | set(edges), (gauge, plain)
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, weighted, quant, spec, start)
                 info["accuracy_fallback"] = fb
@@ -237,8 +238,9 @@ class TensorRTBackend(DeviceBackend):
             qdq.write_qdq(onnx, amax, out, kept)
             return weighted - kept
 
-        assert quant.val is not None
-        fb = accuracy_fallback(onnx, write, out, keep, quant.val, spec.layout, quant.max_drop, start)
+        assert quant.selection is not None
+        fb = accuracy_fallback(onnx, write, out, keep, quant.selection, spec.layout, quant.max_drop, start,
+                               quant.frames)
         log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in float: "
                  "%s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
                  points(fb["drop_after"], fb["max_drop"]), fb["max_drop"], ", ".join(fb["kept_float"]) or "nothing")

@@ -70,8 +70,10 @@ class QdqModel:
     with Q/DQ pairs for ``amax``, written to ``out`` with some weighted nodes left in float (TensorRT runs those
     in FP16/FP32), run in ONNX Runtime on the selection set."""
 
-    def __init__(self, onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet) -> None:
+    def __init__(self, onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet,
+                 frames: LabelledSet | None = None) -> None:
         self.onnx, self._write, self.out, self.keep, self.val = onnx, write, out, keep, val
+        self.frames = frames if frames is not None else val  # what it runs on: the selection set, then held-back
         self.quantized: set[str] = write(keep)  # the weighted nodes the model last written quantizes
         self.weighted = len(self.quantized)
         self._reference: Any = None  # the FP32 tensors on the ranking images: the same at every step
@@ -81,8 +83,8 @@ class QdqModel:
         self.quantized = self._write(self.keep | set(kept))
 
     def outputs(self) -> np.ndarray:
-        """The model last written, on the selection set."""
-        return _run(self.out, self.val)
+        """The model last written, on the selection set and the held-back calibration frames."""
+        return _run(self.out, self.frames)
 
     def heads(self) -> list[str]:
         """The last weighted nodes (a detector's box and score convolutions) that are quantized."""
@@ -103,7 +105,8 @@ class QdqModel:
 
 
 def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: Any, out: Path, val: LabelledSet,
-                  layout: str) -> tuple[str, dict[str, float], tuple[Any, np.ndarray], dict[str, Any]]:
+                  layout: str, frames: LabelledSet | None = None
+                  ) -> tuple[str, dict[str, float], tuple[Any, np.ndarray], dict[str, Any]]:
     """Of activation ranges by several methods ({method: amax}, the configured method first), the default unless
     another's Q/DQ model (``write(amax)`` writes it to ``out``) agrees with FP32 better on the selection half by a
     clear interval (edgeport.quantize.loop.choose_ranges); (its method, {method: drop held}, (the gauge, the
@@ -111,18 +114,20 @@ def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: An
     from edgeport.quantize.loop import DropGauge
     from edgeport.quantize.loop import choose_ranges as choose
 
-    gauge = DropGauge(_run(onnx, val), val, layout)
+    frames = frames if frames is not None else val
+    gauge = DropGauge(_run(onnx, frames), val, layout, frames)
 
     def plain(method: str, amax: dict[str, float]) -> np.ndarray:
         write(amax)
-        return _run(out, val)
+        return _run(out, frames)
 
     chosen, held, outputs, evidence = choose(candidates, plain, gauge, lambda msg: log.info("%s", msg))
     return chosen, held, (gauge, outputs[chosen]), evidence
 
 
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str,
-                      max_drop: float, start: tuple[Any, np.ndarray] | None = None) -> dict[str, Any]:
+                      max_drop: float, start: tuple[Any, np.ndarray] | None = None,
+                      frames: LabelledSet | None = None) -> dict[str, Any]:
     """Keep the weighted nodes that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
@@ -132,21 +137,23 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
     from edgeport.quantize.loop import DropGauge
     from edgeport.quantize.loop import accuracy_fallback as loop
 
-    model = QdqModel(onnx, write, out, keep, val)
-    gauge, plain = start or (DropGauge(_run(onnx, val), val, layout), None)
+    model = QdqModel(onnx, write, out, keep, val, frames)
+    gauge, plain = start or (DropGauge(_run(onnx, model.frames), val, layout, model.frames), None)
     tuning, kept = loop(model, gauge, max_drop, model.outputs() if plain is None else plain, val,
                         lambda msg: log.info("%s", msg))
     return tuning.report([name for name, _ in kept])
 
 
-def plain_start(onnx: Path, write: Any, out: Path, val: LabelledSet, layout: str) -> tuple[Any, np.ndarray]:
+def plain_start(onnx: Path, write: Any, out: Path, val: LabelledSet, layout: str,
+                frames: LabelledSet | None = None) -> tuple[Any, np.ndarray]:
     """(the drop gauge on the selection set, the plain Q/DQ model's outputs there; ``write()`` writes it to
     ``out``): where the FP16 layers' choice and the accuracy loop start when no range choice measured them."""
     from edgeport.quantize.loop import DropGauge
 
-    gauge = DropGauge(_run(onnx, val), val, layout)
+    frames = frames if frames is not None else val
+    gauge = DropGauge(_run(onnx, frames), val, layout, frames)
     write()
-    return gauge, _run(out, val)
+    return gauge, _run(out, frames)
 
 
 def edge_layers(onnx: Path, weighted: set[str]) -> dict[str, list[str]]:
@@ -174,6 +181,7 @@ def choose_edges(onnx: Path, write: Any, out: Path, keep: set[str], quantized: s
     from edgeport.quantize.evidence import frame_agreement, paired_gain
 
     taken: list[str] = []
+    val = gauge.frames  # the selection set, then the calibration frames held back
     base = frame_agreement(gauge.fp32, outputs, val)
     evidence: dict[str, Any] = {}
     for what, layers in edge_layers(onnx, quantized).items():
@@ -182,8 +190,8 @@ def choose_edges(onnx: Path, write: Any, out: Path, keep: set[str], quantized: s
         agree = frame_agreement(gauge.fp32, got, val)
         gain = paired_gain(agree, base, val.names)
         evidence[what] = {"layers": layers, **gain.to_dict(), "taken": gain.clears}
-        log.info("%s in FP16 (%s): agreement with FP32 %s on the selection half -> %s", what, ", ".join(layers),
-                 gain, "kept in FP16" if gain.clears else "stays INT8 (its interval does not clear zero)")
+        log.info("%s in FP16 (%s): agreement with FP32 %s on %s -> %s", what, ", ".join(layers), gain,
+                 gauge.where, "kept in FP16" if gain.clears else "stays INT8 (its interval does not clear zero)")
         if gain.clears:
             taken += layers
             base, outputs = agree, got

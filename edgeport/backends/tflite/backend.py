@@ -185,12 +185,14 @@ class TFLiteBackend(DeviceBackend):
                 job["subset_size"], job["method"] = settings.int8_subset, settings.calib_method
             if precision == "int8" and quant is not None and quant.settings.has_ignored:
                 job["keep_float"] = self._keep_float(onnx, quant.settings)
-            if precision == "int8" and quant is not None and quant.accuracy_control and quant.val is not None:
+            if precision == "int8" and quant is not None and quant.accuracy_control and quant.selection is not None:
                 import dataclasses
                 import pickle
 
-                with open(work / "val.pkl", "wb") as f:  # the selection half, for the child's float fallback
-                    pickle.dump(dataclasses.replace(quant.val, frames=[]), f)
+                # the selection set (the drop) and every frame agreement is measured on, for the child's choices
+                with open(work / "val.pkl", "wb") as f:
+                    pickle.dump((dataclasses.replace(quant.selection, frames=[]),
+                                 dataclasses.replace(quant.frames, frames=[])), f)
                 job["fallback"] = {"val": str(work / "val.pkl"), "max_drop": quant.max_drop,
                                    "layout": spec.layout}
             frames = calib.frames if calib is not None and calib.frames else []

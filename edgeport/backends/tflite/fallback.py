@@ -62,21 +62,22 @@ class _Selection:
         import numpy as np
 
         with open(job["val"], "rb") as f:
-            self.val = pickle.load(f)
-        images = self.val.inputs.transpose(0, 2, 3, 1) if job.get("layout", "NCHW") == "NCHW" else self.val.inputs
+            self.val, self.frames = pickle.load(f)  # the selection set; it, then the calibration frames held back
+        inputs = self.frames.inputs
+        images = inputs.transpose(0, 2, 3, 1) if job.get("layout", "NCHW") == "NCHW" else inputs
         self.images = np.ascontiguousarray(images, np.float32)  # the model takes NHWC
         self.job = job
         self._gauge: Any = None
 
     def outputs(self, blob: bytes) -> Any:
-        """A model's packed outputs on the selection images."""
+        """A model's packed outputs on the selection images and the held-back calibration frames."""
         import numpy as np
 
         from edgeport.evaluate import pack
 
         it = _interpreter(blob)
         runs = [_infer_all(it, self.images[i:i + 1], self.job.get("outputs")) for i in range(len(self.images))]
-        return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, self.val)
+        return pack({n: np.concatenate([r[n] for r in runs]) for n in runs[0]}, self.frames)
 
     def gauge(self, calibrated: bytes) -> Any:
         """The drop gauge against the float model (``calibrated`` run in float: its recorded ranges do not
@@ -84,7 +85,7 @@ class _Selection:
         from edgeport.quantize.loop import DropGauge
 
         if self._gauge is None:
-            self._gauge = DropGauge(self.outputs(calibrated), self.val, "NHWC")
+            self._gauge = DropGauge(self.outputs(calibrated), self.val, "NHWC", self.frames)
         return self._gauge
 
 
