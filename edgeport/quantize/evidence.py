@@ -36,11 +36,23 @@ def sequence_of(name: str) -> str:
     return m.group(1) if m else stem
 
 
-def units(names: list[str]) -> tuple[list[list[int]], str]:
-    """The frames' indices grouped into the bootstrap's units, and how they were formed (for the report)."""
+def sequences(names: list[str]) -> dict[str, list[int]]:
+    """The frames' indices by the sequence their names give (``sequence_of``), in order of first appearance."""
     seqs: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         seqs.setdefault(sequence_of(name), []).append(i)
+    return seqs
+
+
+def resamples(n_units: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """(draws, n_units) unit indices drawn with replacement: every bootstrap here, seeded, so that variants
+    compared on the same units see the same draws."""
+    return np.random.default_rng(seed).integers(0, n_units, size=(draws, n_units))
+
+
+def units(names: list[str]) -> tuple[list[list[int]], str]:
+    """The frames' indices grouped into the bootstrap's units, and how they were formed (for the report)."""
+    seqs = sequences(names)
     if len(seqs) >= MIN_SEQUENCES:
         return list(seqs.values()), f"{len(seqs)} sequences"
     block = max(1, math.ceil(math.sqrt(len(names))))
@@ -91,7 +103,7 @@ def paired_gain(variant: np.ndarray, default: np.ndarray, names: list[str], draw
     groups, how = units(names)
     sums = np.array([diff[g].sum() for g in groups])
     counts = np.array([len(g) for g in groups], np.float64)
-    pick = np.random.default_rng(seed).integers(0, len(groups), size=(draws, len(groups)))
+    pick = resamples(len(groups), draws, seed)
     means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return Gain(float(diff.mean()), float(low), float(high), how)
@@ -113,7 +125,7 @@ def drop_evidence(ref: np.ndarray, got: np.ndarray, ds: Any, layout: str, draws:
         groups, how = units(ds.names)
         ref_u = np.stack([ref_stats[g].sum(0) for g in groups])
         got_u = np.stack([got_stats[g].sum(0) for g in groups])
-        pick = np.random.default_rng(seed).integers(0, len(groups), size=(draws, len(groups)))
+        pick = resamples(len(groups), draws, seed)
         drops = np.array([task.metric_of(ref_u[p].sum(0)) - task.metric_of(got_u[p].sum(0)) for p in pick])
         low, high = np.percentile(drops, [2.5, 97.5])
         out["interval"] = [round(float(low), 4), round(float(high), 4)]
@@ -126,9 +138,7 @@ def drop_evidence(ref: np.ndarray, got: np.ndarray, ds: Any, layout: str, draws:
         return float(primary(task_metrics(ref[idx], sub, layout))[1]) - \
             float(primary(task_metrics(got[idx], sub, layout))[1])
 
-    seqs: dict[str, list[int]] = {}
-    for i, name in enumerate(ds.names):
-        seqs.setdefault(sequence_of(name), []).append(i)
+    seqs = sequences(ds.names)
     if len(seqs) >= 2:
         left = {s: round(drop_on(sorted(i for t, idx in seqs.items() if t != s for i in idx)), 4) for s in seqs}
         out["leave_one_sequence_out"] = {"drops": left, "spread": [min(left.values()), max(left.values())]}
