@@ -106,7 +106,7 @@ KEEPS_SIGN = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMa
                         "SpaceToDepth", "Resize", "Upsample"})
 
 
-def _nonnegative(model: Any) -> set[str]:
+def nonnegative_tensors(model: Any) -> set[str]:
     """Tensors that cannot hold a negative value by the graph alone: a Relu's, Sigmoid's or Softmax's output,
     and what a sign-keeping op (pooling, reshaping, concatenation, linear or nearest Resize) makes of such
     tensors. Their statistics skip what only a negative value could change (the minimum, |x|)."""
@@ -137,7 +137,7 @@ class _Instrumented:
     its inputs' reads (``unions``). Fewer bytes are read, and ONNX Runtime keeps its Conv+Relu fusions.
 
     ``maxima``: for a pass that needs only each tensor's largest |x| (``max``, and the first pass of the
-    histogram methods), a tensor that cannot be negative (``_nonnegative``) and has a channel axis is not
+    histogram methods), a tensor that cannot be negative (``nonnegative_tensors``) and has a channel axis is not
     exposed but reduced inside the graph by a GlobalMaxPool, which ONNX Runtime runs on its blocked layout;
     only its per-channel maxima come out (``run`` gives them under the tensor's name): the same maxima to the
     bit, for a fraction of the bytes. Signed tensors stay exposed (an Abs or Neg before the pool was no faster
@@ -164,7 +164,7 @@ class _Instrumented:
             self._ranks: dict[str, int] = {}
             self.names = _float_tensors(model, self._ranks)
             self.same, self.derived, self.unions = _plan(model, self.names)
-            self.nonnegative = _nonnegative(model)
+            self.nonnegative = nonnegative_tensors(model)
             self._proto = model
         if _from is not None and _from.maxima == maxima:  # a fork: the same session, its own binding and buffers
             self._model, self.pooled, self.session = _from._model, _from.pooled, _from.session
@@ -237,8 +237,27 @@ class _Instrumented:
         return outs
 
 
-def _workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def _workers(footprint: int = 0) -> int:
+    """Worker threads for a pass: one per core (at most 4), and no more instances than a quarter of the memory
+    available holds when each takes ``footprint`` bytes of its own (an interpreter that keeps every tensor of a
+    large graph: docs/ranges.md)."""
+    n = max(1, min(4, os.cpu_count() or 1))
+    available = _available_memory()
+    if footprint > 0 and available:
+        n = max(1, min(n, available // 4 // footprint))
+    return n
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), 0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def collect_ranges(onnx_path: Path, data: np.ndarray, method: str = "max",
@@ -270,11 +289,13 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
             spans: dict[str, tuple[float, float]] | None = None, maxima: Any = None,
             largest: dict[str, float] | None = None, known: dict[str, float] | None = None) -> dict[str, float]:
     """{tensor name: amax} by ``method`` (see ``collect_ranges``) from any model that shows its tensors:
-    ``inst.run(x)`` gives {name: value} for one input, ``inst.names`` every tensor measured, ``inst.derived``
+    ``inst.run(x)`` gives {name: value} for one input (or its (name, value) pairs one at a time, possibly views
+    valid until the next run), ``inst.names`` every tensor measured, ``inst.derived``
     {Relu output: its input} for outputs measured from their input's read (the TFLite converter's float model
     is read this way too), optionally ``inst.unions`` {tensor: the tensors whose values it holds, all read}
     and ``inst.same`` {tensor: the tensor whose range it takes} (see ``_plan``), and ``inst.fork()``
-    (optional) another independent instance, so that each worker thread runs its own. ``steps(range, desc)``
+    (optional) another independent instance, so that each worker thread runs its own (``inst.footprint``, when
+    given, the bytes each holds: fewer workers where memory is short, ``_workers``). ``steps(range, desc)``
     iterates the images, reporting progress (default: a bar). ``spans``, when given, receives each measured
     tensor's signed (min, max), taken in the first pass. ``maxima``: another form of ``inst`` for the first
     pass of the histogram methods, which needs only each tensor's largest |x| (``_Instrumented.for_maxima``).
@@ -293,7 +314,8 @@ def measure(inst: Any, data: np.ndarray, method: str, progress_desc: str, steps:
     unions: dict[str, list[str]] = getattr(inst, "unions", {})
     # a tensor that cannot be negative skips its minimum and |x|, unless its signed span is asked for
     positive = set() if spans is not None else getattr(inst, "nonnegative", set())
-    insts = [inst] + ([inst.fork() for _ in range(_workers() - 1)] if getattr(inst, "fork", None) else [])
+    insts = [inst] + ([inst.fork() for _ in range(_workers(getattr(inst, "footprint", 0)) - 1)]
+                      if getattr(inst, "fork", None) else [])
     with ThreadPoolExecutor(max_workers=max(len(insts), _workers())) as pool:
         if method == "max":
             first = _pass(insts, unions, data, pool, lambda name, per_image: _Max(name in positive), progress_desc,
@@ -370,21 +392,27 @@ def _pass(insts: list[Any], unions: dict[str, list[str]], data: np.ndarray, pool
         for t in parts:
             part_of.setdefault(t, []).append(u)
 
+    def feed(k: int, i: int, scratch: _Scratch) -> None:
+        """Image ``i`` through worker ``k``'s instance into its collectors. What ``run`` gives may be views into
+        the instance's own buffers, valid until its next run: none outlives this call."""
+        collectors = owned[k]
+        outs = insts[k].run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32))
+        if not collectors and unions:
+            collectors.update({u: make(u, sum(outs[t].size for t in parts)) for u, parts in unions.items()})
+        for name, v in outs.items() if isinstance(outs, dict) else outs:
+            if name not in collectors:
+                collectors[name] = make(name, v.size)
+            collectors[name].add(v.ravel(), scratch)
+            for u in part_of.get(name, ()):
+                collectors[u].add(v.ravel(), scratch)
+
     def work(k: int) -> None:
-        scratch, collectors = _Scratch(), owned[k]
+        scratch = _Scratch()
         while (i := feeds[k].get()) is not None:
             if failed:
                 continue  # drain, so the feeder never blocks
             try:
-                outs = insts[k].run(np.ascontiguousarray(data[i:i + 1], dtype=np.float32))
-                if not collectors:
-                    collectors.update({u: make(u, sum(outs[t].size for t in parts)) for u, parts in unions.items()})
-                for name, v in outs.items():
-                    if name not in collectors:
-                        collectors[name] = make(name, v.size)
-                    collectors[name].add(v.ravel(), scratch)
-                    for u in part_of.get(name, ()):
-                        collectors[u].add(v.ravel(), scratch)
+                feed(k, i, scratch)
             except BaseException as e:  # re-raised by the feeding thread
                 failed.append(e)
 

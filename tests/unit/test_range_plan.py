@@ -31,9 +31,9 @@ def _graph():
 
 
 def test_nonnegative_follows_the_sign_through_the_graph():
-    from edgeport.quantize.ranges import _nonnegative
+    from edgeport.quantize.ranges import nonnegative_tensors
 
-    got = _nonnegative(_graph())
+    got = nonnegative_tensors(_graph())
     assert {"r", "lin", "r2", "cat_pos", "pool2", "sig", "pool"} <= got
     assert not {"x", "big", "neg", "cub", "cat_mixed"} & got  # cubic Resize overshoots; a Concat with a signed input
 
@@ -59,3 +59,53 @@ def test_above_finds_exactly_the_values_past_the_floor(absolute, monkeypatch):
         a = np.abs(v) if absolute else v
         want = np.sort(a[a > floor])
         assert np.array_equal(np.sort(collectors._above(v, floor, absolute)), want), floor
+
+
+class _Views:
+    """A model that shows its tensors as views into buffers it overwrites on every run, one pair at a time (as
+    the TFLite interpreter with preserved tensors does): two tensors, x and -2x."""
+
+    names = ["a", "b"]
+    derived: dict[str, str] = {}
+    footprint = 0
+
+    def __init__(self) -> None:
+        self.buf = {"a": np.empty((1, 4, 8, 8), np.float32), "b": np.empty((1, 4, 8, 8), np.float32)}
+
+    def fork(self) -> _Views:
+        return _Views()
+
+    def run(self, x: np.ndarray):
+        np.copyto(self.buf["a"], x)
+        np.multiply(x, -2.0, out=self.buf["b"])
+        for name in self.names:
+            yield name, self.buf[name][:]
+
+
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_ranges_from_views_overwritten_by_the_next_image_match_copies(method):
+    """A model that hands out views valid until its next run (one tensor at a time) gives the same ranges as the
+    values themselves: nothing a collector keeps refers to a view."""
+    from edgeport.quantize.ranges import measure
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((40, 1, 4, 8, 8)).astype(np.float32)[:, 0] * np.linspace(0.5, 3, 40)[:, None, None, None]
+    got = measure(_Views(), data.astype(np.float32), method, "views", steps=lambda r, d: r)
+    every = np.abs(data).ravel()
+    k = max(1, every.size - int(np.ceil(0.9999 * every.size)) + 1)  # the K-th largest is the 99.99th percentile
+    want = every.max() if method == "max" else np.sort(every)[-k]
+    assert got["a"] == pytest.approx(float(want), rel=1e-6)
+    assert got["b"] == pytest.approx(2 * float(want), rel=1e-6)
+
+
+def test_workers_fit_a_quarter_of_the_memory_available(monkeypatch):
+    """An instance that holds more than a quarter of the memory available gets one worker; a small one, a worker
+    per core (at most 4)."""
+    from edgeport.quantize import ranges
+
+    monkeypatch.setattr(ranges.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(ranges, "_available_memory", lambda: 8 << 30)
+    assert ranges._workers() == 4 and ranges._workers(1 << 20) == 4
+    assert ranges._workers(1 << 30) == 2 and ranges._workers(3 << 30) == 1
+    monkeypatch.setattr(ranges, "_available_memory", lambda: 0)  # unknown: by the cores
+    assert ranges._workers(3 << 30) == 4

@@ -32,6 +32,7 @@ class _FloatTensors:
     converter records a min/max for: the activations, the input and the outputs."""
 
     def __init__(self, blob: bytes, index: dict[str, int] | None = None) -> None:
+        import numpy as np
         from tensorflow.lite.tools import flatbuffer_utils
 
         if index is None:
@@ -41,15 +42,22 @@ class _FloatTensors:
         self.it = _interpreter(blob, True, threads=1)
         self.names = list(self.index)
         self.derived: dict[str, str] = {}
+        # every tensor keeps its own buffer: what one more worker's interpreter costs
+        self.footprint = sum(int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize
+                             for d in self.it.get_tensor_details())
 
     def fork(self) -> _FloatTensors:
         """Another interpreter of the same model, for another worker thread (the interpreter releases the GIL
         while it runs)."""
         return _FloatTensors(self.blob, self.index)
 
-    def run(self, x: Any) -> dict[str, Any]:
+    def run(self, x: Any) -> Any:
+        """(name, value) of each recorded tensor for one image, one at a time: views into the interpreter's
+        own buffers (each tensor keeps its own), valid until the next run. Copies of every tensor at once would
+        hold a second copy of all the activations per worker (docs/ranges.md)."""
         _infer(self.it, x)
-        return {n: self.it.get_tensor(i) for n, i in self.index.items()}
+        for n, i in self.index.items():
+            yield n, self.it.tensor(i)()
 
 
 def _min_max(tensor: Any) -> bool:
