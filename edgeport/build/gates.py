@@ -38,17 +38,19 @@ def fallback_summary(info: dict[str, Any]) -> dict[str, Any] | None:
     run): by whom, the layers kept in float, the drop before and after on the selection half."""
     fb = info.get("accuracy_fallback")
     q = info.get("quantization") or {}
-    choice = (info.get("ranges") or q.get("ranges") or {}).get("choice")
+    ranges = info.get("ranges") or q.get("ranges") or {}
     if fb:
         return {"by": "edgeport", "kept_float": fb["kept_float"], "metric": fb["metric"], "images": fb["images"],
                 "drop_before": fb["drop_before"], "drop_after": fb["drop_after"], "max_drop": fb["max_drop"],
-                "held_after": fb.get("held_after"), "met": fb["met"], "ranges": choice}
+                "held_after": fb.get("held_after"), "met": fb["met"], "ranges": ranges.get("choice"),
+                "symmetric_gap": ranges.get("symmetric_gap")}
     ac = q.get("accuracy_control")
     if ac:
         return {"by": "NNCF", "kept_float": q.get("kept_float", []), "metric": ac.get("metric", ""),
                 "images": ac["validation"]["count"], "drop_before": ac.get("drop_before"),
                 "drop_after": ac.get("drop_after"), "max_drop": ac["max_drop"],
-                "met": ac.get("drop_after") is None or ac["drop_after"] <= ac["max_drop"]}
+                "met": ac.get("drop_after") is None or ac["drop_after"] <= ac["max_drop"],
+                "reverted": ac.get("reverted")}
     return None
 
 def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: InputSpec, build_dir: Path,

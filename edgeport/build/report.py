@@ -152,7 +152,28 @@ def fallback_line(fb: dict[str, Any]) -> str:
     return (f"accuracy-aware INT8 ({fb['by']}) kept in float: {kept}; {drops} on the selection half "
             f"({fb['images']} images, {'agreement allowed to drop' if fb['metric'] == 'agreement' else 'max_drop'} "
             f"{lim:g})" + ("" if fb.get("met", True) else ", NOT met")
-            + (f"; {ranges_line(fb['ranges'])}" if fb.get("ranges") else ""))
+            + (f"; {ranges_line(fb['ranges'])}" if fb.get("ranges") else "")
+            + (f"; {reverted_line(fb['reverted'])}" if fb.get("reverted") else "")
+            + (f"; {gap_line(fb['symmetric_gap'])}" if fb.get("symmetric_gap") else ""))
+
+
+def gap_line(gap: dict[str, Any]) -> str:
+    """TensorRT's agreement with FP32 against its unsigned twin's, and the layers that closed the gap in FP16."""
+    layers = (f"{len(gap['layers'])} layer(s) in FP16 ({', '.join(gap['layers'])}; {100 * gap['macs_share']:.1f} % "
+              "of the multiply-accumulates)" if gap["layers"] else "no layer in FP16")
+    return (f"symmetric INT8 agrees {gap['before']:.3f} -> {gap['after']:.3f} % with FP32 against its unsigned twin's "
+            f"{gap['unsigned_twin']:.3f} % on {gap['frames']} frames, {layers}"
+            + ("" if gap["met"] else f", NOT within {gap['margin']:g} points"))
+
+
+def reverted_line(rv: dict[str, Any]) -> str:
+    """NNCF's layers put back in float against plain INT8: the agreement gain with its 95 % interval, and
+    whether they were kept."""
+    lo, hi = rv["interval"]
+    verdict = ("kept: its interval clears zero" if rv["taken"] and rv["by"] == "agreement interval" else
+               "kept by the labelled metric" if rv["taken"] else "not kept: plain INT8 ships")
+    return (f"NNCF's float layers agree {rv['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] points over plain INT8 on "
+            f"{rv['frames']} frames ({verdict})")
 
 
 def ranges_line(choice: dict[str, Any]) -> str:

@@ -142,7 +142,16 @@ def test_emulated_int8_accuracy_is_reported(jetson):
     for edge in edges.values():
         assert edge["taken"] == (edge["interval"][0] > 0) and edge["interval"][0] <= edge["gain"], edge
         assert (set(edge["layers"]) <= set(info["kept_float"])) == edge["taken"], (edge, info["kept_float"])
+    gap = ranges["symmetric_gap"]  # held to its unsigned twin: each layer in FP16 only on a clear interval
+    for step in gap["steps"]:
+        assert step["taken"] == (step["interval"][0] > 0) and 0 < step["macs_share"] < 1, gap
+    assert gap["layers"] == [s["layer"] for s in gap["steps"] if s["taken"]], gap
+    assert set(gap["layers"]) <= set(info["kept_float"]) and gap["frames"] > 0, (gap, info["kept_float"])
+    assert gap["met"] == (gap["unsigned_twin"] - gap["after"] <= gap["margin"]), gap
+    if not gap["met"]:  # it stops only within the margin, at the limit, or when the best layer shows no gain
+        assert len(gap["layers"]) == 4 or not gap["steps"] or not gap["steps"][-1]["taken"], gap
     assert "ranges " + ranges["method"] in res.stdout and "resampling" in res.stdout
+    assert "against its unsigned twin's" in res.stdout
 
 
 def _assert_shown_choice(ranges: dict) -> None:

@@ -196,3 +196,36 @@ def test_a_weight_shared_by_two_convolutions_gets_one_qdq(tmp_path):
     assert readers == ["/level0/conv", "/level1/conv"]
     assert lint(out, kept_float=[]) == []
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x[:1]})
+
+
+def test_unsigned_twin_quantizes_what_cannot_be_negative_unsigned_and_errs_less(resnet_like, tmp_path):
+    """TensorRT's symmetric INT8 gives a Relu's output 128 levels; the unsigned twin (the agreement TensorRT is held
+    to, edgeport.backends.tensorrt.gap) gives the same range 256: uint8 zero points and scale amax/255 on the
+    non-negative activations only, the weights and signed activations as they were, and a smaller output error."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgeport.backends.tensorrt.gap import macs, unsigned_twin
+    from edgeport.backends.tensorrt.qdq import write_qdq
+    from edgeport.quantize.ranges import nonnegative_tensors
+
+    src, ranges, x = resnet_like
+    sym, twin = tmp_path / "sym.onnx", tmp_path / "twin.onnx"
+    write_qdq(src, ranges, sym)
+    nonnegative = nonnegative_tensors(onnx.load(str(src)))
+    assert unsigned_twin(sym, nonnegative, twin) == 3  # mp (pooled Relu), ar, rr; x (the image) is signed
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(twin)).graph.initializer}
+    for node in onnx.load(str(twin)).graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero, scale = inits[node.input[2]], inits[node.input[1]]
+            assert (zero.dtype == np.uint8) == (node.input[0] in nonnegative), node.name
+            if zero.dtype == np.uint8:
+                assert scale == pytest.approx(ranges[node.input[0]] / 255.0, rel=1e-6), node.name
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, sym, twin)}
+    y = {p: np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))]) for p, s in run.items()}
+    err_sym, err_twin = np.abs(y[sym] - y[src]).mean(), np.abs(y[twin] - y[src]).mean()
+    assert err_twin < 0.95 * err_sym, (err_twin, err_sym)
+    m = macs(src)  # 16x16 stem, 8x8 after the pool
+    assert m["/stem/conv"] == 8 * 16 * 16 * 3 * 9 and m["/block/conv_a"] == 8 * 8 * 8 * 8 * 9
+    assert m["/head/conv"] == 4 * 8 * 8 * 16

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from edgeport.target import Target
 
 log = logging.getLogger("edgeport")
+SHOWN_VERSION = 1  # bumped when what decides over NNCF's layers in float changes
 
 
 def inference_precision(precision: str, device: str) -> str:
@@ -199,6 +200,11 @@ class OpenVINOBackend(DeviceBackend):
             av.reason = "nncf not installed: INT8 unavailable"
         return av
 
+    def versions_key(self) -> str:
+        """The toolchain, plus the version of edgeport's own part in accuracy control (a cached artifact whose
+        NNCF choice was not shown is compiled again)."""
+        return f"{super().versions_key()} shown {SHOWN_VERSION}"
+
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
         """Convert and, for INT8, quantize with NNCF from the shared calibration set."""
@@ -317,15 +323,48 @@ class OpenVINOBackend(DeviceBackend):
             fp32 = None if sel.labelled else _outputs(_cpu(model), sel, range(len(sel)))
             qmodel = self._accuracy_controlled(nncf, model, calib_ds, quant, spec, kwargs, scores, fp32)
             full = [m for n, m in scores if n == len(sel)]
-            key, after = self._metric_of(qmodel, quant, spec, fp32)
-            report["accuracy_control"] = {
+            ac: dict[str, Any] = {
                 "max_drop": quant.max_drop, "validation": sel.summary(),
-                "half": "selection" if quant.val is not None else "held-back calibration frames", "metric": key,
+                "half": "selection" if quant.val is not None else "held-back calibration frames",
                 "reference": full[0] if full else None,
-                "drop_before": full[0] - full[1] if len(full) > 1 else None,
-                "drop_after": full[0] - after if full else None}
+                "drop_before": full[0] - full[1] if len(full) > 1 else None}
+            if ac["drop_before"] is not None and ac["drop_before"] > quant.max_drop:  # NNCF went on to revert
+                qmodel = self._shown(nncf, model, qmodel, calib_ds, quant, kwargs, ac)
+            key, after = self._metric_of(qmodel, quant, spec, fp32)
+            ac.update({"metric": key, "drop_after": full[0] - after if full else None})
+            report["accuracy_control"] = ac
             return qmodel
         return nncf.quantize(model, calib_ds, **kwargs)
+
+    @staticmethod
+    def _shown(nncf: Any, model: Any, qmodel: Any, calib_ds: Any, quant: Quantization, kwargs: dict[str, Any],
+               ac: dict[str, Any]) -> Any:
+        """NNCF's layers put back in float, kept only when shown: the NNCF model's per-frame agreement with FP32
+        over the plainly quantized model's (the default, quantized again with the same settings), on every frame
+        INT8's choices are judged on, needs a paired bootstrap interval above zero (edgeport.quantize.evidence);
+        else the plain model. A task whose per-frame agreement is too coarse (``Task.choice_by_agreement`` False:
+        detection) keeps NNCF's choice, made by the labelled metric, with the interval recorded. ``ac`` receives
+        ``reverted``: the layers, the gain and its interval, whether taken."""
+        from edgeport.quantize.evidence import frame_agreement, paired_gain
+        from edgeport.tasks import get as get_task
+
+        frames = quant.frames
+        assert frames is not None
+        plain = nncf.quantize(model, calib_ds, **kwargs)
+        every = range(len(frames))
+        fp32 = _outputs(_cpu(model), frames, every)
+        agree = [frame_agreement(fp32, _outputs(_cpu(m), frames, every), frames) for m in (qmodel, plain)]
+        gain = paired_gain(agree[0], agree[1], frames.names)
+        by_agreement = get_task(frames.task).choice_by_agreement
+        taken = gain.clears or not by_agreement
+        layers = sorted(set(float_layers(qmodel)) - set(float_layers(plain)))
+        ac["reverted"] = {"layers": layers, **gain.to_dict(), "frames": len(frames), "taken": taken,
+                          "by": "agreement interval" if by_agreement else "metric drop held"}
+        log.info("NNCF's %d layer(s) put back in float (%s): agreement with FP32 %s over plain INT8 on %d frames -> "
+                 "%s", len(layers), ", ".join(layers) or "none by name", gain, len(frames),
+                 "kept" if gain.clears else "kept (chosen by the labelled metric)" if taken else
+                 "plain INT8 kept (its interval does not clear zero)")
+        return qmodel if taken else plain
 
     @staticmethod
     def _metric_of(qmodel: Any, quant: Quantization, spec: InputSpec, fp32: np.ndarray | None) -> tuple[str, float]:

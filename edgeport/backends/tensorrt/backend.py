@@ -139,10 +139,11 @@ class TensorRTBackend(DeviceBackend):
     def versions_key(self) -> str:
         """The toolchain, plus the Q/DQ placement and range code's versions (a cached Q/DQ model of older rules
         is written again)."""
-        from edgeport.backends.tensorrt import qdq
+        from edgeport.backends.tensorrt import gap, qdq
         from edgeport.quantize import ranges
 
-        return f"{super().versions_key()} qdq {qdq.PLACEMENT_VERSION} ranges {ranges.CODE_VERSION}"
+        return (f"{super().versions_key()} qdq {qdq.PLACEMENT_VERSION} ranges {ranges.CODE_VERSION} "
+                f"gap {gap.CODE_VERSION}")
 
     def compile(self, onnx: Path, target: Target, precision: str, calib: CalibrationSet | None,
                 out: Path, spec: InputSpec, quant: Quantization | None = None) -> Artifacts:
@@ -210,6 +211,14 @@ class TensorRTBackend(DeviceBackend):
                 fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, weighted, quant, spec, start)
                 info["accuracy_fallback"] = fb
                 keep = keep | set(fb["kept_float"])
+                from edgeport.tasks import get as get_task
+
+                if get_task(spec.task).choice_by_agreement:  # held to its unsigned twin's agreement with FP32
+                    from edgeport.backends.tensorrt.gap import close_gap
+
+                    gap_layers, ranges["symmetric_gap"] = close_gap(onnx, write, out / "model_qdq.onnx", keep,
+                                                                    weighted - keep, gauge)
+                    keep = keep | set(gap_layers)
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             findings = qdq.lint(out / "model_qdq.onnx", keep)
             if findings:  # our own placement broke TensorRT's rules: a bug, never a bundle
