@@ -19,6 +19,7 @@ from edgeport.build.export import export_stage as run_export
 from edgeport.build.gates import evaluate_group, fallback_summary, noise_reason, target_parity, verdict_of
 from edgeport.build.prune import RECOVERY_CHART, pruning_check
 from edgeport.build.report import BuildReport, StageTime, TargetResult
+from edgeport.build.retry import agreement_retry
 from edgeport.build.validation import validation_stage
 from edgeport.cache import Stage
 from edgeport.calibration import SYNTHETIC
@@ -256,9 +257,19 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
         mark = len(clock)  # shared sub-stages (ranges) the compile runs are listed under it
         try:
             with working_on(group.label):
+                gcfg, gcalib = cfg, int8_calib  # a second, accuracy-aware compile may change both (build/retry.py)
                 stage, info, cached = compile_group(cfg, group, export_stage.dir / "model.onnx", int8_calib, spec,
                                                         build_dir, val, memo, budget)
                 host = host_outputs(group, stage, info, reference, spec, build_dir)
+                again = agreement_retry(cfg, group, int8_calib, val, target_parity(
+                    cfg, group.targets[0], group.precision, info, reference, host, spec)) if host is not None else None
+                if again is not None:
+                    gcfg, gcalib, slack = again
+                    group = group_targets(gcfg, [(t, group.precision) for t in group.targets],
+                                          export_info["onnx_sha256"], gcalib, None, slack)[0]
+                    stage, info, cached = compile_group(gcfg, group, export_stage.dir / "model.onnx", gcalib, spec,
+                                                        build_dir, None, memo, slack)
+                    host = host_outputs(group, stage, info, reference, spec, build_dir)
                 accuracy = None
                 if val is not None and info["artifacts"]["host_runnable"]:
                     accuracy, _ = evaluate_group(group, stage, info, spec, build_dir, val,
@@ -279,7 +290,7 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
             name = f"{target.name}-{group.precision}"
             try:
                 with working_on(f"{target.name} {group.precision}"):
-                    tinfo = target_parity(cfg, target, group.precision, info, reference, host, spec)
+                    tinfo = target_parity(gcfg, target, group.precision, info, reference, host, spec)
                     tinfo["accuracy"] = dict(accuracy) if accuracy else None
                     if tinfo["accuracy"] and pruning:
                         tinfo["accuracy"]["pruning"] = pruning
@@ -287,9 +298,9 @@ def _build_locked(cfg: ProjectConfig, chosen: list[tuple[Target, str]], opset: i
                     if group.precision == "int8" and verdict["gates"]["metric"] == "failed" and val is not None:
                         verdict["reasons"].append(noise_reason(export_stage.dir / "model.onnx", val, spec,
                                                                    max_drop, noise))
-                    dest, bundle_cached = write_target_bundle(cfg, target, group.precision, stage, tinfo,
+                    dest, bundle_cached = write_target_bundle(gcfg, target, group.precision, stage, tinfo,
                                                                   reference, host, record, export_info,
-                                                                  int8_calib if group.precision == "int8" else calib,
+                                                                  gcalib if group.precision == "int8" else calib,
                                                                   samples, spec, out_dir, build_dir, verdict)
             except EdgeportError as e:
                 drop_stale(out_dir, name)

@@ -129,3 +129,20 @@ def test_without_validation_data_asked_for_it_judges_on_held_back_calibration_fr
     assert CONSUMER in fb["kept_float"] and fb["drop_before"] > 50.0, fb
     prov = m["provenance"]
     assert prov["ranges"]["images"] == 225 and prov["calibration"]["held_back"] == 75, prov["calibration"]
+
+
+def test_with_nothing_to_judge_on_a_failed_agreement_gate_compiles_again_accuracy_aware(project):
+    """No validation data and accuracy control left to its default: the plain INT8 artifact (ranges on all 300
+    frames) fails its agreement gate on the golden frames, so the build compiles it again accuracy-aware, a quarter
+    of the calibration set held back to judge on, agreement held to the gate's 5 points; the second artifact keeps
+    the breaking layer in float and passes, and the log says which ran."""
+    res = run_cli("build", "--target", "jetson-orin-nano:int8", "--target", "raspberry-pi-5:int8", "--calib",
+                  "synthetic://", "--out", "auto", cwd=project)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stderr.count("with PyTorch on the golden frames: compiling again with accuracy-aware INT8") == 2
+    for name in BUNDLES[1:]:
+        m = json.loads((project / "auto" / name / "manifest.json").read_text())
+        fb = m["provenance"]["accuracy_fallback"]
+        assert fb["metric"] == "agreement" and fb["max_drop"] == pytest.approx(5.0) and fb["frames"] == 75, fb
+        assert CONSUMER in fb["kept_float"] and fb["drop_before"] > 5.0 >= fb["held_after"], fb
+        assert m["provenance"]["calibration"]["held_back"] == 75 and m["verdict"]["status"] == "passed", m["verdict"]
