@@ -97,13 +97,15 @@ _GATE_OPTIONS = ("val_images", "val_labels", "max_images", "max_drop")
 
 
 def validate(paths: list[str] | None = None, *, localize: bool = False, bench: bool = False, bench_iters: int = 200,
-             **settings: Any) -> Any:
+             emulate: str | None = None, frames: int = 8, **settings: Any) -> Any:
     """Validate bundles (default: the project's dist folder) against the PyTorch model; a ValidateReport.
 
     Each bundle runs on its golden frames and, when given, on ``val_images`` (+ ``val_labels`` label
     maps for mIoU, or class sub-folders for top-1), preprocessed with its own manifest. The reference is
     the project's (``config``, ./edgeport.toml, or the model options); with none of them, what the bundles' builds
     recorded (edgeport.record): model source, weights (sha256-checked), seed and preprocessing.
+    With ``emulate="aarch64"`` each ARM (TFLite aarch64) bundle is also installed and run on emulated aarch64, on
+    ``frames`` frames, against the x86 run of the same model (edgeport.emulate).
     Example: validate(["dist"], val_images="camvid/val", val_labels="camvid/valannot", bench=True)
     """
     from edgeport.config import CONFIG_NAME
@@ -119,14 +121,16 @@ def validate(paths: list[str] | None = None, *, localize: bool = False, bench: b
     cfg = options.configure(options.VALIDATE, given, cfg=base)
     return run_validate(cfg, list(paths or []), images=gate["val_images"], labels=gate["val_labels"],
                         max_images=gate["max_images"], max_drop=gate["max_drop"], localize=localize, bench=bench,
-                        bench_iters=bench_iters)
+                        bench_iters=bench_iters, emulate=emulate, frames=frames)
 
 
 validate.__signature__ = options.signature(  # type: ignore[attr-defined]
     options.VALIDATE, [inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)],
     [inspect.Parameter("localize", inspect.Parameter.KEYWORD_ONLY, default=False),
      inspect.Parameter("bench", inspect.Parameter.KEYWORD_ONLY, default=False),
-     inspect.Parameter("bench_iters", inspect.Parameter.KEYWORD_ONLY, default=200)])
+     inspect.Parameter("bench_iters", inspect.Parameter.KEYWORD_ONLY, default=200),
+     inspect.Parameter("emulate", inspect.Parameter.KEYWORD_ONLY, default=None),
+     inspect.Parameter("frames", inspect.Parameter.KEYWORD_ONLY, default=8)])
 
 
 def targets() -> list[dict[str, Any]]:

@@ -29,7 +29,8 @@ EXAMPLES = {
     "validate": "examples:\n  edgeport validate      # this project's dist/: golden frames (+ synthetic scenes "
                 "for the default model)\n  edgeport validate dist/camvid --config examples/camvid/edgeport.toml "
                 "--val-images camvid/val --val-labels camvid/valannot --bench --report reports/\n"
-                "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges",
+                "  edgeport validate dist/intel-cpu-int8 --localize   # name the first layer that diverges\n"
+                "  edgeport validate --emulate aarch64 --frames 8     # ARM bundles on emulated aarch64 too",
     "flash": "examples:\n  edgeport flash dist/intel-cpu-int8 --host pi@10.0.0.7 --identity ~/.ssh/id_ed25519\n"
              "  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --accept-fingerprint SHA256:abc... "
              "--service --source csi://0\n  edgeport flash dist/jetson-orin-nano-int8 --host ubuntu@jetson --service "
@@ -117,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
                                                            "output diverges (OpenVINO, TensorRT)")
     g.add_argument("--bench", action="store_true", help="also time each runtime here: size, metric, latency "
                                                         "median/p99, FPS (Markdown table + PNG chart)")
+    g.add_argument("--emulate", metavar="ARCH", choices=["aarch64"],
+                   help="also install and run each ARM bundle on emulated aarch64 (a Debian 12 arm64 root made once "
+                        "from Debian's packages, qemu-user with the device's core) and compare with x86; needs "
+                        "qemu-user-static and debootstrap")
+    g.add_argument("--frames", type=int, default=8, metavar="N", help="frames run on emulated aarch64 (default 8: "
+                                                                       "emulation takes seconds per frame)")
     g.add_argument("--report", metavar="DIR", help="write validate.json, validate.junit.xml, validate.md "
                                                    "(and benchmark.png with --bench) here")
     g.add_argument("--json", action="store_true", help="the report as JSON on stdout")
@@ -201,8 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from edgeport import validate_report as gate
 
-        report = api.validate(args.paths, localize=args.localize, bench=args.bench,
-                              **_declared(args, options.VALIDATE))
+        report = api.validate(args.paths, localize=args.localize, bench=args.bench, emulate=args.emulate,
+                              frames=args.frames, **_declared(args, options.VALIDATE))
         print(api.to_json(gate.to_json(report)) if args.json else gate.text(report))
         if args.report:
             for path in gate.write_reports(report, Path(args.report)):

@@ -70,6 +70,7 @@ class Target:
     tolerance: dict[str, dict[str, float | None]] = field(default_factory=dict)
     host_tolerance: dict[str, dict[str, float | None]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    emulation: dict[str, str] = field(default_factory=dict)  # [emulation] cpu: qemu's model of the device's core
     path: str = ""
 
     def tolerances(self, precision: str) -> dict[str, float | None]:
@@ -134,6 +135,13 @@ def parse_target(path: Path) -> Target:
                 if k not in DEFAULT_TOLERANCES["fp32"]:
                     raise ConfigError(f"{where}: unknown tolerance '{k}' in [{section}.{prec}]"
                                       f"{close_match(k, DEFAULT_TOLERANCES['fp32'])}")
+    cpu = data.get("emulation", {}).get("cpu")
+    if cpu is not None:
+        from edgeport.emulate.rootfs import CPUS
+
+        if cpu not in CPUS:
+            raise ConfigError(f"{where}: [emulation] cpu '{cpu}' is not one of {', '.join(CPUS)}"
+                              f"{close_match(cpu, CPUS)}")
     if data["default_precision"] not in data["precisions"]:
         raise ConfigError(f"{where}: default_precision '{data['default_precision']}' is not in precisions")
     data["precisions"] = tuple(data["precisions"])

@@ -256,13 +256,16 @@ def _run_frames(rt: Runtime, frames: list[np.ndarray], spec: dict[str, Any]) -> 
 # ---------------------------------------------------------------- the gate
 def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = None, labels: str | None = None,
                  max_images: int | None = None, max_drop: float | None = None, localize: bool = False,
-                 bench: bool = False, bench_iters: int = 200) -> ValidateReport:
-    """Validate every bundle under ``paths`` against the project's PyTorch model."""
+                 bench: bool = False, bench_iters: int = 200, emulate: str | None = None,
+                 frames: int = 8) -> ValidateReport:
+    """Validate every bundle under ``paths`` against the project's PyTorch model; with ``emulate`` ("aarch64"),
+    each ARM bundle also on emulated aarch64, on ``frames`` frames (edgeport.emulate)."""
     from edgeport.evaluate import load_labelled, task_metrics
 
     t_start = time.time()
     bundles = find_bundles(paths or [str(cfg.resolve(cfg.build.out))])
     manifests = [read_manifest(b) for b in bundles]
+    machines = _machines(emulate, manifests, frames)  # before any bundle runs: a missing tool is one line
     weights = cfg.resolve(cfg.model.weights) if cfg.model.weights else None
     weights_sha256 = file_sha256(weights) if weights is not None and weights.is_file() else None
     for b, m in zip(bundles, manifests):
@@ -302,6 +305,8 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         with np.errstate(all="ignore"):  # a damaged model's inf/NaN outputs fail their checks; no numpy warnings
             res = _validate_bundle(bundle, manifest, ref, cfg, data, ref_data, ref_metrics, drop_limit, localize,
                                    bench, bench_iters)
+            if machines:
+                res.cases += _emulated(bundle, manifest, machines, ref, cfg, data, frames)
         results.append(res)
     ref_latency = None
     if bench:
@@ -315,6 +320,68 @@ def run_validate(cfg: ProjectConfig, paths: list[str], *, images: str | None = N
         ref_latency = {"median_ms": t.median, "p99_ms": t.p99, "fps": 1000.0 / t.median}
     return ValidateReport(ref.name, ref.version, data.source if data is not None else None,
                           ref_metrics, results, time.time() - t_start, ref_latency, ref.size_mb)
+
+
+def _machines(emulate: str | None, manifests: list[dict[str, Any]], frames: int) -> dict[str, Any]:
+    """{core: the emulated machine} for the ARM bundles among ``manifests`` (edgeport.emulate), the root made
+    first when there is none; {} without ``emulate``."""
+    if emulate is None:
+        return {}
+    if emulate != "aarch64":
+        raise ConfigError(f"--emulate {emulate}: only aarch64 is emulated")
+    if frames < 1:
+        raise ConfigError(f"--frames {frames}: at least 1 frame")
+    from edgeport.emulate import check, rootfs
+    from edgeport.emulate.machine import Machine
+
+    cpus = sorted({check.cpu_of(m) for m in manifests if check.applies(m)})
+    if not cpus:
+        raise ConfigError("--emulate aarch64: none of these bundles is an aarch64 TFLite bundle "
+                          "(raspberry-pi-5, raspberry-pi-4, arm64-linux, android-arm64)")
+    rootfs.qemu()
+    root = rootfs.ensure_root(say=lambda line: log.info("%s", line))
+    return {cpu: Machine(root, cpu) for cpu in cpus}
+
+
+def _emulated(bundle: Path, manifest: dict[str, Any], machines: dict[str, Any], ref: Reference, cfg: ProjectConfig,
+              data: LabelledSet | None, frames: int) -> list[Case]:
+    """The emulated aarch64 checks of one bundle (edgeport.emulate.check) on ``frames`` frames: of the validation
+    set's half the build gated (evenly spaced), else the golden frames."""
+    from edgeport.emulate import check
+    from edgeport.evaluate import task_metrics
+    from edgeport.runner.preprocess import preprocess
+    from edgeport.target import DEFAULT_HOST_TOLERANCES, get_target
+
+    if not check.applies(manifest):
+        return []
+    spec, names = manifest["preprocess"], [o["name"] for o in manifest["outputs"]]
+    task = get_task(ref.spec.task)
+    if data is not None:
+        half, words = _gated_half((manifest.get("parity") or {}).get("accuracy") or {}, data)
+        pool = half if half is not None else list(range(len(data)))
+        idx = [pool[int(i)] for i in np.unique(np.linspace(0, len(pool) - 1, min(frames, len(pool))).round())]
+        shown, where = [data.frames[i] for i in idx], f"{len(idx)} frames of {words}"
+        sub = data.subset(idx) if data.labelled else None
+    else:
+        golden, _ = _golden(bundle, manifest)
+        shown, where, sub = golden[:frames], f"{min(frames, len(golden))} golden frames", None
+    x = np.concatenate([preprocess(f, spec)[0] for f in shown], 0)
+    layouts = {o["name"]: o.get("layout") or ref.spec.layout for o in manifest["outputs"]}
+
+    def to_ref(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: to_layout(v, layouts[k], ref.spec.layout) for k, v in outs.items()}
+
+    def score(outs: dict[str, np.ndarray]) -> dict[str, float] | None:
+        return task_metrics(task.pack(outs, names, ref.spec), sub, ref.spec.layout) or None if sub else None
+
+    precision = manifest["precision"]
+    try:
+        tol = get_target(manifest["target"], cfg.root).host_tolerances(precision)
+    except EdgeportError:
+        tol = dict(DEFAULT_HOST_TOLERANCES[precision])
+    machine = machines[check.cpu_of(manifest)]
+    return check.emulated_cases(bundle, manifest, machine, x, where, to_ref, score, task.tolerance(precision, tol),
+                                ref.spec.task, lambda line: log.info("%s", line))
 
 
 def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg: ProjectConfig,

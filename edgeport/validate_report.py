@@ -96,6 +96,9 @@ def case_rows(report: ValidateReport) -> list[list[str]]:
         m = c.metrics
         if c.check in ("files", "manifest", "host run", "load", "build verdict", "qdq lint"):
             values = ["-"] * 5
+        elif "aarch64" in m and "x86" in m:  # the task metric on emulated aarch64, beside x86's
+            key = m["metric"]
+            values = ["-"] * 4 + [f"{key} {m['aarch64'][key]:.2f} (x86 {m['x86'][key]:.2f})"]
         elif "drop" in m:
             key = m["metric"]
             values = ["-", "-", "-", f"{100 * m['agreement']:.2f}%",
@@ -112,6 +115,42 @@ CASE_HEAD = ["bundle", "backend", "precision", "check", "max_abs", "cosine", "sq
 
 
 BENCH_HEAD = ["backend", "precision", "bundle", "size MB", "metric", "median ms", "p99 ms", "FPS", "status"]
+
+
+EMULATED_HEAD = ["bundle", "aarch64 (emulated)", "install", "selftest", "README run", "outputs vs x86",
+                 "agreement", "metric aarch64 / x86", "status"]
+
+
+def emulated_rows(report: ValidateReport) -> list[list[str]]:
+    """One row per bundle run on emulated aarch64 (validate --emulate): its core, the install and selftest, each
+    output against the x86 run of the same model (integers that differ, or the relative error), the task metric
+    on both."""
+    rows = []
+    for b in report.bundles:
+        emu = [c for c in b.cases if c.check.startswith("aarch64 ") or c.check.endswith((" aarch64 vs x86",
+                                                                                          " aarch64"))]
+        if not emu:
+            continue
+        by = {c.check: c for c in emu}
+        outs, agree, metric = [], [], "-"
+        for c in emu:
+            m = c.metrics
+            if c.check.endswith(" aarch64 vs x86") and "elements" in m:
+                what = (f"{m['differ']} of {m['elements']} differ" if "max_step" in m else
+                        f"max_rel {m.get('max_rel', 0.0):.1e}")
+                outs.append(f"{c.check.removesuffix(' aarch64 vs x86')}: {what}")
+                if "agreement" in m:
+                    agree.append(f"{100 * m['agreement']:.2f}%")
+            elif "aarch64" in m and "x86" in m:
+                key = m["metric"]
+                metric = f"{key} {m['aarch64'][key]:.2f} / {m['x86'][key]:.2f} ({m['count']} frames)"
+        core = emu[0].backend.split("aarch64 ")[1].split(",")[0] if "aarch64 " in emu[0].backend else "-"
+        status = "failed" if any(c.status == "failed" for c in emu) else "passed"
+        rows.append([b.name, core, by["aarch64 install"].status if "aarch64 install" in by else "-",
+                     by["aarch64 selftest"].status if "aarch64 selftest" in by else "-",
+                     by["aarch64 README run"].status if "aarch64 README run" in by else "-",
+                     "; ".join(outs) or "-", ", ".join(agree) or "-", metric, status])
+    return rows
 
 
 def bench_rows(report: ValidateReport) -> list[list[str]]:
@@ -159,6 +198,9 @@ def text(report: ValidateReport) -> str:
             lines.append(f"metric of bundles built on these frames: on {halves[0]}, each against PyTorch there")
     if any(b.latency for b in report.bundles):
         lines += ["", *text_table(BENCH_HEAD, bench_rows(report)), *_bench_notes(report)]
+    emulated = emulated_rows(report)
+    if emulated:
+        lines += ["", *text_table(EMULATED_HEAD, emulated)]
     lines += failures(report)
     n_fail = sum(c.status == "failed" for c in report.cases)
     lines.append(f"{len(report.cases)} checks: {n_fail} failed, "
@@ -174,6 +216,9 @@ def markdown(report: ValidateReport) -> str:
     if any(b.latency for b in report.bundles):
         lines += ["### Benchmark (this host)", "", *md_table(BENCH_HEAD, bench_rows(report)), "",
                   *_bench_notes(report), ""]
+    emulated = emulated_rows(report)
+    if emulated:
+        lines += ["### aarch64 (emulated) against x86", "", *md_table(EMULATED_HEAD, emulated), ""]
     bad = failures(report)
     lines.append(f"**{sum(c.status == 'failed' for c in report.cases)} failed check(s)**" if bad
                  else "**all checks passed**")

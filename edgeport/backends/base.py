@@ -422,6 +422,7 @@ class DeviceBackend:
 
     # ---- what `edgeport validate` asks of a bundle
     names_layers_as_onnx = False  # its artifact's tensors keep the ONNX graph's names (validate --localize)
+    emulatable = False  # its device runtime installs and runs under qemu-user (validate --emulate aarch64)
 
     def layer_outputs(self, bundle: Path, manifest: dict[str, Any], x: Any,
                       wanted: list[str]) -> tuple[dict[str, Any], str]:
@@ -452,7 +453,7 @@ class DeviceBackend:
         """The device README's "run" section for a bundle with a runner (Markdown lines)."""
         return ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
                 "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
-                "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                "python3 runner.py synthetic:// --headless --max-frames 30 --jsonl -", "```", "",
                 "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
                 "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
 

@@ -14,7 +14,8 @@ from edgeport.config import SECTIONS, load_config, read_by
 from edgeport.preprocess import InputSpec
 
 # Flags of the commands that are not settings of a build: how it reports, what validate adds.
-NOT_SETTINGS = {"help", "verbose", "report", "json", "localize", "bench", "paths", "target", "out"}
+NOT_SETTINGS = {"help", "verbose", "report", "json", "localize", "bench", "paths", "target", "out", "emulate",
+                "frames"}
 
 
 def _flags(command: str) -> dict[str, argparse.Action]:

@@ -124,7 +124,7 @@ class TensorRTBackend(DeviceBackend):
                 "TensorRT and OpenCV come with JetPack", "python3 build_engine.py      # builds and caches the "
                 "engine for this GPU (once; minutes)", "python3 runner.py --selftest",
                 f"python3 runner.py {target.camera.get('source', 'csi://0')}",
-                "python3 runner.py synthetic:// --headless --max-frames 100 --jsonl -", "```", "",
+                "python3 runner.py synthetic:// --headless --max-frames 30 --jsonl -", "```", "",
                 "`python3 build_engine.py --print-trtexec` shows the equivalent trtexec command. INT8: "
                 "model_qdq.onnx (explicit Q/DQ) or model.onnx + calib.cache (TensorRT 8.x), `--mode`.", ""]
 

@@ -146,6 +146,7 @@ class TFLiteBackend(DeviceBackend):
     name = "tflite"
     int8_settings = read_by(name)  # as edgeport.config declares each setting's readers
     device_modules = ("ai_edge_litert", "tflite_runtime", "tensorflow")  # the runner part tries them in this order
+    emulatable = True  # LiteRT's aarch64 wheels run under qemu-user with the device's core (edgeport.emulate)
 
     def available(self) -> Availability:
         """onnx2tf and TensorFlow convert; ai-edge-litert runs on the host."""

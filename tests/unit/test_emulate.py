@@ -1,0 +1,68 @@
+"""The emulated device's parts that need no emulator: tool checks, the core's /proc/cpuinfo, the README lines run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeport.emulate import check, rootfs
+from edgeport.errors import ConfigError
+
+
+def test_missing_tools_are_one_line_naming_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(rootfs.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="qemu-aarch64-static: apt-get install qemu-user-static debootstrap"):
+        rootfs.qemu()
+    monkeypatch.setattr(rootfs.Path, "is_file", lambda self: False)
+    with pytest.raises(ConfigError, match="needs debootstrap, dpkg-deb: apt-get install"):
+        rootfs.ensure_root(cache=tmp_path)
+
+
+def test_a_core_view_links_the_root_and_describes_that_core(tmp_path):
+    root = tmp_path / "rootfs"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "bin" / "python3.11").write_text("elf")
+    (root / ".edgeport-recipe").write_text(rootfs.RECIPE + "\n")
+    view = rootfs.cpu_view(root, "cortex-a76")
+    assert (view / "usr" / "bin" / "python3.11").stat().st_ino == (root / "usr" / "bin" / "python3.11").stat().st_ino
+    info = (view / "proc" / "cpuinfo").read_text()
+    assert info.count("processor\t:") == 4 and "CPU part\t: 0xd0b" in info and "asimddp" in info
+    assert not (root / "proc").exists()  # the root itself is shared by every core's view
+    assert "0xd08" in (rootfs.cpu_view(root, "cortex-a72") / "proc" / "cpuinfo").read_text()
+    assert rootfs.cpu_view(root, "cortex-a76") == view  # kept
+    with pytest.raises(ConfigError, match="no emulated core 'cortex-a99'"):
+        rootfs.cpu_view(root, "cortex-a99")
+
+
+def test_the_readme_lines_run_are_its_python3_lines_without_a_camera(tmp_path):
+    (tmp_path / "README.md").write_text(
+        "# x\n\n## Run\n\n```\npython3 -m pip install -r requirements.txt\npython3 runner.py --selftest\n"
+        "python3 runner.py csi://0\npython3 runner.py synthetic:// --headless --max-frames 30 --jsonl -\n```\n\n"
+        "`python3 runner.py --help` lists sources.\n")
+    manifest = {"camera": {"source": "csi://0"}}
+    assert check.install_line(tmp_path) == "python3 -m pip install -r requirements.txt"
+    assert check.device_lines(tmp_path, manifest) == [
+        "python3 runner.py --selftest", "python3 runner.py synthetic:// --headless --max-frames 30 --jsonl -"]
+    (tmp_path / "README.md").write_text("# an Android bundle: no commands\n")
+    assert check.install_line(tmp_path) == "python3 -m pip install -r requirements.txt"
+    assert check.device_lines(tmp_path, manifest) == []
+
+
+def test_which_bundles_are_emulated_and_on_which_core():
+    pi5 = {"backend": "tflite", "target_profile": {"arch": "aarch64", "emulation": {"cpu": "cortex-a76"}}}
+    assert check.applies(pi5) and check.cpu_of(pi5) == "cortex-a76"
+    old = {"backend": "tflite", "target_profile": {"arch": "aarch64"}}  # a profile that names no core
+    assert check.cpu_of(old) == check.DEFAULT_CPU
+    assert not check.applies({"backend": "tensorrt", "target_profile": {"arch": "aarch64"}})
+    assert not check.applies({"backend": "openvino", "target_profile": {"arch": "x86_64"}})
+
+
+def test_a_profile_naming_an_unknown_core_is_refused(tmp_path):
+    from edgeport.target import BUILTIN_DIR, parse_target
+
+    text = (BUILTIN_DIR / "raspberry-pi-5.toml").read_text().replace('cpu = "cortex-a76"', 'cpu = "cortex-a67"')
+    (tmp_path / "pi.toml").write_text(text)
+    with pytest.raises(ConfigError, match="cpu 'cortex-a67' is not one of .*did you mean"):
+        parse_target(tmp_path / "pi.toml")
+    assert json.loads(json.dumps(parse_target(BUILTIN_DIR / "raspberry-pi-5.toml").emulation)) == {
+        "cpu": "cortex-a76"}
