@@ -193,7 +193,8 @@ def text(report: ValidateReport) -> str:
     if report.reference_metrics:
         key = primary(report.reference_metrics)[0]
         lines.append(f"PyTorch {key} {report.reference_metrics[key]:.2f} on {report.dataset}")
-        halves = sorted({c.metrics["frames"] for c in report.cases if "report half" in c.metrics.get("frames", "")})
+        halves = sorted({c.metrics["frames"] for c in report.cases
+                         if "report half" in c.metrics.get("frames", "") and "aarch64" not in c.check})
         if halves:  # each bundle's figure is against PyTorch on the same frames
             lines.append(f"metric of bundles built on these frames: on {halves[0]}, each against PyTorch there")
     if any(b.latency for b in report.bundles):
