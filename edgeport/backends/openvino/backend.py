@@ -163,6 +163,7 @@ class OpenVINOBackend(DeviceBackend):
     int8_settings = read_by(name)  # as edgeport.config declares each setting's readers
     device_modules = ("openvino",)
     names_layers_as_onnx = True
+    emulatable = True  # OpenVINO's aarch64 wheels run under qemu-user with the device's core (arm64-openvino)
 
     def layer_outputs(self, bundle: Path, manifest: dict[str, Any], x: Any,
                       wanted: list[str]) -> tuple[dict[str, Any], str]:
