@@ -451,10 +451,15 @@ class DeviceBackend:
 
     def readme_run(self, target: Target, precision: str) -> list[str]:
         """The device README's "run" section for a bundle with a runner (Markdown lines)."""
-        return ["## Run", "", "```", "python3 -m pip install -r requirements.txt",
-                "python3 runner.py --selftest", f"python3 runner.py {target.camera.get('source', '0')}",
-                "python3 runner.py synthetic:// --headless --max-frames 30 --jsonl -", "```", "",
-                "`python3 runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
+        camera = target.camera.get("source", "0")
+        return ["## Run", "", "```",
+                "python3 -m venv --system-site-packages .venv   # pip installs into a venv (PEP 668)",
+                ".venv/bin/python -m pip install -r requirements.txt",
+                ".venv/bin/python runner.py --selftest", f".venv/bin/python runner.py {camera}",
+                ".venv/bin/python runner.py synthetic:// --headless --max-frames 30 --jsonl -", "```", "",
+                "Debian 12, Raspberry Pi OS 12 and Ubuntu 24.04 refuse `pip install` outside a venv; where",
+                "`python3 -m venv` says ensurepip is missing, `sudo apt install python3-venv` first.",
+                "`.venv/bin/python runner.py --help` lists sources (camera, csi://, rtsp://, files, folders,",
                 "synthetic://) and outputs (--save, --jsonl, --headless).", ""]
 
     def runner_part(self) -> Path:

@@ -1,18 +1,25 @@
-"""What `edgeport validate --emulate aarch64` checks of each ARM bundle on the emulated device (machine.py):
+"""What `edgeport validate --emulate aarch64` checks of each ARM bundle on the emulated device (machine.py), in a
+working copy of the bundle (its files linked, so nothing is written into it):
 
-1. ``aarch64 install``: the pip line of the bundle's README, run as it is written (``python3`` being the emulated
-   interpreter; the packages go to a folder of their own, kept per requirements file). A failure is the one line
-   pip ends with, and the checks below are skipped.
-2. ``aarch64 selftest`` and ``aarch64 README run``: the README's other ``python3`` lines that need no camera
+1. ``aarch64 install``: the README's command lines up to its ``pip install`` (make a venv, install into it), run
+   as they are written, ``python3`` being the emulated interpreter. One change: ``--without-pip`` is added to the
+   ``python3 -m venv`` line, because the venv's ensurepip starts the venv's interpreter as a subprocess, which needs
+   binfmt_misc; pip comes from Debian's python3-pip through ``--system-site-packages`` instead. The venv is kept
+   per lines, requirements and core. A failure is the one line pip (or venv) ends with, and the checks below are
+   skipped.
+2. ``aarch64 selftest`` and ``aarch64 README run``: the README's other Python lines that need no camera
    (``runner.py --selftest``, a run on synthetic frames), as the device owner runs them.
 3. per output, ``aarch64 vs x86``: the model on N frames through probe.py on both ISAs, the same code and the same
-   inputs; the relative error, the elements whose integers differ (a quantized output), the agreement, judged by
-   the target's host tolerance (what the device's run of the artifact may differ from the build host's).
+   inputs; the relative error, the elements that differ (how many integer steps, for a quantized output), the
+   agreement, judged by the target's host tolerance (what the device's run of the artifact may differ from the
+   build host's).
 4. the task metric on those frames on aarch64, beside x86's (labelled frames).
 """
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,14 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeport.emulate.machine import Machine, site_for
+from edgeport.emulate.machine import Machine, venv_for
 from edgeport.validate_report import Case
 
 PROBE = Path(__file__).with_name("probe.py")
 DEFAULT_CPU = "cortex-a72"  # a profile that names no core: the ARMv8.0 baseline
 INSTALL_TIMEOUT = 1800.0
 RUN_TIMEOUT = 3600.0
-_PIP_LINE = re.compile(r"^\s*python3? -m pip install\b.*$", re.M)
 
 
 def applies(manifest: dict[str, Any]) -> bool:
@@ -46,30 +52,31 @@ def cpu_of(manifest: dict[str, Any]) -> str:
     return ((manifest.get("target_profile") or {}).get("emulation") or {}).get("cpu") or DEFAULT_CPU
 
 
-def install_line(bundle: Path) -> str:
-    """The pip line the bundle's README gives the device owner (the default pip line when it gives none)."""
-    readme = bundle / "README.md"
-    found = _PIP_LINE.search(readme.read_text()) if readme.is_file() else None
-    return found.group(0).strip() if found else "python3 -m pip install -r requirements.txt"
+DEFAULT_STEPS = ["python3 -m venv --system-site-packages .venv", ".venv/bin/python -m pip install -r requirements.txt"]
+_VENV_LINE = re.compile(r"^\s*python3? -m venv\b")
 
 
-def device_lines(bundle: Path, manifest: dict[str, Any]) -> list[str]:
-    """The README's other ``python3`` command lines that need no camera (the selftest, a synthetic run), in order:
-    what the device owner runs after the install."""
+def device_steps(bundle: Path, manifest: dict[str, Any]) -> list[str]:
+    """The README's fenced command lines that run Python (``python3 ...``, ``.venv/bin/python ...``) and need no
+    camera, in order; the default install steps when it gives none (an Android app's model)."""
     readme = bundle / "README.md"
-    if not readme.is_file():
-        return []
     camera = str((manifest.get("camera") or {}).get("source", "0"))
     lines, inside = [], False
-    for ln in readme.read_text().splitlines():
+    for ln in readme.read_text().splitlines() if readme.is_file() else []:
         if ln.startswith("```"):
             inside = not inside
             continue
-        words = ln.split()
-        if inside and words[:1] == ["python3"] and not _PIP_LINE.match(ln) and camera not in words[2:3] \
-                and "--help" not in words:
+        words = ln.split("#")[0].split()
+        python = bool(words) and (words[0] == "python3" or words[0].endswith(("/bin/python", "/bin/python3")))
+        if inside and python and camera not in words[2:3] and "--help" not in words:
             lines.append(ln.strip())
-    return lines
+    return lines if any("pip install" in ln for ln in lines) else DEFAULT_STEPS + lines
+
+
+def split_steps(steps: list[str]) -> tuple[list[str], list[str]]:
+    """(the install steps: up to the last ``pip install`` line, the steps after it)."""
+    last = max(i for i, ln in enumerate(steps) if "pip install" in ln)
+    return steps[:last + 1], steps[last + 1:]
 
 
 def _last_error(output: str) -> str:
@@ -78,25 +85,47 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def install(machine: Machine, bundle: Path, say: Callable[[str], None]) -> tuple[Path | None, str, str]:
-    """(the folder the packages went to, or None; the line run; pip's last error line when it failed)."""
-    line = install_line(bundle)
-    site = site_for(bundle / "requirements.txt", line)
-    if (site / ".edgeport-installed").is_file():
-        return site, line, ""
-    say(f"{bundle.name}: wheels for aarch64: {line}")
-    site.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=site.parent))
-    res = machine.shell(line, bundle, tmp, INSTALL_TIMEOUT)
-    if res.returncode != 0:
-        import shutil
+def device_home(bundle: Path, install_steps: list[str], cpu: str) -> Path:
+    """The folder the README's lines run in, as a device owner's copy of the bundle: kept between runs (the venv the
+    install steps make stays there, one per steps, requirements and core), the bundle's own files linked in afresh
+    each time, so nothing is written into the bundle."""
+    home = venv_for(install_steps, bundle / "requirements.txt", cpu)
+    home.mkdir(parents=True, exist_ok=True)
+    venv = _venv_dir(install_steps)
+    for entry in home.iterdir():
+        if entry.name not in (venv, ".edgeport-installed"):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in bundle.iterdir():
+        (home / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return home
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        return None, line, _last_error(res.stdout + "\n" + res.stderr)
-    (tmp / ".edgeport-installed").write_text(line + "\n")
-    if not site.exists():
-        tmp.rename(site)
-    return site, line, ""
+
+def _venv_dir(install_steps: list[str]) -> str | None:
+    """The folder the README's ``python3 -m venv`` line makes, or None when it makes none."""
+    line = next((ln for ln in install_steps if _VENV_LINE.match(ln)), None)
+    return shlex.split(line, comments=True)[-1] if line else None
+
+
+def install(machine: Any, home: Path, steps: list[str], say: Callable[[str], None]) -> tuple[bool, str, str]:
+    """Run the install ``steps`` in ``home`` (``device_home``) unless they ran there already: (done, the steps run
+    or the line that failed, its last error line)."""
+    venv = _venv_dir(steps)
+    if venv is None:
+        return False, steps[0], "the README makes no venv before its pip install (Debian 12 refuses pip outside one)"
+    if (home / ".edgeport-installed").is_file():
+        return True, " && ".join(steps), ""
+    shutil.rmtree(home / venv, ignore_errors=True)
+    for line in steps:
+        say(f"{line} (emulated aarch64, {machine.cpu})")
+        made = _VENV_LINE.match(line)
+        res = machine.shell(line.split("#")[0].strip() + (" --without-pip" if made else ""), home, INSTALL_TIMEOUT)
+        if res.returncode != 0:
+            shutil.rmtree(home / venv, ignore_errors=True)
+            return False, line, _last_error(res.stdout + "\n" + res.stderr)
+        if made:
+            machine.venv_shims(home / venv)
+    (home / ".edgeport-installed").write_text("\n".join(steps) + "\n")
+    return True, " && ".join(steps), ""
 
 
 def _probe(argv: list[str], env: dict[str, str] | None, cwd: Path, say: Callable[[str], None], what: str) -> str:
@@ -146,28 +175,31 @@ def emulated_cases(bundle: Path, manifest: dict[str, Any], machine: Machine, x: 
         status = "skipped" if ok is None else "passed" if ok else "failed"
         return Case(name, label, precision, check, status, metrics, message)
 
-    site, line, error = install(machine, bundle, say)
-    if site is None:
-        return [case("aarch64 install", False, {"line": line}, f"the device's install fails on emulated aarch64 "
-                     f"({line}): {error}")]
-    cases = [case("aarch64 install", True, {"line": line})]
-    for step in device_lines(bundle, manifest):  # as the README writes them, python3 being the emulated one
-        say(f"{name}: {step} (emulated aarch64, {machine.cpu})")
-        res = machine.shell(step, bundle, site, RUN_TIMEOUT)
-        failed = [ln.strip() for ln in res.stdout.splitlines() if " FAIL " in f" {ln} "]
-        ok = res.returncode == 0
-        check = "aarch64 selftest" if "--selftest" in step.split() else "aarch64 README run"
-        cases.append(case(check, ok, {"line": step, "exit": res.returncode},
-                          "" if ok else f"'{step}' fails on emulated aarch64: "
-                          f"{failed[0] if failed else _last_error(res.stdout + res.stderr)}"))
     with tempfile.TemporaryDirectory(prefix="edgeport-emulate-") as tmp:
+        install_steps, run_steps = split_steps(device_steps(bundle, manifest))
+        work = device_home(bundle, install_steps, machine.cpu)
+        done, line, error = install(machine, work, install_steps, lambda text: say(f"{name}: {text}"))
+        if not done:
+            return [case("aarch64 install", False, {"line": line}, f"the device's install fails on emulated aarch64 "
+                         f"({line}): {error}")]
+        cases = [case("aarch64 install", True, {"line": line})]
+        for step in run_steps:  # as the README writes them, their Python the emulated one
+            say(f"{name}: {step} (emulated aarch64, {machine.cpu})")
+            res = machine.shell(step, work, RUN_TIMEOUT)
+            failed = [ln.strip() for ln in res.stdout.splitlines() if " FAIL " in f" {ln} "]
+            ok = res.returncode == 0
+            check = "aarch64 selftest" if "--selftest" in step.split() else "aarch64 README run"
+            cases.append(case(check, ok, {"line": step, "exit": res.returncode},
+                              "" if ok else f"'{step}' fails on emulated aarch64: "
+                              f"{failed[0] if failed else _last_error(res.stdout + res.stderr)}"))
+        python = work / str(_venv_dir(install_steps)) / "bin" / "python"
         inputs, arm, x86 = Path(tmp) / "inputs.npy", Path(tmp) / "aarch64.npz", Path(tmp) / "x86.npz"
         np.save(inputs, np.ascontiguousarray(x, np.float32))
-        runner = str(runner_folder(bundle, manifest, Path(tmp)))
-        err = _probe(machine.argv([str(PROBE), runner, str(bundle), str(inputs), str(arm)]), machine.env(site),
-                     bundle, say, f"{name} on emulated aarch64")
-        err = err or _probe([sys.executable, str(PROBE), runner, str(bundle), str(inputs), str(x86)], None, bundle,
-                            say, f"{name} on x86")
+        runner = str(runner_folder(work, manifest, Path(tmp)))
+        err = _probe([str(python), str(PROBE), runner, str(work), str(inputs), str(arm)], machine.env(), work, say,
+                     f"{name} on emulated aarch64")
+        err = err or _probe([sys.executable, str(PROBE), runner, str(work), str(inputs), str(x86)], None, work, say,
+                            f"{name} on x86")
         if err:
             return cases + [case("aarch64 vs x86", False, {}, f"the model does not run on emulated aarch64: {err}")]
         with np.load(arm) as a, np.load(x86) as b:

@@ -44,9 +44,11 @@ def test_arm_bundles_install_selftest_and_match_x86_on_their_emulated_cores(arm)
     report = json.loads((arm / "emulated" / "validate.json").read_text())
     cases = {(b["name"], c["check"]): c for b in report["bundles"] for c in b["cases"]}
     pi = "raspberry-pi-5-int8"
-    assert cases[pi, "aarch64 install"]["metrics"]["line"] == "python3 -m pip install -r requirements.txt"
-    assert cases[pi, "aarch64 selftest"]["status"] == "passed"  # the README's own lines, python3 emulated
-    assert cases[pi, "aarch64 README run"]["metrics"]["line"].startswith("python3 runner.py synthetic://")
+    install = cases[pi, "aarch64 install"]["metrics"]["line"]  # the README's own lines: a venv, pip into it
+    assert install.startswith("python3 -m venv --system-site-packages .venv") and install.endswith(
+        " && .venv/bin/python -m pip install -r requirements.txt"), install
+    assert cases[pi, "aarch64 selftest"]["status"] == "passed"
+    assert cases[pi, "aarch64 README run"]["metrics"]["line"].startswith(".venv/bin/python runner.py synthetic://")
     assert "cortex-a76" in cases[pi, "aarch64 selftest"]["backend"]  # the Raspberry Pi 5's core
     for name in (pi, "android-arm64-int8"):  # full-integer INT8: the same integers on both ISAs
         out = cases[name, "output aarch64 vs x86"]["metrics"]

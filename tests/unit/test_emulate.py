@@ -34,18 +34,26 @@ def test_a_core_view_links_the_root_and_describes_that_core(tmp_path):
         rootfs.cpu_view(root, "cortex-a99")
 
 
-def test_the_readme_lines_run_are_its_python3_lines_without_a_camera(tmp_path):
+def test_the_readme_lines_run_are_its_python_lines_without_a_camera(tmp_path):
     (tmp_path / "README.md").write_text(
-        "# x\n\n## Run\n\n```\npython3 -m pip install -r requirements.txt\npython3 runner.py --selftest\n"
-        "python3 runner.py csi://0\npython3 runner.py synthetic:// --headless --max-frames 30 --jsonl -\n```\n\n"
-        "`python3 runner.py --help` lists sources.\n")
+        "# x\n\n## Run\n\n```\npython3 -m venv --system-site-packages .venv   # a venv (PEP 668)\n"
+        ".venv/bin/python -m pip install -r requirements.txt\n.venv/bin/python runner.py --selftest\n"
+        ".venv/bin/python runner.py csi://0\n.venv/bin/python runner.py synthetic:// --headless --max-frames 30\n"
+        "```\n\n`.venv/bin/python runner.py --help` lists sources.\n")
     manifest = {"camera": {"source": "csi://0"}}
-    assert check.install_line(tmp_path) == "python3 -m pip install -r requirements.txt"
-    assert check.device_lines(tmp_path, manifest) == [
-        "python3 runner.py --selftest", "python3 runner.py synthetic:// --headless --max-frames 30 --jsonl -"]
+    install, run = check.split_steps(check.device_steps(tmp_path, manifest))
+    assert install == ["python3 -m venv --system-site-packages .venv   # a venv (PEP 668)",
+                       ".venv/bin/python -m pip install -r requirements.txt"]
+    assert run == [".venv/bin/python runner.py --selftest", ".venv/bin/python runner.py synthetic:// --headless "
+                   "--max-frames 30"]
     (tmp_path / "README.md").write_text("# an Android bundle: no commands\n")
-    assert check.install_line(tmp_path) == "python3 -m pip install -r requirements.txt"
-    assert check.device_lines(tmp_path, manifest) == []
+    assert check.split_steps(check.device_steps(tmp_path, manifest)) == (check.DEFAULT_STEPS, [])
+
+
+def test_a_readme_that_pips_outside_a_venv_is_refused_before_anything_runs(tmp_path):
+    """Debian 12 and Raspberry Pi OS 12 refuse pip outside a venv (PEP 668): such a README fails its install."""
+    done, line, error = check.install(None, tmp_path, ["python3 -m pip install -r requirements.txt"], print)
+    assert not done and line == "python3 -m pip install -r requirements.txt" and "makes no venv" in error
 
 
 def test_which_bundles_are_emulated_and_on_which_core():
