@@ -198,7 +198,7 @@ def test_ranges_in_pieces_and_per_worker_are_the_same(tmp_path, monkeypatch):
     path = tmp_path / "net.onnx"
     _branchy_net(path, size=24)
     data = np.random.default_rng(1).normal(size=(23, 3, 24, 24)).astype(np.float32)
-    monkeypatch.setattr(ranges, "_workers", lambda footprint=0: 3)  # more workers than this host's cores, images unevenly
+    monkeypatch.setattr(ranges, "_workers", lambda footprint=0: 3)  # more workers than cores, images unevenly
 
     class Whole(ranges._Instrumented):
         fork = None  # no forks: one session, one worker
