@@ -62,7 +62,8 @@ def evaluate_group(group: Group, stage: Stage, info: dict[str, Any], spec: Input
     backend = get_backend(group.backend)
     ev = Stage(build_dir, f"evaluation/{group.backend}-{group.precision}",
                {"artifact": stage.key, "val": val.data.sha256, "split": val.split, "format": STAGE_FORMAT,
-                "evidence": 1, "agreement_gate": agreement_gate and not val.data.labelled, "pruned": val.pruned is not None})
+                "evidence": 1, "agreement_gate": agreement_gate and not val.data.labelled,
+                "pruned": val.pruned is not None})
 
     def run(tmp: Path) -> dict[str, Any]:
         from edgeport.config import SPLITS

@@ -5,11 +5,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeport.flags import dashed
 from edgeport.build.calibrate import Supervised
 from edgeport.calibration import CalibrationSet
 from edgeport.config import ProjectConfig
 from edgeport.errors import PruningError
+from edgeport.flags import dashed
 from edgeport.preprocess import InputSpec
 from edgeport.tables import points
 
@@ -95,5 +95,6 @@ def pruning_check(cfg: ProjectConfig, val: ValidationRef | None, spec: InputSpec
         raise PruningError(f"pruning {cfg.optimize.prune:.0%} ({how}) loses {points(drop, out['max_drop'])} {key} "
                            f"points against the original model on the report half of {val.data.source} "
                            f"({out['original']:.2f} -> {out['pruned']:.2f}), more than max_drop "
-                           f"{cfg.quantize.max_drop:g}: {todo}, prune less, or raise {dashed('max_drop')} if you accept it")
+                           f"{cfg.quantize.max_drop:g}: {todo}, prune less, or raise {dashed('max_drop')} if you "
+                           "accept it")
     return out

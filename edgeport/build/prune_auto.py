@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeport.flags import dashed
 from edgeport.errors import PruningError
+from edgeport.flags import dashed
 from edgeport.tables import points
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ def choose_ratio(cfg: ProjectConfig, images: CalibrationSet, val: LabelledSet, o
         raise PruningError(f"--prune auto: no ratio of {', '.join(f'{r:g}' for r in opt.prune_grid)} stays within "
                            f"max_drop {max_drop:g} on the selection half after recovery (the best, {best['ratio']:g}, "
                            f"loses {points(best['drop'], max_drop)} {key} points): recover longer "
-                           f"(--recover-steps), give smaller ratios ([optimize] prune_grid), or raise {dashed('max_drop')}")
+                           "(--recover-steps), give smaller ratios ([optimize] prune_grid), or raise "
+                           f"{dashed('max_drop')}")
     return max(good), rows, recovered
 
 

@@ -144,8 +144,8 @@ def int8_calibration(cfg: ProjectConfig, calib: CalibrationSet | None, val: Labe
         from edgeport.calibration import HELD_FROM
 
         raise ConfigError(f"--accuracy-control without --val-images judges INT8 on a quarter of the calibration set "
-                          f"held back from the ranges, which needs {HELD_FROM} calibration images or more ({len(calib)} "
-                          "given): pass --val-images DIR, or more calibration images")
+                          f"held back from the ranges, which needs {HELD_FROM} calibration images or more "
+                          f"({len(calib)} given): pass --val-images DIR, or more calibration images")
     if held.held is not None:
         log.info("INT8: %d of the %d calibration images measure the activation ranges; %d held back to judge INT8's "
                  "choices on, beside %s", len(held), len(calib), len(held.held),
