@@ -124,15 +124,21 @@ def int8_budget(cfg: ProjectConfig, target: Target, precision: str, val: Validat
     """What INT8's accuracy-aware choices may lose (None: max_drop). On a set without labels with accuracy control
     left to its default, the loop holds agreement with FP32 to the target's own gate: the points below 100 that its
     ``min_agreement`` allows (5 for INT8's 0.95), or ``budget`` (what pruning left) when that is less."""
-    from edgeport.tasks import get as get_task
-
     if val is None or val.data.labelled or cfg.quantize.accuracy_control is not None:
         return budget
-    floor = get_task(cfg.input.task).tolerance(precision, target.tolerances(precision)).get("min_agreement")
-    if floor is None:
+    slack = gate_slack(cfg, target, precision)
+    if slack is None:
         return budget
-    slack = round(100.0 * (1.0 - float(floor)), 6)
     return slack if budget is None else min(budget, slack)
+
+
+def gate_slack(cfg: ProjectConfig, target: Target, precision: str) -> float | None:
+    """The agreement points below 100 that the target's own gate allows (``min_agreement``: 5 for INT8's 0.95),
+    or None when it has none."""
+    from edgeport.tasks import get as get_task
+
+    floor = get_task(cfg.input.task).tolerance(precision, target.tolerances(precision)).get("min_agreement")
+    return None if floor is None else round(100.0 * (1.0 - float(floor)), 6)
 
 
 def held_frames(calib: CalibrationSet | None, spec: InputSpec) -> Any:

@@ -17,9 +17,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edgeport.build.compile import Group
     from edgeport.calibration import CalibrationSet
     from edgeport.config import ProjectConfig
-    from edgeport.build.compile import Group
 
 log = logging.getLogger("edgeport")
 
@@ -31,18 +31,22 @@ def agreement_retry(cfg: ProjectConfig, group: Group, calib: CalibrationSet | No
     failed on agreement (module docstring), or None when no second compile applies."""
     if group.precision != "int8" or val is not None or calib is None or cfg.quantize.accuracy_control is not None:
         return None
-    failed = [name for name, m in parity["parity"].items()
-              if any(f.startswith("agreement ") for f in m.get("failed", []))]
+    from edgeport.build.compile import gate_slack
+
+    tol = parity.get("tolerance") or {}
+    failed = {name: m["agreement"] for name, m in parity["parity"].items() if m.get("agreement") is not None
+              and (tol.get(name) or {}).get("min_agreement") is not None
+              and m["agreement"] < tol[name]["min_agreement"]}
     if not failed:
         return None
     held = calib.hold_back()
     if held.held is None:
         return None  # too few calibration images to hold a quarter back
-    floor = min((t.get("min_agreement") or 1.0 for t in (parity.get("tolerance") or {}).values()), default=1.0)
-    slack = round(100.0 * (1.0 - float(floor)), 6) if floor < 1.0 else cfg.quantize.max_drop
-    worst = min(parity["parity"][name]["agreement"] for name in failed)
+    slack = gate_slack(cfg, group.targets[0], group.precision)
+    slack = cfg.quantize.max_drop if slack is None else slack
+    name = min(failed, key=lambda n: failed[n])
     log.info("INT8 agrees %.4f < %.4f with PyTorch on the golden frames: compiling again with accuracy-aware INT8, "
              "%d of the %d calibration images for the ranges, agreement with FP32 held within %g points on the %d "
-             "held back", worst, floor, len(held), len(calib), slack, len(held.held))
+             "held back", failed[name], tol[name]["min_agreement"], len(held), len(calib), slack, len(held.held))
     again = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, accuracy_control=True))
     return again, held, slack
