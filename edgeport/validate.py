@@ -350,7 +350,6 @@ def _emulated(bundle: Path, manifest: dict[str, Any], machines: dict[str, Any], 
     from edgeport.emulate import check
     from edgeport.evaluate import task_metrics
     from edgeport.runner.preprocess import preprocess
-    from edgeport.target import DEFAULT_HOST_TOLERANCES, get_target
 
     if not check.applies(manifest):
         return []
@@ -366,22 +365,38 @@ def _emulated(bundle: Path, manifest: dict[str, Any], machines: dict[str, Any], 
         golden, _ = _golden(bundle, manifest)
         shown, where, sub = golden[:frames], f"{min(frames, len(golden))} golden frames", None
     x = np.concatenate([preprocess(f, spec)[0] for f in shown], 0)
-    layouts = {o["name"]: o.get("layout") or ref.spec.layout for o in manifest["outputs"]}
-
-    def to_ref(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: to_layout(v, layouts[k], ref.spec.layout) for k, v in outs.items()}
 
     def score(outs: dict[str, np.ndarray]) -> dict[str, float] | None:
         return task_metrics(task.pack(outs, names, ref.spec), sub, ref.spec.layout) or None if sub else None
 
     precision = manifest["precision"]
-    try:
-        tol = get_target(manifest["target"], cfg.root).host_tolerances(precision)
-    except EdgeportError:
-        tol = dict(DEFAULT_HOST_TOLERANCES[precision])
+    tol = task.tolerance(precision, _profile_tolerance(manifest, cfg, host=True))
     machine = machines[check.cpu_of(manifest)]
-    return check.emulated_cases(bundle, manifest, machine, x, where, to_ref, score, task.tolerance(precision, tol),
-                                ref.spec.task, lambda line: log.info("%s", line))
+    return check.emulated_cases(bundle, manifest, machine, x, where, _in_layout(manifest, ref.spec.layout), score,
+                                tol, ref.spec.task, lambda line: log.info("%s", line))
+
+
+def _profile_tolerance(manifest: dict[str, Any], cfg: ProjectConfig, host: bool = False) -> dict[str, Any]:
+    """The bundle's target profile's tolerances for its precision (``host``: of the device's run against the build
+    host's), the defaults where the profile is not known here."""
+    from edgeport.target import DEFAULT_HOST_TOLERANCES, DEFAULT_TOLERANCES, get_target
+
+    precision = manifest["precision"]
+    try:
+        target = get_target(manifest["target"], cfg.root)
+        return target.host_tolerances(precision) if host else target.tolerances(precision)
+    except EdgeportError:
+        return dict((DEFAULT_HOST_TOLERANCES if host else DEFAULT_TOLERANCES)[precision])
+
+
+def _in_layout(manifest: dict[str, Any], layout: str) -> Any:
+    """A function putting a bundle's outputs in ``layout`` (TFLite gives NHWC where PyTorch gives NCHW)."""
+    layouts = {o["name"]: o.get("layout") or layout for o in manifest["outputs"]}
+
+    def convert(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: to_layout(v, layouts.get(k, layout), layout) for k, v in outs.items()}
+
+    return convert
 
 
 def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg: ProjectConfig,
@@ -389,7 +404,7 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
                      ref_metrics: dict[str, float] | None, drop_limit: float | None, localize: bool, bench: bool,
                      bench_iters: int) -> BundleResult:
     from edgeport.evaluate import primary, task_metrics
-    from edgeport.target import DEFAULT_TOLERANCES, get_target
+    from edgeport.target import DEFAULT_TOLERANCES
 
     t0 = time.time()
     name = bundle.name
@@ -421,11 +436,7 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     res.backend, res.runtime = label, runtime
     for c in res.cases:
         c.backend = label
-    try:
-        target = get_target(manifest["target"], cfg.root)
-        base_tol = target.tolerances(precision)
-    except EdgeportError:
-        base_tol = dict(DEFAULT_TOLERANCES[precision])
+    base_tol = _profile_tolerance(manifest, cfg)
     ran_in = get_backend(manifest["backend"]).host_precision(artifacts_of(bundle, manifest))
     if ran_in != precision:  # e.g. a TensorRT FP16 bundle's ONNX, run in FP32 here
         base_tol = dict(DEFAULT_TOLERANCES[ran_in])
@@ -433,11 +444,7 @@ def _validate_bundle(bundle: Path, manifest: dict[str, Any], ref: Reference, cfg
     spec = manifest["preprocess"]
     ref_layout = ref.spec.layout
     names = [o["name"] for o in manifest["outputs"]]
-    # Each output in the reference's layout (TFLite gives NHWC where PyTorch gives NCHW).
-    out_layout = {o["name"]: o.get("layout") or ref_layout for o in manifest["outputs"]}
-
-    def as_ref(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: to_layout(v, out_layout.get(k, ref_layout), ref_layout) for k, v in outs.items()}
+    as_ref = _in_layout(manifest, ref_layout)
 
     differs = preprocess_diff(spec, ref.spec)
     with rt:
