@@ -144,7 +144,7 @@ def emulated_rows(report: ValidateReport) -> list[list[str]]:
             elif "aarch64" in m and "x86" in m:
                 key = m["metric"]
                 metric = f"{key} {m['aarch64'][key]:.2f} / {m['x86'][key]:.2f} ({m['count']} frames)"
-        core = emu[0].backend.split("aarch64 ")[1].split(",")[0] if "aarch64 " in emu[0].backend else "-"
+        core = by["aarch64 install"].metrics.get("cpu", "-") if "aarch64 install" in by else "-"
         status = "failed" if any(c.status == "failed" for c in emu) else "passed"
         rows.append([b.name, core, by["aarch64 install"].status if "aarch64 install" in by else "-",
                      by["aarch64 selftest"].status if "aarch64 selftest" in by else "-",

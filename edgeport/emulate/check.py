@@ -37,6 +37,9 @@ PROBE = Path(__file__).with_name("probe.py")
 DEFAULT_CPU = "cortex-a72"  # a profile that names no core: the ARMv8.0 baseline
 INSTALL_TIMEOUT = 1800.0
 RUN_TIMEOUT = 3600.0
+# a bundle whose README gives no commands (an Android app's model): a device owner's venv and install
+DEFAULT_STEPS = ["python3 -m venv --system-site-packages .venv", ".venv/bin/python -m pip install -r requirements.txt"]
+_VENV_LINE = re.compile(r"^\s*python3? -m venv\b")
 
 
 def applies(manifest: dict[str, Any]) -> bool:
@@ -50,10 +53,6 @@ def applies(manifest: dict[str, Any]) -> bool:
 def cpu_of(manifest: dict[str, Any]) -> str:
     """The core the bundle's device has (its profile's ``[emulation] cpu``)."""
     return ((manifest.get("target_profile") or {}).get("emulation") or {}).get("cpu") or DEFAULT_CPU
-
-
-DEFAULT_STEPS = ["python3 -m venv --system-site-packages .venv", ".venv/bin/python -m pip install -r requirements.txt"]
-_VENV_LINE = re.compile(r"^\s*python3? -m venv\b")
 
 
 def device_steps(bundle: Path, manifest: dict[str, Any]) -> list[str]:
@@ -92,9 +91,13 @@ def device_home(bundle: Path, install_steps: list[str], cpu: str) -> Path:
     home = venv_for(install_steps, bundle / "requirements.txt", cpu)
     home.mkdir(parents=True, exist_ok=True)
     venv = _venv_dir(install_steps)
-    for entry in home.iterdir():
-        if entry.name not in (venv, ".edgeport-installed"):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in home.iterdir():  # the last bundle's links (and what its lines wrote), not the venv
+        if entry.name in (venv, ".edgeport-installed"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     for entry in bundle.iterdir():
         (home / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
     return home
@@ -180,9 +183,10 @@ def emulated_cases(bundle: Path, manifest: dict[str, Any], machine: Machine, x: 
         work = device_home(bundle, install_steps, machine.cpu)
         done, line, error = install(machine, work, install_steps, lambda text: say(f"{name}: {text}"))
         if not done:
-            return [case("aarch64 install", False, {"line": line}, f"the device's install fails on emulated aarch64 "
+            return [case("aarch64 install", False, {"line": line, "cpu": machine.cpu},
+                         f"the device's install fails on emulated aarch64 "
                          f"({line}): {error}")]
-        cases = [case("aarch64 install", True, {"line": line})]
+        cases = [case("aarch64 install", True, {"line": line, "cpu": machine.cpu})]
         for step in run_steps:  # as the README writes them, their Python the emulated one
             say(f"{name}: {step} (emulated aarch64, {machine.cpu})")
             res = machine.shell(step, work, RUN_TIMEOUT)

@@ -21,6 +21,7 @@ from pathlib import Path
 from edgeport.emulate import rootfs
 
 PYTHON = "usr/bin/python3.11"
+NAMES = ("python3", "python3.11", "python")  # what a README or a venv calls the interpreter
 
 
 class Machine:
@@ -34,30 +35,32 @@ class Machine:
         self._shim()
 
     def _shim(self) -> None:
-        """``python3`` and ``python3.11`` on a PATH of their own: the emulated interpreter."""
+        """``python3``, ``python3.11`` and ``python`` on a PATH of their own: the emulated interpreter."""
         self.shims.mkdir(parents=True, exist_ok=True)
-        line = " ".join(shlex.quote(str(a)) for a in self.argv([]))
-        for name in ("python3", "python3.11", "python"):
-            shim = self.shims / name
-            text = f'#!/bin/sh\nexec {line} "$@"\n'
-            if not shim.is_file() or shim.read_text() != text:
-                shim.write_text(text)
-                shim.chmod(0o755)
+        for name in NAMES:
+            self._write_shim(self.shims / name, self.argv([]))
 
-    def argv(self, args: list[str]) -> list[str]:
-        """The host command that runs the emulated Python with ``args``."""
-        return [self.qemu, "-cpu", self.cpu, "-L", str(self.root), str(self.root / PYTHON), *args]
+    def argv(self, args: list[str], argv0: Path | None = None) -> list[str]:
+        """The host command that runs the emulated Python with ``args`` (started as ``argv0`` when given)."""
+        named = ["-0", str(argv0)] if argv0 is not None else []
+        return [self.qemu, "-cpu", self.cpu, "-L", str(self.root), *named, str(self.root / PYTHON), *args]
 
     def venv_shims(self, venv: Path) -> None:
         """The venv's interpreters (links to the root's Python, which the host cannot run) as the emulator, started
         under the venv's own path so that Python finds its pyvenv.cfg."""
-        for name in ("python", "python3", "python3.11"):
+        for name in NAMES:
             shim = venv / "bin" / name
-            if shim.is_symlink() or shim.exists():
+            if shim.is_symlink():
                 shim.unlink()
-            args = [self.qemu, "-cpu", self.cpu, "-L", str(self.root), "-0", str(shim), str(self.root / PYTHON)]
-            shim.write_text(f'#!/bin/sh\nexec {" ".join(shlex.quote(a) for a in args)} "$@"\n')
-            shim.chmod(0o755)
+            self._write_shim(shim, self.argv([], argv0=shim))
+
+    @staticmethod
+    def _write_shim(path: Path, argv: list[str]) -> None:
+        """A shell script at ``path`` that runs ``argv`` with its own arguments (rewritten only when it differs)."""
+        text = f'#!/bin/sh\nexec {" ".join(shlex.quote(a) for a in argv)} "$@"\n'
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            path.chmod(0o755)
 
     def env(self) -> dict[str, str]:
         """The environment of an emulated run: the shims first on PATH, nothing of the host's Python settings."""
