@@ -208,7 +208,7 @@ class TensorRTBackend(DeviceBackend):
                 edges, plain, ranges["fp16_edges"] = choose_edges(onnx, write, out / "model_qdq.onnx", keep,
                                                                   weighted - keep, sel, gauge, plain)
                 keep, start = keep | set(edges), (gauge, plain)
-                fb = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, weighted, quant, spec, start)
+                fb, agree = self._fallback(onnx, amax, out / "model_qdq.onnx", keep, weighted, quant, spec, start)
                 info["accuracy_fallback"] = fb
                 keep = keep | set(fb["kept_float"])
                 from edgeport.tasks import get as get_task
@@ -217,7 +217,7 @@ class TensorRTBackend(DeviceBackend):
                     from edgeport.backends.tensorrt.gap import close_gap
 
                     gap_layers, ranges["symmetric_gap"] = close_gap(onnx, write, out / "model_qdq.onnx", keep,
-                                                                    weighted - keep, gauge)
+                                                                    weighted - keep, gauge, agree)
                     keep = keep | set(gap_layers)
             counts = qdq.write_qdq(onnx, amax, out / "model_qdq.onnx", keep)
             findings = qdq.lint(out / "model_qdq.onnx", keep)
@@ -236,9 +236,9 @@ class TensorRTBackend(DeviceBackend):
 
     @staticmethod
     def _fallback(onnx: Path, amax: dict[str, float], out: Path, keep: set[str], weighted: set[str],
-                  quant: Quantization, spec: InputSpec, start: Any = None) -> dict[str, Any]:
-        """The accuracy-aware loop (fallback.py) on the selection half: the layers it keeps in float (of the
-        model's ``weighted`` nodes)."""
+                  quant: Quantization, spec: InputSpec, start: Any = None) -> tuple[dict[str, Any], Any]:
+        """The accuracy-aware loop (fallback.py) on the selection half: its report (the layers it keeps in float, of
+        the model's ``weighted`` nodes) and the per-frame agreement with FP32 of the model it leaves."""
         from edgeport.backends.tensorrt import qdq
         from edgeport.backends.tensorrt.fallback import accuracy_fallback
         from edgeport.tables import points
@@ -248,12 +248,12 @@ class TensorRTBackend(DeviceBackend):
             return weighted - kept
 
         assert quant.selection is not None
-        fb = accuracy_fallback(onnx, write, out, keep, quant.selection, spec.layout, quant.max_drop, start,
-                               quant.frames)
+        fb, agree = accuracy_fallback(onnx, write, out, keep, quant.selection, spec.layout, quant.max_drop, start,
+                                      quant.frames)
         log.info("accuracy-aware INT8 (selection half, %d images): %s drop %s -> %s (max_drop %g); kept in float: "
                  "%s", fb["images"], fb["metric"], points(fb["drop_before"], fb["max_drop"]),
                  points(fb["drop_after"], fb["max_drop"]), fb["max_drop"], ", ".join(fb["kept_float"]) or "nothing")
-        return fb
+        return fb, agree
 
     def runtime_settings(self, target: Target, precision: str) -> dict[str, Any]:
         """Precision, the profile's TensorRT version, builder workspace and DLA core for build_engine.py."""

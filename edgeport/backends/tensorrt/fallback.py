@@ -127,13 +127,13 @@ def choose_ranges(onnx: Path, candidates: dict[str, dict[str, float]], write: An
 
 def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: LabelledSet, layout: str,
                       max_drop: float, start: tuple[Any, np.ndarray] | None = None,
-                      frames: LabelledSet | None = None) -> dict[str, Any]:
+                      frames: LabelledSet | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Keep the weighted nodes that cost most in float until the drop is within ``max_drop`` (module docstring).
 
     ``write(keep) -> set of quantized weighted node names`` writes the Q/DQ model to ``out`` with the nodes in
     ``keep`` left in float. ``start``: (the drop gauge, the plain Q/DQ model's outputs on the selection half)
-    when the range choice has measured them already. Returns the report: kept nodes, drops before and after,
-    every step."""
+    when the range choice has measured them already. Returns (the report: kept nodes, drops before and after,
+    every step; the per-frame agreement with FP32 of the Q/DQ model it leaves at ``out``)."""
     from edgeport.quantize.loop import DropGauge
     from edgeport.quantize.loop import accuracy_fallback as loop
 
@@ -141,7 +141,7 @@ def accuracy_fallback(onnx: Path, write: Any, out: Path, keep: set[str], val: La
     gauge, plain = start or (DropGauge(_run(onnx, model.frames), val, layout, model.frames), None)
     tuning, kept = loop(model, gauge, max_drop, model.outputs() if plain is None else plain, val,
                         lambda msg: log.info("%s", msg))
-    return tuning.report([name for name, _ in kept])
+    return tuning.report([name for name, _ in kept]), tuning.agree
 
 
 def plain_start(onnx: Path, write: Any, out: Path, val: LabelledSet, layout: str,

@@ -54,12 +54,12 @@ def unsigned_twin(qdq: Path, nonnegative: set[str], out: Path) -> int:
     return changed
 
 
-def macs(onnx_path: Path) -> dict[str, int]:
-    """{weighted node: multiply-accumulates per inference} from the graph's inferred shapes (Conv, ConvTranspose,
-    Gemm, MatMul with a constant weight); a node whose shapes are not known counts 0."""
+def macs(model: Any) -> dict[str, int]:
+    """{weighted node: multiply-accumulates per inference} of an ONNX model (or its path) from the graph's inferred
+    shapes (Conv, ConvTranspose, Gemm, MatMul with a constant weight); a node whose shapes are not known counts 0."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
@@ -87,12 +87,13 @@ def _agreement(fp32: np.ndarray, path: Path, frames: LabelledSet) -> np.ndarray:
     return frame_agreement(fp32, _run(path, frames), frames)
 
 
-def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[str], gauge: Any
-              ) -> tuple[list[str], dict[str, Any]]:
+def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[str], gauge: Any,
+              agree: np.ndarray | None = None) -> tuple[list[str], dict[str, Any]]:
     """Keep layers in FP16 while TensorRT's Q/DQ model agrees with FP32 more than ``MARGIN`` points less than its
     unsigned twin (module docstring). ``write(kept)`` writes the Q/DQ model with the nodes ``kept`` in float to
     ``out`` (the model at ``out`` on entry is ``write(keep)``'s); ``quantized``: the weighted nodes the candidates
-    come from; ``gauge``: the FP32 outputs and frames (edgeport.quantize.loop.DropGauge). (the layers taken, the
+    come from; ``gauge``: the FP32 outputs and frames (edgeport.quantize.loop.DropGauge); ``agree``: the model at
+    ``out``'s per-frame agreement with FP32 there, when the loop measured it already. (the layers taken, the
     evidence for the manifest); the model at ``out`` is left as the layers taken write it."""
     import onnx as onnx_lib
 
@@ -107,10 +108,8 @@ def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[
     unsigned_twin(out, nonnegative, twin_path)
     twin = _agreement(fp32, twin_path, frames)
     twin_path.unlink(missing_ok=True)
-    agree = _agreement(fp32, out, frames)
+    agree = _agreement(fp32, out, frames) if agree is None else agree
     reference, before = float(twin.mean()), float(agree.mean())
-    cost = macs(onnx)
-    total = sum(cost.values()) or 1
     pick = np.unique(np.linspace(0, len(frames) - 1, min(RANK_FRAMES, len(frames))).round().astype(int))
     sub, sub_fp32 = frames.subset(list(pick)), fp32[pick]
     taken: list[str] = []
@@ -118,6 +117,7 @@ def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[
     say = f"on {gauge.where}"
     log.info("TensorRT's symmetric INT8 agrees %.3f %% with FP32, its unsigned twin (INT8 with zero points, the same "
              "ranges) %.3f %% %s", before, reference, say)
+    cost: dict[str, int] = {}  # each layer's multiply-accumulates, read once a layer is tried
     while reference - float(agree.mean()) > MARGIN and len(taken) < LIMIT:
         candidates = sorted(n for n in quantized - set(taken) if reads.get(n) in nonnegative)
         if not candidates:
@@ -127,11 +127,12 @@ def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[
             write(keep | set(taken) | {name})
             tried[name] = float(_agreement(sub_fp32, out, sub).mean())
         best = max(tried, key=lambda n: tried[n])
+        cost = cost or macs(model)
         write(keep | set(taken) | {best})
         got = _agreement(fp32, out, frames)
         gain = paired_gain(got, agree, frames.names)
         steps.append({"layer": best, **gain.to_dict(), "taken": gain.clears,
-                      "macs_share": round(cost.get(best, 0) / total, 4)})
+                      "macs_share": round(cost.get(best, 0) / (sum(cost.values()) or 1), 4)})
         log.info("%s in FP16 (best of %d layers on %d frames): agreement %s %s -> %s", best, len(candidates),
                  len(pick), gain, say, "kept in FP16" if gain.clears else "stays INT8 (its interval does not clear "
                  "zero); stopping")
@@ -143,7 +144,8 @@ def close_gap(onnx: Path, write: Any, out: Path, keep: set[str], quantized: set[
     after = float(agree.mean())
     evidence = {"unsigned_twin": round(reference, 4), "before": round(before, 4), "after": round(after, 4),
                 "margin": MARGIN, "met": reference - after <= MARGIN, "layers": taken, "steps": steps,
-                "frames": len(frames), "macs_share": round(sum(cost.get(n, 0) for n in taken) / total, 4)}
+                "frames": len(frames),
+                "macs_share": round(sum(cost.get(n, 0) for n in taken) / (sum(cost.values()) or 1), 4)}
     if steps or reference - before > MARGIN:
         log.info("TensorRT INT8 %.3f %% against its unsigned twin's %.3f %%: %s (%d layer(s) in FP16, %.1f %% of the "
                  "model's multiply-accumulates)", after, reference,
