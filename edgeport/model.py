@@ -194,7 +194,7 @@ def _load_model(source: str, weights: str | None, root: Path) -> Any:
             if kind == "torchscript":
                 model = torch.jit.load(str(path), map_location="cpu")
             else:
-                model = torch.export.load(str(path)).module()
+                model = _inference_only(torch.export.load(str(path)).module())
         except Exception as e:  # torch raises many types for bad archives
             raise ModelError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(model, torch.nn.Module):
@@ -207,6 +207,18 @@ def _load_model(source: str, weights: str | None, root: Path) -> Any:
     except (NotImplementedError, RuntimeError):
         pass
     return model
+
+
+def _inference_only(module: Any) -> Any:
+    """A torch.export program's module, whose train()/eval() raise (its graph is already in inference form), made
+    to take a mode change as a no-op: the ONNX exporter sets the mode of what it exports."""
+    import types
+
+    def train(self: Any, mode: bool = True) -> Any:
+        return self
+
+    module.train = types.MethodType(train, module)
+    return module
 
 
 def _torchvision(rest: str) -> Any:

@@ -113,7 +113,8 @@ def run_build(cfg: ProjectConfig, targets: list[str], precision: str | None,
     if source is None and embedded_name(cfg.model.model):
         source = embedded_calibration(embedded_name(cfg.model.model))
     if needs_calib and source is None:
-        raise ConfigError(f"{', '.join(needs_calib)} need calibration data: pass --calib with an image folder, "
+        verb = "needs" if len(needs_calib) == 1 else "need"
+        raise ConfigError(f"{', '.join(needs_calib)} {verb} calibration data: pass --calib with an image folder, "
                           "a video, a .npy or synthetic://")
     if source is not None:
         check_calibration(source, cfg.root)

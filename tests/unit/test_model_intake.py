@@ -56,7 +56,13 @@ def test_torchscript_and_export(factory_file, tmp_path):
     assert torch.allclose(load_model(str(ts))(x), m(x), atol=1e-6)
     pt2 = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(m, (x,)), str(pt2))
-    assert torch.allclose(load_model(str(pt2))(x), m(x), atol=1e-6)
+    exported = load_model(str(pt2))
+    assert torch.allclose(exported(x), m(x), atol=1e-6)
+    pytest.importorskip("onnx")
+    from edgeport.export import export_onnx  # the exporter sets the module's mode, which torch.export's refuses
+
+    export_onnx(exported, x, tmp_path / "m.onnx", opset=17, input_name="input", simplify=False)
+    assert (tmp_path / "m.onnx").stat().st_size > 0
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model_state_dict", "model", "dataparallel"])
