@@ -145,10 +145,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="flash a bundle whose build failed its gates (recorded in "
                                                         "the device's history.log)")
     dv = cmd("devices", "what runs where: current and previous versions and the service on each device")
-    dv.add_argument("action", choices=["status"])
+    dv.add_argument("action", choices=["status"], help="status: each device's current and previous versions, "
+                                                       "service and health")
     _host_flags(dv)
     fl = cmd("fleet", "roll bundles out to a fleet with Ansible: staged batches, a health gate, rollback")
-    fl.add_argument("action", choices=["rollout", "rollback", "status"])
+    fl.add_argument("action", choices=["rollout", "rollback", "status"],
+                    help="rollout: the bundles to their groups' hosts; rollback: every host's previous version; "
+                         "status: what each host runs")
     fl.add_argument("bundles", nargs="*", help="rollout: one bundle folder per target (dist/<target>-<precision>)")
     fl.add_argument("--inventory", required=True, metavar="FILE", help="an Ansible inventory: one group per "
                                                                        "target (jetson-orin-nano -> jetson_orin_nano)")
@@ -168,12 +171,12 @@ def parser() -> argparse.ArgumentParser:
                                                   "inventory there instead of running (for your own Ansible)")
     fl.add_argument("--json", action="store_true", help="results as JSON")
     t = cmd("targets", "list the device profiles")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help="the profiles as JSON")
     d = cmd("doctor", "show which backends are installed, their versions, and how to install the rest")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="the backends as JSON")
     i = cmd("inspect", "describe a bundle folder or an ONNX file")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("path", help="a bundle folder (dist/<target>-<precision>) or an ONNX file")
+    i.add_argument("--json", action="store_true", help="the description as JSON")
     return p
 
 

@@ -46,6 +46,7 @@ from edgeport.flags import (
     opt,
     positive,
     ratio_or_auto,
+    setting,
 )
 from edgeport.intake import carried_spec
 from edgeport.preprocess import InputSpec, default_spec
@@ -66,36 +67,39 @@ class ModelConfig:
         "model.pt2", MODEL_GROUP, ALL, aliases=("source",)))
     weights: str | None = opt(None, flag=Flag("state_dict or training checkpoint to load", MODEL_GROUP, ALL, path=True))
     name: str | None = opt(None, flag=Flag("model name used in bundles", MODEL_GROUP, ALL))
-    seed: int = 0  # torch.manual_seed while the model is built: random-init weights are the same everywhere
+    seed: int = setting(0, "torch.manual_seed while the model is built, so random-init weights are the same in "
+                           "every process (the build's and validate's references agree)")
 
 
 @dataclass
 class OptimizeConfig:
     """Graph-level optimisation before export."""
 
-    fold_bn: bool = True
+    fold_bn: bool = setting(True, "fold batch-norm layers into the convolutions before export")
     # a ratio, or "auto": the largest of prune_grid within max_drop (edgeport.build.prune_auto)
     prune: float | str = opt(0.0, flag=Flag(
         "structured channel pruning ratio, e.g. 0.3, held to the original model; auto: the largest of [optimize] "
         "prune_grid (0.3, 0.5, 0.7) within max_drop after recovery", OPTIMISE_GROUP, (BUILD, EXPORT),
         type=ratio_or_auto, metavar="RATIO|auto"))
-    prune_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
-    prune_ignore: list[str] = field(default_factory=list)  # regular expressions of layer names kept whole
-    prune_type_ratios: dict[str, float] = field(default_factory=dict)  # e.g. {Linear = 0.1}: a ratio per layer type
+    prune_grid: list[float] = setting(doc="the ratios prune = \"auto\" tries", factory=lambda: [0.3, 0.5, 0.7])
+    prune_ignore: list[str] = setting(doc="regular expressions of layer names pruning keeps whole", factory=list)
+    prune_type_ratios: dict[str, float] = setting(doc="a ratio per layer type, e.g. {Linear = 0.1}", factory=dict)
     finetune: str | None = opt(None, flag=Flag("called as fn(model, spec) after pruning, instead of the distillation",
                                                 OPTIMISE_GROUP, (BUILD, EXPORT), metavar="MODULE:FUNCTION"))
     # Recovery after pruning (edgeport.recover): distillation from the original, on by default when pruning.
     recover_steps: int = opt(1500, flag=Flag(
         "after --prune, distil the pruned model from the original for N steps on the calibration images, no labels "
         "(default 1500; 0: none)", OPTIMISE_GROUP, (BUILD, EXPORT), type=int, metavar="N"))  # 0: no recovery
-    recover_seconds: float = 0.0  # 0: none (the steps are the contract); > 0: a budget that may stop it early
-    recover_images: str | None = None  # unlabelled images to distil on (default: the calibration set)
-    recover_batch: int = 8
-    recover_lr: float = 1e-3
-    recover_seed: int = 0
-    recover_supervised: float = 0.0  # > 0: that weight on a supervised term, on recover_labelled
-    recover_labelled: str | None = None  # labelled images apart from the validation set (e.g. the training split)
-    recover_labels: str | None = None  # their labels (a label-map folder), as --val-labels for validation
+    recover_seconds: float = setting(0.0, "a time budget that may stop recovery early (0: none; the steps are the "
+                                          "contract)")
+    recover_images: str | None = setting(None, "unlabelled images to distil on (default: the calibration set)")
+    recover_batch: int = setting(8, "recovery's batch size")
+    recover_lr: float = setting(1e-3, "recovery's learning rate (Adam, cosine schedule)")
+    recover_seed: int = setting(0, "recovery's seed (flips, brightness and contrast moves, batch order)")
+    recover_supervised: float = setting(0.0, "> 0: that weight on a supervised term, on recover_labelled")
+    recover_labelled: str | None = setting(None, "labelled images apart from the validation set (e.g. the training "
+                                                 "split) for the supervised term")
+    recover_labels: str | None = setting(None, "their labels (a label-map folder), as --val-labels for validation")
 
     def validate(self, where: str = "optimize") -> None:
         """ConfigError for a pruning ratio outside [0, 1) or recovery settings out of range."""
@@ -131,9 +135,9 @@ class ExportConfig:
                                             (BUILD, EXPORT), type=positive))
     dynamic_batch: bool = opt(False, flag=Flag("dynamic batch dimension", OPTIMISE_GROUP, (BUILD, EXPORT),
                                                action="store_true"))
-    simplify: bool = True
-    tolerance: float = 1e-4
-    parity_samples: int = 8
+    simplify: bool = setting(True, "simplify the ONNX (onnxslim) after export")
+    tolerance: float = setting(1e-4, "the ONNX's largest error against PyTorch, as a share of the output's range")
+    parity_samples: int = setting(8, "calibration frames the ONNX is compared with PyTorch on")
 
 
 @dataclass
@@ -142,7 +146,7 @@ class CalibrationConfig:
 
     calib: str | None = opt(None, flag=Flag("calibration/sample images: folder, video, .npy or synthetic://",
                                             MODEL_GROUP, (BUILD, EXPORT), path=True, aliases=("source",)))
-    max_images: int = 300
+    max_images: int = setting(300, "at most this many calibration images are read")
 
 
 OV, TFL, TRT = "openvino", "tflite", "tensorrt"
@@ -168,15 +172,15 @@ class QuantizeConfig:
         choices=PRESETS, readers=(OV,), int8=True, aliases=("preset",)))
     int8_subset: int = opt(300, flag=Flag("calibration images used (default 300)", INT8_GROUP, type=positive,
                                           metavar="N", readers=(OV, TFL, TRT), int8=True, aliases=("subset_size",)))
-    fast_bias_correction: bool = field(default=True, metadata={"readers": (OV,)})
-    int8_ignore_names: list[str] = field(default_factory=list, metadata={
-        "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_names",)})
+    fast_bias_correction: bool = setting(True, "NNCF's fast bias correction (OpenVINO)", readers=(OV,))
+    int8_ignore_names: list[str] = setting(doc="exact ONNX node names kept in float", factory=list,
+                                           readers=(OV, TFL, TRT), every_target=True, aliases=("ignored_names",))
     int8_ignore: list[str] = opt(factory=list, flag=Flag(
         "keep layers whose name matches in float (OpenVINO, TensorRT, TFLite convolutions); repeatable", INT8_GROUP,
         action="append", metavar="REGEX", extend=True, readers=(OV, TFL, TRT), int8=True, every_target=True,
         aliases=("ignored_patterns",)))
-    int8_ignore_types: list[str] = field(default_factory=list, metadata={
-        "readers": (OV, TFL, TRT), "every_target": True, "aliases": ("ignored_types",)})
+    int8_ignore_types: list[str] = setting(doc="ONNX op types kept in float, e.g. [\"Softmax\"]", factory=list,
+                                           readers=(OV, TFL, TRT), every_target=True, aliases=("ignored_types",))
     accuracy_control: bool | None = opt(None, flag=Flag(
         "keep the most harmful layers in float until the INT8 drop is within max_drop (default: on with "
         "--val-images; without labels it holds agreement with FP32 to the target's agreement gate; asked for "
@@ -249,12 +253,13 @@ class ValidationConfig:
         "instead)", INT8_GROUP, (BUILD, VALIDATE), metavar="DIR", path=True, aliases=("labels",)))
     max_images: int = opt(500, flag=Flag("at most N dataset images (default 500)", INT8_GROUP, (VALIDATE,),
                                          type=positive, metavar="N"))
-    # How the set is split into a selection half (tuning) and a report half (gate, headline): "blocks" (the first
-    # half of each folder in sorted order selects: a video's neighbouring frames stay on one side) or "alternate"
-    split: str = "blocks"
-    # Per-output tolerance overrides for `edgeport validate`. Keys: an output name, "*" for every
-    # output, either one suffixed with "@<precision>" to apply to that precision only.
-    tolerance: dict[str, Any] = field(default_factory=dict)
+    split: str = setting("blocks", "how the set is split into a selection half (tuning) and a report half (gates, "
+                                   "tables): blocks (the first half of each folder in sorted order selects, so a "
+                                   "video's neighbouring frames stay on one side) or alternate (even positions "
+                                   "select)")
+    tolerance: dict[str, Any] = setting(doc="per-output tolerances (max_abs, max_rel, min_cosine, min_sqnr_db, "
+                                            "min_agreement): [validation.tolerance.OUTPUT], \"*\" for every output, "
+                                            "@PRECISION for one precision only", factory=dict)
 
     def validate(self, where: str = "validation") -> None:
         """ConfigError naming a bad tolerance entry or split."""
@@ -324,9 +329,31 @@ def resolve_path(p: str, root: Path | None) -> Path:
     return Path(os.path.normpath(root / path if root is not None and not path.is_absolute() else path))
 
 
-_INPUT_KEYS = ("name", "shape", "dtype", "layout")
-_PRE_KEYS = ("resize", "interpolation", "pad_value", "resize_size", "color", "scale", "mean", "std")
-_TASK_KEYS = ("type", "labels", "labels_file", "palette", "ignore_index")
+# The [input], [preprocess] and [task] keys (the input spec's fields, edgeport.preprocess.InputSpec), with what
+# each does: the configuration reference is generated from these.
+INPUT_KEYS = {
+    "name": "the ONNX input's name (default input)",
+    "shape": "the input shape, [1, 3, H, W] or \"1x3xHxW\" (as --input)",
+    "dtype": "the input's element type (float32)",
+    "layout": "NCHW or NHWC",
+}
+PRE_KEYS = {
+    "resize": "how a frame becomes the input size: stretch, letterbox (pad_value) or shorter-crop (resize_size)",
+    "interpolation": "linear, nearest, area or cubic",
+    "pad_value": "letterbox's border value (default 114)",
+    "resize_size": "shorter-crop: the shorter side is resized to this, then the centre is cropped",
+    "color": "the channel order the model was trained on: RGB or BGR",
+    "scale": "pixels are multiplied by this first (default 1/255)",
+    "mean": "per-channel mean, after scale",
+    "std": "per-channel standard deviation, after scale",
+}
+TASK_KEYS = {
+    "type": "classification, segmentation or detection (as --task)",
+    "labels": "class names, as a list",
+    "labels_file": "class names, one per line (as --class-names), relative to this file",
+    "palette": "segmentation: a colour per class, [[R, G, B], ...], for the runner's overlay",
+    "ignore_index": "segmentation: the label value metrics ignore (e.g. CamVid's void class)",
+}
 SECTIONS = {
     "model": ModelConfig, "optimize": OptimizeConfig, "export": ExportConfig,
     "calibration": CalibrationConfig, "quantize": QuantizeConfig, "validation": ValidationConfig,
@@ -417,10 +444,10 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     cfg.optimize.validate(f"{where}: [optimize]")
     cfg.validation.validate(where)
     spec_args: dict[str, Any] = {}
-    _check_keys(data.get("input", {}), _INPUT_KEYS, where, "input")
-    _check_keys(data.get("preprocess", {}), _PRE_KEYS, where, "preprocess")
+    _check_keys(data.get("input", {}), tuple(INPUT_KEYS), where, "input")
+    _check_keys(data.get("preprocess", {}), tuple(PRE_KEYS), where, "preprocess")
     task = dict(data.get("task", {}))
-    _check_keys(task, _TASK_KEYS + all_option_keys(), where, "task")
+    _check_keys(task, (*TASK_KEYS, *all_option_keys()), where, "task")
     spec_args.update(data.get("input", {}))
     if isinstance(spec_args.get("shape"), str):  # shape = "1x3x64x64", as --input takes it
         spec_args["shape"] = list(parse_shape(spec_args["shape"], f"{where}: [input] shape"))
@@ -434,7 +461,7 @@ def load_config(path: Path | None = None, search: bool = True) -> ProjectConfig:
     if "labels_file" in task:
         labels_path = cfg.resolve(task.pop("labels_file"))
         spec_args["labels"] = read_labels(labels_path)
-    options = {k: task.pop(k) for k in list(task) if k not in _TASK_KEYS}
+    options = {k: task.pop(k) for k in list(task) if k not in TASK_KEYS}
     if options:
         spec_args["task_options"] = options
     spec_args.update(task)

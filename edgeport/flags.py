@@ -55,10 +55,26 @@ def dashed(name: str) -> str:
 
 
 def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, flag: Flag) -> Any:
-    """A config dataclass field declared with its flag."""
+    """A config dataclass field declared with its flag (whose help documents it)."""
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"flag": flag})
     return field(default=default, metadata={"flag": flag})
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING,
+            **metadata: Any) -> Any:
+    """A config dataclass field with no flag, declared with what it does (``doc``: the configuration reference
+    is generated from it) and any other metadata (``readers``, ``aliases``...)."""
+    meta = {"doc": doc, **metadata}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def describe(f: dataclasses.Field) -> str:
+    """What a config field does: its flag's help, or its declared doc."""
+    flag = f.metadata.get("flag")
+    return flag.help if flag is not None else f.metadata.get("doc", "")
 
 
 def positive(text: str) -> int:

@@ -195,8 +195,10 @@ def build_parser(manifest):
     p.add_argument("--max-frames", type=at_least(0), default=0, help="stop after N frames (default 0: no limit)")
     p.add_argument("--duration", type=seconds, default=0, help="stop after this many seconds (default 0: no limit)")
     p.add_argument("--loop", action="store_true", help="replay a video file or image folder endlessly")
-    p.add_argument("--width", type=at_least(0), default=cam.get("width", 0))
-    p.add_argument("--height", type=at_least(0), default=cam.get("height", 0))
+    p.add_argument("--width", type=at_least(0), default=cam.get("width", 0),
+                   help="capture width to ask of a camera (default: the profile's; 0: the camera's own)")
+    p.add_argument("--height", type=at_least(0), default=cam.get("height", 0),
+                   help="capture height to ask of a camera (default: the profile's; 0: the camera's own)")
     p.add_argument("--fps", type=seconds, default=cam.get("fps", 0), help="camera frame rate to ask for")
     p.add_argument("--flip", action="store_true", help="mirror frames horizontally")
     p.add_argument("--topk", type=at_least(1), help="classes listed per frame (classification; default 5)")

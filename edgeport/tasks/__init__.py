@@ -15,11 +15,21 @@ if TYPE_CHECKING:
     from edgeport.tasks.base import Task
 
 NAMES = ("classification", "segmentation", "detection")
-# The [task] settings each task reads besides type, labels, palette and ignore_index (data, so the config
-# reader need not import the tasks).
-OPTION_KEYS = {"detection": ("decoder", "score_threshold", "iou_threshold", "max_detections", "agnostic",
-                             "box_format", "normalized", "anchors", "box_coder_weights", "score_activation",
-                             "background")}
+# The [task] settings each task reads besides type, labels, palette and ignore_index, with what each does (data,
+# so the config reader need not import the tasks; the configuration reference is generated from it).
+OPTION_KEYS: dict[str, dict[str, str]] = {"detection": {
+    "decoder": "how the outputs become boxes: boxes, yolo, anchors or centernet",
+    "score_threshold": "detections below this score are dropped (default 0.25)",
+    "iou_threshold": "NMS overlap limit (default 0.45; 1.0 skips NMS)",
+    "max_detections": "detections kept per frame (default 100)",
+    "agnostic": "NMS across classes instead of per class (default false)",
+    "box_format": "the boxes decoder's coordinate order: xyxy or cxcywh",
+    "normalized": "the boxes decoder's coordinates are in [0, 1] of the input (default true)",
+    "anchors": "the anchors decoder's N x1y1x2y2 anchors in input pixels (torchvision detectors fill it)",
+    "box_coder_weights": "the anchors decoder's box coder weights, e.g. [10, 10, 5, 5]",
+    "score_activation": "sigmoid, softmax or none",
+    "background": "the class index that is background (softmax heads), dropped from the detections",
+}}
 _HERE = Path(__file__).resolve().parent
 
 

@@ -44,7 +44,7 @@ class Task:
         """The [task] settings it reads besides type and labels (edgeport.tasks.OPTION_KEYS)."""
         from edgeport.tasks import OPTION_KEYS
 
-        return OPTION_KEYS.get(self.name, ())
+        return tuple(OPTION_KEYS.get(self.name, {}))
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
         """The task's settings, checked (ConfigError naming the first bad one) and with defaults where the task
