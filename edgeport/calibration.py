@@ -27,7 +27,7 @@ RECOMMENDED = 300
 # bright frame sets a max range). NNCF's default subset is 300 and NVIDIA recommends ~500;
 # Ultralytics' Jetson table shows INT8 losing half its mAP with 4 calibration images.
 # 50 still admits small labelled sets such as CamVid val (101). The default model (homogeneous synthetic
-# scenes) is too easy to show the floor (docs/code-figures.md).
+# scenes) is too easy to show the floor (docs/benchmarks/code-figures.md).
 MINIMUM = 50
 SYNTHETIC = "synthetic://"
 # INT8's accuracy-aware choices hold back the last quarter of a calibration set of HELD_FROM frames or more (at

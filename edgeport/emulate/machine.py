@@ -1,9 +1,9 @@
 """The emulated device: the Debian 12 arm64 root's Python under qemu-user, on the device's own core.
 
 qemu's default core (``max``) offers every extension qemu knows, and XNNPACK's kernels for some of them give wrong
-results under qemu 7.2 (docs/arm-emulation.md); with the device's core (``-cpu cortex-a76`` for a Raspberry Pi 5)
-and that core's /proc/cpuinfo (rootfs.cpu_view) the same wheels give the x86 results, and the kernels chosen are
-the device's.
+results under qemu 7.2 (docs/benchmarks/arm-emulation.md); with the device's core (``-cpu cortex-a76`` for a
+Raspberry Pi 5) and that core's /proc/cpuinfo (rootfs.cpu_view) the same wheels give the x86 results, and the
+kernels chosen are the device's.
 
 ``python3`` on the PATH of the command lines run here is the emulated interpreter, so a device README's lines run
 as they are written. A venv made by the emulated Python gets interpreters that are the emulator too

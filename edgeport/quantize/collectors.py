@@ -261,8 +261,8 @@ class _WithRelu:
 class _Histogram:
     """The histogram methods' collector (``_Entropy``, ``_Mse`` each choose their threshold): a BINS-bin histogram
     of |x| over [0, amax], amax from a first pass (the bins TensorRT's calibrator uses; a range grown during a
-    single pass moves entropy thresholds: docs/ranges.md). The scale is a hair under BINS / amax, so amax itself
-    lands in the last bin; anything past it (a second pass that rounded differently) is counted there too.
+    single pass moves entropy thresholds: docs/benchmarks/ranges.md). The scale is a hair under BINS / amax, so amax
+    itself lands in the last bin; anything past it (a second pass that rounded differently) is counted there too.
 
     With ``relu_amax`` it also keeps the histogram of the tensor's Relu over [0, relu_amax]. When both ranges
     are the same (the positive side reaches further) one signed bincount gives both, since trunc(x * s) has

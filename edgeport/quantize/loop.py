@@ -168,7 +168,7 @@ def choose_ranges(candidates: dict[str, Any], plain_outputs: Callable[[str, Any]
     FP32 better on the selection set by a paired bootstrap interval that lies above zero (edgeport.quantize
     .evidence); for a task whose agreement is too coarse for it (``Task.choice_by_agreement`` False: detection),
     the one holding the smaller drop of the labelled metric. Chosen per model, because no one method wins on
-    every model (docs/ranges.md). (its method,
+    every model (docs/benchmarks/ranges.md). (its method,
     {method: drop held}, {method: its plain model's outputs}, the evidence for the manifest)."""
     from edgeport.quantize.evidence import frame_agreement, paired_gain
     from edgeport.tasks import get as get_task

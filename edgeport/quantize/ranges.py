@@ -6,7 +6,7 @@ streamed, never all activations at once). A tensor read only by a Relu is not ex
 TensorRT fuses that Relu into the layer before it, and what a quantizer of the tensor would clip on its negative
 side the Relu zeroes anyway (so the calibration cache gives such a tensor its Relu's scale). The methods are the
 collectors of edgeport.quantize.collectors; ``percentile`` is the default, chosen by emulated INT8 accuracy on real
-data (docs/ranges.md has the figures).
+data (docs/benchmarks/ranges.md has the figures).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def _plan(model: Any, names: list[str]) -> tuple[dict[str, str], dict[str, str],
     * ``derived`` {Relu output: its input}: a Relu whose input is exposed for other readers takes its
       statistics from the input's read;
     * ``unions`` {Concat output: its inputs}: a concatenation holds exactly its inputs' values, so its
-      collector is fed each input's read instead of reading the Concat again (what that saves: docs/ranges.md).
+      collector is fed each input's read instead of reading the Concat again (what that saves:
+      docs/benchmarks/ranges.md).
     """
     inits = {i.name for i in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
@@ -148,7 +149,7 @@ class _Instrumented:
     ``threads``: ONNX Runtime's threads (0: its default, one per core); ``fork()`` gives another instance for
     another worker thread (the same session, which runs concurrent calls, with its own bound buffers: a
     session per worker costs its set-up and runs no faster), ``for_maxima()`` the ``maxima`` form of the same
-    analysis. What each of these choices measured: docs/ranges.md."""
+    analysis. What each of these choices measured: docs/benchmarks/ranges.md."""
 
     def __init__(self, onnx_path: Path | None, threads: int = 0, _from: _Instrumented | None = None,
                  maxima: bool = False) -> None:
@@ -240,7 +241,7 @@ class _Instrumented:
 def _workers(footprint: int = 0) -> int:
     """Worker threads for a pass: one per core (at most 4), and no more instances than a quarter of the memory
     available holds when each takes ``footprint`` bytes of its own (an interpreter that keeps every tensor of a
-    large graph: docs/ranges.md)."""
+    large graph: docs/benchmarks/ranges.md)."""
     n = max(1, min(4, os.cpu_count() or 1))
     available = _available_memory()
     if footprint > 0 and available:

@@ -17,7 +17,7 @@ def class_argmax(arr, axis):
     """np.argmax over a class axis, ties to the first class.
 
     For a few classes on a non-last axis (NCHW maps) a running maximum over the class planes gives
-    the same result several times faster than numpy's strided reduction (docs/code-figures.md), which
+    the same result several times faster than numpy's strided reduction (docs/benchmarks/code-figures.md), which
     matters at a thousand frames a second and on whole validation sets.
     """
     axis = axis % arr.ndim

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shutil
 import signal
@@ -329,6 +330,8 @@ def test_a_browser_shows_the_live_overlay(openvino_venv, bundle, camvid_video, t
         code, err = svc.stop()
     assert code == 0, err
     a, b = shots
+    if os.environ.get("EDGEPORT_DOCS_IMG"):  # the runner page's picture (docs/img/live-view.png) is this screenshot
+        cv2.imwrite(str(Path(os.environ["EDGEPORT_DOCS_IMG"]) / "live-view.png"), b)
     assert a.shape == b.shape
     assert float(np.abs(a.astype(int) - b.astype(int)).mean()) > 0.5  # the stream moved
     for shot in shots:

@@ -109,7 +109,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     _count_onnx2tf_ops()
     # output_signaturedefs: onnx2tf then writes the saved_model through an ExportArchive endpoint instead of
     # tf.saved_model.save on the Keras model, whose metadata serialisation was most of onnx2tf's time
-    # (docs/code-figures.md); the endpoint's outputs are output_0..n, renamed back in details().
+    # (docs/benchmarks/code-figures.md); the endpoint's outputs are output_0..n, renamed back in details().
     onnx2tf.convert(input_onnx_file_path=job["onnx"], output_folder_path=str(work / "saved_model"),
                     copy_onnx_input_output_names_to_tflite=True, non_verbose=True, output_signaturedefs=True,
                     replace_to_pseudo_operators=job.get("pseudo_ops") or [])

@@ -54,7 +54,7 @@ class _FloatTensors:
     def run(self, x: Any) -> Any:
         """(name, value) of each recorded tensor for one image, one at a time: views into the interpreter's
         own buffers (each tensor keeps its own), valid until the next run. Copies of every tensor at once would
-        hold a second copy of all the activations per worker (docs/ranges.md)."""
+        hold a second copy of all the activations per worker (docs/benchmarks/ranges.md)."""
         _infer(self.it, x)
         for n, i in self.index.items():
             yield n, self.it.tensor(i)()
@@ -79,7 +79,7 @@ def calibrate(recorded: bytes, images: Any, method: str = "max") -> tuple[bytes,
     measured over ``images`` (NHWC) by edgeport: the converter recorded them from one image only; and, from
     the same pass, each tensor's amax by ``method`` for ``narrow_ranges`` (None for ``max``). One interpreter
     per worker, builtin kernels: faster than the converter's own calibration loop, and the same ranges (a test
-    holds the two to float rounding; docs/ranges.md has the timings)."""
+    holds the two to float rounding; docs/benchmarks/ranges.md has the timings)."""
     import numpy as np
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -108,7 +108,7 @@ def narrow_ranges(calibrated: bytes, amax: dict[str, float], method: str, images
     entropy or mse of |x|); a range is only ever narrowed, never widened. The quantizer then rounds to these.
     The model's input and outputs keep their min/max (narrowing them too chose worse on the CamVid selection
     half); an output that a scale-keeping op (Resize, Reshape) produces still takes its input's narrowed range
-    from the quantizer. What each method gives on the CamVid U-Net: docs/ranges.md."""
+    from the quantizer. What each method gives on the CamVid U-Net: docs/benchmarks/ranges.md."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))

@@ -54,7 +54,7 @@ class Detection(Task):
     labelled_how = "detection labels go in --val-labels: a folder of YOLO .txt files or a COCO .json file"
     float_tail = True
     # a frame holds a few detections, each repeated or not: on 100 frames min/max ranges against the percentile
-    # gained +1.37 points of agreement [-2.68, +4.61] on roaddet (docs/int8-evidence.md)
+    # gained +1.37 points of agreement [-2.68, +4.61] on roaddet (docs/benchmarks/int8-evidence.md)
     choice_by_agreement = False
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -129,8 +129,8 @@ class Detection(Task):
     def tolerance(self, precision: str, tol: dict[str, Any]) -> dict[str, Any]:
         """Below FP32 a raw output's largest error is not a detector's gate (one sigmoid score near 0.5 moves most
         while the detections hold), and in INT8 the cosine of the score output is set by thousands of near-zero
-        background scores (docs/code-figures.md): the detections' agreement and the mAP drop are the gates there,
-        the cosine floor drops to 0.95. FP32 keeps every check (export and conversion bugs show there)."""
+        background scores (docs/benchmarks/code-figures.md): the detections' agreement and the mAP drop are the gates
+        there, the cosine floor drops to 0.95. FP32 keeps every check (export and conversion bugs show there)."""
         if precision == "fp32":
             return tol
         out = {**tol, "max_rel": None}
