@@ -19,6 +19,19 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# The longest files (minutes each), collected first: with two workers each taking whole files, the run then ends
+# on short files instead of one worker finishing a long one alone.
+LONGEST_FIRST = ("integration/test_hub_models.py", "integration/test_pruning.py", "integration/test_detection.py",
+                 "integration/test_camvid.py", "docs/test_readme.py", "integration/test_emulate.py",
+                 "integration/test_tflite.py", "integration/test_fleet.py", "runner/test_soak.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the files longest first (a stable sort: each file's tests keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get("/".join(item.nodeid.split("::")[0].split("/")[-2:]), len(rank)))
+
+
 needs_openvino = pytest.mark.skipif(not (has("openvino") and has("nncf")), reason="openvino/nncf not installed")
 needs_torch = pytest.mark.skipif(not has("torch"), reason="torch not installed")
 
