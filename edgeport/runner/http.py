@@ -92,6 +92,7 @@ class Handler(BaseHTTPRequestHandler):
         BaseHTTPRequestHandler.setup(self)
 
     def _send(self, code, body, ctype="application/json", headers=()):
+        self._drain_body()
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
         if not isinstance(body, bytes):
@@ -109,6 +110,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, code, message):
         self._send(code, {"error": message, "success": False})
+
+    def _drain_body(self):
+        """Read the request body nobody read (up to 4x the upload limit) before answering: a client still sending
+        it (a POST to a wrong path, a busy or unauthorised answer, an upload over the limit) would otherwise get a
+        broken pipe instead of the answer. The connection is closed after the answer."""
+        if getattr(self, "body_read", True):
+            return
+        self.body_read = True
+        try:
+            left = min(int(self.headers.get("Content-Length") or 0), 4 * self.service.max_body)
+        except ValueError:
+            left = 0
+        while left > 0:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+        self.close_connection = True
 
     def _authorised(self, query):
         token = self.service.token
@@ -129,6 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.service
         url = urlparse(self.path)
         self.path_only = url.path
+        self.body_read = not self.headers.get("Content-Length")
         query = parse_qs(url.query)
         probe = url.path in OPEN_PATHS  # cheap, and never turned away: a busy service is still alive
         with svc.cond:
@@ -240,19 +260,11 @@ class Handler(BaseHTTPRequestHandler):
             self._error(411, "send the image with a Content-Length")
             return None, {}
         if length > self.service.max_body:
-            # Read what was sent (up to 4x the limit) before answering: a client still sending the body would
-            # otherwise get a broken pipe instead of the 413.
-            left = min(length, 4 * self.service.max_body)
-            while left > 0:
-                chunk = self.rfile.read(min(left, 65536))
-                if not chunk:
-                    break
-                left -= len(chunk)
-            self.close_connection = True
             self._error(413, "the upload is %d bytes; the limit is %d (--max-upload-mb)"
                         % (length, self.service.max_body))
             return None, {}
         body = self.rfile.read(length)
+        self.body_read = True
         ctype = self.headers.get("Content-Type") or ""
         fields = {}
         if ctype.startswith("multipart/form-data"):

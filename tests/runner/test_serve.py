@@ -226,6 +226,13 @@ def test_no_source_serves_infer_only(openvino_venv, bundle, camvid):
         for t in threads:
             t.join()
         assert results == [200] * 6
+        # A body the answer does not need (a wrong path, DeepStack's endpoint on a segmentation bundle, an upload
+        # over the limit) is read before answering: the client gets its 404 or 413, not a broken pipe.
+        big = b"\0" * (8 * 1024 * 1024)
+        for path, data, want in (("/nope", big, 404), ("/v1/vision/detection", big, 404), ("/infer", big * 2, 413)):
+            code, _, body = svc.request("POST", path, data, {"Content-Type": "image/png"})
+            assert code == want, (path, code, body)
+        assert svc.request("POST", "/infer", frame_png.read_bytes(), {"Content-Type": "image/png"})[0] == 200
     finally:
         code, err = svc.stop()
     assert code == 0, err
