@@ -69,6 +69,13 @@ def test_ultralytics_checkpoint_builds_everywhere_with_what_it_carries(tmp_path:
     from tests.models.yolo import save_checkpoint
 
     save_checkpoint(tmp_path / "best.pt", imgsz=160)
+    # Random weights: INT8 agrees 75-83 % with FP32 on the golden frames, under the 0.95 gate, and the
+    # accuracy-aware search that then keeps layers in float ran past 15 minutes of CI's time (NNCF ranked layers
+    # 13 times). This test is about intake (what the checkpoint carries, every backend building and validating),
+    # so the project (which validate reads too) sets its gate under what random weights give;
+    # tests/integration/test_accuracy_fallback.py covers the accuracy-aware loops.
+    (tmp_path / "edgeport.toml").write_text('[model]\nmodel = "ultralytics:best.pt"\n'
+                                            '[validation.tolerance."*"]\nmin_agreement = 0.7\n')
     home = Path.home() / ".config" / "Ultralytics"
     before = home.exists()
     _build_and_validate(tmp_path, "ultralytics:best.pt", camvid)
