@@ -55,6 +55,8 @@ def test_readme_is_short_and_its_blocks_say_what_they_need() -> None:
     blocks = fenced_blocks(text)
     assert blocks[0] == ("bash", ["python3 -m venv .venv && .venv/bin/pip install -e '.[all,test]' && "
                                   ".venv/bin/edgeport build", ".venv/bin/python -m pytest -q"]), blocks[0]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert all(line in ci for line in blocks[0][1]), "CI must run README's Quickstart lines as printed"
     for lang, body in blocks:
         assert lang in ("bash", "sh", "text"), lang
         if lang == "sh":  # shown, not run by tests/integration/test_readme.py: the first line says what it needs
