@@ -54,21 +54,22 @@ def dashed(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _field(default: Any, factory: Any, metadata: dict[str, Any]) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, flag: Flag) -> Any:
     """A config dataclass field declared with its flag (whose help documents it)."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"flag": flag})
-    return field(default=default, metadata={"flag": flag})
+    return _field(default, factory, {"flag": flag})
 
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING,
             **metadata: Any) -> Any:
     """A config dataclass field with no flag, declared with what it does (``doc``: the configuration reference
     is generated from it) and any other metadata (``readers``, ``aliases``...)."""
-    meta = {"doc": doc, **metadata}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return _field(default, factory, {"doc": doc, **metadata})
 
 
 def describe(f: dataclasses.Field) -> str:
