@@ -21,7 +21,7 @@ def has(module: str) -> bool:
 
 # The longest files (minutes each), collected first: with two workers each taking whole files, the run then ends
 # on short files instead of one worker finishing a long one alone.
-LONGEST_FIRST = ("integration/test_hub_models.py", "integration/test_pruning.py", "integration/test_detection.py",
+LONGEST_FIRST = ("integration/test_pruning.py", "integration/test_detection.py", "integration/test_hub_models.py",
                  "integration/test_camvid.py", "docs/test_readme.py", "integration/test_emulate.py",
                  "integration/test_tflite.py", "integration/test_fleet.py", "runner/test_soak.py")
 
